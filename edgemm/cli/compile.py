@@ -1,0 +1,101 @@
+"""`edgemm compile`: builds a CompileConfig and hands it to edgemm.compiler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..config import CompileConfig
+from .options import verbose_option
+
+
+@click.command("compile")
+@click.argument("model", required=False)
+@click.option("-o", "--output", help="Bundle folder (default engines/<model-name>).")
+@click.option("--name", help="Bundle name (default from the model file).")
+@click.option("--fp32", "precision", flag_value="fp32", help="Full precision (default).")
+@click.option("--fp16", "precision", flag_value="fp16", help="Half precision.")
+@click.option("--int8", "precision", flag_value="int8", help="INT8, calibrated with --calib.")
+@click.option("--fp8", "precision", flag_value="fp8", help="FP8 E4M3 (TensorRT targets with CC >= 8.9).")
+@click.option("--calib", type=click.Path(), help="Calibration .npz (or folder): keys = input names, axis 0 = samples.")
+@click.option("--eval", "eval_", type=click.Path(), help="Evaluation .npz: verify the bundle at the end.")
+@click.option("--target", default="cpu", show_default=True, help="Target device profile (see `edgemm targets`).")
+@click.option("--weights", type=click.Path(), help="Weights for a package.module:function factory.")
+@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a full nn.Module (runs code from the file).")
+@click.option("--input", "inputs", multiple=True, help="NAME:SHAPE:DTYPE, e.g. image:1x3x224x224:float32.")
+@click.option("--dynamic", multiple=True, help="NAME:AXIS=MIN:OPT:MAX, e.g. input_ids:1=1:77:128.")
+@click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed.")
+@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch (optimization profiles).")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="Exporter to try first.")
+@click.option("--int8-recipe", help="Pin a CPU INT8 recipe by name instead of searching.")
+@click.option("--min-cosine", type=float, help="Accuracy bar for recipe search and verification.")
+@click.option("--calib-samples", type=int, default=256, show_default=True, help="Most calibration samples used.")
+@click.option("--dla", is_flag=True, help="Run on a DLA core with GPU fallback (Orin NX / AGX Orin).")
+@click.option("--workspace-mb", type=int, help="TensorRT workspace limit (default from the target).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level.")
+@click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engine.")
+@click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_cc"]), default="none",
+              show_default=True, help="TensorRT hardware compatibility level.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--config", "config_file", type=click.Path(), help="Load the whole config from a JSON file.")
+@click.option("--dump-config", is_flag=True, help="Print the config as JSON and exit.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@verbose_option
+def command(model, output, name, precision, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
+            static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, dla, workspace_mb,
+            opt_level, version_compatible, hardware_compatibility, force, config_file, dump_config, as_json):
+    """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
+    from ..errors import InputError
+
+    if config_file:
+        cfg = CompileConfig.from_file(Path(config_file))
+    else:
+        if not model:
+            raise InputError("missing MODEL argument", field="MODEL",
+                             fix="edgemm compile model.pt --int8 --calib calib.npz")
+        cfg = CompileConfig(model=model, output=output, name=name, precision=precision or "fp32", target=target,
+                            calib=calib, eval=eval_, weights=weights, trust_pickle=trust_pickle,
+                            inputs=list(inputs), dynamic=list(dynamic), dynamic_batch=not static_batch,
+                            max_batch=max_batch, exporter=exporter, int8_recipe=int8_recipe,
+                            min_cosine=min_cosine, calib_samples=calib_samples, dla=dla,
+                            workspace_mb=workspace_mb, opt_level=opt_level,
+                            version_compatible=version_compatible,
+                            hardware_compatibility=hardware_compatibility, force=force)
+    cfg.validate()
+    if dump_config:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from ..compiler import compile_model
+
+    say = (lambda m: None) if as_json else (lambda m: click.echo(f"  {m}", err=True))
+    result = compile_model(cfg, say=say)
+    if as_json:
+        click.echo(json.dumps({"bundle": str(result.bundle), "manifest": result.manifest,
+                               "report": result.report}, indent=2))
+    else:
+        _print_summary(result)
+    return 0
+
+
+def _print_summary(result) -> None:
+    m = result.manifest
+    click.echo(f"bundle: {result.bundle}")
+    click.echo(f"  precision {m['precision']['mode']} ({m['precision']['recipe'].get('name')}) · "
+               f"backend {m['backend']['name']} · target {m['target']['name']}")
+    r = result.report or {}
+    if r.get("skipped"):
+        click.echo(f"  parity: {r['skipped']}")
+    for name, o in r.get("outputs", {}).items():
+        extra = f", top-1 agreement {o['top1_agreement']:.4f}" if "top1_agreement" in o else ""
+        cos = f"mean cosine {o['mean_cosine']:.6f}" if "mean_cosine" in o else f"exact {o.get('exact_match')}"
+        click.echo(f"  {name}: {cos}{extra}")
+    if "task" in r:
+        t = r["task"]
+        click.echo(f"  task {t['metric']}: reference {t.get('reference', float('nan')):.2f}, "
+                   f"bundle {t.get('bundle', float('nan')):.2f}")
+    for note in m["precision"].get("notes", []):
+        click.echo(f"  note: {note}")

@@ -1,0 +1,41 @@
+"""`edgemm example`: the reference zoo models with their calibration and evaluation data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from .options import verbose_option
+
+
+@click.command("example")
+@click.argument("name", required=False)
+@click.option("-o", "--output", type=click.Path(), help="Folder to write (default examples/<name>).")
+@click.option("--list", "list_", is_flag=True, help="List the zoo models.")
+@verbose_option
+def command(name, output, list_):
+    """Write zoo model NAME as DIR/model.pt, model.pt2, calib.npz and eval.npz."""
+    from .. import zoo
+    from ..errors import InputError
+
+    if list_ or not name:
+        if not list_:
+            raise InputError("missing NAME", field="NAME", fix="edgemm example --list")
+        for n in zoo.names():
+            m = zoo.get(n)
+            click.echo(f"{n:16s} {m.fusion:16s} metric {m.metric:9s} fp32 {m.fp32_metric:6.2f}  {m.description}")
+        return 0
+    entry = zoo.get(name)
+    out = Path(output or Path("examples") / name)
+    paths = zoo.write_example(name, out)
+    sidecar = out / "edgemm-example.json"
+    tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"zoo": name, "metric": entry.metric, "metric_outputs": list(entry.metric_outputs),
+                               "fp32_metric": entry.fp32_metric}, indent=2) + "\n")
+    os.replace(tmp, sidecar)
+    for key, p in paths.items():
+        click.echo(f"wrote {p}")
+    return 0

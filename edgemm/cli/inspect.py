@@ -1,0 +1,90 @@
+"""`edgemm inspect`: IO, precision, sizes and op counts of a bundle or a model file."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from .options import verbose_option
+
+
+def onnx_op_counts(path: Path) -> dict[str, int] | None:
+    try:
+        import onnx
+    except ImportError:  # devices may run without the onnx package
+        return None
+    model = onnx.load(str(path), load_external_data=False)
+    counts = Counter(n.op_type for n in model.graph.node)
+    for fn in model.functions:
+        counts.update(n.op_type for n in fn.node)
+    return dict(counts.most_common())
+
+
+def inspect_bundle(path: Path) -> dict:
+    from ..runtime.manifest import load_manifest
+
+    manifest = load_manifest(path, verify=True)
+    files = {rel: (path / rel).stat().st_size for rel in manifest["files"]}
+    info = {"kind": "bundle", "path": str(path), "name": manifest["name"], "inputs": manifest["inputs"],
+            "outputs": manifest["outputs"], "precision": manifest["precision"].get("mode"),
+            "recipe": manifest["precision"].get("recipe", {}).get("name"),
+            "target": manifest["target"].get("name"), "backend": manifest["backend"],
+            "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source")}
+    onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
+    if onnx_rel and (path / onnx_rel).is_file():
+        info["ops"] = onnx_op_counts(path / onnx_rel)
+    return info
+
+
+def inspect_model(spec: str) -> dict:
+    from ..frontends import LoadOptions, detect_format, load_model
+
+    fmt = detect_format(spec)
+    if fmt == "pickle":
+        from ..errors import SecurityError
+        raise SecurityError("is a pickled Python object; inspecting it would run code from the file", file=spec,
+                            fix="inspect a TorchScript/.pt2/.onnx model instead")
+    loaded = load_model(spec, LoadOptions())
+    info = {"kind": "model", "path": spec, "format": loaded.format, "sha256": loaded.sha256,
+            "inputs": [s.to_dict() for s in loaded.input_specs] if loaded.input_specs else
+            [{"name": n} for n in (loaded.input_names or [])]}
+    if fmt != "factory":
+        info["total_bytes"] = Path(spec).stat().st_size
+    if loaded.onnx_path is not None:
+        info["ops"] = onnx_op_counts(loaded.onnx_path)
+    if loaded.module is not None and hasattr(loaded.module, "parameters"):
+        info["parameters"] = int(sum(p.numel() for p in loaded.module.parameters()))
+    return info
+
+
+@click.command("inspect")
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@verbose_option
+def command(target, as_json):
+    """Show IO, precision, sizes and op counts of a BUNDLE folder or a MODEL file."""
+    path = Path(target)
+    info = inspect_bundle(path) if path.is_dir() else inspect_model(target)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return 0
+    click.echo(f"{info['kind']}: {info['path']}")
+    for key in ("name", "format", "precision", "recipe", "target", "parameters"):
+        if info.get(key) is not None:
+            click.echo(f"  {key}: {info[key]}")
+    if isinstance(info.get("backend"), dict):
+        click.echo(f"  backend: {info['backend'].get('name')}")
+    for io in ("inputs", "outputs"):
+        for t in info.get(io, []):
+            shape = "x".join(str(d) for d in t.get("shape", [])) or "?"
+            click.echo(f"  {io[:-1]} {t['name']}: {shape} {t.get('dtype', '')}")
+    if "total_bytes" in info:
+        click.echo(f"  size: {info['total_bytes'] / 1e6:.2f} MB")
+    for rel, size in info.get("files", {}).items():
+        click.echo(f"    {rel}: {size / 1e6:.2f} MB")
+    if info.get("ops"):
+        click.echo(f"  ops ({sum(info['ops'].values())}): " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+    return 0

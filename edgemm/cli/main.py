@@ -1,0 +1,91 @@
+"""The `edgemm` command. Commands load lazily, so `edgemm run` on a device never imports torch; a
+command whose optional dependencies are missing still shows in --help, with the reason."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+import traceback
+
+import click
+
+from ..errors import EdgemmError
+
+COMMANDS = {
+    "compile": ("edgemm.cli.compile", "Compile a model into a verified bundle."),
+    "run": ("edgemm.cli.run", "Run a bundle on inputs from an .npz file."),
+    "verify": ("edgemm.cli.verify", "Check a bundle against its reference (accuracy + latency)."),
+    "inspect": ("edgemm.cli.inspect", "Show a bundle's or model's IO, precision, sizes and ops."),
+    "example": ("edgemm.cli.example", "Write a reference zoo model with calibration and eval data."),
+    "targets": ("edgemm.cli.targets", "List target device profiles."),
+    "build": ("edgemm.cli.build", "Finish a portable TensorRT bundle into an engine on the device."),
+    "bench": ("edgemm.cli.bench", "Benchmark a bundle against FP32 and torch, side by side."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module_name, help_text = COMMANDS[name]
+        try:
+            return importlib.import_module(module_name).command
+        except ImportError as exc:
+            reason = f"unavailable here: {exc}"
+
+            @click.command(name=name, help=f"{help_text} [{reason}]",
+                           context_settings={"ignore_unknown_options": True})
+            @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+            def unavailable(args):
+                from ..errors import DependencyError
+                raise DependencyError(f"`edgemm {name}` {reason}", fix="pip install 'edgemm[compile]'")
+            return unavailable
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", "-v", is_flag=True, help="Show progress details and full tracebacks.")
+@click.version_option(package_name="edgemm")
+@click.pass_context
+def cli(ctx, verbose):
+    """edgemm: compile fused multimodal models into verified bundles for CPUs, Jetson and GPUs."""
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+
+
+def main(argv=None) -> int:
+    verbose = "--verbose" in (argv or sys.argv[1:]) or "-v" in (argv or sys.argv[1:])
+    try:
+        rv = cli.main(args=argv, prog_name="edgemm", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except EdgemmError as exc:
+        if verbose:
+            traceback.print_exc()
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # a bug in edgemm, not the user's input
+        if verbose:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --verbose for the traceback)",
+                   err=True)
+        return 3
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The compile pipeline: frontend -> export -> precision -> backend package -> bundle -> parity.
+
+Each stage takes an artefact plus its slice of the config. The CLI only builds a CompileConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import CompileConfig
+from .data import Dataset, load_dataset, specs_from_dataset
+from .errors import InputError, ParityError
+from .frontends import LoadedModel, LoadOptions, load_model
+from .iospec import (TensorSpec, apply_dynamic_axes, parse_dynamic_flag, parse_input_flag)
+
+log = logging.getLogger("edgemm")
+EXAMPLE_SIDECAR = "edgemm-example.json"   # written by `edgemm example`: names the zoo model and its metric
+GENERIC_STEMS = {"model", "module", "net", "network", "checkpoint", "weights", "export", "traced"}
+
+
+@dataclass
+class CompileResult:
+    bundle: Path
+    manifest: dict
+    report: dict | None
+
+
+def default_name(loaded: LoadedModel) -> str:
+    path = Path(loaded.source)
+    if loaded.format == "factory":
+        return loaded.name
+    stem = path.stem
+    if stem.lower() in GENERIC_STEMS and path.parent.name not in ("", "."):
+        stem = path.parent.resolve().name
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip(".-") or "model"
+
+
+def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset | None) -> list[TensorSpec]:
+    """In order of preference: the format's own specs (.pt2, .onnx), the calibration data, --input."""
+    flags = [parse_input_flag(t) for t in cfg.inputs]
+    dynamic = [parse_dynamic_flag(t) for t in cfg.dynamic]
+    if loaded.input_specs:
+        specs = loaded.input_specs
+        if flags:
+            raise InputError(f"{loaded.format} models carry their own input specs", field="--input",
+                             fix="drop --input")
+        if loaded.format == "onnx":
+            return _apply_ranges(specs, dynamic, cfg.max_batch)
+        return _apply_ranges(specs, dynamic, cfg.max_batch, program_fixed=True)
+    if flags:
+        specs = flags
+    elif calib is not None:
+        specs = specs_from_dataset(calib)
+    else:
+        raise InputError("cannot tell the model's input names, shapes and dtypes", file=loaded.source,
+                         fix="pass --calib data.npz or --input NAME:SHAPE:DTYPE for every input")
+    names = loaded.input_names
+    if names:
+        by_name = {s.name: s for s in specs}
+        missing = [n for n in names if n not in by_name]
+        extra = [n for n in by_name if n not in names]
+        if missing or extra:
+            where = "--input" if flags else (str(calib.path) if calib else "--input")
+            raise InputError(f"model inputs are ({', '.join(names)}) but got ({', '.join(by_name)})", file=where,
+                             field=(missing or extra)[0], fix="name the data keys / --input after forward()'s arguments")
+        specs = [by_name[n] for n in names]
+    return apply_dynamic_axes(specs, dynamic, dynamic_batch=cfg.dynamic_batch, max_batch=cfg.max_batch)
+
+
+def _apply_ranges(specs, dynamic, max_batch, program_fixed=False):
+    """Formats with their own symbolic dims: give them ranges; --dynamic may only refine those."""
+    from .iospec import DimRange, dim_name
+
+    out = []
+    for spec in specs:
+        ranges = dict(spec.ranges)
+        for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, str) and dim not in ranges:
+                ranges[dim] = DimRange(1, 1, max_batch) if axis == 0 else DimRange(1, 1, 4096)
+        for d in dynamic:
+            if d.input != spec.name:
+                continue
+            if d.axis >= len(spec.shape) or not isinstance(spec.shape[d.axis], str):
+                raise InputError(f"axis {d.axis} of {spec.name!r} is static in the model", field="--dynamic",
+                                 fix="re-export the model with that axis dynamic")
+            ranges[spec.shape[d.axis]] = d.range
+        out.append(TensorSpec(spec.name, spec.dtype, spec.shape, ranges))
+    del program_fixed, dim_name
+    return out
+
+
+def synth_feeds(specs: list[TensorSpec], batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Shape-only inputs for tracing when no data is given (never used for calibration)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for s in specs:
+        shape = s.concrete_shape(batch)
+        if np.dtype(s.dtype).kind == "f":
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        elif s.dtype == "bool":
+            feeds[s.name] = np.ones(shape, dtype=bool)
+        else:
+            feeds[s.name] = rng.integers(0, 2, size=shape).astype(s.dtype)
+    return feeds
+
+
+def sample_feeds(data: Dataset | None, specs, n: int) -> dict[str, np.ndarray]:
+    if data is None:
+        return synth_feeds(specs, n)
+    feeds = {s.name: data.arrays[s.name][:n] for s in specs}
+    have = next(iter(feeds.values())).shape[0]
+    if have < n:  # tile to reach batch n (torch.export specializes batch 1)
+        reps = -(-n // have)
+        feeds = {k: np.concatenate([v] * reps)[:n] for k, v in feeds.items()}
+    return {k: np.ascontiguousarray(v) for k, v in feeds.items()}
+
+
+def _onnx_io(path: Path) -> list[dict]:
+    import onnx
+
+    from .frontends.onnx_file import ONNX_DTYPES
+
+    model = onnx.load(str(path), load_external_data=False)
+    outs = []
+    for value in model.graph.output:
+        t = value.type.tensor_type
+        shape = []
+        for axis, d in enumerate(t.shape.dim):
+            shape.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or f"dim{axis}"))
+        outs.append({"name": value.name, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape})
+    return outs
+
+
+def _copy_onnx_inline(src: Path, dst: Path) -> None:
+    """Bundles hold one self-contained file: external data (already path-checked) is pulled inline."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=True)
+    onnx.save(model, str(dst))
+
+
+def _find_task(loaded: LoadedModel) -> dict | None:
+    if loaded.format == "factory":
+        return None
+    sidecar = Path(loaded.source).parent / EXAMPLE_SIDECAR
+    if sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+            return {"metric": data["metric"], "outputs": list(data["metric_outputs"]), "zoo": data.get("zoo")}
+        except (ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
+def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> CompileResult:
+    from . import targets
+    from .hostinfo import cpu_info, versions
+
+    cfg.validate()
+    # Validate the request before any work.
+    target = targets.load(cfg.target)
+    target.validate(cfg.precision, dla=cfg.dla)
+    for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval), ("--weights", cfg.weights)):
+        if path and not Path(path).exists():
+            raise InputError("no such file or folder", file=path, field=flag, fix="check the path")
+
+    calib = load_dataset(cfg.calib, allow_labels=True, role="--calib") if cfg.calib else None
+    evald = load_dataset(cfg.eval, allow_labels=True, role="--eval") if cfg.eval else None
+    say(f"loading {cfg.model}")
+    loaded = load_model(cfg.model, LoadOptions(weights=cfg.weights, trust_pickle=cfg.trust_pickle))
+    specs = resolve_input_specs(loaded, cfg, calib)
+    for ds in (calib, evald):
+        if ds is not None:
+            load_dataset(ds.path, specs=specs, allow_labels=True)  # re-validate against the final specs
+    name = cfg.name or default_name(loaded)
+    dest = Path(cfg.output) if cfg.output else Path("engines") / name
+    backend = target.backend
+
+    from .bundle import BundleWriter
+    with tempfile.TemporaryDirectory(prefix="edgemm-") as tmp, BundleWriter(dest, force=cfg.force) as writer:
+        work = Path(tmp)
+        fp32 = work / "fp32.onnx"
+        check_data = evald or calib
+        if loaded.is_torch:
+            say(f"exporting to ONNX ({loaded.format})")
+            from .export import export_onnx
+            exp = export_onnx(loaded, specs, sample_feeds(calib or evald, specs, 2),
+                              sample_feeds(check_data, specs, 3), fp32, prefer=cfg.exporter)
+            export_info = {"exporter": exp.exporter, "opset": exp.opset, "notes": exp.notes,
+                           "fp32_parity": {k: v.to_dict() for k, v in exp.parity.items()}}
+        else:
+            _copy_onnx_inline(loaded.onnx_path, fp32)
+            export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
+
+        from .quant import PrecisionRequest, apply_precision
+        calib_arrays = None
+        if calib is not None:
+            calib_arrays = {s.name: calib.arrays[s.name][:cfg.calib_samples] for s in specs}
+        say(f"precision: {cfg.precision} for {backend} (target {target.name})")
+        prec = apply_precision(fp32, work / "model.onnx", PrecisionRequest(
+            precision=cfg.precision, backend=backend, calib=calib_arrays, workdir=work,
+            int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, log=say))
+
+        backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs)
+        manifest = {
+            "name": name,
+            "source": {"path": Path(loaded.source).name if loaded.format != "factory" else loaded.source,
+                       "format": loaded.format, "sha256": loaded.sha256, "notes": loaded.notes},
+            "inputs": [s.to_dict() for s in specs],
+            "outputs": _onnx_io(prec.path),
+            "precision": {"mode": prec.mode, "recipe": prec.recipe, "notes": prec.notes,
+                          "simulated_accuracy": prec.simulated},
+            "target": {"name": target.name, "kind": target.kind, "backend": target.backend,
+                       "compute_capability": target.compute_capability},
+            "backend": backend_section,
+            "calibration": None if calib is None else {
+                "path": Path(cfg.calib).name, "sha256": calib.sha256,
+                "samples": min(calib.num_samples, cfg.calib_samples), "samples_available": calib.num_samples},
+            "export": export_info,
+            "task": _find_task(loaded),
+            "versions": versions(),
+            "host": {"cpu": cpu_info()},
+        }
+        manifest = writer.write_manifest(manifest)
+        report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say)
+        if report is not None and not report.get("passed", True) and evald is not None:
+            raise ParityError("bundle fails verification: " + "; ".join(report["failures"]), file=cfg.eval,
+                              fix="use a higher precision, more calibration data, or relax the thresholds "
+                                  "(--min-cosine)")
+        writer.commit()
+    return CompileResult(dest, manifest, report)
+
+
+def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs) -> dict:
+    if backend == "onnxruntime":
+        shutil.copyfile(model_path, stage / "model.onnx")
+        return {"name": "onnxruntime", "model": "model.onnx", "providers": ["CPUExecutionProvider"]}
+    from .backends.tensorrt.options import TensorRTOptions
+    from .backends.tensorrt.package import package
+
+    options = TensorRTOptions.from_compile(cfg, target, specs)
+    return package(model_path, stage, target, options)
+
+
+def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data: Dataset | None,
+                   cfg: CompileConfig, say) -> dict | None:
+    """Bundle vs reference on the eval set (or the calibration set): the bundle's parity report."""
+    from .parity.thresholds import defaults_for, with_overrides
+    from .parity.verify import evaluate, guess_task, write_reports
+    from .reference import Reference
+
+    if data is None:
+        data = Dataset(Path("synthetic"), synth_feeds(specs, 8, seed=1), None, "")
+    ref = Reference(loaded, [s.name for s in specs])
+    runner = _bundle_runner(stage, manifest)
+    if runner is None:
+        say("parity: skipped (this bundle cannot run on this machine; see report)")
+        report = {"passed": True, "skipped": "bundle cannot run here (portable TensorRT bundle); "
+                                              "run `edgemm verify` on the device", "outputs": {}, "failures": []}
+        write_reports(stage, report)
+        return report
+    run, simulated = runner
+    thresholds = with_overrides(defaults_for(manifest["precision"]["mode"]), min_cosine=cfg.min_cosine)
+    task = manifest.get("task")
+    task_t = (task["metric"], task["outputs"]) if task else guess_task([o["name"] for o in manifest["outputs"]])
+    say(f"parity: bundle vs reference on {data.num_samples} samples from {data.path.name}")
+    report = evaluate(run, ref.run, data, thresholds, output_names=[o["name"] for o in manifest["outputs"]],
+                      task=task_t if data.labels is not None else None)
+    report["bundle"] = {"name": manifest["name"], "precision": manifest["precision"]["mode"],
+                        "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
+    if simulated:
+        report["simulated"] = simulated
+    write_reports(stage, report)
+    return report
+
+
+def _bundle_runner(stage: Path, manifest: dict):
+    """(run function, simulated-note) for the staged bundle, or None when it cannot run here."""
+    from . import runtime
+
+    if manifest["backend"]["name"] == "onnxruntime":
+        bundle = runtime.load(stage)
+        return bundle.run, None
+    # TensorRT bundles: the precision-marked ONNX runs on ORT CPU as an estimate, when ORT can run it.
+    onnx_rel = manifest["backend"].get("onnx")
+    if not onnx_rel or manifest["precision"]["mode"] == "fp8":
+        return None
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(str(stage / onnx_rel), providers=["CPUExecutionProvider"])
+    except Exception:  # ORT cannot run some TensorRT-only Q/DQ patterns
+        return None
+    names = [o["name"] for o in manifest["outputs"]]
+    return (lambda feeds: dict(zip(names, sess.run(names, dict(feeds))))), \
+        "TensorRT bundle: accuracy measured by running its Q/DQ ONNX on ONNX Runtime CPU, not the engine"

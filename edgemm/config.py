@@ -1,0 +1,75 @@
+"""The compile configuration: what the CLI builds and the pipeline consumes. JSON round trip, so a
+run can be saved (``--dump-config``) and replayed (``--config``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import InputError
+
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+
+
+@dataclass
+class CompileConfig:
+    model: str
+    output: str | None = None            # bundle folder; default engines/<name>
+    name: str | None = None
+    precision: str = "fp32"
+    target: str = "cpu"
+    calib: str | None = None
+    eval: str | None = None
+    weights: str | None = None
+    trust_pickle: bool = False
+    inputs: list[str] = field(default_factory=list)       # NAME:SHAPE:DTYPE
+    dynamic: list[str] = field(default_factory=list)      # NAME:AXIS=MIN:OPT:MAX
+    dynamic_batch: bool = True
+    max_batch: int = 64
+    exporter: str = "dynamo"             # preferred exporter
+    int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
+    min_cosine: float | None = None      # accuracy bar for verification / recipe selection
+    calib_samples: int = 256             # cap on calibration samples used
+    dla: bool = False
+    workspace_mb: int | None = None
+    opt_level: int = 3
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"
+    force: bool = False                  # replace an existing bundle
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}", field="precision",
+                             fix=f"use one of {', '.join(PRECISIONS)}")
+        if self.precision in ("int8", "fp8") and not self.calib:
+            raise InputError(f"--{self.precision} needs calibration data; edgemm never calibrates on random data",
+                             field="--calib", fix="pass --calib data.npz (keys = input names, axis 0 = samples)")
+        if self.calib_samples < 1:
+            raise InputError("must be >= 1", field="--calib-samples", fix="e.g. --calib-samples 256")
+        if self.max_batch < 1:
+            raise InputError("must be >= 1", field="--max-batch", fix="e.g. --max-batch 64")
+        if self.exporter not in ("dynamo", "torchscript"):
+            raise InputError(f"unknown exporter {self.exporter!r}", field="--exporter", fix="dynamo or torchscript")
+        if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
+            raise InputError("must lie in [-1, 1]", field="--min-cosine", fix="e.g. --min-cosine 0.99")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "CompileConfig":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read config ({exc})", file=path, fix="pass a JSON file from --dump-config") from exc
+        if not isinstance(data, dict):
+            raise InputError("must be a JSON object", file=path, fix="pass a JSON file from --dump-config")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown key {unknown[0]!r}", file=path, field=unknown[0],
+                             fix=f"valid keys: {', '.join(sorted(known))}")
+        if "model" not in data:
+            raise InputError("missing key", file=path, field="model", fix="add the model path")
+        return cls(**data)

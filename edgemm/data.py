@@ -1,0 +1,153 @@
+"""Calibration and evaluation data: ``.npz`` files (or a folder of them), keys = model input names,
+axis 0 = samples. Evaluation files may also carry ``labels``. Loaded with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .iospec import TensorSpec, describe_shape
+
+LABELS_KEY = "labels"
+
+
+@dataclass
+class Dataset:
+    path: Path
+    arrays: dict[str, np.ndarray]       # model inputs only
+    labels: np.ndarray | None
+    sha256: str
+
+    @property
+    def num_samples(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.num_samples, batch_size):
+            yield {k: v[start:start + batch_size] for k, v in self.arrays.items()}
+
+    def subset(self, n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in self.arrays.items()}
+
+
+def _npz_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+        if not files:
+            raise InputError("folder holds no .npz files", file=path,
+                             fix="point --calib/--data at an .npz file or a folder of them")
+        return files
+    if not path.exists():
+        raise InputError("no such file", file=path, fix="check the path")
+    return [path]
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        # numpy raises ValueError for object arrays when pickles are disallowed.
+        raise InputError(f"cannot read it safely ({exc})", file=path,
+                         fix="save plain numeric arrays with numpy.savez, without object dtype") from exc
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise InputError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=path,
+                         fix="write it with numpy.savez(path, **{input_name: array})") from exc
+
+
+def _hash_files(files: Sequence[Path]) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_labels: bool = True,
+                 role: str = "--calib") -> Dataset:
+    """Read and validate. With ``specs``, keys must match the inputs exactly (plus optional labels)."""
+    path = Path(path)
+    files = _npz_files(path)
+    merged: dict[str, list[np.ndarray]] = {}
+    for f in files:
+        arrays = _read_npz(f)
+        if not arrays:
+            raise InputError("holds no arrays", file=f, fix="save one array per model input")
+        if merged and set(arrays) != set(merged):
+            raise InputError(f"keys {sorted(arrays)} differ from the other files' {sorted(merged)}", file=f,
+                             fix="give every .npz in the folder the same keys")
+        for k, v in arrays.items():
+            merged.setdefault(k, []).append(v)
+    arrays = {}
+    for k, parts in merged.items():
+        first = parts[0]
+        for p in parts[1:]:
+            if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
+                raise InputError(f"shape/dtype differs across files ({first.shape}/{first.dtype} vs "
+                                 f"{p.shape}/{p.dtype})", file=path, field=k, fix="make every file agree")
+        arrays[k] = np.concatenate(parts, axis=0) if len(parts) > 1 else first
+    labels = arrays.pop(LABELS_KEY, None) if allow_labels else None
+    where = str(files[0]) if len(files) == 1 else str(path)
+    _validate(arrays, labels, specs, where)
+    return Dataset(path, arrays, labels, _hash_files(files))
+
+
+def _validate(arrays: dict[str, np.ndarray], labels, specs, where: str) -> None:
+    if not arrays:
+        raise InputError("holds no model inputs", file=where, fix="save one array per model input name")
+    for k, v in arrays.items():
+        if v.ndim == 0:
+            raise InputError("is a scalar; axis 0 must index samples", file=where, field=k,
+                             fix="stack samples along a new first axis")
+        if v.shape[0] == 0:
+            raise InputError("has no samples (axis 0 is empty)", file=where, field=k,
+                             fix="provide at least one sample")
+        if v.dtype.kind not in "fiub":
+            raise InputError(f"dtype {v.dtype} is not numeric", file=where, field=k,
+                             fix="save numeric arrays (float32, int64, ...)")
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            bad = int((~np.isfinite(v)).sum())
+            raise InputError(f"contains {bad} NaN/Inf value(s)", file=where, field=k,
+                             fix="drop or repair those samples")
+    counts = {k: v.shape[0] for k, v in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise InputError(f"inputs have different sample counts {counts}", file=where, field="axis 0",
+                         fix="every input needs the same number of samples")
+    if labels is not None and labels.shape[:1] != (next(iter(counts.values())),):
+        raise InputError(f"labels shape {labels.shape} does not match {next(iter(counts.values()))} samples",
+                         file=where, field=LABELS_KEY, fix="one label per sample along axis 0")
+    if specs is None:
+        return
+    names = [s.name for s in specs]
+    missing = [n for n in names if n not in arrays]
+    extra = [k for k in arrays if k not in names]
+    if missing:
+        raise InputError(f"missing input {missing[0]!r}", file=where, field=missing[0],
+                         fix=f"keys must be the model's input names: {', '.join(names)}")
+    if extra:
+        raise InputError(f"unexpected key {extra[0]!r}", file=where, field=extra[0],
+                         fix=f"keys must be the model's input names ({', '.join(names)}) plus optional 'labels'")
+    for spec in specs:
+        v = arrays[spec.name]
+        if v.dtype != np.dtype(spec.dtype):
+            raise InputError(f"dtype {v.dtype} but the model expects {spec.dtype}", file=where, field=spec.name,
+                             fix=f"save it as {spec.dtype}")
+        per_sample = spec.shape[1:]
+        if len(v.shape) - 1 != len(per_sample) or any(
+                isinstance(d, int) and d != g for d, g in zip(per_sample, v.shape[1:])):
+            raise InputError(f"sample shape {list(v.shape[1:])} but the model expects "
+                             f"{describe_shape(per_sample)} (axis 0 = samples)", file=where, field=spec.name,
+                             fix="reshape it to [samples, ...model shape without batch]")
+
+
+def specs_from_dataset(ds: Dataset) -> list[TensorSpec]:
+    """Input specs from data: per-sample shape + a batch dim. Order = order in the file."""
+    return [TensorSpec(k, str(v.dtype), (1,) + tuple(v.shape[1:])) for k, v in ds.arrays.items()]

@@ -1,0 +1,59 @@
+"""User-facing errors.
+
+Every problem caused by the user's input (a file, a flag, a bundle) raises an
+``EdgemmError``: the CLI prints its one-line message and exits non-zero, with no
+traceback unless ``--verbose``. Anything else escaping is an internal bug and is
+shown as such.
+"""
+
+from __future__ import annotations
+
+
+class EdgemmError(Exception):
+    """An error the user can fix. ``str()`` is one line: where, what, and the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file: object = None, field: str | None = None,
+                 fix: str | None = None):
+        self.file = None if file is None else str(file)
+        self.field = field
+        self.fix = fix
+        self.detail = message
+        super().__init__(self._compose())
+
+    def _compose(self) -> str:
+        where = ""
+        if self.file and self.field:
+            where = f"{self.file}: {self.field}: "
+        elif self.file:
+            where = f"{self.file}: "
+        elif self.field:
+            where = f"{self.field}: "
+        text = where + self.detail
+        if self.fix:
+            text += f" (fix: {self.fix})"
+        # One line, always: messages may embed multi-line library errors.
+        return " ".join(text.split())
+
+
+class InputError(EdgemmError):
+    """Bad model file, data file, flag combination or bundle. Exit 2."""
+
+
+class SecurityError(InputError):
+    """The input would run untrusted code or escape its folder."""
+
+
+class BundleError(InputError):
+    """A bundle is incomplete, tampered with, or made for another platform."""
+
+
+class DependencyError(EdgemmError):
+    """An optional dependency (TensorRT, CUDA, modelopt...) is missing here."""
+
+
+class ParityError(EdgemmError):
+    """The compiled artefact does not match its reference. Exit 1."""
+
+    exit_code = 1

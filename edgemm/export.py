@@ -1,0 +1,230 @@
+"""torch -> ONNX: the dynamo exporter first, the TorchScript exporter as fallback; then onnx.checker,
+onnxslim, and an FP32 parity check of the ONNX file (ONNX Runtime) against torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError, ParityError
+from .frontends import LoadedModel
+from .iospec import TensorSpec
+from .parity.metrics import OutputParity, compare
+from .reference import Reference
+
+log = logging.getLogger("edgemm")
+
+# FP32 ONNX vs torch: kernels differ in summation order only.
+FP32_MIN_COSINE = 0.9999
+FP32_ATOL = 1e-3
+FP32_RTOL = 1e-3
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str                  # "dynamo" | "torchscript" | "none" (ONNX input)
+    output_names: list[str]
+    opset: int
+    parity: dict[str, OutputParity] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _dynamic_map(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
+    return {s.name: {axis: dim for axis, dim in enumerate(s.shape) if isinstance(dim, str)} for s in specs}
+
+
+def _quiet():
+    """The exporters print progress and warnings on stdout/stderr; keep ours one-line clean."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return stack
+
+
+def _export_dynamo(module, args, input_names, output_names, specs, path: Path):
+    import torch
+
+    dynamic = _dynamic_map(specs)
+    with _quiet():
+        if isinstance(module, torch.export.ExportedProgram):
+            # An ExportedProgram carries its own dynamic shapes.
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamo=True, external_data=False)
+        else:
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+                              dynamic_shapes={n: dynamic[n] for n in input_names}, dynamo=True,
+                              external_data=False)
+
+
+def _flat_wrapper(module):
+    import torch
+
+    class FlatOutputs(torch.nn.Module):
+        # The TorchScript exporter cannot emit dict outputs (prim::DictConstruct); return a flat tuple.
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *inputs):
+            from .reference import flatten_outputs
+            return tuple(flatten_outputs(self.inner(*inputs))[1])
+
+    wrapper = FlatOutputs(module)
+    # DESIGN.md pitfall: a fresh wrapper is in training mode, and export restores it afterwards.
+    wrapper.eval()
+    return wrapper
+
+
+def _export_torchscript(module, args, input_names, output_names, specs, path: Path):
+    import torch
+
+    dynamic = _dynamic_map(specs)
+    with _quiet():
+        traced = torch.jit.trace(_flat_wrapper(module), args, strict=False, check_trace=False)
+        torch.onnx.export(traced, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes={n: dynamic[n] for n in input_names if dynamic[n]}, dynamo=False)
+
+
+def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mapping[str, np.ndarray],
+                check_feeds: Mapping[str, np.ndarray], out_path: Path, *, prefer: str = "dynamo") -> ExportResult:
+    """Export ``loaded`` to ``out_path``. ``example`` must have batch >= 2 (torch.export specializes 1)."""
+    import onnx
+    import torch
+
+    input_names = [s.name for s in specs]
+    reference = Reference(loaded, input_names)
+    ref_example = reference.run(example)
+    output_names = list(ref_example)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in input_names)
+    program = getattr(loaded, "exported_program", None)
+    module = program if program is not None else loaded.module
+    notes = []
+    attempts = ["dynamo", "torchscript"] if prefer == "dynamo" else ["torchscript", "dynamo"]
+    if isinstance(loaded.module, torch.jit.ScriptModule):
+        notes.append("dynamo exporter skipped: torch.export cannot trace TorchScript modules")
+        attempts = ["torchscript"]
+    if program is not None:
+        attempts = ["dynamo"]
+    errors = []
+    exporter = None
+    for name in attempts:
+        try:
+            if name == "dynamo":
+                _export_dynamo(module, args, input_names, output_names, specs, out_path)
+            else:
+                _export_torchscript(loaded.module, args, input_names, output_names, specs, out_path)
+            exporter = name
+            break
+        except Exception as exc:  # exporters raise many types; we report them all below
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            errors.append(f"{name}: {first[:300]}")
+            notes.append(f"{name} exporter failed: {first[:200]}")
+            log.info("export with %s failed: %s", name, exc)
+    if exporter is None:
+        raise InputError("ONNX export failed (" + "; ".join(errors) + ")", file=loaded.source,
+                         fix="make the model exportable with torch.export (see exportdb), or export ONNX yourself "
+                             "and pass the .onnx file")
+    model = onnx.load(str(out_path))
+    onnx.checker.check_model(model)
+    model = _slim(model, notes)
+    rename_symbolic_dims(model, specs)
+    onnx.save(model, str(out_path))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    result = ExportResult(out_path, exporter, output_names, opset, notes=notes)
+    result.parity = check_fp32_parity(out_path, reference, check_feeds, source=loaded.source)
+    return result
+
+
+def rename_symbolic_dims(model, specs: Sequence[TensorSpec]) -> None:
+    """Exporters name dims s0, s40, ...; use the spec's names (batch, ...) everywhere in the graph, so
+    output shapes read [batch, 512] in the manifest."""
+    by_name = {s.name: s for s in specs}
+    mapping: dict[str, str] = {}
+    for value in model.graph.input:
+        spec = by_name.get(value.name)
+        if spec is None:
+            continue
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if isinstance(want, str):
+                if dim.HasField("dim_param") and dim.dim_param:
+                    mapping.setdefault(dim.dim_param, want)
+                dim.dim_param = want
+    values = list(model.graph.output) + list(model.graph.value_info)
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in mapping:
+                dim.dim_param = mapping[dim.dim_param]
+    _propagate_output_dims(model)
+
+
+def _propagate_output_dims(model) -> None:
+    """The TorchScript exporter invents output dim names (Gemmlogits_dim_0); ONNX Runtime's symbolic
+    shape inference traces them back to the input symbols. Best effort: names only, never the graph."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+    except Exception:  # the inference gives up on some graphs; keep the exporter's names
+        return
+    if inferred is None:
+        return
+    shapes = {o.name: o.type.tensor_type.shape for o in inferred.graph.output}
+    for out in model.graph.output:
+        new = shapes.get(out.name)
+        if new is None or len(new.dim) != len(out.type.tensor_type.shape.dim):
+            continue
+        for dim, src in zip(out.type.tensor_type.shape.dim, new.dim):
+            if src.HasField("dim_param") and src.dim_param and not dim.HasField("dim_value"):
+                dim.dim_param = src.dim_param
+
+
+def _slim(model, notes: list[str]):
+    """onnxslim folds constants and removes dead nodes; a failure here is not fatal."""
+    try:
+        import onnxslim
+
+        with _quiet():
+            slimmed = onnxslim.slim(model)
+        if slimmed is not None:
+            return slimmed
+    except Exception as exc:  # keep the unslimmed graph rather than stop the compile
+        notes.append(f"onnxslim skipped: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")
+    return model
+
+
+def check_fp32_parity(onnx_path: Path, reference: Reference, feeds: Mapping[str, np.ndarray], *,
+                      source: str) -> dict[str, OutputParity]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    got = dict(zip(names, sess.run(names, dict(feeds))))
+    ref = reference.run(feeds)
+    if list(ref) != names:
+        raise ParityError(f"exported outputs {names} do not match the model's outputs {list(ref)}", file=source,
+                          fix="report this model to edgemm")
+    parity = compare(ref, got)
+    bad = []
+    for name, p in parity.items():
+        scale = float(np.abs(ref[name]).max()) if ref[name].size else 0.0
+        if p.exact_match is not None and p.exact_match < 1.0:
+            bad.append(f"{name}: {100 * (1 - p.exact_match):.2f}% of values differ")
+        elif p.mean_cosine is not None and (p.min_cosine < FP32_MIN_COSINE
+                                            or p.max_abs_error > FP32_ATOL + FP32_RTOL * scale):
+            bad.append(f"{name}: max abs error {p.max_abs_error:.3g}, min cosine {p.min_cosine:.6f}")
+    if bad:
+        raise ParityError("FP32 ONNX does not match torch: " + "; ".join(bad), file=source,
+                          fix="check for data-dependent control flow or ops that differ in export; "
+                              "try --exporter torchscript")
+    return parity

@@ -1,0 +1,79 @@
+"""torch.export archives (.pt2): carry example inputs and dynamic shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from ..iospec import DimRange, TensorSpec
+from .base import LoadedModel, LoadOptions, sha256_of
+from .torchscript import _first_line
+
+
+def load(spec: str, options: LoadOptions) -> LoadedModel:
+    import torch
+
+    path = Path(spec)
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # corrupt zip, unknown schema version, ...
+        raise InputError(f"cannot load torch.export archive ({_first_line(exc)})", file=path,
+                         fix="re-save it with torch.export.save(torch.export.export(model, args), path)") from exc
+    loaded = LoadedModel(source=spec, format="exported_program", sha256=sha256_of(path), name=path.stem,
+                         module=program.module())
+    loaded.exported_program = program  # type: ignore[attr-defined]
+    _check_no_training_ops(program, loaded)
+    specs = []
+    user_inputs = list(program.graph_signature.user_inputs)
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name in user_inputs:
+        node = placeholders.get(name)
+        val = node.meta.get("val") if node is not None else None
+        if val is None or not hasattr(val, "shape"):
+            raise InputError(f"input {name!r} is not a tensor", file=path, field=name,
+                             fix="export a model whose inputs are tensors")
+        shape, ranges = [], {}
+        for axis, dim in enumerate(val.shape):
+            if isinstance(dim, int):
+                shape.append(dim)
+                continue
+            sym = str(dim.node.expr) if hasattr(dim, "node") else str(dim)
+            dim_name = "batch" if axis == 0 else f"{name}_dim{axis}"
+            shape.append(dim_name)
+            rc = program.range_constraints.get(getattr(dim.node, "expr", None)) if hasattr(dim, "node") else None
+            lo = max(1, int(rc.lower)) if rc is not None and str(rc.lower).lstrip("-").isdigit() else 1
+            hi = int(rc.upper) if rc is not None and str(rc.upper).isdigit() else max(lo, 64)
+            hi = min(hi, 4096)  # int_oo means unbounded; cap for optimization profiles
+            opt = lo if axis == 0 else max(lo, min(hi, int(_example_dim(program, user_inputs, name, axis) or lo)))
+            ranges[dim_name] = DimRange(lo, max(lo, opt), max(hi, opt, lo))
+            del sym
+        specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(shape), ranges))
+    loaded.input_specs = specs
+    loaded.input_names = [s.name for s in specs]
+    args, kwargs = program.example_inputs if program.example_inputs is not None else ((), {})
+    if args and not kwargs:
+        loaded.example_inputs = tuple(args)
+    return loaded
+
+
+def _example_dim(program, user_inputs, name, axis):
+    if program.example_inputs is None:
+        return None
+    args, _ = program.example_inputs
+    idx = user_inputs.index(name)
+    if idx < len(args) and hasattr(args[idx], "shape"):
+        return args[idx].shape[axis]
+    return None
+
+
+def _check_no_training_ops(program, loaded: LoadedModel) -> None:
+    """A .pt2 has no .eval(): training behaviour is baked in at export. Refuse dropout in train mode."""
+    import torch
+
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.target in (
+                torch.ops.aten.dropout.default, torch.ops.aten.native_dropout.default):
+            train = node.args[2] if len(node.args) > 2 else True
+            if train:
+                raise InputError("the program was exported in training mode (dropout is active)", file=loaded.source,
+                                 fix="call model.eval() before torch.export.export and re-save")

@@ -1,0 +1,76 @@
+"""``package.module:function`` factories, with optional weights (.safetensors, or a state_dict .pt
+loaded with ``weights_only=True``). Importing the module runs the user's own code, by their choice."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+from ..errors import InputError, SecurityError
+from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of
+from .torchscript import _first_line
+
+
+def load(spec: str, options: LoadOptions) -> LoadedModel:
+    import hashlib
+
+    module_name, func_name = spec.split(":")
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import {module_name!r} ({_first_line(exc)})", field="MODEL",
+                         fix="install the package or add its folder to PYTHONPATH") from exc
+    factory = getattr(mod, func_name, None)
+    if not callable(factory):
+        raise InputError(f"{module_name} has no callable {func_name!r}", field="MODEL",
+                         fix="name a function that returns a torch.nn.Module")
+    model = factory()
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module", field="MODEL",
+                         fix="return the model instance from the factory")
+    digest = hashlib.sha256(spec.encode())
+    if options.weights:
+        wpath = Path(options.weights)
+        state = load_state_dict(wpath)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise InputError(f"weights do not fit the model ({_first_line(exc)})", file=wpath,
+                             field="state_dict", fix="pass weights saved from this architecture") from exc
+        digest.update(sha256_of(wpath).encode())
+    loaded = LoadedModel(source=spec, format="factory", sha256=digest.hexdigest(), name=func_name, module=model)
+    ensure_eval(model, loaded)
+    loaded.input_names = list(inspect.signature(model.forward).parameters)
+    return loaded
+
+
+def load_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise InputError("no such weights file", file=path, fix="check the --weights path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:
+            raise InputError(f"not a valid safetensors file ({_first_line(exc)})", file=path,
+                             fix="re-save with safetensors.torch.save_file") from exc
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SecurityError("the weights file holds more than tensors and would run code when unpickled",
+                            file=path, fix="save model.state_dict() (or use .safetensors)") from exc
+    except Exception as exc:
+        raise InputError(f"cannot read weights ({_first_line(exc)})", file=path,
+                         fix="save model.state_dict() with torch.save or safetensors") from exc
+    if not isinstance(state, dict):
+        raise InputError(f"holds a {type(state).__name__}, not a state_dict", file=path,
+                         fix="save model.state_dict()")
+    return state

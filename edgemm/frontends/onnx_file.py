@@ -1,0 +1,90 @@
+"""ONNX files: export is skipped. External data must stay inside the model's folder."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePath
+
+from ..errors import InputError, SecurityError
+from ..iospec import TensorSpec
+from .base import LoadedModel, LoadOptions, sha256_of
+from .torchscript import _first_line
+
+# ONNX TensorProto elem_type -> numpy dtype name (the ones a bundle may expose)
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+               11: "float64"}
+
+
+def load(spec: str, options: LoadOptions) -> LoadedModel:
+    import onnx
+
+    path = Path(spec)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise InputError(f"not a valid ONNX file ({_first_line(exc)})", file=path,
+                         fix="re-export the model, or check that the file was copied whole") from exc
+    check_external_data(model, path)
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise InputError(f"ONNX checker rejects the model ({_first_line(exc)})", file=path,
+                         fix="re-export with a current torch.onnx.export / opset") from exc
+    initializers = {i.name for i in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        ttype = value.type.tensor_type
+        dtype = ONNX_DTYPES.get(ttype.elem_type)
+        if dtype is None:
+            raise InputError(f"input {value.name!r} has unsupported element type {ttype.elem_type}", file=path,
+                             field=value.name, fix="use float32/float16/int64/int32/uint8/bool inputs")
+        shape = []
+        for axis, d in enumerate(ttype.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(int(d.dim_value))
+            elif d.HasField("dim_param") and d.dim_param:
+                shape.append("batch" if axis == 0 else d.dim_param)
+            else:
+                shape.append("batch" if axis == 0 else f"{value.name}_dim{axis}")
+        specs.append(TensorSpec(value.name, dtype, tuple(shape)))
+    files = [path] + external_files(model, path)
+    return LoadedModel(source=spec, format="onnx", sha256=sha256_of(*files), name=path.stem, onnx_path=path,
+                       input_specs=specs, input_names=[s.name for s in specs])
+
+
+def external_files(model, path: Path) -> list[Path]:
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    out = []
+    for tensor in _all_tensors(model):
+        if uses_external_data(tensor):
+            out.append(path.parent / ExternalDataInfo(tensor).location)
+    return sorted(set(out))
+
+
+def _all_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def check_external_data(model, path: Path) -> None:
+    """External data locations must be relative paths that resolve inside the model's folder."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    base = path.parent.resolve()
+    for tensor in _all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        pure = PurePath(location)
+        target = (path.parent / location)
+        if (not location or pure.is_absolute() or ".." in pure.parts or location.startswith(("/", "\\"))
+                or (target.exists() and base not in target.resolve().parents)):
+            raise SecurityError(f"external data location {location!r} escapes the model's folder", file=path,
+                                field=f"initializer {tensor.name!r}",
+                                fix="keep external data files next to the .onnx file with relative names")
+        if not target.is_file():
+            raise InputError(f"external data file {location!r} is missing", file=path,
+                             field=f"initializer {tensor.name!r}", fix="copy it next to the .onnx file")

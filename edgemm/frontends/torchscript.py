@@ -1,0 +1,33 @@
+"""TorchScript archives (torch.jit.save). TorchScript code is a restricted language, not pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import InputError
+from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of
+
+
+def load(spec: str, options: LoadOptions) -> LoadedModel:
+    import torch
+
+    path = Path(spec)
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError/ValueError/etc. for corrupt archives
+        raise InputError(f"cannot load TorchScript archive ({_first_line(exc)})", file=path,
+                         fix="re-save it with torch.jit.save, or pass a .pt2 / .onnx file") from exc
+    loaded = LoadedModel(source=spec, format="torchscript", sha256=sha256_of(path), name=path.stem,
+                         module=module)
+    ensure_eval(module, loaded)
+    try:
+        args = module.forward.schema.arguments[1:]  # skip self
+        loaded.input_names = [a.name for a in args]
+    except (AttributeError, RuntimeError):
+        loaded.input_names = None
+    return loaded
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

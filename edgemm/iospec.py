@@ -1,0 +1,180 @@
+"""Tensor specs: the names, dtypes and (possibly symbolic) shapes of a model's inputs and outputs.
+
+Pure Python + numpy, shared by the compiler and the runtime. A dimension is an ``int`` or a symbolic
+name (``"batch"``, ``"seq"``); symbolic dims carry optional (min, opt, max) ranges for TensorRT
+optimization profiles.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+
+from .errors import InputError
+
+Dim = Union[int, str]
+
+# dtypes a bundle may expose; names follow numpy.
+SUPPORTED_DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+@dataclass(frozen=True)
+class DimRange:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self):
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise InputError(f"dimension range {self.min}:{self.opt}:{self.max} must satisfy 1 <= MIN <= OPT <= MAX",
+                             field="--dynamic")
+
+    def to_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+    # symbolic dim name -> range, only for symbolic dims of this tensor
+    ranges: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.ranges:
+            d["ranges"] = {k: v.to_list() for k, v in self.ranges.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "manifest") -> "TensorSpec":
+        try:
+            name, dtype, shape = d["name"], d["dtype"], d["shape"]
+            if not isinstance(name, str) or not isinstance(dtype, str) or not isinstance(shape, list):
+                raise TypeError
+            for dim in shape:
+                if not (isinstance(dim, str) or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0)):
+                    raise TypeError
+            ranges = {k: DimRange(*v) for k, v in (d.get("ranges") or {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"malformed tensor spec {d!r}", file=source, field="inputs/outputs",
+                             fix="regenerate the bundle with `edgemm compile`") from exc
+        return cls(name, dtype, tuple(shape), ranges)
+
+    def concrete_shape(self, batch: int = 1) -> tuple[int, ...]:
+        """A runnable shape: symbolic dims take their `opt` value (batch dims take `batch`)."""
+        out = []
+        for dim in self.shape:
+            if isinstance(dim, int):
+                out.append(dim)
+            elif dim in self.ranges:
+                out.append(self.ranges[dim].opt)
+            else:
+                out.append(batch)
+        return tuple(out)
+
+    def with_dims(self, shape: Sequence[Dim]) -> "TensorSpec":
+        return replace(self, shape=tuple(shape))
+
+
+def describe_shape(shape: Iterable[Dim]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+_INPUT_RE = re.compile(r"^(?P<name>[^:]+):(?P<shape>[0-9]+(?:x[0-9]+)*|scalar):(?P<dtype>[a-z0-9]+)$")
+
+
+def parse_input_flag(text: str) -> TensorSpec:
+    """``NAME:1x3x224x224:float32`` -> TensorSpec (first dim becomes symbolic ``batch``)."""
+    m = _INPUT_RE.match(text.strip())
+    if not m:
+        raise InputError(f"cannot parse {text!r}", field="--input",
+                         fix="write NAME:SHAPE:DTYPE, e.g. image:1x3x224x224:float32")
+    dtype = m["dtype"]
+    if dtype not in SUPPORTED_DTYPES:
+        raise InputError(f"unsupported dtype {dtype!r} in {text!r}", field="--input",
+                         fix=f"use one of {', '.join(SUPPORTED_DTYPES)}")
+    shape = () if m["shape"] == "scalar" else tuple(int(x) for x in m["shape"].split("x"))
+    if any(d == 0 for d in shape):
+        raise InputError(f"zero-sized dimension in {text!r}", field="--input", fix="use sizes >= 1")
+    return TensorSpec(m["name"], dtype, shape)
+
+
+_DYNAMIC_RE = re.compile(r"^(?P<name>[^:=]+):(?P<axis>[0-9]+)=(?P<min>[0-9]+):(?P<opt>[0-9]+):(?P<max>[0-9]+)$")
+
+
+@dataclass(frozen=True)
+class DynamicAxis:
+    input: str
+    axis: int
+    range: DimRange
+
+
+def parse_dynamic_flag(text: str) -> DynamicAxis:
+    """``input_ids:1=1:77:128`` -> DynamicAxis."""
+    m = _DYNAMIC_RE.match(text.strip())
+    if not m:
+        raise InputError(f"cannot parse {text!r}", field="--dynamic",
+                         fix="write NAME:AXIS=MIN:OPT:MAX, e.g. input_ids:1=1:77:128")
+    return DynamicAxis(m["name"], int(m["axis"]), DimRange(int(m["min"]), int(m["opt"]), int(m["max"])))
+
+
+def dim_name(spec_name: str, axis: int) -> str:
+    return "batch" if axis == 0 else f"{spec_name}_dim{axis}"
+
+
+def apply_dynamic_axes(specs: Sequence[TensorSpec], dynamic: Sequence[DynamicAxis], *,
+                       dynamic_batch: bool = True, max_batch: int = 64) -> list[TensorSpec]:
+    """Mark axis 0 of every input as symbolic ``batch`` (unless disabled) and apply ``--dynamic`` flags."""
+    by_name = {s.name: s for s in specs}
+    for d in dynamic:
+        if d.input not in by_name:
+            raise InputError(f"unknown input {d.input!r}", field="--dynamic",
+                             fix=f"use one of {', '.join(by_name)}")
+        if d.axis >= len(by_name[d.input].shape):
+            raise InputError(f"input {d.input!r} has rank {len(by_name[d.input].shape)}, no axis {d.axis}",
+                             field="--dynamic", fix="count axes from 0")
+    out = []
+    batch_range = next((d.range for d in dynamic if d.axis == 0), DimRange(1, 1, max_batch))
+    for spec in specs:
+        shape = list(spec.shape)
+        ranges = dict(spec.ranges)
+        if dynamic_batch and shape:
+            shape[0] = "batch"
+            ranges["batch"] = batch_range
+        for d in dynamic:
+            if d.input == spec.name:
+                name = dim_name(spec.name, d.axis)
+                shape[d.axis] = name
+                ranges[name] = d.range
+        out.append(TensorSpec(spec.name, spec.dtype, tuple(shape), ranges))
+    return out
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    return np.dtype(name)
+
+
+def check_array_against_spec(spec: TensorSpec, array: np.ndarray, *, where: str,
+                             fix: str | None = None, enforce_ranges: bool = False) -> None:
+    """Raise InputError naming the tensor when dtype or rank/static dims disagree."""
+    if array.dtype != np.dtype(spec.dtype):
+        raise InputError(f"dtype {array.dtype} but expected {spec.dtype}", file=where, field=spec.name,
+                         fix=fix or f"cast it with .astype('{spec.dtype}')")
+    if len(array.shape) != len(spec.shape):
+        raise InputError(f"shape {list(array.shape)} has rank {array.ndim} but expected "
+                         f"{describe_shape(spec.shape)}", file=where, field=spec.name, fix=fix)
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+        if isinstance(want, int) and got != want:
+            raise InputError(f"shape {list(array.shape)} but expected {describe_shape(spec.shape)} "
+                             f"(axis {axis} must be {want})", file=where, field=spec.name, fix=fix)
+        # Ranges bind TensorRT optimization profiles; ONNX Runtime runs any size.
+        if enforce_ranges and isinstance(want, str) and want in spec.ranges:
+            r = spec.ranges[want]
+            if not (r.min <= got <= r.max):
+                raise InputError(f"axis {axis} ({want}) is {got}, outside the compiled range {r.min}..{r.max}",
+                                 file=where, field=spec.name, fix="recompile with a wider --dynamic range")

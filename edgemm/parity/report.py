@@ -1,0 +1,46 @@
+"""Markdown rendering of a verification report (also fits a pull-request comment)."""
+
+from __future__ import annotations
+
+
+def _fmt(value, digits=6):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    status = "PASS" if report.get("passed") else "FAIL"
+    lines = [f"# edgemm parity report: {status}", ""]
+    meta = report.get("bundle", {})
+    if meta:
+        lines.append(f"Bundle `{meta.get('name')}` · precision **{meta.get('precision')}** · backend "
+                     f"{meta.get('backend')} · target {meta.get('target')} · {report.get('samples')} samples")
+        lines.append("")
+    if report.get("simulated"):
+        lines += [f"> Simulated: {report['simulated']}", ""]
+    lines += ["| output | mean cosine | min cosine | max abs err | top-1 agree | pass |",
+              "|---|---|---|---|---|---|"]
+    for name, o in report.get("outputs", {}).items():
+        top1 = o.get("top1_agreement", o.get("exact_match"))
+        lines.append(f"| {name} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
+                     f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} | {'yes' if o.get('passed') else 'NO'} |")
+    task = report.get("task")
+    if task:
+        lines += ["", f"Task metric **{task['metric']}**: reference {_fmt(task.get('reference'), 2)}, "
+                      f"bundle {_fmt(task.get('bundle'), 2)}"
+                      + (f", drop {_fmt(task.get('drop'), 2)} points" if "drop" in task else "")]
+    lat = report.get("latency")
+    if lat:
+        lines += ["", "| latency (batch 1, ms) | p50 | p90 | p99 |", "|---|---|---|---|"]
+        for who in ("bundle", "reference"):
+            if who in lat:
+                s = lat[who]
+                lines.append(f"| {who} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
+        if "p50_ratio" in lat:
+            lines.append(f"\np50 ratio bundle / reference: **{lat['p50_ratio']:.3f}** (measured side by side)")
+    if report.get("failures"):
+        lines += ["", "## Failures", *[f"- {f}" for f in report["failures"]]]
+    return "\n".join(lines) + "\n"

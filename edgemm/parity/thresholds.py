@@ -1,0 +1,46 @@
+"""Pass/fail bars, defaulting by precision. Overridable from the CLI (--min-cosine, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_cosine: float            # mean per-sample cosine of every float output
+    min_top1_agreement: float    # argmax agreement of logits outputs
+    max_metric_drop: float       # task metric drop, absolute percentage points
+    min_exact_match: float = 1.0  # integer outputs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULTS = {
+    "fp32": Thresholds(0.9999, 0.99, 0.5),
+    "fp16": Thresholds(0.999, 0.98, 1.0),
+    "int8": Thresholds(0.99, 0.95, 1.0),
+    "fp8": Thresholds(0.98, 0.90, 2.0),
+}
+_ORDER = ["fp32", "fp16", "int8", "fp8"]
+
+
+def defaults_for(precision: str) -> Thresholds:
+    """Mixed precision (e.g. "mixed:int8+fp16") takes the bar of its lowest precision."""
+    parts = [p for p in _ORDER if p in str(precision)]
+    if not parts:
+        return DEFAULTS["fp32"]
+    return DEFAULTS[parts[-1]]
+
+
+def with_overrides(base: Thresholds, **overrides) -> Thresholds:
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    for key, value in clean.items():
+        if key in ("min_cosine", "min_top1_agreement", "min_exact_match") and not (-1.0 <= value <= 1.0):
+            raise InputError(f"{value} is outside [-1, 1]", field="--" + key.replace("_", "-"),
+                             fix="e.g. 0.99")
+        if key == "max_metric_drop" and value < 0:
+            raise InputError(f"{value} is negative", field="--max-metric-drop", fix="e.g. 1.0 (points)")
+    return replace(base, **clean)

@@ -1,0 +1,183 @@
+"""Bundle vs reference on evaluation data: per-output accuracy, task metric, latency, pass/fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..data import Dataset
+from ..errors import InputError
+from .latency import measure_interleaved
+from .metrics import ParityAccumulator
+from .thresholds import Thresholds
+
+Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+
+def guess_task(output_names: Sequence[str]) -> tuple[str, list[str]] | None:
+    """A task metric from output names, when no zoo entry or --metric says otherwise."""
+    names = list(output_names)
+    if "image_embeds" in names and "text_embeds" in names:
+        return "recall@1", ["image_embeds", "text_embeds"]
+    logits = [n for n in names if "logit" in n.lower() and "per_" not in n.lower()]
+    if logits:
+        return "top1", [logits[0]]
+    return None
+
+
+def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, thresholds: Thresholds, *,
+             output_names: Sequence[str], batch_size: int = 16, task: tuple[str, list[str]] | None = None,
+             latency: dict[str, Callable[[], object]] | None = None, latency_iterations: int = 50,
+             warmup: int = 5, progress: Callable[[int, int], None] | None = None) -> dict:
+    if batch_size < 1:
+        raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 16")
+    acc = ParityAccumulator()
+    collected: dict[str, dict[str, list[np.ndarray]]] = {"bundle": {}, "reference": {}}
+    task_outputs = task[1] if task and data.labels is not None else []
+    for name in task_outputs:
+        if name not in output_names:
+            raise InputError(f"task metric reads output {name!r}, which the bundle does not have",
+                             field="--metric", fix=f"outputs are {', '.join(output_names)}")
+    done = 0
+    for batch in data.batches(batch_size):
+        got = bundle_run(batch)
+        ref = reference_run(batch) if reference_run else None
+        if ref is not None:
+            missing = [n for n in output_names if n not in ref]
+            if missing:
+                raise InputError(f"reference has no output {missing[0]!r} (it has {', '.join(ref)})",
+                                 field="--reference", fix="pass the model this bundle was compiled from")
+            acc.add({n: ref[n] for n in output_names}, got)
+        for name in task_outputs:
+            collected["bundle"].setdefault(name, []).append(np.asarray(got[name]))
+            if ref is not None:
+                collected["reference"].setdefault(name, []).append(np.asarray(ref[name]))
+        done += next(iter(batch.values())).shape[0]
+        if progress:
+            progress(done, data.num_samples)
+
+    report: dict = {"samples": data.num_samples, "thresholds": thresholds.to_dict(), "outputs": {},
+                    "failures": []}
+    for name, p in acc.result().items():
+        entry = p.to_dict()
+        checks = []
+        if p.mean_cosine is not None and p.mean_cosine < thresholds.min_cosine:
+            checks.append(f"output {name}: mean cosine {p.mean_cosine:.6f} < {thresholds.min_cosine}")
+        if p.top1_agreement is not None and p.top1_agreement < thresholds.min_top1_agreement:
+            checks.append(f"output {name}: top-1 agreement {p.top1_agreement:.4f} < "
+                          f"{thresholds.min_top1_agreement}")
+        if p.exact_match is not None and p.exact_match < thresholds.min_exact_match:
+            checks.append(f"output {name}: exact match {p.exact_match:.4f} < {thresholds.min_exact_match}")
+        entry["passed"] = not checks
+        report["outputs"][name] = entry
+        report["failures"].extend(checks)
+
+    if task_outputs:
+        from .task_metrics import compute
+
+        metric = task[0]
+        res = {"metric": metric, "outputs": task_outputs}
+        for who in ("reference", "bundle"):
+            if collected[who]:
+                outs = {n: np.concatenate(v) for n, v in collected[who].items()}
+                res[who] = compute(metric, outs, data.labels, task_outputs)
+        if "reference" in res:
+            res["drop"] = res["reference"] - res["bundle"]
+            if res["drop"] > thresholds.max_metric_drop:
+                report["failures"].append(f"task {metric}: {res['bundle']:.2f} vs reference {res['reference']:.2f} "
+                                          f"(drop {res['drop']:.2f} > {thresholds.max_metric_drop} points)")
+        report["task"] = res
+    if latency:
+        stats = measure_interleaved(latency, warmup=warmup, iterations=latency_iterations)
+        report["latency"] = {k: v.to_dict() for k, v in stats.items()}
+        report["latency"]["batch"] = 1
+        if "bundle" in stats and "reference" in stats:
+            report["latency"]["p50_ratio"] = stats["bundle"].p50_ms / max(stats["reference"].p50_ms, 1e-9)
+    report["passed"] = not report["failures"]
+    return report
+
+
+def first_sample(data: Dataset) -> dict[str, np.ndarray]:
+    return {k: np.ascontiguousarray(v[:1]) for k, v in data.arrays.items()}
+
+
+def write_reports(bundle_dir: Path, report: dict) -> tuple[Path, Path]:
+    import json
+    import os
+
+    from .report import render_markdown
+
+    paths = []
+    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"),
+                       ("report.md", render_markdown(report))):
+        path = bundle_dir / name
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weights: str | None = None,
+                  trust_pickle: bool = False, metric: str | None = None, metric_outputs=None,
+                  batch_size: int = 16, iterations: int = 50, write: bool = True, overrides: dict | None = None,
+                  progress=None) -> dict:
+    """The library behind `edgemm verify`: load the bundle (hash-checked) and the reference, evaluate."""
+    from .. import runtime
+    from ..data import load_dataset
+    from .thresholds import defaults_for, with_overrides
+
+    bundle = runtime.load(bundle_path)
+    data = load_dataset(data_path, specs=bundle.inputs, allow_labels=True, role="--data")
+    output_names = [o.name for o in bundle.outputs]
+    thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))
+    task = _task_for(bundle.manifest, output_names, metric, metric_outputs)
+    ref_run = None
+    latency = {"bundle": _bundle_call(bundle, first_sample(data))}
+    if reference:
+        from ..frontends import LoadOptions, load_model
+        from ..reference import Reference
+
+        loaded = load_model(reference, LoadOptions(weights=weights, trust_pickle=trust_pickle))
+        ref = Reference(loaded, [s.name for s in bundle.inputs])
+        ref_run = ref.run
+        latency["reference"] = ref.callable_for(first_sample(data))
+    if data.labels is None:
+        task = None
+    report = evaluate(bundle.run, ref_run, data, thresholds, output_names=output_names, batch_size=batch_size,
+                      task=task, latency=latency if iterations else None, latency_iterations=iterations,
+                      progress=progress)
+    report["bundle"] = {"name": bundle.manifest.get("name"), "path": str(bundle_path),
+                        "precision": bundle.precision, "backend": bundle.backend,
+                        "target": bundle.manifest["target"].get("name")}
+    report["data"] = {"path": str(data_path), "sha256": data.sha256, "samples": data.num_samples}
+    report["reference"] = reference
+    if write:
+        write_reports(Path(bundle_path), report)
+    return report
+
+
+def _bundle_call(bundle, feeds):
+    checked = bundle.check_feeds(feeds)
+    return lambda: bundle.run(checked)
+
+
+def _task_for(manifest: dict, output_names, metric, metric_outputs):
+    from .task_metrics import KNOWN_METRICS
+
+    if metric and metric not in KNOWN_METRICS:
+        raise InputError(f"unknown metric {metric!r}", field="--metric", fix=f"use one of {', '.join(KNOWN_METRICS)}")
+    known = manifest.get("task") or {}
+    guessed = guess_task(output_names)
+    if metric:
+        outs = metric_outputs or (known.get("outputs") if known.get("metric") == metric else None) or \
+            (guessed[1] if guessed and guessed[0] == metric else None)
+        if not outs:
+            raise InputError(f"cannot tell which outputs {metric} reads", field="--metric-outputs",
+                             fix=f"pass --metric-outputs from: {', '.join(output_names)}")
+        return metric, list(outs)
+    if known:
+        return known["metric"], list(known["outputs"])
+    return guessed

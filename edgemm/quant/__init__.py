@@ -1,0 +1,118 @@
+"""Precision recipes. The recipe follows the backend (DESIGN.md: TensorRT-style Q/DQ is slow on
+ONNX Runtime CPU, ORT's own INT8 is fast), so dispatch is keyed by (backend, precision).
+
+To add a precision mode: write ``quant/<mode>.py`` with a function taking (fp32_onnx, out_onnx, request)
+and returning a recipe dict, then add a row to ``RECIPES``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass
+class PrecisionRequest:
+    precision: str
+    backend: str
+    calib: dict[str, np.ndarray] | None
+    workdir: Path
+    int8_recipe: str | None = None
+    min_cosine: float | None = None
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class PrecisionResult:
+    path: Path
+    mode: str
+    recipe: dict
+    notes: list[str] = field(default_factory=list)
+    simulated: bool = False      # the artefact cannot run here; accuracy is estimated
+
+
+def _fp32(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+    shutil.copyfile(fp32_onnx, out)
+    return PrecisionResult(out, "fp32", {"name": "fp32"})
+
+
+def _fp16_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+    from .fp16 import to_fp16
+
+    recipe = to_fp16(fp32_onnx, out, keep_io_types=True, for_tensorrt=False)
+    note = ("ONNX Runtime's CPU provider has few FP16 kernels: this bundle halves the model size but "
+            "usually runs slower than FP32 on CPU; benchmark it, and prefer --int8 for CPU speed")
+    return PrecisionResult(out, "fp16", recipe, notes=[note])
+
+
+def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+    from . import cpu_int8
+
+    if req.int8_recipe:
+        recipes = {r.name: r for r in cpu_int8.candidate_recipes()}
+        if req.int8_recipe not in recipes:
+            raise InputError(f"unknown INT8 recipe {req.int8_recipe!r}", field="--int8-recipe",
+                             fix=f"use one of {', '.join(recipes)}")
+        cpu_int8.apply_recipe(recipes[req.int8_recipe], fp32_onnx, out, req.calib)
+        return PrecisionResult(out, "int8", {"name": req.int8_recipe, **recipes[req.int8_recipe].params,
+                                             "selected_by": "user"})
+    kwargs = {} if req.min_cosine is None else {"min_cosine": req.min_cosine}
+    selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log, **kwargs)
+    shutil.copyfile(selection.path, out)
+    recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
+              "candidates": _jsonable(selection.table)}
+    return PrecisionResult(out, "int8", recipe)
+
+
+def _qdq_trt(mode: str):
+    def run(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+        from .modelopt_qdq import quantize_qdq
+
+        recipe = quantize_qdq(fp32_onnx, out, req.calib, mode)
+        return PrecisionResult(out, mode, recipe, simulated=(mode == "fp8"))
+    return run
+
+
+def _fp16_trt(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+    from .fp16 import to_fp16
+
+    return PrecisionResult(out, "fp16", to_fp16(fp32_onnx, out, keep_io_types=True, for_tensorrt=True))
+
+
+RECIPES: dict[tuple[str, str], Callable[[Path, Path, PrecisionRequest], PrecisionResult]] = {
+    ("onnxruntime", "fp32"): _fp32,
+    ("onnxruntime", "fp16"): _fp16_ort,
+    ("onnxruntime", "int8"): _int8_ort,
+    ("tensorrt", "fp32"): _fp32,
+    ("tensorrt", "fp16"): _fp16_trt,
+    ("tensorrt", "int8"): _qdq_trt("int8"),
+    ("tensorrt", "fp8"): _qdq_trt("fp8"),
+}
+
+
+def apply_precision(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+    key = (req.backend, req.precision)
+    if key not in RECIPES:
+        supported = sorted(p for b, p in RECIPES if b == req.backend)
+        raise InputError(f"precision {req.precision} is not available for the {req.backend} backend",
+                         field="precision", fix=f"use one of {', '.join(supported)}")
+    return RECIPES[key](fp32_onnx, out, req)
+
+
+def _jsonable(table):
+    out = []
+    for row in table or []:
+        if hasattr(row, "to_dict"):
+            out.append(row.to_dict())
+        elif hasattr(row, "__dataclass_fields__"):
+            from dataclasses import asdict
+            out.append(asdict(row))
+        else:
+            out.append(dict(row))
+    return out

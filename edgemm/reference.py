@@ -1,0 +1,83 @@
+"""Run the source model (torch, or the original ONNX file) as the FP32 reference."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError
+from .frontends import LoadedModel
+
+
+def flatten_outputs(out) -> tuple[list[str], list]:
+    """Flatten a model's output pytree; dict keys become output names, positions become output_<i>."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if isinstance(out, torch.Tensor):
+        return ["output"], [out]
+    leaves_with_path, _ = pytree.tree_flatten_with_path(out)
+    names, leaves = [], []
+    for path, leaf in leaves_with_path:
+        if not isinstance(leaf, torch.Tensor):
+            raise InputError(f"model output {pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor",
+                             field="outputs", fix="return tensors (or a dict/tuple of tensors) from forward()")
+        parts = []
+        for key in path:
+            if isinstance(key, pytree.MappingKey):
+                parts.append(str(key.key))
+            elif isinstance(key, pytree.SequenceKey):
+                parts.append(f"output_{key.idx}" if not parts else str(key.idx))
+            elif isinstance(key, pytree.GetAttrKey):
+                parts.append(key.name)
+            else:
+                parts.append(str(key))
+        names.append("_".join(parts) or "output")
+        leaves.append(leaf)
+    if len(set(names)) != len(names):
+        names = [f"output_{i}" for i in range(len(names))]
+    return names, leaves
+
+
+class Reference:
+    """Callable FP32 reference: feeds (numpy) -> {output name: numpy}."""
+
+    def __init__(self, loaded: LoadedModel, input_names: Sequence[str]):
+        self.loaded = loaded
+        self.input_names = list(input_names)
+        self._ort = None
+        if not loaded.is_torch:
+            import onnxruntime as ort
+
+            self._ort = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+        self.output_names: list[str] | None = None
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._ort is not None:
+            names = [o.name for o in self._ort.get_outputs()]
+            self.output_names = names
+            return dict(zip(names, self._ort.run(names, dict(feeds))))
+        import torch
+
+        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names)
+        with torch.inference_mode():
+            out = self.loaded.module(*args)
+        names, leaves = flatten_outputs(out)
+        self.output_names = names
+        return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
+
+    def callable_for(self, feeds: Mapping[str, np.ndarray]):
+        """A zero-argument callable for latency measurement (conversion done once, outside the timing)."""
+        if self._ort is not None:
+            sess, f = self._ort, dict(feeds)
+            return lambda: sess.run(None, f)
+        import torch
+
+        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names)
+        module = self.loaded.module
+
+        def call():
+            with torch.inference_mode():
+                return module(*args)
+        return call

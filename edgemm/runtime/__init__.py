@@ -1,0 +1,104 @@
+"""The lightweight runtime: numpy + ONNX Runtime or TensorRT, never torch.
+
+    bundle = edgemm.runtime.load("engines/my-model")
+    outputs = bundle.run({"image": img, "input_ids": ids})   # dict, in the model's output order
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BundleError, InputError
+from ..iospec import TensorSpec, check_array_against_spec, describe_shape
+from .manifest import load_manifest
+
+__all__ = ["load", "Bundle"]
+
+
+class Bundle:
+    """A loaded, hash-verified bundle. ``run`` is safe to call from several threads."""
+
+    def __init__(self, path: Path, manifest: dict, session):
+        self.path = path
+        self.manifest = manifest
+        self._session = session
+        source = str(path / "manifest.json")
+        self.inputs = [TensorSpec.from_dict(d, source=source) for d in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_dict(d, source=source) for d in manifest["outputs"]]
+        self._enforce_ranges = manifest["backend"]["name"] == "tensorrt"
+
+    @property
+    def precision(self) -> str:
+        return str(self.manifest["precision"].get("mode"))
+
+    @property
+    def backend(self) -> str:
+        return self.manifest["backend"]["name"]
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not isinstance(feeds, Mapping):
+            raise InputError(f"feeds must be a dict of name -> numpy array, got {type(feeds).__name__}",
+                             field="feeds", fix=f"pass {{{', '.join(repr(s.name) for s in self.inputs)}}}")
+        expected = [s.name for s in self.inputs]
+        missing = [n for n in expected if n not in feeds]
+        extra = [n for n in feeds if n not in expected]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing {', '.join(map(repr, missing))}")
+            if extra:
+                parts.append(f"unexpected {', '.join(map(repr, extra))}")
+            raise InputError("; ".join(parts), field="feeds",
+                             fix="the bundle takes " + ", ".join(
+                                 f"{s.name}{describe_shape(s.shape)}:{s.dtype}" for s in self.inputs))
+        checked = {}
+        batch = {}
+        for spec in self.inputs:
+            value = feeds[spec.name]
+            if not isinstance(value, np.ndarray):
+                raise InputError(f"expected a numpy array, got {type(value).__name__}", field=spec.name,
+                                 fix="wrap it with numpy.asarray(...)")
+            check_array_against_spec(spec, value, where="feeds", enforce_ranges=self._enforce_ranges)
+            for axis, dim in enumerate(spec.shape):
+                if isinstance(dim, str):
+                    if dim in batch and batch[dim][0] != value.shape[axis]:
+                        other = batch[dim][1]
+                        raise InputError(f"axis {axis} ({dim}) is {value.shape[axis]} but {other!r} has "
+                                         f"{batch[dim][0]}", field=spec.name,
+                                         fix=f"give every input the same {dim} size")
+                    batch.setdefault(dim, (value.shape[axis], spec.name))
+            if value.size and value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise InputError("contains NaN or Inf", field=spec.name, fix="clean the input data")
+            checked[spec.name] = np.ascontiguousarray(value)
+        return checked
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = self.check_feeds(feeds)
+        outputs = self._session.run(checked)
+        return {spec.name: out for spec, out in zip(self.outputs, outputs)}
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.path)!r}, backend={self.backend}, precision={self.precision})"
+
+
+def _open_session(path: Path, manifest: dict, **kwargs):
+    backend = manifest["backend"]["name"]
+    if backend == "onnxruntime":
+        from .ort_session import OrtSession
+        return OrtSession(path, manifest, **kwargs)
+    if backend == "tensorrt":
+        from .tensorrt_session import TensorRTSession  # imports tensorrt lazily, inside
+        return TensorRTSession(path, manifest, **kwargs)
+    raise BundleError(f"unknown backend {backend!r}", file=path / "manifest.json", field="backend.name",
+                      fix="use a bundle made for onnxruntime or tensorrt, or upgrade edgemm")
+
+
+def load(path: os.PathLike, **session_options) -> Bundle:
+    """Verify every file's hash against the manifest, then open the backend session."""
+    path = Path(path)
+    manifest = load_manifest(path, verify=True)
+    return Bundle(path, manifest, _open_session(path, manifest, **session_options))

@@ -1,0 +1,121 @@
+"""The bundle manifest: schema, hashing and verification. Standard library only (runs on devices)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path, PurePosixPath
+
+from ..errors import BundleError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "edgemm-bundle"
+FORMAT_VERSION = 1
+REQUIRED_KEYS = ("format", "format_version", "name", "inputs", "outputs", "precision", "target", "backend",
+                 "files")
+# Files a bundle may hold that are not covered by hashes (they are derived from the others or are
+# reports that verification rewrites).
+UNHASHED = frozenset({MANIFEST_NAME, "report.json", "report.md", "report.html"})
+
+
+def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def safe_relpath(bundle_dir: Path, rel: str, *, source: str) -> Path:
+    """Resolve a manifest path, refusing anything that escapes the bundle (.., absolute, symlinks)."""
+    pure = PurePosixPath(rel)
+    if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or ":" in rel:
+        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field="files",
+                          fix="rebuild the bundle; never edit manifest paths by hand")
+    path = bundle_dir / pure
+    if path.is_symlink():
+        raise BundleError(f"{rel!r} is a symbolic link", file=source, field="files",
+                          fix="bundles hold plain files only; rebuild the bundle")
+    resolved = path.resolve()
+    if bundle_dir.resolve() not in resolved.parents:
+        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field="files",
+                          fix="rebuild the bundle")
+    return path
+
+
+def read_manifest(bundle_dir: os.PathLike) -> dict:
+    """Parse and structurally validate manifest.json (no hash check)."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_NAME
+    if not bundle_dir.is_dir():
+        raise BundleError("not a bundle directory", file=bundle_dir,
+                          fix="pass the folder `edgemm compile` wrote (e.g. engines/<name>)")
+    if not path.is_file():
+        raise BundleError("no manifest.json", file=bundle_dir,
+                          fix="pass a folder written by `edgemm compile`, or recompile")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"invalid JSON ({exc})", file=path, fix="recompile the bundle") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError("top level is not an object", file=path, fix="recompile the bundle")
+    for key in REQUIRED_KEYS:
+        if key not in manifest:
+            raise BundleError("missing key", file=path, field=key, fix="recompile the bundle")
+    if manifest["format"] != FORMAT:
+        raise BundleError(f"format is {manifest['format']!r}, expected {FORMAT!r}", file=path, field="format",
+                          fix="pass an edgemm bundle")
+    version = manifest["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
+        raise BundleError(f"format_version {version!r} is not supported by this edgemm (reads 1..{FORMAT_VERSION})",
+                          file=path, field="format_version", fix="upgrade edgemm or recompile the bundle")
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
+        raise BundleError("must map relative paths to sha256 hex digests", file=path, field="files",
+                          fix="recompile the bundle")
+    for key in ("inputs", "outputs"):
+        if not isinstance(manifest[key], list) or not manifest[key]:
+            raise BundleError("must be a non-empty list", file=path, field=key, fix="recompile the bundle")
+    for key in ("precision", "target", "backend"):
+        if not isinstance(manifest[key], dict):
+            raise BundleError("must be an object", file=path, field=key, fix="recompile the bundle")
+    if not isinstance(manifest["backend"].get("name"), str):
+        raise BundleError("missing backend name", file=path, field="backend.name", fix="recompile the bundle")
+    return manifest
+
+
+def verify_files(bundle_dir: os.PathLike, manifest: dict) -> None:
+    """Every listed file exists with its hash; no unlisted file sits in the bundle."""
+    bundle_dir = Path(bundle_dir)
+    source = str(bundle_dir / MANIFEST_NAME)
+    for rel, digest in manifest["files"].items():
+        path = safe_relpath(bundle_dir, rel, source=source)
+        if not path.is_file():
+            raise BundleError(f"listed file {rel!r} is missing", file=bundle_dir, field=f"files.{rel}",
+                              fix="copy the whole bundle folder, or recompile")
+        if sha256_file(path) != digest:
+            raise BundleError(f"{rel!r} does not match its sha256 in the manifest (modified or corrupted)",
+                              file=path, field=f"files.{rel}", fix="recopy or recompile the bundle")
+    listed = set(manifest["files"]) | UNHASHED
+    for path in sorted(bundle_dir.rglob("*")):
+        rel = path.relative_to(bundle_dir).as_posix()
+        if path.is_dir() and not path.is_symlink():
+            continue
+        if rel not in listed:
+            raise BundleError(f"unexpected file {rel!r} not listed in the manifest", file=bundle_dir,
+                              field="files", fix="remove it, or recompile the bundle")
+
+
+def load_manifest(bundle_dir: os.PathLike, *, verify: bool = True) -> dict:
+    manifest = read_manifest(bundle_dir)
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return manifest
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
