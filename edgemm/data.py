@@ -49,8 +49,18 @@ def _npz_files(path: Path) -> list[Path]:
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    # numpy treats any file that is neither zip nor .npy as a pickle; say what it really is.
+    if not (magic.startswith(b"PK") or magic.startswith(b"\x93NUMPY")):
+        raise InputError("not a readable .npz file (no zip/npy header)", file=path,
+                         fix="write it with numpy.savez(path, **{input_name: array})")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise InputError("is a single .npy array, not an .npz of named inputs", file=path,
+                             fix="save with numpy.savez(path, **{input_name: array})")
+        with loaded as npz:
             return {k: npz[k] for k in npz.files}
     except ValueError as exc:
         # numpy raises ValueError for object arrays when pickles are disallowed.

@@ -41,9 +41,37 @@ def _dynamic_map(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
     return {s.name: {axis: dim for axis, dim in enumerate(s.shape) if isinstance(dim, str)} for s in specs}
 
 
+@contextlib.contextmanager
+def _silence_fds():
+    """The TorchScript exporter's C++ side dumps graphs straight to fd 1/2, past Python's sys.stderr."""
+    import os
+    import sys
+    import tempfile
+
+    if log.isEnabledFor(logging.INFO):  # --verbose: let it through
+        yield
+        return
+    saved = []
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd in (1, 2):
+                try:
+                    (sys.stdout if fd == 1 else sys.stderr).flush()
+                    saved.append((fd, os.dup(fd)))
+                    os.dup2(sink.fileno(), fd)
+                except OSError:
+                    pass
+            yield
+        finally:
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
 def _quiet():
     """The exporters print progress and warnings on stdout/stderr; keep ours one-line clean."""
     stack = contextlib.ExitStack()
+    stack.enter_context(_silence_fds())
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")

@@ -1,0 +1,119 @@
+"""The issue-2 acceptance path through the CLI: compile (TorchScript and .pt2; FP32/FP16/INT8), run,
+verify, inspect — and the one-line errors for bad input."""
+
+import json
+
+import numpy as np
+import pytest
+
+
+def one_line_error(res):
+    lines = [l for l in res.stderr.strip().splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error:"), res.stderr
+    assert "Traceback" not in res.stderr
+    return lines[-1]
+
+
+@pytest.mark.parametrize("fmt, precision", [("torchscript", "fp32"), ("pt2", "fp16"), ("pt2", "int8"),
+                                            ("torchscript", "int8")])
+def test_compile_run_verify(cli, tiny, tmp_path, fmt, precision):
+    out = tmp_path / "bundle"
+    res = cli("compile", tiny[fmt], f"--{precision}", "--calib", tiny["calib"], "--eval", tiny["eval"],
+              "-o", out)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"]["mode"] == precision
+    assert manifest["inputs"][0]["shape"][0] == "batch"
+    assert manifest["calibration"]["samples"] == 64
+    assert set(manifest["files"]) == {"model.onnx"}
+    assert manifest["versions"]["onnxruntime"] and "int8_isa" in manifest["host"]["cpu"]
+    assert manifest["export"]["exporter"] == ("dynamo" if fmt == "pt2" else "torchscript")
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["outputs"]["logits"]["mean_cosine"] > 0.99
+
+    res = cli("run", out, "--data", tiny["eval"], "-o", tmp_path / "out.npz")
+    assert res.returncode == 0, res.stderr
+    with np.load(tmp_path / "out.npz") as npz:
+        assert npz["logits"].shape == (48, 5)
+
+    res = cli("verify", out, "--reference", tiny[fmt], "--data", tiny["eval"], "--json", "--iterations", "5")
+    assert res.returncode == 0, res.stderr
+    rep = json.loads(res.stdout)
+    assert rep["passed"] and {"bundle", "reference"} <= set(rep["latency"])
+    assert rep["latency"]["bundle"]["p50_ms"] > 0
+    assert rep["task"]["metric"] == "top1" and "reference" in rep["task"]
+
+
+def test_int8_recipe_recorded_and_model_smaller(cli, tiny, tmp_path):
+    fp32, int8 = tmp_path / "fp32", tmp_path / "int8"
+    assert cli("compile", tiny["pt2"], "--calib", tiny["calib"], "-o", fp32).returncode == 0
+    res = cli("compile", tiny["pt2"], "--int8", "--calib", tiny["calib"], "-o", int8)
+    assert res.returncode == 0, res.stderr
+    recipe = json.loads((int8 / "manifest.json").read_text())["precision"]["recipe"]
+    assert recipe["name"] and recipe["selected_by"] == "search"
+    ops = json.loads(cli("inspect", int8, "--json").stdout)["ops"]
+    assert any(op in ops for op in ("MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QuantizeLinear",
+                                    "ConvInteger", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"))
+
+
+def test_verify_fails_with_exit_1_on_impossible_bar(cli, tiny, tmp_path):
+    out = tmp_path / "b"
+    assert cli("compile", tiny["pt2"], "--int8", "--calib", tiny["calib"], "-o", out).returncode == 0
+    res = cli("verify", out, "--reference", tiny["pt2"], "--data", tiny["eval"], "--min-cosine", "1.0",
+              "--iterations", "0")
+    assert res.returncode == 1
+    assert "mean cosine" in one_line_error(res)
+
+
+def test_int8_without_calibration_is_refused(cli, tiny, tmp_path):
+    res = cli("compile", tiny["torchscript"], "--int8", "-o", tmp_path / "b")
+    assert res.returncode == 2
+    assert "--calib" in one_line_error(res)
+    assert not (tmp_path / "b").exists()
+
+
+def test_nan_calibration_names_file_and_input(cli, tiny, tmp_path):
+    with np.load(tiny["calib"]) as npz:
+        data = dict(npz)
+    data["image"][3, 0, 0, 0] = np.nan
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **data)
+    res = cli("compile", tiny["torchscript"], "--int8", "--calib", bad, "-o", tmp_path / "b")
+    assert res.returncode == 2
+    line = one_line_error(res)
+    assert str(bad) in line and "image" in line and "NaN" in line
+    assert not (tmp_path / "b").exists()
+
+
+def test_failed_compile_leaves_no_bundle_and_existing_is_kept(cli, tiny, tmp_path):
+    out = tmp_path / "b"
+    assert cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "-o", out).returncode == 0
+    before = (out / "manifest.json").read_text()
+    res = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "-o", out)
+    assert res.returncode == 2 and "--force" in one_line_error(res)
+    res = cli("compile", tiny["torchscript"], "--input", "image:1x3x16x16:float32", "-o", out, "--force")
+    assert res.returncode == 2  # input_ids missing
+    assert (out / "manifest.json").read_text() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".edgemm-staging")]
+
+
+def test_input_flags_without_data(cli, tiny, tmp_path):
+    res = cli("compile", tiny["torchscript"], "--input", "image:1x3x16x16:float32",
+              "--input", "input_ids:1x8:int64", "-o", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+
+
+def test_dump_and_replay_config(cli, tiny, tmp_path):
+    res = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "-o", tmp_path / "b", "--dump-config")
+    assert res.returncode == 0
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(res.stdout)
+    assert cli("compile", "--config", cfg).returncode == 0
+    assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+def test_inspect_model_and_bundle(cli, tiny, tiny_bundle):
+    info = json.loads(cli("inspect", tiny["pt2"], "--json").stdout)
+    assert info["format"] == "exported_program" and info["parameters"] > 0
+    info = json.loads(cli("inspect", tiny_bundle, "--json").stdout)
+    assert info["precision"] == "fp32" and info["ops"]
