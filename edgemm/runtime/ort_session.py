@@ -28,6 +28,9 @@ class OrtSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        # Idle worker threads would otherwise spin for a while after each call, stealing the cores from
+        # whatever runs next (the app's own pre-processing, or the reference in a side-by-side timing).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             # Read the model ourselves: ORT then never resolves paths (e.g. external data) on its own.
             self._session = ort.InferenceSession(model_path.read_bytes(), opts,

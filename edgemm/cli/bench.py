@@ -1,0 +1,81 @@
+"""`edgemm bench`: latency of bundles (and optionally the torch reference) measured side by side,
+interleaved in one run, reported as ratios to the first bundle — never as absolute claims."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import verbose_option
+
+
+@click.command("bench")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path())
+@click.option("--reference", type=click.Path(), help="Also time the source model (torch eager / ONNX).")
+@click.option("--data", type=click.Path(), help="Take the first sample from this .npz (default: synthetic).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed call.")
+@click.option("--iterations", type=int, default=100, show_default=True)
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@verbose_option
+def command(bundles, reference, data, batch, iterations, warmup, as_json):
+    """Time BUNDLES (the first is the baseline of the ratios)."""
+    from .. import runtime
+    from ..errors import InputError
+    from ..parity.latency import measure_interleaved
+
+    if iterations < 1 or warmup < 0 or batch < 1:
+        raise InputError("--iterations and --batch must be >= 1, --warmup >= 0", field="--iterations",
+                         fix="e.g. --iterations 100 --warmup 10 --batch 1")
+    loaded = [runtime.load(b) for b in bundles]
+    first = loaded[0]
+    feeds = _feeds(first, data, batch)
+    for b, path in zip(loaded[1:], bundles[1:]):
+        if [(s.name, s.dtype) for s in b.inputs] != [(s.name, s.dtype) for s in first.inputs]:
+            raise InputError("takes different inputs than the first bundle", file=path, field="inputs",
+                             fix="compare bundles of the same model")
+    fns = {}
+    for b, path in zip(loaded, bundles):
+        checked = b.check_feeds(feeds)
+        label = f"{b.manifest.get('name')} [{b.precision}] ({path})"
+        fns[label] = (lambda bb=b, ff=checked: bb.run(ff))
+    if reference:
+        from ..frontends import load_model
+        from ..reference import Reference
+
+        ref = Reference(load_model(reference), [s.name for s in first.inputs])
+        fns[f"reference ({reference})"] = ref.callable_for(feeds)
+    stats = measure_interleaved(fns, warmup=warmup, iterations=iterations)
+    base = next(iter(stats.values())).p50_ms
+    rows = [{"name": k, **v.to_dict(), "p50_ratio_to_first": v.p50_ms / max(base, 1e-12)} for k, v in stats.items()]
+    if as_json:
+        click.echo(json.dumps({"batch": batch, "iterations": iterations, "results": rows}, indent=2))
+        return 0
+    click.echo(f"{'candidate':60s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'p50 ratio':>10s}")
+    for r in rows:
+        click.echo(f"{r['name'][:60]:60s} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} {r['p99_ms']:9.3f} "
+                   f"{r['p50_ratio_to_first']:10.3f}")
+    click.echo(f"(batch {batch}, {iterations} interleaved iterations after {warmup} warm-up; ratios are the "
+               "figures to trust on a noisy machine)")
+    return 0
+
+
+def _feeds(bundle, data, batch):
+    import numpy as np
+
+    if data:
+        from ..data import load_dataset
+
+        ds = load_dataset(data, specs=bundle.inputs, allow_labels=True, role="--data")
+        idx = np.arange(batch) % ds.num_samples
+        return {k: np.ascontiguousarray(v[idx]) for k, v in ds.arrays.items()}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for s in bundle.inputs:
+        shape = s.concrete_shape(batch)
+        if np.dtype(s.dtype).kind == "f":
+            feeds[s.name] = rng.standard_normal(shape).astype(s.dtype)
+        else:
+            feeds[s.name] = rng.integers(0, 2, size=shape).astype(s.dtype)
+    return feeds
