@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +206,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
         say(f"precision: {cfg.precision} for {backend} (target {target.name})")
         prec = apply_precision(fp32, work / "model.onnx", PrecisionRequest(
             precision=cfg.precision, backend=backend, calib=calib_arrays, workdir=work,
-            int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, log=say))
+            int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, log=say))
 
         backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs)
         manifest = {
@@ -241,8 +240,8 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
 
 def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs) -> dict:
     if backend == "onnxruntime":
-        shutil.copyfile(model_path, stage / "model.onnx")
-        return {"name": "onnxruntime", "model": "model.onnx", "providers": ["CPUExecutionProvider"]}
+        from .backends.ort import package as ort_package
+        return ort_package(model_path, stage, target)
     from .backends.tensorrt.options import TensorRTOptions
     from .backends.tensorrt.package import package
 

@@ -36,6 +36,7 @@ class CompileConfig:
     opt_level: int = 3
     version_compatible: bool = False
     hardware_compatibility: str = "none"
+    cuda_graph: bool = False             # TensorRT runtime: replay CUDA graphs
     force: bool = False                  # replace an existing bundle
 
     def validate(self) -> None:

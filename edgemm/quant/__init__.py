@@ -25,6 +25,7 @@ class PrecisionRequest:
     workdir: Path
     int8_recipe: str | None = None
     min_cosine: float | None = None
+    dla: bool = False
     log: Callable[[str], None] = print
 
 
@@ -74,7 +75,7 @@ def _qdq_trt(mode: str):
     def run(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
         from .modelopt_qdq import quantize_qdq
 
-        recipe = quantize_qdq(fp32_onnx, out, req.calib, mode)
+        recipe = quantize_qdq(fp32_onnx, out, req.calib, mode, target_dla=req.dla and mode == "int8")
         return PrecisionResult(out, mode, recipe, simulated=(mode == "fp8"))
     return run
 
@@ -82,7 +83,8 @@ def _qdq_trt(mode: str):
 def _fp16_trt(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
     from .fp16 import to_fp16
 
-    return PrecisionResult(out, "fp16", to_fp16(fp32_onnx, out, keep_io_types=True, for_tensorrt=True))
+    recipe = to_fp16(fp32_onnx, out, keep_io_types=True, for_tensorrt=True, calib=req.calib)
+    return PrecisionResult(out, "fp16", recipe)
 
 
 RECIPES: dict[tuple[str, str], Callable[[Path, Path, PrecisionRequest], PrecisionResult]] = {

@@ -1,0 +1,158 @@
+"""Building a TensorRT engine from a precision-marked ONNX file with the TensorRT Python API (10.x, 11.x).
+
+TensorRT is imported inside ``build_engine`` only. Version differences handled here:
+- Strong typing: on 11.x every network is strongly typed and NetworkDefinitionCreationFlag.STRONGLY_TYPED
+  is deprecated and ignored; the precision BuilderFlags (FP16/INT8/FP8/BF16) were removed
+  (https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/tensorrt-10x-to-11x-python-api-reference.html).
+  On 10.x the flag is set explicitly, except for DLA builds (see TensorRTOptions.weak_typing).
+- HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY exists from 10.9 only.
+- Version-compatible plans are built with EXCLUDE_LEAN_RUNTIME so they carry no host code
+  (https://docs.nvidia.com/deeplearning/tensorrt/10.16.1/inference-library/version-compatibility.html).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+from ...errors import DependencyError, EdgemmError, InputError
+from ...runtime.tensorrt_session import _Capture, cuda_device, import_tensorrt, version_tuple
+from .options import SAME_CC_MIN_TRT, TensorRTOptions
+
+__all__ = ["build_engine", "timing_cache_path"]
+
+
+def timing_cache_path(gpu_name: str, compute_capability: str, trt_version: str,
+                      root: Path | None = None) -> Path:
+    """~/.cache/edgemm/timing/<gpu>-<cc>-trt<ver>.cache: timings are only valid for one GPU model and
+    one TensorRT version, so the key carries both (XDG_CACHE_HOME is honoured)."""
+    if root is None:
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        root = Path(base) / "edgemm" / "timing"
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() or "gpu"
+    return root / f"{slug}-{compute_capability}-trt{trt_version}.cache"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *,
+                 timing_cache: Path | None = None, device: int = 0) -> dict:
+    """Parse ``onnx_path``, build with ``options``, write ``engine_path`` atomically.
+
+    Returns the record the manifest keeps under ``backend.built``."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    trt = import_tensorrt()
+    dev = cuda_device(device)
+    trt_version = trt.__version__
+    major = version_tuple(trt_version)[0]
+    log = _Capture(trt)
+    builder = trt.Builder(log.logger)
+    if builder is None:
+        raise DependencyError(f"TensorRT could not create a builder: {log.last_error}",
+                              fix="check the CUDA driver and the TensorRT installation")
+
+    weak = options.weak_typing(major)
+    flags = 0
+    if major < 11 and not weak:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, log.logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or log.last_error
+        raise InputError(f"TensorRT {trt_version} cannot parse the ONNX model: {errors}", file=onnx_path,
+                         fix="check the operators against TensorRT's ONNX support matrix")
+
+    config = builder.create_builder_config()
+    if options.workspace_mb:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
+    config.builder_optimization_level = int(options.opt_level)
+    for flag in options.precision_flags(major):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    _add_profile(trt, builder, network, config, options, onnx_path)
+
+    if options.dla_core is not None:
+        if builder.num_DLA_cores <= options.dla_core:
+            raise DependencyError(f"this device has {builder.num_DLA_cores} DLA core(s), DLA core "
+                                  f"{options.dla_core} was requested",
+                                  fix="build on the Jetson module the bundle targets, or drop --dla")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(options.dla_core)
+        if options.gpu_fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    if options.sparse_weights:
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    if options.hardware_compatibility != "none":
+        level = {"ampere_plus": "AMPERE_PLUS", "same_cc": "SAME_COMPUTE_CAPABILITY"}[options.hardware_compatibility]
+        if not hasattr(trt.HardwareCompatibilityLevel, level):
+            need = ".".join(map(str, SAME_CC_MIN_TRT))
+            raise DependencyError(f"TensorRT {trt_version} has no hardware compatibility level {level}",
+                                  fix=f"use TensorRT >= {need} or hardware_compatibility='none'")
+        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
+
+    cache_file = timing_cache or timing_cache_path(dev["name"], dev["compute_capability"], trt_version)
+    cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    # ignore_mismatch=False: a cache from another GPU/TensorRT is rejected instead of silently used.
+    if not config.set_timing_cache(cache, False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - started
+    if serialized is None:
+        raise EdgemmError(f"TensorRT {trt_version} failed to build the engine: {log.last_error}",
+                          file=onnx_path, fix="see the TensorRT log with --verbose; try a larger workspace")
+    engine_bytes = bytes(memoryview(serialized))
+    _write_atomic(engine_path, engine_bytes)
+    try:
+        _write_atomic(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+    except OSError:
+        pass  # a read-only home must not fail the build; the next build is just slower
+    return {
+        "tensorrt_version": trt_version,
+        "compute_capability": dev["compute_capability"],
+        "gpu": dev["name"],
+        "strongly_typed": not weak,
+        "precision_flags": list(options.precision_flags(major)),
+        "build_seconds": round(seconds, 3),
+        "engine_bytes": len(engine_bytes),
+        "timing_cache": str(cache_file),
+    }
+
+
+def _add_profile(trt, builder, network, config, options: TensorRTOptions, onnx_path: Path) -> None:
+    """One optimization profile covering every input with a dynamic (-1) dimension."""
+    dynamic = []
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        if any(d < 0 for d in tuple(tensor.shape)):
+            dynamic.append(tensor)
+    if not dynamic:
+        return
+    profile = builder.create_optimization_profile()
+    for tensor in dynamic:
+        shapes = options.profile_shapes.get(tensor.name)
+        if shapes is None:
+            raise InputError(f"input {tensor.name!r} has dynamic shape {list(tensor.shape)} but no min/opt/max "
+                             f"profile", file=onnx_path, field="backend.options.profile_shapes",
+                             fix=f"recompile with --dynamic {tensor.name}:AXIS=MIN:OPT:MAX")
+        lo, opt, hi = shapes
+        if len(lo) != len(tuple(tensor.shape)):
+            raise InputError(f"profile rank {len(lo)} differs from input rank {len(tuple(tensor.shape))}",
+                             file=onnx_path, field=f"profile_shapes[{tensor.name!r}]", fix="recompile the bundle")
+        profile.set_shape(tensor.name, lo, opt, hi)
+    config.add_optimization_profile(profile)

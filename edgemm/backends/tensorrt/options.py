@@ -1,0 +1,168 @@
+"""TensorRT build options: one serializable record shared by the Python-API builder, the trtexec
+command line written into portable bundles, and the manifest. Standard library only."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Mapping, Sequence
+
+from ...errors import InputError
+
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_cc")
+# First TensorRT release with HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY (NVIDIA/TensorRT
+# release/10.9 python/src/infer/pyCore.cpp and trtexec --hardwareCompatibilityLevel=sameComputeCapability).
+SAME_CC_MIN_TRT = (10, 9)
+OPT_LEVELS = range(0, 6)   # IBuilderConfig.builder_optimization_level: 0..5, default 3
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    # Precision already carried by the ONNX file (Q/DQ or AutoCast). Only read when a TensorRT 10 build
+    # must fall back to weak typing (DLA), where the matching builder flags are set instead.
+    precision: str = "fp32"
+    dla_core: int | None = None
+    gpu_fallback: bool = True
+    workspace_mb: int | None = None
+    opt_level: int = 3
+    version_compatible: bool = False
+    hardware_compatibility: str = "none"
+    sparse_weights: bool = False
+    strongly_typed: bool = True
+    cuda_graph: bool = False
+    # input name -> (min, opt, max) shapes, for inputs with dynamic dimensions
+    profile_shapes: dict[str, tuple[Shape, Shape, Shape]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        shapes = {str(k): tuple(tuple(int(d) for d in s) for s in v) for k, v in dict(self.profile_shapes).items()}
+        object.__setattr__(self, "profile_shapes", shapes)
+        self.check()
+
+    def check(self) -> None:
+        if self.opt_level not in OPT_LEVELS:
+            raise InputError(f"builder optimization level {self.opt_level} is outside 0..5", field="opt_level",
+                             fix="use 3 (TensorRT's default) or 4-5 for longer builds and faster engines")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise InputError(f"unknown hardware compatibility {self.hardware_compatibility!r}",
+                             field="hardware_compatibility", fix=f"use one of {', '.join(HARDWARE_COMPATIBILITY)}")
+        if self.workspace_mb is not None and self.workspace_mb <= 0:
+            raise InputError(f"workspace of {self.workspace_mb} MiB", field="workspace_mb", fix="use a positive size")
+        if self.dla_core is not None:
+            if self.dla_core < 0:
+                raise InputError(f"DLA core {self.dla_core}", field="--dla", fix="DLA cores count from 0")
+            if self.hardware_compatibility != "none":
+                raise InputError("hardware-compatible engines cannot run on DLA", field="--dla",
+                                 fix="drop --dla or the hardware compatibility level")
+            if self.precision not in ("fp16", "int8"):
+                raise InputError(f"DLA runs fp16 or int8 only, not {self.precision}", field="--dla",
+                                 fix="add --int8 or --fp16, or drop --dla")
+        for name, triple in self.profile_shapes.items():
+            if len(triple) != 3:
+                raise InputError("needs (min, opt, max) shapes", field=f"profile_shapes[{name!r}]")
+            lo, opt, hi = triple
+            if not (len(lo) == len(opt) == len(hi)):
+                raise InputError(f"min/opt/max ranks differ: {lo} {opt} {hi}", field=f"profile_shapes[{name!r}]",
+                                 fix="give the three shapes the same rank")
+            if any(not (1 <= a <= b <= c) for a, b, c in zip(lo, opt, hi)):
+                raise InputError(f"needs 1 <= min <= opt <= max on every axis, got {lo} {opt} {hi}",
+                                 field=f"profile_shapes[{name!r}]", fix="fix the --dynamic ranges")
+            if "," in name or "'" in name:
+                # trtexec splits shape specs on ',' and quotes names with "'" (samples/common/sampleOptions.cpp).
+                raise InputError(f"input name {name!r} contains ',' or a quote, which trtexec cannot parse",
+                                 field="inputs", fix="rename the input when exporting")
+
+    # -- the version-specific decisions ---------------------------------------------------------
+    def weak_typing(self, trt_major: int) -> bool:
+        """TensorRT 11 has no weak typing at all. On 10.x edgemm builds strongly typed (precision comes
+        from the ONNX file) except for DLA: strongly typed DLA builds arrived with TensorRT 11.4.1
+        (https://docs.nvidia.com/deeplearning/tensorrt/latest/getting-started/release-notes-11/11.4.1.html),
+        so a 10.x DLA build uses the precision builder flags."""
+        if trt_major >= 11:
+            return False
+        return (not self.strongly_typed) or self.dla_core is not None
+
+    def precision_flags(self, trt_major: int) -> tuple[str, ...]:
+        """Weak-typing precision flags (BuilderFlag names) for a TensorRT 10 build; empty otherwise.
+        FP16 rides along with INT8/FP8 so layers modelopt left unquantized are not forced to FP32."""
+        if not self.weak_typing(trt_major):
+            return ()
+        return {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "int8": ("INT8", "FP16"),
+                "fp8": ("FP8", "FP16")}[self.precision]
+
+    # -- (de)serialization --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["profile_shapes"] = {k: [list(s) for s in v] for k, v in self.profile_shapes.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping, *, source: str = "build options") -> "TensorRTOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise InputError(f"unknown TensorRT option(s) {', '.join(sorted(unknown))}", file=source,
+                             field="backend.options", fix="rebuild the bundle with this edgemm version")
+        try:
+            return cls(**dict(d))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"malformed TensorRT options ({exc})", file=source, field="backend.options",
+                             fix="rebuild the bundle") from exc
+
+    def with_(self, **changes) -> "TensorRTOptions":
+        return replace(self, **changes)
+
+    @classmethod
+    def from_compile(cls, cfg, target, specs) -> "TensorRTOptions":
+        """Options for ``edgemm compile``: the CompileConfig's TensorRT fields over the target's defaults;
+        profiles from the input specs' dynamic dims (edgemm.iospec.TensorSpec)."""
+        sparsity = getattr(cfg, "sparsity", None)
+        return options_for_target(
+            target, cfg.precision, dla=getattr(cfg, "dla", False), sparse_weights=bool(sparsity),
+            inputs=[s.to_dict() if hasattr(s, "to_dict") else s for s in specs],
+            workspace_mb=getattr(cfg, "workspace_mb", None) or target.workspace_mb,
+            opt_level=getattr(cfg, "opt_level", 3),
+            version_compatible=getattr(cfg, "version_compatible", False),
+            hardware_compatibility=getattr(cfg, "hardware_compatibility", "none"),
+            cuda_graph=getattr(cfg, "cuda_graph", False))
+
+
+def profile_shapes_from_inputs(inputs: Sequence[Mapping], *, default_batch: tuple[int, int, int] = (1, 1, 8)
+                               ) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """Optimization-profile shapes from manifest input specs (``{"name", "dtype", "shape", "ranges"}``,
+    see edgemm.iospec): each symbolic dim takes its (min, opt, max) range; a symbolic dim with no range
+    is refused, except ``batch`` which defaults to ``default_batch``. Static inputs get no profile entry."""
+    out = {}
+    for spec in inputs:
+        shape = spec["shape"]
+        if all(isinstance(d, int) for d in shape):
+            continue
+        ranges = spec.get("ranges") or {}
+        lo, opt, hi = [], [], []
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, int):
+                r = (dim, dim, dim)
+            elif dim in ranges:
+                r = tuple(ranges[dim])
+            elif dim == "batch":
+                r = default_batch
+            else:
+                raise InputError(f"dynamic axis {axis} ({dim!r}) of input {spec['name']!r} has no min:opt:max range",
+                                 field="--dynamic",
+                                 fix=f"pass --dynamic {spec['name']}:{axis}=MIN:OPT:MAX for TensorRT targets")
+            lo.append(r[0])
+            opt.append(r[1])
+            hi.append(r[2])
+        out[spec["name"]] = (tuple(lo), tuple(opt), tuple(hi))
+    return out
+
+
+def options_for_target(target, precision: str, *, dla: bool | int = False, sparse_weights: bool = False,
+                       inputs: Sequence[Mapping] = (), **overrides) -> TensorRTOptions:
+    """Defaults a target implies: its workspace budget, DLA core 0 when ``dla`` is True, profiles from
+    the inputs' dynamic dims. ``overrides`` set any other field (opt_level, cuda_graph, ...)."""
+    dla_core = None if dla is False or dla is None else (0 if dla is True else int(dla))
+    values = dict(precision=precision, dla_core=dla_core, workspace_mb=target.workspace_mb,
+                  sparse_weights=sparse_weights, profile_shapes=profile_shapes_from_inputs(inputs))
+    values.update(overrides)
+    return TensorRTOptions(**values)

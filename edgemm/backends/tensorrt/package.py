@@ -1,0 +1,222 @@
+"""Packaging a precision-marked ONNX model for a TensorRT target.
+
+Every TensorRT bundle holds the portable set (model.onnx + build_config.json + build.sh), so it can be
+rebuilt when the device's TensorRT changes. When TensorRT and a GPU of the target's compute capability
+are present here, the engine (model.engine) is built at once; otherwise the bundle is *portable* and
+``edgemm build BUNDLE`` finishes it on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ...errors import BundleError, DependencyError, InputError
+from .options import SAME_CC_MIN_TRT, TensorRTOptions
+from .trtexec import build_script, trtexec_command
+
+__all__ = ["package", "finish_portable_bundle", "check_options_for_target", "ONNX_NAME", "ENGINE_NAME",
+           "BUILD_CONFIG_NAME", "BUILD_SCRIPT_NAME"]
+
+ONNX_NAME = "model.onnx"
+ENGINE_NAME = "model.engine"
+BUILD_CONFIG_NAME = "build_config.json"
+BUILD_SCRIPT_NAME = "build.sh"
+BUILD_CONFIG_FORMAT = "edgemm-tensorrt-build"
+
+
+def check_options_for_target(target, options: TensorRTOptions) -> None:
+    """Refuse options the target's hardware or TensorRT releases cannot honour (one-line InputError)."""
+    if target.backend != "tensorrt":
+        raise InputError(f"target {target.name} runs {target.backend}, not TensorRT", field="--target",
+                         fix="package for a GPU target (edgemm targets)")
+    target.validate(options.precision, dla=False if options.dla_core is None else options.dla_core,
+                    sparsity="2:4" if options.sparse_weights else None)
+    if options.hardware_compatibility != "none" and target.kind == "jetson":
+        raise InputError(f"hardware-compatible engines are for discrete Ampere+ GPUs, not {target.name}",
+                         field="hardware_compatibility", fix="use hardware_compatibility='none' on Jetson")
+    if options.hardware_compatibility == "same_cc":
+        old = [v for v in target.tensorrt_versions if tuple(map(int, v.split("."))) < SAME_CC_MIN_TRT]
+        if old:
+            need = ".".join(map(str, SAME_CC_MIN_TRT))
+            raise InputError(f"target {target.name} ships TensorRT {', '.join(old)}, which has no same-compute-"
+                             f"capability mode (needs >= {need})", field="hardware_compatibility",
+                             fix="use 'none' or 'ampere_plus'")
+    if options.dla_core is not None:
+        # DLA on TensorRT 11 arrived with 11.4.1 on JetPack 7.2.2+ (Jetson AGX Orin); 11.0-11.3 have none.
+        no_dla = [v for v in target.tensorrt_versions if (11, 0) <= tuple(map(int, v.split("."))) < (11, 4)]
+        if no_dla:
+            raise InputError(f"TensorRT {', '.join(no_dla)} has no DLA support", field="--dla",
+                             fix="target a TensorRT 10.x or >= 11.4.1 stack")
+
+
+def _copy_onnx(src: Path, dst_dir: Path) -> list[str]:
+    """Copy the ONNX file as model.onnx plus any external-data files it references (same relative paths)."""
+    import onnx  # compile-side only
+
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False)
+    tensors = list(model.graph.initializer) + [
+        attr.t for node in model.graph.node for attr in node.attribute if attr.HasField("t")]
+    locations = {ExternalDataInfo(t).location for t in tensors if uses_external_data(t)}
+    copied = [ONNX_NAME]
+    shutil.copyfile(src, dst_dir / ONNX_NAME)
+    for loc in sorted(locations):
+        rel = Path(loc)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise InputError(f"external data location {loc!r} escapes the model folder", file=src,
+                             fix="re-save the model with relative external data")
+        (dst_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src.parent / rel, dst_dir / rel)
+        copied.append(rel.as_posix())
+    return copied
+
+
+def _device_matches(target) -> dict | None:
+    """The local GPU when TensorRT is importable and the GPU has the target's compute capability."""
+    try:
+        from ...runtime.tensorrt_session import cuda_device, import_tensorrt, version_tuple
+        import_tensorrt()
+        dev = cuda_device(0)
+    except DependencyError:
+        return None
+    if version_tuple(dev["compute_capability"]) != version_tuple(target.compute_capability):
+        return None
+    return dev
+
+
+def package(onnx_path: Path, stage_dir: Path, target, options: TensorRTOptions, *,
+            build_now: bool | None = None, timing_cache: Path | None = None, bundle_name: str = "model") -> dict:
+    """Write the TensorRT part of a bundle into ``stage_dir``; return the manifest's ``backend`` section.
+
+    ``build_now``: None builds the engine when TensorRT and a matching GPU are here; False never builds.
+    ``bundle_name`` names the engine build.sh writes (./<bundle_name>.engine by default)."""
+    onnx_path, stage_dir = Path(onnx_path), Path(stage_dir)
+    check_options_for_target(target, options)
+    if not onnx_path.is_file():
+        raise InputError("ONNX file not found", file=onnx_path)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    onnx_files = _copy_onnx(onnx_path, stage_dir)
+
+    commands = {}
+    for major in target.tensorrt_majors:
+        cache = f"${{CACHE_DIR}}/trtexec-{target.name}-cc{target.compute_capability}-trt${{VERSION}}.cache"
+        commands[major] = trtexec_command(ONNX_NAME, "${OUT}", options, major, timing_cache=cache)
+    config = {
+        "format": BUILD_CONFIG_FORMAT,
+        "format_version": 1,
+        "onnx": ONNX_NAME,
+        "onnx_files": onnx_files,
+        "engine": ENGINE_NAME,
+        "target": target.name,
+        "compute_capability": target.compute_capability,
+        "tensorrt_versions": list(target.tensorrt_versions),
+        "options": options.to_dict(),
+        "trtexec": {str(m): cmd for m, cmd in commands.items()},
+    }
+    _write_text(stage_dir / BUILD_CONFIG_NAME, json.dumps(config, indent=2) + "\n")
+    script = build_script(commands, bundle_name=bundle_name, target_name=target.name, engine_name=ENGINE_NAME)
+    _write_text(stage_dir / BUILD_SCRIPT_NAME, script, mode=0o755)
+
+    backend = {
+        "name": "tensorrt",
+        "portable": True,
+        "onnx": ONNX_NAME,
+        "engine": None,
+        "build_config": BUILD_CONFIG_NAME,
+        "build_script": BUILD_SCRIPT_NAME,
+        "tensorrt_versions": list(target.tensorrt_versions),
+        "compute_capability": target.compute_capability,
+        "options": options.to_dict(),
+        "built": None,
+    }
+    if build_now is False:
+        return backend
+    dev = _device_matches(target)
+    if dev is None:
+        if build_now:
+            raise DependencyError(f"cannot build the engine here: needs TensorRT and a GPU with compute capability "
+                                  f"{target.compute_capability} ({target.name})",
+                                  fix="compile without building and run `edgemm build` on the device")
+        return backend
+    from .builder import build_engine
+
+    built = build_engine(stage_dir / ONNX_NAME, stage_dir / ENGINE_NAME, options, timing_cache=timing_cache)
+    backend.update(portable=False, engine=ENGINE_NAME, built=built)
+    return backend
+
+
+def _write_text(path: Path, text: str, mode: int | None = None) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    if mode is not None:
+        os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+# -- edgemm build ------------------------------------------------------------------------------------
+
+def _manifest_io():
+    """The lead's manifest helpers (edgemm.runtime.manifest)."""
+    from ...runtime.manifest import MANIFEST_NAME, load_manifest, sha256_file, write_json_atomic
+    return MANIFEST_NAME, load_manifest, sha256_file, write_json_atomic
+
+
+def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None) -> Path:
+    """Build (or rebuild) the engine of a TensorRT bundle here; record it in the manifest.
+
+    The bundle's files are hash-verified first; the engine goes to a temporary file, is renamed into
+    place, then the manifest (backend.engine, backend.built, files) is rewritten atomically."""
+    bundle_dir = Path(bundle_dir)
+    manifest_name, load_manifest, sha256_file, write_json_atomic = _manifest_io()
+    manifest = load_manifest(bundle_dir, verify=True)
+    source = str(bundle_dir / manifest_name)
+    backend = manifest["backend"]
+    if backend.get("name") != "tensorrt":
+        raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, there is no engine to build",
+                          file=source, field="backend.name", fix="only TensorRT bundles need `edgemm build`")
+    onnx_rel = backend.get("onnx") or ONNX_NAME
+    if onnx_rel not in manifest["files"]:
+        raise BundleError(f"{onnx_rel!r} is not part of the bundle", file=source, field="backend.onnx",
+                          fix="recompile the bundle for a TensorRT target")
+    options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
+
+    from ...runtime.tensorrt_session import cuda_device, import_tensorrt, version_tuple
+
+    try:
+        trt = import_tensorrt()
+        dev = cuda_device(0)
+    except DependencyError as exc:
+        script = backend.get("build_script") or BUILD_SCRIPT_NAME
+        raise DependencyError(f"`edgemm build` cannot build here: {exc.detail}",
+                              fix=f"{exc.fix}; or build with trtexec: bash {bundle_dir / script}") from exc
+    want = backend.get("compute_capability")
+    if want and options.hardware_compatibility != "ampere_plus" and \
+            version_tuple(dev["compute_capability"]) != version_tuple(want):
+        target = (manifest.get("target") or {}).get("name", "its target")
+        raise InputError(f"bundle {bundle_dir} is for compute capability {want} ({target}) but this GPU is "
+                         f"{dev['name']} (compute capability {dev['compute_capability']})", file=source,
+                         field="target", fix="run `edgemm build` on the target device, or recompile for this GPU")
+
+    from .builder import build_engine
+
+    engine_rel = backend.get("engine") or ENGINE_NAME
+    engine_path = bundle_dir / engine_rel
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{engine_rel}.", suffix=".tmp", dir=bundle_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        built = build_engine(bundle_dir / onnx_rel, tmp, options, timing_cache=timing_cache)
+        os.replace(tmp, engine_path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    built["tensorrt_version"] = built.get("tensorrt_version") or trt.__version__
+    backend.update(portable=False, engine=engine_rel, built=built)
+    manifest["files"][engine_rel] = sha256_file(engine_path)
+    write_json_atomic(bundle_dir / manifest_name, manifest)
+    return engine_path

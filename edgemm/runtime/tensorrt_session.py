@@ -1,0 +1,362 @@
+"""Running a bundle's TensorRT engine: numpy in, numpy out, device buffers and CUDA streams through
+cuda-python (never torch).
+
+Everything that can refuse is checked in ``__init__`` BEFORE the engine is deserialized, because NVIDIA
+treats a serialized engine as executable code: the manifest must name an engine, its bytes must match
+the manifest's sha256, and the engine's TensorRT version and compute capability must match this
+machine. Engine host code is never enabled (``engine_host_code_allowed`` stays False), so plans that
+embed a lean runtime or plugins as host code do not load.
+
+Threads: each thread gets its own execution context, stream and buffers (TensorRT execution contexts
+are not thread-safe); the engine is shared. Optional CUDA-graph replay captures ``execute_async_v3``
+once per input-shape set and relaunches the graph while shapes stay the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BundleError, DependencyError, EdgemmError, InputError
+from .manifest import MANIFEST_NAME, safe_relpath
+
+_LOG = logging.getLogger("edgemm.tensorrt")
+
+__all__ = ["TensorRTSession", "import_tensorrt", "import_cudart", "cuda_device", "version_tuple"]
+
+_INSTALL_HINT = ("install the TensorRT Python package matching the device's TensorRT "
+                 "(JetPack: python3-libnvinfer; x86/SBSA: pip install tensorrt) and cuda-python")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt  # noqa: PLC0415 - optional, heavy, device-only
+    except ImportError as exc:
+        raise DependencyError(f"TensorRT Python package not found ({exc.name or 'tensorrt'})",
+                              fix=_INSTALL_HINT) from exc
+    return trt
+
+
+def import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6 layout
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python layout
+        except ImportError as exc:
+            raise DependencyError("cuda-python not found (needed for device buffers and streams)",
+                                  fix="pip install cuda-python (the major matching the device's CUDA)") from exc
+    return cudart
+
+
+def _check(cudart, result, what: str):
+    """cuda-python returns (cudaError_t, *values); raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        name = getattr(err, "name", str(err))
+        raise DependencyError(f"CUDA call {what} failed: {name}",
+                              fix="check that the NVIDIA driver works (nvidia-smi / tegrastats)")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def cuda_device(index: int = 0) -> dict:
+    """Name and compute capability of CUDA device ``index``; DependencyError when there is none."""
+    cudart = import_cudart()
+    err, count = cudart.cudaGetDeviceCount()
+    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+        raise DependencyError("no CUDA GPU is visible on this machine",
+                              fix="run on the target device (check nvidia-smi / CUDA_VISIBLE_DEVICES)")
+    if index >= count:
+        raise DependencyError(f"CUDA device {index} does not exist ({count} visible)", fix="use device 0")
+    props = _check(cudart, cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+    name = props.name
+    if isinstance(name, (bytes, bytearray)):
+        name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
+    return {"index": index, "name": str(name).strip(), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in str(text).split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _Capture:
+    """A collector for TensorRT's log so build/deserialize errors can be reported in one line."""
+
+    def __init__(self, trt):
+        class _Logger(trt.ILogger):
+            def __init__(inner):
+                trt.ILogger.__init__(inner)
+                inner.errors: list[str] = []
+
+            def log(inner, severity, msg):
+                if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                    inner.errors.append(_one_line(msg))
+                    _LOG.debug("TensorRT: %s", msg)
+                elif severity == trt.ILogger.Severity.WARNING:
+                    _LOG.warning("TensorRT: %s", msg)
+                else:
+                    _LOG.debug("TensorRT: %s", msg)
+
+        self.logger = _Logger()
+
+    @property
+    def last_error(self) -> str:
+        return self.logger.errors[-1] if self.logger.errors else "no error message from TensorRT"
+
+
+class _ThreadState:
+    """One execution context + stream + device buffers, owned by one thread."""
+
+    def __init__(self, engine, cudart):
+        self.cudart = cudart
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise DependencyError("TensorRT could not create an execution context (out of GPU memory?)",
+                                  fix="close other GPU programs or rebuild with a smaller workspace")
+        self.stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.buffers: dict[str, tuple[int, int]] = {}   # name -> (device pointer, capacity bytes)
+        self.graph_exec = None
+        self.graph_shapes = None
+        self.graph_failed = False
+
+    def buffer(self, name: str, nbytes: int) -> int:
+        ptr, cap = self.buffers.get(name, (0, 0))
+        if nbytes > cap:
+            if ptr:
+                _check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
+            ptr = _check(self.cudart, self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc")
+            self.buffers[name] = (int(ptr), max(nbytes, 1))
+            self.drop_graph()   # addresses changed: a captured graph would use the old ones
+        return self.buffers[name][0]
+
+    def drop_graph(self) -> None:
+        if self.graph_exec is not None:
+            self.cudart.cudaGraphExecDestroy(self.graph_exec)
+            self.graph_exec = None
+            self.graph_shapes = None
+
+    def close(self) -> None:
+        self.drop_graph()
+        for ptr, _ in self.buffers.values():
+            self.cudart.cudaFree(ptr)
+        self.buffers.clear()
+        if self.stream is not None:
+            self.cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = None
+
+
+class TensorRTSession:
+    """Runs ``backend.engine`` of a bundle. ``run(feeds) -> list[np.ndarray]`` in the manifest's output order."""
+
+    def __init__(self, bundle_dir: Path, manifest: dict, *, cuda_graph: bool | None = None, device: int = 0):
+        self.bundle_dir = Path(bundle_dir)
+        source = str(self.bundle_dir / MANIFEST_NAME)
+        backend = manifest.get("backend") or {}
+        if backend.get("name") != "tensorrt":
+            raise BundleError(f"backend is {backend.get('name')!r}, not tensorrt", file=source, field="backend.name")
+        engine_rel = backend.get("engine")
+        if not engine_rel:
+            raise BundleError(f"bundle {self.bundle_dir} is a portable TensorRT bundle with no engine; "
+                              f"run `edgemm build {self.bundle_dir}` on the device", field="backend.engine")
+        engine_path = safe_relpath(self.bundle_dir, engine_rel, source=source)
+        digest = (manifest.get("files") or {}).get(engine_rel)
+        if not digest:
+            raise BundleError(f"engine {engine_rel!r} has no sha256 in the manifest", file=source, field="files",
+                              fix=f"rebuild it with `edgemm build {self.bundle_dir}`")
+        built = backend.get("built") or {}
+        built_version, built_cc = built.get("tensorrt_version"), built.get("compute_capability")
+        if not built_version or not built_cc:
+            raise BundleError("the manifest does not record the TensorRT version and compute capability the "
+                              "engine was built with", file=source, field="backend.built",
+                              fix=f"rebuild it with `edgemm build {self.bundle_dir}`")
+
+        if not engine_path.is_file():
+            raise BundleError(f"engine {engine_rel!r} is missing", file=self.bundle_dir,
+                              fix=f"recopy the bundle or run `edgemm build {self.bundle_dir}`")
+        data = engine_path.read_bytes()
+        # Hash the very bytes that get deserialized (no window between check and use), before TensorRT loads.
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise BundleError(f"engine {engine_rel!r} does not match its sha256 in the manifest (modified or "
+                              f"corrupted); refusing to deserialize it", file=engine_path,
+                              fix="recopy the bundle, or rebuild it with `edgemm build`")
+
+        trt = import_tensorrt()
+        cudart = import_cudart()
+        dev = cuda_device(device)
+        _check(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
+        self._check_compatible(trt.__version__, dev, built, backend.get("options") or {}, source)
+
+        self._trt, self._cudart = trt, cudart
+        self._log = _Capture(trt)
+        self._runtime = trt.Runtime(self._log.logger)
+        # Explicit although False is TensorRT's default: never run host code shipped inside a plan.
+        self._runtime.engine_host_code_allowed = False
+        options = backend.get("options") or {}
+        if options.get("dla_core") is not None:
+            self._runtime.DLA_core = int(options["dla_core"])
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            raise BundleError(f"TensorRT could not deserialize the engine: {self._log.last_error}",
+                              file=engine_path, fix=f"rebuild it here with `edgemm build {self.bundle_dir}`")
+
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self.input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        engine_outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        wanted = [o["name"] for o in manifest.get("outputs") or []] or engine_outputs
+        if sorted(wanted) != sorted(engine_outputs):
+            raise BundleError(f"engine outputs {engine_outputs} differ from the manifest's {wanted}",
+                              file=engine_path, fix=f"rebuild with `edgemm build {self.bundle_dir}`")
+        self.output_names = wanted
+        self.dtypes = {}
+        for n in names:
+            try:
+                self.dtypes[n] = np.dtype(trt.nptype(self._engine.get_tensor_dtype(n)))
+            except TypeError:  # BF16 / FP8 I/O: numpy has no such dtype
+                raise BundleError(f"engine tensor {n!r} is {self._engine.get_tensor_dtype(n)}, which numpy cannot "
+                                  f"hold", file=engine_path,
+                                  fix="recompile keeping FP32/FP16 model inputs and outputs (keep_io_types)") from None
+        self.cuda_graph = bool(options.get("cuda_graph")) if cuda_graph is None else bool(cuda_graph)
+        self.device = dev
+        self._local = threading.local()
+        self._states: list[_ThreadState] = []
+        self._lock = threading.Lock()
+
+    # -- compatibility checks (before deserialization) ------------------------------------------
+    def _check_compatible(self, runtime_version: str, dev: dict, built: dict, options: Mapping, source: str):
+        built_version = str(built["tensorrt_version"])
+        rebuild = f"rebuild it on this machine with `edgemm build {self.bundle_dir}`"
+        if version_tuple(runtime_version) != version_tuple(built_version):
+            note = ""
+            if options.get("version_compatible"):
+                # Version-compatible plans are built without the embedded lean runtime (host code),
+                # so a different TensorRT can only run them by loading that version's lean runtime.
+                note = " (version-compatible engines need the builder's lean runtime, which edgemm never loads)"
+            raise BundleError(f"engine was built with TensorRT {built_version} but this machine has "
+                              f"TensorRT {runtime_version}{note}", file=source, field="backend.built.tensorrt_version",
+                              fix=rebuild)
+        want, have = str(built["compute_capability"]), dev["compute_capability"]
+        level = options.get("hardware_compatibility", "none")
+        if level == "ampere_plus":
+            ok = version_tuple(have) >= (8, 0)
+        else:
+            ok = version_tuple(have) == version_tuple(want)
+        if not ok:
+            raise BundleError(f"engine was built for compute capability {want} ({built.get('gpu', 'unknown GPU')}) "
+                              f"but this GPU is {dev['name']} (compute capability {have})", file=source,
+                              field="backend.built.compute_capability", fix=rebuild)
+
+    # -- inference -------------------------------------------------------------------------------
+    def _state(self) -> _ThreadState:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = _ThreadState(self._engine, self._cudart)
+            self._local.state = state
+            with self._lock:
+                self._states.append(state)
+        return state
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        cudart, trt = self._cudart, self._trt
+        st = self._state()
+        ctx = st.context
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise InputError(f"missing input(s) {', '.join(missing)}", field="feeds",
+                             fix=f"pass {', '.join(self.input_names)}")
+        hosts = {}
+        for name in self.input_names:
+            arr = np.ascontiguousarray(feeds[name])
+            if arr.dtype != self.dtypes[name]:
+                raise InputError(f"dtype {arr.dtype}, the engine takes {self.dtypes[name]}", field=name,
+                                 fix=f"cast it with .astype('{self.dtypes[name]}')")
+            if not ctx.set_input_shape(name, tuple(arr.shape)):
+                lo, opt, hi = self._engine.get_tensor_profile_shape(name, 0)
+                raise InputError(f"shape {list(arr.shape)} is outside the engine's profile "
+                                 f"min {list(lo)} / max {list(hi)}", field=name,
+                                 fix="recompile with a wider --dynamic range")
+            hosts[name] = arr
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise EdgemmError(f"output {name!r} has a data-dependent shape {list(shape)}, which edgemm's "
+                                  f"TensorRT runtime does not support", field=name,
+                                  fix="export the model with static output shapes, or use the onnxruntime backend")
+            outputs[name] = np.empty(shape, dtype=self.dtypes[name])
+        for name, arr in {**hosts, **outputs}.items():
+            ptr = st.buffer(name, arr.nbytes)
+            if not ctx.set_tensor_address(name, ptr):
+                raise EdgemmError(f"TensorRT refused the device address for {name!r}: {self._log.last_error}")
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name, arr in hosts.items():
+            _check(cudart, cudart.cudaMemcpyAsync(st.buffers[name][0], arr.ctypes.data, arr.nbytes, h2d, st.stream),
+                   "cudaMemcpyAsync(host->device)")
+        self._execute(st, tuple((n, hosts[n].shape) for n in self.input_names))
+        for name, arr in outputs.items():
+            _check(cudart, cudart.cudaMemcpyAsync(arr.ctypes.data, st.buffers[name][0], arr.nbytes, d2h, st.stream),
+                   "cudaMemcpyAsync(device->host)")
+        _check(cudart, cudart.cudaStreamSynchronize(st.stream), "cudaStreamSynchronize")
+        return [outputs[n] for n in self.output_names]
+
+    def _enqueue(self, st: _ThreadState) -> None:
+        if not st.context.execute_async_v3(int(st.stream)):
+            raise EdgemmError(f"TensorRT inference failed: {self._log.last_error}",
+                              fix="run with a smaller input or rebuild the engine")
+
+    def _execute(self, st: _ThreadState, shapes) -> None:
+        """Enqueue the engine; with CUDA graphs, replay a graph captured for these input shapes."""
+        cudart = self._cudart
+        if not self.cuda_graph or st.graph_failed:
+            self._enqueue(st)
+            return
+        if st.graph_exec is not None and st.graph_shapes == shapes:
+            _check(cudart, cudart.cudaGraphLaunch(st.graph_exec, st.stream), "cudaGraphLaunch")
+            return
+        st.drop_graph()
+        # TensorRT needs one ordinary enqueue after a shape change before capture (it updates internal
+        # state then), see "CUDA Graphs" in the TensorRT developer guide.
+        self._enqueue(st)
+        mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        _check(cudart, cudart.cudaStreamBeginCapture(st.stream, mode), "cudaStreamBeginCapture")
+        captured = st.context.execute_async_v3(int(st.stream))
+        err, graph = cudart.cudaStreamEndCapture(st.stream)
+        if not captured or err != cudart.cudaError_t.cudaSuccess:
+            # Some engines cannot be captured (DLA, loops, data-dependent shapes): run them directly.
+            st.graph_failed = True
+            if graph is not None and err == cudart.cudaError_t.cudaSuccess:
+                cudart.cudaGraphDestroy(graph)
+            return
+        try:
+            st.graph_exec = _check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        finally:
+            cudart.cudaGraphDestroy(graph)
+        st.graph_shapes = shapes
+        # The first enqueue above already produced this call's outputs; the graph serves later calls.
+
+    def close(self) -> None:
+        with self._lock:
+            states, self._states = self._states, []
+        for st in states:
+            st.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may already be gone
+            pass
