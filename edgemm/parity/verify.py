@@ -123,8 +123,13 @@ def write_reports(bundle_dir: Path, report: dict) -> tuple[Path, Path]:
 def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weights: str | None = None,
                   trust_pickle: bool = False, metric: str | None = None, metric_outputs=None,
                   batch_size: int = 16, iterations: int = 50, write: bool = True, overrides: dict | None = None,
-                  progress=None) -> dict:
-    """The library behind `edgemm verify`: load the bundle (hash-checked) and the reference, evaluate."""
+                  progress=None, instrument: Callable[[str, Callable], Callable] | None = None) -> dict:
+    """The library behind `edgemm verify`: load the bundle (hash-checked) and the reference, evaluate.
+
+    ``instrument(role, fn)`` may wrap every callable handed to the evaluation (roles ``bundle`` and
+    ``reference`` run the data, ``<name>.latency`` are the timed calls), so that the baseline gate can
+    keep outputs and latency samples without a second pass.
+    """
     from .. import runtime
     from ..data import load_dataset
     from .thresholds import defaults_for, with_overrides
@@ -134,6 +139,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     output_names = [o.name for o in bundle.outputs]
     thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))
     task = _task_for(bundle.manifest, output_names, metric, metric_outputs)
+    wrap = instrument or (lambda role, fn: fn)
     ref_run = None
     latency = {"bundle": _bundle_call(bundle, first_sample(data))}
     if reference:
@@ -142,11 +148,13 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
 
         loaded = load_model(reference, LoadOptions(weights=weights, trust_pickle=trust_pickle))
         ref = Reference(loaded, [s.name for s in bundle.inputs])
-        ref_run = ref.run
+        ref_run = wrap("reference", ref.run)
         latency["reference"] = ref.callable_for(first_sample(data))
+    latency = {name: wrap(f"{name}.latency", fn) for name, fn in latency.items()}
     if data.labels is None:
         task = None
-    report = evaluate(bundle.run, ref_run, data, thresholds, output_names=output_names, batch_size=batch_size,
+    report = evaluate(wrap("bundle", bundle.run), ref_run, data, thresholds, output_names=output_names,
+                      batch_size=batch_size,
                       task=task, latency=latency if iterations else None, latency_iterations=iterations,
                       progress=progress)
     report["bundle"] = {"name": bundle.manifest.get("name"), "path": str(bundle_path),
