@@ -18,6 +18,9 @@ class CompileConfig:
     output: str | None = None            # bundle folder; default engines/<name>
     name: str | None = None
     precision: str = "fp32"
+    precision_policy: str | None = None  # per branch, e.g. "vision=int8,text=fp16,fusion=fp32"
+    branch: list[str] = field(default_factory=list)       # BRANCH=PATTERN overrides of branch detection
+    accuracy_target: str | None = None   # e.g. "cosine>=0.998" or "top1-drop<=0.5"
     target: str = "cpu"
     calib: str | None = None
     eval: str | None = None
@@ -43,9 +46,14 @@ class CompileConfig:
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}", field="precision",
                              fix=f"use one of {', '.join(PRECISIONS)}")
-        if self.precision in ("int8", "fp8") and not self.calib:
+        quantized = self.precision in ("int8", "fp8") or any(
+            q in (self.precision_policy or "") for q in ("int8", "fp8"))
+        if quantized and not self.calib:
             raise InputError(f"--{self.precision} needs calibration data; edgemm never calibrates on random data",
                              field="--calib", fix="pass --calib data.npz (keys = input names, axis 0 = samples)")
+        if self.accuracy_target and self.precision not in ("int8", "fp8") and not self.precision_policy:
+            raise InputError("needs a quantized precision to fall back from", field="--accuracy-target",
+                             fix="add --int8 (or --fp8 on FP8 targets)")
         if self.calib_samples < 1:
             raise InputError("must be >= 1", field="--calib-samples", fix="e.g. --calib-samples 256")
         if self.max_batch < 1:

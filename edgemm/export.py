@@ -225,6 +225,9 @@ def _slim(model, notes: list[str]):
         with _quiet():
             slimmed = onnxslim.slim(model)
         if slimmed is not None:
+            from .quant.branches import carry_node_metadata
+
+            carry_node_metadata(model, slimmed)  # onnxslim drops module paths; branch detection needs them
             return slimmed
     except Exception as exc:  # keep the unslimmed graph rather than stop the compile
         notes.append(f"onnxslim skipped: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}")

@@ -19,6 +19,9 @@ from .options import verbose_option
 @click.option("--fp16", "precision", flag_value="fp16", help="Half precision.")
 @click.option("--int8", "precision", flag_value="int8", help="INT8, calibrated with --calib.")
 @click.option("--fp8", "precision", flag_value="fp8", help="FP8 E4M3 (TensorRT targets with CC >= 8.9).")
+@click.option("--precision", "precision_spec", help="Per-branch precisions, e.g. vision=int8,text=fp16,fusion=fp32.")
+@click.option("--branch", multiple=True, help="Override branch detection: BRANCH=MODULE_PATTERN, e.g. text=text_encoder.*")
+@click.option("--accuracy-target", help="Keep the most sensitive layers in float until met, e.g. 'cosine>=0.998'.")
 @click.option("--calib", type=click.Path(), help="Calibration .npz (or folder): keys = input names, axis 0 = samples.")
 @click.option("--eval", "eval_", type=click.Path(), help="Evaluation .npz: verify the bundle at the end.")
 @click.option("--target", default="cpu", show_default=True, help="Target device profile (see `edgemm targets`).")
@@ -45,7 +48,7 @@ from .options import verbose_option
 @click.option("--dump-config", is_flag=True, help="Print the config as JSON and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
-def command(model, output, name, precision, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
+def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
             static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, dla, workspace_mb,
             opt_level, version_compatible, hardware_compatibility, force, config_file, dump_config, as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
@@ -57,7 +60,16 @@ def command(model, output, name, precision, calib, eval_, target, weights, trust
         if not model:
             raise InputError("missing MODEL argument", field="MODEL",
                              fix="edgemm compile model.pt --int8 --calib calib.npz")
+        policy = None
+        if precision_spec and "=" in precision_spec:
+            policy = precision_spec
+        elif precision_spec:
+            if precision and precision != precision_spec:
+                raise InputError(f"--precision {precision_spec} conflicts with --{precision}", field="--precision",
+                                 fix="give the precision once")
+            precision = precision_spec
         cfg = CompileConfig(model=model, output=output, name=name, precision=precision or "fp32", target=target,
+                            precision_policy=policy, branch=list(branch), accuracy_target=accuracy_target,
                             calib=calib, eval=eval_, weights=weights, trust_pickle=trust_pickle,
                             inputs=list(inputs), dynamic=list(dynamic), dynamic_batch=not static_batch,
                             max_batch=max_batch, exporter=exporter, int8_recipe=int8_recipe,

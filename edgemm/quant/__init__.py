@@ -118,3 +118,20 @@ def _jsonable(table):
         else:
             out.append(dict(row))
     return out
+
+
+# Mixed precision, accuracy-aware search and FP8 simulation (issue 5). Loaded on first use: they import
+# onnx / onnxruntime.quantization, which plain FP32 / INT8 compiles do not need.
+_LAZY = {
+    "parse_precision_policy": "mixed", "apply_mixed": "mixed", "parse_branch_overrides": "branches",
+    "find_branches": "branches", "parse_accuracy_target": "accuracy_search", "accuracy_aware": "accuracy_search",
+    "AccuracyTarget": "accuracy_search", "simulate_fp8": "fp8_sim", "Fp8Simulator": "fp8_sim",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

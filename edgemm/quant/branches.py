@@ -1,0 +1,339 @@
+"""Modality branches of a fused ONNX graph: which nodes belong to the vision, text or audio tower and
+which to the fusion part, so that each branch can get its own precision.
+
+Two signals, combined:
+- **data flow**: every graph input gets a modality (from its name, else its dtype/rank); a node reached
+  by one modality belongs to that tower, a node reached by two or more is fusion. Shape-only edges
+  (``Shape``/``Size`` outputs) carry no data and are ignored, so a text tower reading the image's batch
+  size stays text.
+- **module paths**: torch.onnx.export(dynamo=True) records each node's module path in
+  ``node.metadata_props["pkg.torch.onnx.name_scopes"]`` (e.g. ``['', 'text_encoder',
+  'text_encoder.layers.0', ..., 'linear_5']``). A top-level module is one unit: if its nodes see one
+  modality it is that tower, if they mix modalities (a cross-attention block) it is fusion. Graphs
+  without this metadata (other exporters, hand-made ONNX) fall back to data flow alone.
+
+``--branch text=text_encoder.*`` overrides both: the glob is matched against module paths (a module
+matches when it or one of its ancestors does, so ``text_encoder`` and ``text_encoder.*`` both take the
+whole tower), node names, and graph input names.
+
+Standard library + onnx only.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from ..errors import InputError
+
+__all__ = ["BRANCHES", "FUSION", "BranchMap", "find_branches", "parse_branch_overrides", "input_modality",
+           "node_module_paths", "carry_node_metadata", "COMPUTE_OPS"]
+
+MODALITIES = ("vision", "text", "audio")
+FUSION = "fusion"
+BRANCHES = MODALITIES + (FUSION,)
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+_NO_MODULE = "_empty_nn_module_stack"
+# Ops that carry the compute (and the quantization error): the units precision is decided for.
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiHeadAttention")
+_SHAPE_ONLY = ("Shape", "Size")
+
+# Input-name keywords per modality, checked on lower-cased, underscore-split names.
+_NAME_HINTS = {
+    "vision": ("image", "images", "pixel", "pixels", "pixel_values", "vision", "visual", "img", "frame", "frames",
+               "video", "rgb", "photo"),
+    "text": ("input_ids", "ids", "token", "tokens", "text", "attention_mask", "mask", "caption", "question",
+             "prompt", "token_type_ids", "words", "query"),
+    "audio": ("audio", "mel", "mels", "spectrogram", "wave", "waveform", "speech", "fbank", "sound"),
+}
+
+
+def input_modality(name: str, elem_type: int | None = None, rank: int | None = None) -> str | None:
+    """Best guess of an input's modality: name keywords first, then dtype/rank (ints are token ids,
+    rank-4 floats images, rank-3 floats spectrograms); None when nothing fits."""
+    low = name.lower()
+    parts = set(re.split(r"[^a-z0-9]+", low)) | {low}
+    for modality, hints in _NAME_HINTS.items():
+        if parts & set(hints) or any(h in low for h in hints if len(h) > 4):
+            return modality
+    if elem_type is not None:
+        from onnx import TensorProto
+
+        if elem_type in (TensorProto.INT64, TensorProto.INT32):
+            return "text"
+        if rank == 4:
+            return "vision"
+        if rank in (2, 3) and elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            return "audio" if rank == 3 else None
+    return None
+
+
+def node_module_paths(model) -> dict[str, str | None]:
+    """node name -> deepest torch module path ('' = the root module), None when not recorded."""
+    out: dict[str, str | None] = {}
+    for node in model.graph.node:
+        path = None
+        for prop in node.metadata_props:
+            if prop.key == SCOPES_KEY:
+                path = _module_from_scopes(prop.value)
+                break
+        out[node.name] = path
+    return out
+
+
+def _module_from_scopes(value: str) -> str | None:
+    """name_scopes is a list printed as Python/JSON: [root '', module paths..., fx node name]."""
+    try:
+        scopes = json.loads(value.replace("'", '"'))
+    except ValueError:
+        return None
+    if not isinstance(scopes, list) or not scopes:
+        return None
+    # The last entry names the op, not a module; torch marks ops outside any module with a placeholder.
+    modules = [s for s in scopes[:-1] if isinstance(s, str) and not s.startswith(_NO_MODULE)]
+    return modules[-1] if modules else ""
+
+
+def carry_node_metadata(source, target) -> int:
+    """Copy node metadata (module paths) from ``source`` onto same-named nodes of ``target``.
+
+    Graph rewriters such as onnxslim drop ``metadata_props`` but keep node names; call this after them
+    so per-branch precision keeps its module paths. Returns the number of nodes updated."""
+    props = {n.name: list(n.metadata_props) for n in source.graph.node if n.name and len(n.metadata_props)}
+    count = 0
+    for node in target.graph.node:
+        if node.name in props and not len(node.metadata_props):
+            for p in props[node.name]:
+                node.metadata_props.add(key=p.key, value=p.value)
+            count += 1
+    return count
+
+
+def parse_branch_overrides(items: Iterable[str] | Mapping[str, Iterable[str]] | None) -> dict[str, list[str]]:
+    """``["text=text_encoder.*", "fusion=head*,norm"]`` -> {"text": ["text_encoder.*"], "fusion": [...]}.
+
+    One-line InputError on bad syntax or an unknown branch."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        pairs = [(k, p) for k, v in items.items() for p in ([v] if isinstance(v, str) else v)]
+    else:
+        pairs = []
+        for item in items:
+            if not isinstance(item, str) or "=" not in item:
+                raise InputError(f"{item!r} is not BRANCH=PATTERN", field="--branch",
+                                 fix="e.g. --branch text=text_encoder.* (branches: " + ", ".join(BRANCHES) + ")")
+            branch, _, patterns = item.partition("=")
+            pairs.extend((branch, p) for p in patterns.split(","))
+    out: dict[str, list[str]] = {}
+    for branch, pattern in pairs:
+        branch, pattern = branch.strip().lower(), pattern.strip()
+        if branch not in BRANCHES:
+            raise InputError(f"unknown branch {branch!r}", field="--branch", fix=f"use one of {', '.join(BRANCHES)}")
+        if not pattern:
+            raise InputError(f"empty pattern for branch {branch}", field="--branch",
+                             fix="e.g. --branch text=text_encoder.*")
+        out.setdefault(branch, []).append(pattern)
+    return out
+
+
+def _module_matches(module: str | None, pattern: str) -> bool:
+    if not module:
+        return False
+    parts = module.split(".")
+    for i in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:i])
+        if fnmatch.fnmatchcase(prefix, pattern):
+            return True
+        if pattern.endswith(".*") and fnmatch.fnmatchcase(prefix, pattern[:-2]):
+            return True
+    return False
+
+
+@dataclass
+class BranchMap:
+    """Every node's branch, with the evidence: module path and the input modalities reaching it."""
+    branch_of: dict[str, str]                  # node name -> branch
+    module_of: dict[str, str | None]           # node name -> module path (None: not recorded)
+    op_of: dict[str, str]                      # node name -> op type
+    input_modality: dict[str, str | None]      # graph input -> modality
+    source: str                                # "module paths + data flow" | "data flow"
+    overrides: dict[str, list[str]] = field(default_factory=dict)
+    override_hits: dict[str, int] = field(default_factory=dict)
+
+    def nodes(self, branch: str, *, compute_only: bool = False) -> list[str]:
+        return [n for n, b in self.branch_of.items()
+                if b == branch and (not compute_only or self.op_of[n] in COMPUTE_OPS)]
+
+    def present(self) -> list[str]:
+        """Branches holding at least one compute node, in canonical order."""
+        have = {b for n, b in self.branch_of.items() if self.op_of[n] in COMPUTE_OPS}
+        return [b for b in BRANCHES if b in have]
+
+    def top_modules(self, branch: str, limit: int = 8) -> list[str]:
+        counts = Counter(_top_module(self.module_of[n]) for n in self.nodes(branch))
+        counts.pop(None, None)
+        counts.pop("", None)
+        return [m for m, _ in counts.most_common(limit)]
+
+    def summary(self) -> dict:
+        """JSON-ready table for the manifest: per branch, its inputs, modules and node counts."""
+        table = {}
+        for branch in BRANCHES:
+            nodes = self.nodes(branch)
+            if not nodes:
+                continue
+            table[branch] = {
+                "inputs": sorted(i for i, m in self.input_modality.items() if m == branch),
+                "modules": self.top_modules(branch),
+                "nodes": len(nodes),
+                "compute_nodes": len(self.nodes(branch, compute_only=True)),
+            }
+        return {"found_by": self.source, "branches": table,
+                **({"overrides": self.overrides, "override_hits": self.override_hits} if self.overrides else {})}
+
+
+def _top_module(path: str | None) -> str | None:
+    if path is None:
+        return None
+    return path.split(".")[0]
+
+
+def _load(model_or_path):
+    import onnx
+
+    if isinstance(model_or_path, (str, Path)):
+        return onnx.load(str(model_or_path), load_external_data=False)
+    return model_or_path
+
+
+def find_branches(model_or_path, *, overrides: Mapping[str, list[str]] | None = None,
+                  input_modalities: Mapping[str, str] | None = None) -> BranchMap:
+    """Assign every node of an ONNX model to vision / text / audio / fusion (see the module doc).
+
+    ``overrides``: branch -> glob patterns (from ``parse_branch_overrides``); a pattern that matches no
+    module, node or input is an InputError (a typo would otherwise silently change nothing).
+    ``input_modalities``: graph input -> modality, replacing the name/dtype guess. Nodes that no input
+    of known modality reaches are fusion (a policy naming a tower then fails with a hint to --branch)."""
+    model = _load(model_or_path)
+    overrides = {b: list(p) for b, p in (overrides or {}).items()}
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    modality: dict[str, str | None] = {}
+    for vi in graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        modality[vi.name] = input_modality(vi.name, tt.elem_type, len(tt.shape.dim))
+    for name, mod in (input_modalities or {}).items():
+        if name not in modality:
+            raise InputError(f"the model has no input {name!r}", field="input_modalities",
+                             fix=f"inputs are {', '.join(modality)}")
+        modality[name] = mod
+    hits: Counter = Counter()
+    for branch, patterns in overrides.items():  # patterns naming an input set its modality
+        for pattern in patterns:
+            for name in modality:
+                if fnmatch.fnmatchcase(name, pattern) and branch in MODALITIES:
+                    modality[name] = branch
+                    hits[pattern] += 1
+    # Data flow: the set of modalities reaching each tensor.
+    reach: dict[str, frozenset] = {n: frozenset([m]) if m else frozenset() for n, m in modality.items()}
+    node_reach: dict[str, frozenset] = {}
+    for node in _toposorted(graph):
+        seen = frozenset().union(*(reach.get(i, frozenset()) for i in node.input if i))
+        node_reach[node.name] = seen
+        out = frozenset() if node.op_type in _SHAPE_ONLY else seen
+        for o in node.output:
+            reach[o] = out
+
+    modules = node_module_paths(model)
+    has_scopes = any(m is not None for m in modules.values())
+    ops = {n.name: n.op_type for n in graph.node}
+    branch_of: dict[str, str | None] = {}
+    for name, seen in node_reach.items():
+        branch_of[name] = None if not seen else (next(iter(seen)) if len(seen) == 1 else FUSION)
+    if has_scopes:
+        # A top-level module mixing modalities (cross-attention, a fusion head) is fusion as a whole.
+        group_reach: dict[str, set] = defaultdict(set)
+        for name, seen in node_reach.items():
+            top = _top_module(modules.get(name))
+            if top:
+                group_reach[top] |= seen
+        for name in branch_of:
+            top = _top_module(modules.get(name))
+            if top and group_reach[top]:
+                seen = group_reach[top]
+                branch_of[name] = next(iter(seen)) if len(seen) == 1 else FUSION
+    _fill_unreached(graph, branch_of)
+
+    for branch, patterns in overrides.items():  # later overrides win over earlier ones
+        for pattern in patterns:
+            for name in branch_of:
+                if _module_matches(modules.get(name), pattern) or fnmatch.fnmatchcase(name, pattern):
+                    branch_of[name] = branch
+                    hits[pattern] += 1
+    missed = [p for ps in overrides.values() for p in ps if not hits[p]]
+    if missed:
+        tops = sorted({t for t in (_top_module(m) for m in modules.values()) if t})
+        hint = (f"top-level modules: {', '.join(tops[:12])}" if tops else
+                "this graph records no module paths; match node names (e.g. node_MatMul_*) or input names")
+        raise InputError(f"pattern {missed[0]!r} matches no module, node or input", field="--branch",
+                         fix=hint)
+    return BranchMap(branch_of={n: b or FUSION for n, b in branch_of.items()}, module_of=modules, op_of=ops,
+                     input_modality=modality, source="module paths + data flow" if has_scopes else "data flow",
+                     overrides=overrides, override_hits={p: hits[p] for ps in overrides.values() for p in ps})
+
+
+def _fill_unreached(graph, branch_of: dict[str, str | None]) -> None:
+    """Nodes no input reaches (constant subgraphs) take the branch of their consumers when they agree."""
+    consumers: dict[str, list[str]] = defaultdict(list)
+    for node in graph.node:
+        for i in node.input:
+            consumers[i].append(node.name)
+    for _ in range(len(graph.node)):
+        changed = False
+        for node in reversed(graph.node):
+            if branch_of.get(node.name) is not None:
+                continue
+            users = {branch_of.get(c) for o in node.output for c in consumers.get(o, [])} - {None}
+            if len(users) == 1:
+                branch_of[node.name] = users.pop()
+                changed = True
+            elif len(users) > 1:
+                branch_of[node.name] = FUSION
+                changed = True
+        if not changed:
+            break
+
+
+def _toposorted(graph):
+    """ONNX graphs are topologically sorted by spec, but some tools write them otherwise: sort defensively."""
+    produced_by = {o: i for i, n in enumerate(graph.node) for o in n.output}
+    order, state = [], {}
+    nodes = list(graph.node)
+
+    for start in range(len(nodes)):
+        if state.get(start):
+            continue
+        stack = [(start, False)]
+        while stack:
+            idx, done = stack.pop()
+            if done:
+                state[idx] = 2
+                order.append(nodes[idx])
+                continue
+            if state.get(idx):
+                continue
+            state[idx] = 1
+            stack.append((idx, True))
+            for i in nodes[idx].input:
+                dep = produced_by.get(i)
+                if dep is not None and not state.get(dep):
+                    stack.append((dep, False))
+    return order
