@@ -213,7 +213,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
             calib_arrays = {s.name: calib.arrays[s.name][:cfg.calib_samples] for s in specs}
         prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say)
 
-        backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs)
+        backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe)
         manifest = {
             "name": name,
             "source": {"path": Path(loaded.source).name if loaded.format != "factory" else loaded.source,
@@ -291,10 +291,10 @@ def _branch_overrides(cfg: CompileConfig):
     return parse_branch_overrides(cfg.branch)
 
 
-def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs) -> dict:
+def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs, recipe) -> dict:
     if backend == "onnxruntime":
         from .backends.ort import package as ort_package
-        return ort_package(model_path, stage, target)
+        return ort_package(model_path, stage, target, recipe)
     from .backends.tensorrt.options import TensorRTOptions
     from .backends.tensorrt.package import package
 

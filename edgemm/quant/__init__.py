@@ -56,7 +56,7 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
     from . import cpu_int8
 
     if req.int8_recipe:
-        recipes = {r.name: r for r in cpu_int8.candidate_recipes()}
+        recipes = cpu_int8.ALL_RECIPES
         if req.int8_recipe not in recipes:
             raise InputError(f"unknown INT8 recipe {req.int8_recipe!r}", field="--int8-recipe",
                              fix=f"use one of {', '.join(recipes)}")

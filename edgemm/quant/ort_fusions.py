@@ -7,8 +7,10 @@ Measured on the MiniLM fused model exported with ``torch.onnx.export(dynamo=True
   SkipLayerNormalization on such graphs (its patterns follow the TorchScript exporter); only Gelu.
 * onnxscript's ``optimize_for_ort`` (written for dynamo exports) fuses 6 MultiHeadAttention and 12
   SkipLayerNormalization, but ORT's own ORT_ENABLE_ALL session fusions already cover most of it:
-  FP32 p50 ratio 0.96-1.00, INT8 ratio vs unfused INT8 0.95-1.03 over repeated interleaved runs, i.e.
-  within noise. Hence fusion is an opt-in recipe parameter (``fuse=True``), not a default candidate.
+  FP32 p50 ratio 0.96-1.00 and INT8 within noise of unfused INT8 with default sessions. Worse, its
+  SkipLayerNormalization nodes are baked into the file, and that ORT CPU kernel is slow (see cpu_int8):
+  once the unfused model runs with SkipLayerNormFusion disabled, the fused INT8 model is slower
+  (0.58 vs 0.47 of FP32). Hence fusion is an opt-in recipe parameter (``fuse=True``), not a default.
 * ``onnxruntime.quantization.quant_pre_process`` crashes in symbolic shape inference on these exports
   (``Expand``), and with ``skip_symbolic_shape=True`` its optimisation step fuses MatMul+Add back into
   Gemm, which then escapes ``op_types_to_quantize=["MatMul"]``: it is not used.

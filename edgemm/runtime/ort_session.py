@@ -6,8 +6,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BundleError, DependencyError
-from .manifest import safe_relpath
+from ..errors import BundleError, DependencyError, InputError
+from .manifest import MANIFEST_NAME, safe_relpath
+
+# ONNX Runtime's type strings -> the numpy dtype names manifests use
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+               "tensor(bool)": "bool"}
 
 
 class OrtSession:
@@ -23,7 +28,8 @@ class OrtSession:
         if not isinstance(model_rel, str):
             raise BundleError("missing model file name", file=bundle_dir / "manifest.json",
                               field="backend.model", fix="recompile the bundle")
-        model_path = safe_relpath(bundle_dir, model_rel, source=str(bundle_dir / "manifest.json"))
+        model_path = safe_relpath(bundle_dir, model_rel, source=str(bundle_dir / "manifest.json"),
+                                  field="backend.model")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
@@ -34,12 +40,65 @@ class OrtSession:
         try:
             # Read the model ourselves: ORT then never resolves paths (e.g. external data) on its own.
             self._session = ort.InferenceSession(model_path.read_bytes(), opts,
-                                                 providers=providers or ["CPUExecutionProvider"])
+                                                 providers=providers or ["CPUExecutionProvider"],
+                                                 disabled_optimizers=_disabled_optimizers(manifest, bundle_dir))
         except Exception as exc:  # ORT raises bare RuntimeError-like types for invalid graphs
-            raise BundleError(f"ONNX Runtime cannot load the model: {exc}", file=model_path,
-                              fix="recompile the bundle") from exc
+            raise BundleError(f"ONNX Runtime cannot load the model: {exc}", file=model_path, field="backend.model",
+                              fix="recompile the bundle, or upgrade onnxruntime") from exc
         self._output_names = [o["name"] for o in manifest["outputs"]]
+        _check_io_matches(self._session, manifest, bundle_dir / MANIFEST_NAME)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         # InferenceSession.run is documented thread-safe: one session serves all threads.
-        return self._session.run(self._output_names, feeds)
+        try:
+            return self._session.run(self._output_names, feeds)
+        except Exception as exc:  # feeds passed the manifest's checks, but the graph refuses them
+            raise InputError(f"ONNX Runtime failed on these inputs: {exc}", field="feeds",
+                             fix="check the input shapes and values against `edgemm inspect BUNDLE`") from exc
+
+
+def _check_io_matches(session, manifest: dict, source: Path) -> None:
+    """The manifest is not hashed, so an edited one could describe other inputs than the model takes;
+    check names, dtypes, ranks and static dims against the model itself."""
+    model_inputs = {i.name: i for i in session.get_inputs()}
+    listed = [d["name"] for d in manifest["inputs"]]
+    if set(listed) != set(model_inputs):
+        raise BundleError(f"the manifest lists inputs ({', '.join(listed)}) but the model takes "
+                          f"({', '.join(model_inputs)})", file=source, field="inputs", fix="recompile the bundle")
+    for i, d in enumerate(manifest["inputs"]):
+        _check_tensor(d, model_inputs[d["name"]], source, f"inputs[{i}]")
+    model_outputs = {o.name: o for o in session.get_outputs()}
+    for i, d in enumerate(manifest["outputs"]):
+        if d["name"] not in model_outputs:
+            raise BundleError(f"the model has no output {d['name']!r}", file=source, field=f"outputs[{i}]",
+                              fix="recompile the bundle")
+        _check_tensor(d, model_outputs[d["name"]], source, f"outputs[{i}]")
+
+
+def _check_tensor(spec: dict, arg, source: Path, field: str) -> None:
+    want = _ORT_DTYPES.get(arg.type)
+    if want is not None and spec["dtype"] != want:
+        raise BundleError(f"dtype {spec['dtype']} in the manifest but {want} in the model", file=source,
+                          field=f"{field}.dtype", fix="recompile the bundle")
+    shape = arg.shape
+    if shape is None:
+        return
+    if len(shape) != len(spec["shape"]):
+        raise BundleError(f"rank {len(spec['shape'])} in the manifest but {len(shape)} in the model", file=source,
+                          field=f"{field}.shape", fix="recompile the bundle")
+    for axis, (listed, actual) in enumerate(zip(spec["shape"], shape)):
+        if isinstance(listed, int) and isinstance(actual, int) and listed != actual:
+            raise BundleError(f"axis {axis} is {listed} in the manifest but {actual} in the model", file=source,
+                              field=f"{field}.shape", fix="recompile the bundle")
+
+
+def _disabled_optimizers(manifest: dict, bundle_dir: Path) -> list[str] | None:
+    """Graph optimizers the compile measured as slower for this model (e.g. ORT 1.32's CPU
+    SkipLayerNormFusion on INT8 encoders): the runtime must ship what was timed."""
+    names = manifest["backend"].get("disabled_optimizers")
+    if names is None:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BundleError("must be a list of optimizer names", file=bundle_dir / MANIFEST_NAME,
+                          field="backend.disabled_optimizers", fix="recompile the bundle")
+    return names or None

@@ -7,6 +7,10 @@ import shutil
 from pathlib import Path
 
 
-def package(onnx_path: Path, stage_dir: Path, target, options=None) -> dict:
+def package(onnx_path: Path, stage_dir: Path, target, recipe: dict | None = None) -> dict:
     shutil.copyfile(onnx_path, stage_dir / "model.onnx")
-    return {"name": "onnxruntime", "model": "model.onnx", "providers": ["CPUExecutionProvider"]}
+    section = {"name": "onnxruntime", "model": "model.onnx", "providers": ["CPUExecutionProvider"]}
+    disabled = (recipe or {}).get("ort_disabled_optimizers")
+    if disabled:  # the recipe search timed the model with these off; the runtime must match
+        section["disabled_optimizers"] = list(disabled)
+    return section
