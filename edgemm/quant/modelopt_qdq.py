@@ -46,7 +46,9 @@ def _import_modelopt():
         raise DependencyError(f"nvidia-modelopt is not installed ({exc})",
                               fix="pip install 'edgemm[compile]' (installs nvidia-modelopt without its [onnx] extra)"
                               ) from exc
-    return quantize, getattr(modelopt, "__version__", "unknown")
+    from .ort_isolation import isolated
+
+    return isolated(quantize), getattr(modelopt, "__version__", "unknown")
 
 
 def _model_inputs(model) -> dict[str, tuple[list, int]]:
