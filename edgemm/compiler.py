@@ -146,17 +146,37 @@ def _copy_onnx_inline(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def _find_task(loaded: LoadedModel) -> dict | None:
+def _output_names(cfg: CompileConfig, loaded: LoadedModel) -> list[str] | None:
+    """--output-names, else the zoo example's names; otherwise dict keys or output_<i>."""
+    if cfg.output_names:
+        names = [n.strip() for n in cfg.output_names.split(",")]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise InputError(f"names must be non-empty and distinct: {cfg.output_names!r}", field="--output-names",
+                             fix="e.g. --output-names image_embeds,text_embeds,logits")
+        return names
+    sidecar = _read_sidecar(loaded)
+    return list(sidecar["outputs"]) if sidecar and sidecar.get("outputs") else None
+
+
+def _read_sidecar(loaded: LoadedModel) -> dict | None:
     if loaded.format == "factory":
         return None
-    sidecar = Path(loaded.source).parent / EXAMPLE_SIDECAR
-    if sidecar.is_file():
-        try:
-            data = json.loads(sidecar.read_text(encoding="utf-8"))
-            return {"metric": data["metric"], "outputs": list(data["metric_outputs"]), "zoo": data.get("zoo")}
-        except (ValueError, KeyError, TypeError):
-            return None
-    return None
+    path = Path(loaded.source).parent / EXAMPLE_SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else None
+    except ValueError:
+        return None
+
+
+def _find_task(loaded: LoadedModel) -> dict | None:
+    data = _read_sidecar(loaded)
+    try:
+        return {"metric": data["metric"], "outputs": list(data["metric_outputs"]), "zoo": data.get("zoo")}
+    except (TypeError, KeyError):
+        return None
 
 
 def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> CompileResult:
@@ -201,7 +221,8 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
             say(f"exporting to ONNX ({loaded.format})")
             from .export import export_onnx
             exp = export_onnx(loaded, specs, sample_feeds(calib or evald, specs, 2),
-                              sample_feeds(check_data, specs, 3), fp32, prefer=cfg.exporter)
+                              sample_feeds(check_data, specs, 3), fp32, prefer=cfg.exporter,
+                              output_names=_output_names(cfg, loaded))
             export_info = {"exporter": exp.exporter, "opset": exp.opset, "notes": exp.notes,
                            "fp32_parity": {k: v.to_dict() for k, v in exp.parity.items()}}
         else:
@@ -311,7 +332,8 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
 
     if data is None:
         data = Dataset(Path("synthetic"), synth_feeds(specs, 8, seed=1), None, "")
-    ref = Reference(loaded, [s.name for s in specs])
+    ref = Reference(loaded, [s.name for s in specs],
+                    None if loaded.onnx_path else [o["name"] for o in manifest["outputs"]])
     runner = _bundle_runner(stage, manifest)
     if runner is None:
         say("parity: skipped (this bundle cannot run on this machine; see report)")

@@ -31,6 +31,7 @@ class CompileConfig:
     dynamic_batch: bool = True
     max_batch: int = 64
     exporter: str = "dynamo"             # preferred exporter
+    output_names: str | None = None      # comma-separated names for tuple outputs
     int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
     min_cosine: float | None = None      # accuracy bar for verification / recipe selection
     calib_samples: int = 256             # cap on calibration samples used

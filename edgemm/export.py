@@ -125,13 +125,14 @@ def _export_torchscript(module, args, input_names, output_names, specs, path: Pa
 
 
 def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mapping[str, np.ndarray],
-                check_feeds: Mapping[str, np.ndarray], out_path: Path, *, prefer: str = "dynamo") -> ExportResult:
+                check_feeds: Mapping[str, np.ndarray], out_path: Path, *, prefer: str = "dynamo",
+                output_names: Sequence[str] | None = None) -> ExportResult:
     """Export ``loaded`` to ``out_path``. ``example`` must have batch >= 2 (torch.export specializes 1)."""
     import onnx
     import torch
 
     input_names = [s.name for s in specs]
-    reference = Reference(loaded, input_names)
+    reference = Reference(loaded, input_names, output_names)
     ref_example = reference.run(example)
     output_names = list(ref_example)
     args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in input_names)

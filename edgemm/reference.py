@@ -43,9 +43,12 @@ def flatten_outputs(out) -> tuple[list[str], list]:
 class Reference:
     """Callable FP32 reference: feeds (numpy) -> {output name: numpy}."""
 
-    def __init__(self, loaded: LoadedModel, input_names: Sequence[str]):
+    def __init__(self, loaded: LoadedModel, input_names: Sequence[str],
+                 output_names: Sequence[str] | None = None):
         self.loaded = loaded
         self.input_names = list(input_names)
+        # Names for the flattened outputs, by position (tuple-returning models have none of their own).
+        self.rename = list(output_names) if output_names else None
         self._ort = None
         if not loaded.is_torch:
             import onnxruntime as ort
@@ -64,6 +67,12 @@ class Reference:
         with torch.inference_mode():
             out = self.loaded.module(*args)
         names, leaves = flatten_outputs(out)
+        if self.rename:
+            if len(self.rename) != len(names):
+                raise InputError(f"the model returns {len(names)} outputs but {len(self.rename)} names were given "
+                                 f"({', '.join(self.rename)})", file=self.loaded.source, field="--output-names",
+                                 fix=f"give exactly {len(names)} names")
+            names = self.rename
         self.output_names = names
         return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
 

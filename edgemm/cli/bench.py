@@ -44,7 +44,7 @@ def command(bundles, reference, data, batch, iterations, warmup, as_json):
         from ..frontends import load_model
         from ..reference import Reference
 
-        ref = Reference(load_model(reference), [s.name for s in first.inputs])
+        ref = Reference(load_model(reference), [s.name for s in first.inputs])  # timing only: names unused
         fns[f"reference ({reference})"] = ref.callable_for(feeds)
     stats = measure_interleaved(fns, warmup=warmup, iterations=iterations)
     base = next(iter(stats.values())).p50_ms

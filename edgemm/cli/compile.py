@@ -29,6 +29,7 @@ from .options import verbose_option
 @click.option("--trust-pickle", is_flag=True, help="Allow unpickling a full nn.Module (runs code from the file).")
 @click.option("--input", "inputs", multiple=True, help="NAME:SHAPE:DTYPE, e.g. image:1x3x224x224:float32.")
 @click.option("--dynamic", multiple=True, help="NAME:AXIS=MIN:OPT:MAX, e.g. input_ids:1=1:77:128.")
+@click.option("--output-names", help="Comma-separated names for the model's outputs, in order.")
 @click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed.")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch (optimization profiles).")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
@@ -49,7 +50,7 @@ from .options import verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
-            static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, dla, workspace_mb,
+            output_names, static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, dla, workspace_mb,
             opt_level, version_compatible, hardware_compatibility, force, config_file, dump_config, as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
     from ..errors import InputError
@@ -71,7 +72,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
         cfg = CompileConfig(model=model, output=output, name=name, precision=precision or "fp32", target=target,
                             precision_policy=policy, branch=list(branch), accuracy_target=accuracy_target,
                             calib=calib, eval=eval_, weights=weights, trust_pickle=trust_pickle,
-                            inputs=list(inputs), dynamic=list(dynamic), dynamic_batch=not static_batch,
+                            inputs=list(inputs), dynamic=list(dynamic), output_names=output_names, dynamic_batch=not static_batch,
                             max_batch=max_batch, exporter=exporter, int8_recipe=int8_recipe,
                             min_cosine=min_cosine, calib_samples=calib_samples, dla=dla,
                             workspace_mb=workspace_mb, opt_level=opt_level,

@@ -34,6 +34,7 @@ def command(name, output, list_):
     sidecar = out / "edgemm-example.json"
     tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"zoo": name, "metric": entry.metric, "metric_outputs": list(entry.metric_outputs),
+                               "outputs": list(entry.outputs),
                                "fp32_metric": entry.fp32_metric}, indent=2) + "\n")
     os.replace(tmp, sidecar)
     for key, p in paths.items():

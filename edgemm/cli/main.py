@@ -54,7 +54,10 @@ def cli(ctx, verbose):
     """edgemm: compile fused multimodal models into verified bundles for CPUs, Jetson and GPUs."""
     ctx.ensure_object(dict)
     ctx.obj["verbose"] = verbose
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    # Third-party libraries (onnxruntime.quantization, modelopt) log advice through the root logger; only
+    # edgemm's own warnings are shown unless --verbose.
+    logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+    logging.getLogger("edgemm").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def main(argv=None) -> int:
@@ -87,5 +90,20 @@ def main(argv=None) -> int:
         return 3
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, container stop) would end Python without unwinding, leaving temporary folders;
+    turn it into SystemExit so every `with` block cleans up, as for Ctrl-C."""
+    import signal
+
+    def handler(signum, frame):
+        sys.exit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not the main thread, or a platform without SIGTERM
+        pass
+
+
 def entry() -> None:
+    _exit_on_sigterm()
     sys.exit(main())

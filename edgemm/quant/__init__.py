@@ -68,7 +68,13 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
               "candidates": _jsonable(selection.table)}
-    return PrecisionResult(out, "int8", recipe)
+    notes = []
+    chosen = next((r for r in recipe["candidates"] if r.get("status") == "selected"), {})
+    if (chosen.get("p50_ratio") or 0) > 0.95:
+        # Small models are bound by per-op overhead, not arithmetic: INT8 may buy size, not speed.
+        notes.append(f"INT8 measured {chosen['p50_ratio']:.2f}x FP32 latency on this CPU (no speed-up for this "
+                     "model); the bundle is smaller, but prefer --fp32 if latency is what matters")
+    return PrecisionResult(out, "int8", recipe, notes=notes)
 
 
 def _qdq_trt(mode: str):
