@@ -196,6 +196,12 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
         from .quant.accuracy_search import parse_accuracy_target
 
         parse_accuracy_target(cfg.accuracy_target)
+    if cfg.prune or cfg.sparsity:
+        from .prune import check_sparsity_target, parse_prune_spec
+
+        if cfg.prune:
+            parse_prune_spec(cfg.prune)
+        check_sparsity_target(target, cfg.sparsity)
     for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval), ("--weights", cfg.weights)):
         if path and not Path(path).exists():
             raise InputError("no such file or folder", file=path, field=flag, fix="check the path")
@@ -208,6 +214,9 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
     for ds in (calib, evald):
         if ds is not None:
             load_dataset(ds.path, specs=specs, allow_labels=True)  # re-validate against the final specs
+    prune_info = None
+    if cfg.prune or cfg.sparsity:
+        loaded, prune_info = _prune_stage(loaded, specs, calib, cfg, say)
     name = cfg.name or default_name(loaded)
     dest = Path(cfg.output) if cfg.output else Path("engines") / name
     backend = target.backend
@@ -250,6 +259,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
                 "path": Path(cfg.calib).name, "sha256": calib.sha256,
                 "samples": min(calib.num_samples, cfg.calib_samples), "samples_available": calib.num_samples},
             "export": export_info,
+            "prune": prune_info,
             "task": _find_task(loaded),
             "versions": versions(),
             "host": {"cpu": cpu_info()},
@@ -302,6 +312,36 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
     return apply_precision(fp32, out, PrecisionRequest(
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
         int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, log=say))
+
+
+def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, cfg: CompileConfig, say):
+    """Structured pruning / 2:4 sparsity on the torch module, then recovery by distillation. The rest of the
+    pipeline (export, parity) then works on the pruned model."""
+    from .prune import apply_2to4, can_prune, parse_prune_spec, prunable_module, prune, recover, with_pruned_module
+
+    can_prune(loaded)
+    module = prunable_module(loaded)
+    names = [s.name for s in specs]
+    calib_arrays = {n: calib.arrays[n][:cfg.calib_samples] for n in names}
+    example = sample_feeds(calib, specs, 2)
+    info: dict = {}
+    student = module
+    if cfg.prune:
+        say(f"pruning: {cfg.prune}")
+        student, info["structured"] = prune(module, example, calib_arrays, parse_prune_spec(cfg.prune),
+                                            input_names=names)
+    if cfg.sparsity:
+        import copy
+
+        if student is module:
+            student = copy.deepcopy(module)
+        say("sparsity: 2:4")
+        info["sparsity"] = apply_2to4(student, calib_arrays, input_names=names)
+    if cfg.recover:
+        say(f"recovery: {cfg.recover} distillation steps on the calibration set")
+        info["recovery"] = recover(student, module, calib_arrays, cfg.recover, input_names=names,
+                                   keep_zeros=bool(cfg.sparsity))
+    return with_pruned_module(loaded, student, example), info
 
 
 def _branch_overrides(cfg: CompileConfig):

@@ -35,6 +35,9 @@ class CompileConfig:
     int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
     min_cosine: float | None = None      # accuracy bar for verification / recipe selection
     calib_samples: int = 256             # cap on calibration samples used
+    prune: str | None = None             # "0.3" or "vision=0.3,text=0.2"
+    recover: int = 0                     # distillation steps after pruning
+    sparsity: str | None = None          # "2:4" (TensorRT targets with sparse tensor cores)
     dla: bool = False
     workspace_mb: int | None = None
     opt_level: int = 3
@@ -55,6 +58,13 @@ class CompileConfig:
         if self.accuracy_target and self.precision not in ("int8", "fp8") and not self.precision_policy:
             raise InputError("needs a quantized precision to fall back from", field="--accuracy-target",
                              fix="add --int8 (or --fp8 on FP8 targets)")
+        if (self.prune or self.sparsity) and not self.calib:
+            raise InputError("pruning and sparsity rank weights on calibration data", field="--calib",
+                             fix="pass --calib data.npz")
+        if self.recover and not self.prune and not self.sparsity:
+            raise InputError("there is nothing to recover from", field="--recover", fix="add --prune or --sparsity")
+        if self.recover < 0:
+            raise InputError("must be >= 0", field="--recover", fix="e.g. --recover 300")
         if self.calib_samples < 1:
             raise InputError("must be >= 1", field="--calib-samples", fix="e.g. --calib-samples 256")
         if self.max_batch < 1:
