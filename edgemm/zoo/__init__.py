@@ -1,0 +1,76 @@
+"""Reference model zoo: three small fused multimodal models with synthetic data and shipped weights.
+
+- ``dual-encoder``  (late fusion)      image + caption -> embeddings; metric image->text ``recall@1``
+- ``cross-attention`` (VQA)            image + question -> answer logits; metric ``top1``
+- ``early-fusion``  (audio + image)    log-mel + image -> class logits; metric ``top1``
+
+Importing this package is cheap (numpy only); torch is imported by ``build``/``write_example``.
+Retrain with ``python -m edgemm.zoo.train``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InputError
+from . import registry
+from . import datasets
+from .datasets import DEFAULT_SIZES, SPLITS
+from .registry import ZooModel
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ZooModel", "names", "get", "build", "make_data", "write_example"]
+
+
+def names() -> list[str]:
+    """Names of the zoo models."""
+    return registry.names()
+
+
+def get(name: str) -> ZooModel:
+    """The model card of ``name``; InputError listing the known names if there is none."""
+    return registry.card(name)
+
+
+def build(name: str, pretrained: bool = True) -> "torch.nn.Module":
+    """A fresh module in eval mode, with the shipped weights unless ``pretrained=False``."""
+    module = importlib.import_module(f"{__name__}.{registry.MODULES[registry.check_name(name)]}")
+    model = module.build()
+    if pretrained:
+        path = registry.weights_path(name)
+        if not path.is_file():
+            raise InputError("shipped weights are missing", file=path,
+                             fix=f"run `python -m edgemm.zoo.train --name {name}` or reinstall edgemm")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(path), strict=True)
+    return model.eval()
+
+
+def make_data(name: str, split: str, n: int | None = None) -> dict[str, np.ndarray]:
+    """Seeded synthetic data: model inputs keyed by input name (axis 0 = samples), plus int64 ``labels``
+    for the ``train`` and ``eval`` splits. ``n`` defaults to 8192 / 128 / 512 for train / calib / eval."""
+    registry.check_name(name)
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}", field="split", fix=f"use one of {', '.join(SPLITS)}")
+    if n is None:
+        n = DEFAULT_SIZES[split]
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"sample count must be a positive integer, got {n!r}", field="n",
+                         fix="pass n >= 1 or leave it out for the split's default")
+    return datasets.make(name, split, int(n))
+
+
+def write_example(name: str, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``model.pt`` (TorchScript), ``model.pt2`` (ExportedProgram, dynamic batch), ``calib.npz`` and
+    ``eval.npz`` (with ``labels``) under ``out_dir``. Returns {"torchscript", "exported_program", "calib",
+    "eval"} -> path."""
+    from .example import write_example as _write
+
+    return _write(registry.check_name(name), Path(out_dir))
