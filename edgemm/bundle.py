@@ -5,6 +5,7 @@ killed compile leaves only a staging folder, which never loads as a bundle and i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -14,6 +15,7 @@ from .errors import InputError
 from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, UNHASHED, sha256_file, write_json_atomic
 
 STAGING_PREFIX = ".edgemm-staging-"
+_STAGING_PID = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -31,11 +33,11 @@ def sweep_stale_staging(parent: Path) -> None:
     if not parent.is_dir():
         return
     for entry in parent.glob(STAGING_PREFIX + "*"):
-        try:
-            pid = int(entry.name.rsplit("-", 2)[-2])
-        except (ValueError, IndexError):
+        # Staging folders are "<prefix><pid>-<random>" and old bundles set aside "<prefix><pid>-old-<name>".
+        match = _STAGING_PID.match(entry.name)
+        if match is None:
             continue
-        if not _pid_alive(pid) and entry.is_dir():
+        if not _pid_alive(int(match.group(1))) and entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -47,6 +49,7 @@ class BundleWriter:
         self.force = force
         self.stage: Path | None = None
         self.committed = False
+        self._made_parents: list[Path] = []
 
     def __enter__(self) -> "BundleWriter":
         if self.destination.exists() and not self.force:
@@ -55,6 +58,8 @@ class BundleWriter:
         if self.destination.exists() and not self.destination.is_dir():
             raise InputError("exists and is not a folder", file=self.destination, fix="choose another -o")
         parent = self.destination.parent
+        # Remember the folders made here, so a failed compile leaves nothing behind (not even them).
+        self._made_parents = [p for p in [parent, *parent.parents] if not p.exists()]
         parent.mkdir(parents=True, exist_ok=True)
         sweep_stale_staging(parent)
         self.stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
@@ -63,6 +68,11 @@ class BundleWriter:
     def __exit__(self, exc_type, exc, tb):
         if not self.committed and self.stage is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
+            for folder in self._made_parents:  # innermost first; stops at the first one not empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         return False
 
     def hashes(self) -> dict[str, str]:

@@ -5,6 +5,7 @@ axis 0 = samples. Evaluation files may also carry ``labels``. Loaded with ``allo
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -55,19 +56,33 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not (magic.startswith(b"PK") or magic.startswith(b"\x93NUMPY")):
         raise InputError("not a readable .npz file (no zip/npy header)", file=path,
                          fix="write it with numpy.savez(path, **{input_name: array})")
+    key = None  # the member being read, to name it in errors
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.ndarray):
             raise InputError("is a single .npy array, not an .npz of named inputs", file=path,
                              fix="save with numpy.savez(path, **{input_name: array})")
+        arrays = {}
         with loaded as npz:
-            return {k: npz[k] for k in npz.files}
+            for key in npz.files:
+                value = npz[key]
+                if not isinstance(value, np.ndarray):  # numpy hands back raw bytes for non-.npy members
+                    raise InputError("is not a .npy array", file=path, field=key,
+                                     fix="write the file with numpy.savez(path, **{input_name: array})")
+                arrays[key] = value
+        return arrays
+    except InputError:
+        raise
     except ValueError as exc:
-        # numpy raises ValueError for object arrays when pickles are disallowed.
-        raise InputError(f"cannot read it safely ({exc})", file=path,
+        # numpy raises ValueError for object arrays when pickles are disallowed, and for bad headers.
+        raise InputError(f"cannot read it safely ({exc})", file=path, field=key,
                          fix="save plain numeric arrays with numpy.savez, without object dtype") from exc
-    except (OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise InputError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=path,
+    except MemoryError as exc:  # a header may declare any shape
+        raise InputError(f"declares an array larger than this machine's memory ({exc})", file=path, field=key,
+                         fix="split the data into several .npz files in a folder") from exc
+    except (OSError, zipfile.BadZipFile, EOFError, KeyError, zlib.error, NotImplementedError,
+            RuntimeError) as exc:  # zlib.error: corrupted deflate data; Runtime/NotImplemented: zip features
+        raise InputError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=path, field=key,
                          fix="write it with numpy.savez(path, **{input_name: array})") from exc
 
 
@@ -98,6 +113,9 @@ def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_label
             merged.setdefault(k, []).append(v)
     arrays = {}
     for k, parts in merged.items():
+        if any(p.ndim == 0 for p in parts):  # checked here because scalars cannot be concatenated
+            raise InputError("is a scalar; axis 0 must index samples", file=path, field=k,
+                             fix="stack samples along a new first axis")
         first = parts[0]
         for p in parts[1:]:
             if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:

@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import InputError
-from .base import LoadedModel, LoadOptions
+from .base import LoadedModel, LoadOptions, check_zip_crc
 
 __all__ = ["load_model", "LoadedModel", "LoadOptions", "detect_format"]
 
@@ -57,6 +57,8 @@ def _sniff_torch_archive(path: Path) -> str:
 def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
     options = options or LoadOptions()
     fmt = detect_format(spec)
+    if fmt in ("torchscript", "exported_program", "pickle"):
+        check_zip_crc(Path(spec))
     if fmt == "onnx":
         from . import onnx_file as mod
     elif fmt == "exported_program":

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
 from ..iospec import TensorSpec
 
 log = logging.getLogger("edgemm")
@@ -46,6 +49,28 @@ def sha256_of(*paths: Path) -> str:
     return h.hexdigest()
 
 
+def check_zip_crc(path: Path) -> None:
+    """torch's archive reader does not check CRCs, so a flipped bit in stored weights loads silently as
+    different weights. Read every member first (one extra pass over the file), naming the damaged one.
+    Files that are not zip archives pass: their own loader reports them."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return
+    with zf:
+        for info in zf.infolist():
+            try:
+                with zf.open(info) as member:
+                    while member.read(1 << 20):
+                        pass
+            except zipfile.BadZipFile as exc:
+                raise InputError("archive member fails its CRC check (the file is corrupted)", file=path,
+                                 field=info.filename, fix="copy the file again, or re-save the model") from exc
+            except Exception as exc:  # zlib.error, unsupported compression, encrypted member, short file
+                raise InputError(f"archive member cannot be read ({type(exc).__name__}: {exc})", file=path,
+                                 field=info.filename, fix="copy the file again, or re-save the model") from exc
+
+
 def ensure_eval(module, loaded: LoadedModel) -> None:
     """Models always run in eval mode; say so when one arrived in training mode."""
     training = getattr(module, "training", False)
@@ -59,3 +84,40 @@ def ensure_eval(module, loaded: LoadedModel) -> None:
         stragglers = [n for n, m in module.named_modules() if getattr(m, "training", False)]
         if stragglers:
             raise RuntimeError(f"submodules still in training mode after eval(): {stragglers[:3]}")
+
+
+@contextmanager
+def torch_logs_collected():
+    """Collect what torch logs while loading a file instead of letting it print to stderr.
+
+    torch reports some load failures as multi-line warnings with tracebacks (and then raises a vague
+    error), which would break the CLI's one-line errors. Yields the list of collected records; they are
+    passed on to edgemm's logger at INFO level, so ``--verbose`` still shows them."""
+    records: list[logging.LogRecord] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    collect = _Collect(logging.WARNING)
+    saved = {}
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger) and logger.handlers:
+            saved[name] = logger.handlers[:]
+            logger.handlers = [collect]
+    try:
+        yield records
+    finally:
+        for name, handlers in saved.items():
+            logging.getLogger(name).handlers = handlers
+        for record in records:
+            log.info("torch: %s", record.getMessage())
+
+
+def logged_error(records: list[logging.LogRecord]) -> str | None:
+    """First line of the first exception torch logged, if any (its own raise is often less precise)."""
+    for record in records:
+        if record.exc_info and record.exc_info[1] is not None:
+            text = str(record.exc_info[1]).strip().splitlines()
+            return text[0] if text else type(record.exc_info[1]).__name__
+    return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, SecurityError
 from ..iospec import DimRange, TensorSpec
-from .base import LoadedModel, LoadOptions, sha256_of
+from .base import LoadedModel, LoadOptions, logged_error, sha256_of, torch_logs_collected
+from .pt2_guard import check_archive, weights_only_unpickling
 from .torchscript import _first_line
 
 
@@ -14,10 +16,21 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     import torch
 
     path = Path(spec)
+    # torch.export.load can run code from the file (see pt2_guard); unless the user trusts the file,
+    # vet it first and keep every unpickling weights-only.
+    if not options.trust_pickle:
+        check_archive(path)
     try:
-        program = torch.export.load(str(path))
+        with torch_logs_collected() as records, weights_only_unpickling(not options.trust_pickle):
+            program = torch.export.load(str(path))
+    except pickle.UnpicklingError as exc:
+        raise SecurityError("holds pickled Python objects (weights, constants or sample inputs) that would run "
+                            "code when loaded", file=path,
+                            fix="re-export it from a model with plain tensors, or pass --trust-pickle if you "
+                                "trust its author") from exc
     except Exception as exc:  # corrupt zip, unknown schema version, ...
-        raise InputError(f"cannot load torch.export archive ({_first_line(exc)})", file=path,
+        detail = logged_error(records) or _first_line(exc)
+        raise InputError(f"cannot load torch.export archive ({detail})", file=path,
                          fix="re-save it with torch.export.save(torch.export.export(model, args), path)") from exc
     loaded = LoadedModel(source=spec, format="exported_program", sha256=sha256_of(path), name=path.stem,
                          module=program.module())

@@ -25,7 +25,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
                          fix="re-export the model, or check that the file was copied whole") from exc
     check_external_data(model, path)
     try:
-        onnx.checker.check_model(str(path))
+        onnx.checker.check_model(str(path), full_check=True)  # full: shape inference too
     except Exception as exc:
         raise InputError(f"ONNX checker rejects the model ({_first_line(exc)})", file=path,
                          fix="re-export with a current torch.onnx.export / opset") from exc

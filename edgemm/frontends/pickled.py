@@ -39,9 +39,20 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
 
 
 def _looks_like_pickle(path: Path) -> bool:
+    """A torch.save zip archive, or a pickle of any protocol. pickletools only parses the opcodes (it
+    never executes them), so this is safe on hostile files."""
+    import pickletools
+
     with open(path, "rb") as f:
-        head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"  # torch.save zip archive, or a raw pickle protocol 2+
+        if f.read(2) == b"PK":
+            return True
+        f.seek(0)
+        try:
+            for _ in pickletools.genops(f):
+                pass
+        except Exception:  # garbage: not a pickle
+            return False
+    return True
 
 
 def _load_trusted(path: Path):

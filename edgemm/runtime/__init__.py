@@ -12,9 +12,9 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import BundleError, InputError
-from ..iospec import TensorSpec, check_array_against_spec, describe_shape
-from .manifest import load_manifest
+from ..errors import BundleError, EdgemmError, InputError
+from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape
+from .manifest import MANIFEST_NAME, load_manifest
 
 __all__ = ["load", "Bundle"]
 
@@ -26,9 +26,7 @@ class Bundle:
         self.path = path
         self.manifest = manifest
         self._session = session
-        source = str(path / "manifest.json")
-        self.inputs = [TensorSpec.from_dict(d, source=source) for d in manifest["inputs"]]
-        self.outputs = [TensorSpec.from_dict(d, source=source) for d in manifest["outputs"]]
+        self.inputs, self.outputs = parse_io(path, manifest)
         self._enforce_ranges = manifest["backend"]["name"] == "tensorrt"
 
     @property
@@ -79,10 +77,37 @@ class Bundle:
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = self.check_feeds(feeds)
         outputs = self._session.run(checked)
+        if len(outputs) != len(self.outputs):
+            raise BundleError(f"the backend returned {len(outputs)} outputs, the manifest lists {len(self.outputs)}",
+                              file=self.path / MANIFEST_NAME, field="outputs", fix="recompile the bundle")
         return {spec.name: out for spec, out in zip(self.outputs, outputs)}
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, backend={self.backend}, precision={self.precision})"
+
+
+def parse_io(path: Path, manifest: dict) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The manifest's input and output specs, refusing anything the runtime could not check feeds against."""
+    source = str(path / MANIFEST_NAME)
+    specs = {}
+    for key in ("inputs", "outputs"):
+        specs[key] = []
+        for i, d in enumerate(manifest[key]):
+            try:
+                spec = TensorSpec.from_dict(d, source=source)
+            except EdgemmError as exc:
+                raise BundleError(exc.detail, file=source, field=f"{key}[{i}]", fix="recompile the bundle") from exc
+            except Exception as exc:  # e.g. "ranges" of the wrong type
+                raise BundleError(f"malformed tensor spec ({type(exc).__name__})", file=source,
+                                  field=f"{key}[{i}]", fix="recompile the bundle") from exc
+            if key == "inputs" and spec.dtype not in SUPPORTED_DTYPES:
+                raise BundleError(f"unsupported dtype {spec.dtype!r}", file=source, field=f"inputs[{i}].dtype",
+                                  fix="recompile the bundle")
+            specs[key].append(spec)
+        names = [s.name for s in specs[key]]
+        if len(set(names)) != len(names):
+            raise BundleError("tensor names are not unique", file=source, field=key, fix="recompile the bundle")
+    return specs["inputs"], specs["outputs"]
 
 
 def _open_session(path: Path, manifest: dict, **kwargs):
@@ -101,4 +126,12 @@ def load(path: os.PathLike, **session_options) -> Bundle:
     """Verify every file's hash against the manifest, then open the backend session."""
     path = Path(path)
     manifest = load_manifest(path, verify=True)
-    return Bundle(path, manifest, _open_session(path, manifest, **session_options))
+    parse_io(path, manifest)  # before any backend reads a model file
+    try:
+        session = _open_session(path, manifest, **session_options)
+    except EdgemmError as exc:
+        if exc.file is not None:
+            raise
+        # Backend errors (missing TensorRT, no engine, ...) are about this bundle: say which one.
+        raise type(exc)(exc.detail, file=path / MANIFEST_NAME, field=exc.field or "backend", fix=exc.fix) from exc
+    return Bundle(path, manifest, session)

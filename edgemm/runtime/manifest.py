@@ -17,6 +17,10 @@ REQUIRED_KEYS = ("format", "format_version", "name", "inputs", "outputs", "preci
 # Files a bundle may hold that are not covered by hashes (they are derived from the others or are
 # reports that verification rewrites).
 UNHASHED = frozenset({MANIFEST_NAME, "report.json", "report.md", "report.html"})
+# Types of the backend fields the sessions read (checked here once, so no session trips over them).
+BACKEND_FIELD_TYPES = {"model": str, "onnx": str, "engine": str, "built": dict, "options": dict, "providers": list,
+                       "build_script": str, "disabled_optimizers": list}
+MAX_MANIFEST_BYTES = 16 << 20   # real manifests are a few KiB; refuse to parse anything huge
 
 
 def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
@@ -27,19 +31,28 @@ def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def safe_relpath(bundle_dir: Path, rel: str, *, source: str) -> Path:
+def safe_relpath(bundle_dir: Path, rel: str, *, source: str, field: str = "files") -> Path:
     """Resolve a manifest path, refusing anything that escapes the bundle (.., absolute, symlinks)."""
+    if not isinstance(rel, str):
+        raise BundleError(f"file path {rel!r} is not a string", file=source, field=field,
+                          fix="rebuild the bundle; never edit manifest paths by hand")
     pure = PurePosixPath(rel)
-    if not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or ":" in rel:
-        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field="files",
+    if (not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or ":" in rel
+            or any(ord(c) < 32 for c in rel)):  # control characters (NUL) make the OS calls raise
+        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field=field,
                           fix="rebuild the bundle; never edit manifest paths by hand")
     path = bundle_dir / pure
-    if path.is_symlink():
-        raise BundleError(f"{rel!r} is a symbolic link", file=source, field="files",
-                          fix="bundles hold plain files only; rebuild the bundle")
-    resolved = path.resolve()
-    if bundle_dir.resolve() not in resolved.parents:
-        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field="files",
+    try:
+        if path.is_symlink():
+            raise BundleError(f"{rel!r} is a symbolic link", file=source, field=field,
+                              fix="bundles hold plain files only; rebuild the bundle")
+        resolved = path.resolve()
+        inside = bundle_dir.resolve() in resolved.parents
+    except OSError as exc:  # name too long, symlink loop in a parent, ...
+        raise BundleError(f"file path {rel!r} cannot be resolved ({exc.strerror or exc})", file=source,
+                          field=field, fix="rebuild the bundle") from exc
+    if not inside:
+        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field=field,
                           fix="rebuild the bundle")
     return path
 
@@ -54,10 +67,18 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
     if not path.is_file():
         raise BundleError("no manifest.json", file=bundle_dir,
                           fix="pass a folder written by `edgemm compile`, or recompile")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest", file=path,
+                          fix="recompile the bundle")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"invalid JSON ({exc})", file=path, fix="recompile the bundle") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"invalid JSON ({exc.msg})", file=path, field=f"line {exc.lineno} column {exc.colno}",
+                          fix="recompile the bundle") from exc
+    except (OSError, ValueError, RecursionError) as exc:
+        # ValueError: bad UTF-8, or an integer longer than Python's digit limit; RecursionError: deep nesting
+        raise BundleError(f"cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})", file=path,
+                          fix="recompile the bundle") from exc
     if not isinstance(manifest, dict):
         raise BundleError("top level is not an object", file=path, fix="recompile the bundle")
     for key in REQUIRED_KEYS:
@@ -83,6 +104,11 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
             raise BundleError("must be an object", file=path, field=key, fix="recompile the bundle")
     if not isinstance(manifest["backend"].get("name"), str):
         raise BundleError("missing backend name", file=path, field="backend.name", fix="recompile the bundle")
+    for key, kind in BACKEND_FIELD_TYPES.items():
+        value = manifest["backend"].get(key)
+        if value is not None and not isinstance(value, kind):
+            raise BundleError(f"must be a {kind.__name__}, not {type(value).__name__}", file=path,
+                              field=f"backend.{key}", fix="recompile the bundle")
     return manifest
 
 
@@ -95,7 +121,12 @@ def verify_files(bundle_dir: os.PathLike, manifest: dict) -> None:
         if not path.is_file():
             raise BundleError(f"listed file {rel!r} is missing", file=bundle_dir, field=f"files.{rel}",
                               fix="copy the whole bundle folder, or recompile")
-        if sha256_file(path) != digest:
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"listed file {rel!r} cannot be read ({exc.strerror or exc})", file=path,
+                              field=f"files.{rel}", fix="check the file's permissions, or recopy the bundle") from exc
+        if actual != digest:
             raise BundleError(f"{rel!r} does not match its sha256 in the manifest (modified or corrupted)",
                               file=path, field=f"files.{rel}", fix="recopy or recompile the bundle")
     listed = set(manifest["files"]) | UNHASHED
