@@ -5,8 +5,11 @@ Each stage takes an artefact plus its slice of the config. The CLI only builds a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,8 +225,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
     backend = target.backend
 
     from .bundle import BundleWriter
-    with tempfile.TemporaryDirectory(prefix="edgemm-") as tmp, BundleWriter(dest, force=cfg.force) as writer:
-        work = Path(tmp)
+    with BundleWriter(dest, force=cfg.force) as writer, _work_dir(writer) as work:
         fp32 = work / "fp32.onnx"
         check_data = evald or calib
         if loaded.is_torch:
@@ -272,6 +274,19 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
                                   "(--min-cosine)")
         writer.commit()
     return CompileResult(dest, manifest, report)
+
+
+@contextlib.contextmanager
+def _work_dir(writer):
+    """Scratch space beside the staging folder, named like it, so that the sweep of a later compile
+    removes it if this one is killed (a TMPDIR folder would leak)."""
+    from .bundle import STAGING_PREFIX
+
+    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-work-", dir=writer.stage.parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_arrays, evald, loaded, say):

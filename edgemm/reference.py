@@ -53,7 +53,12 @@ class Reference:
         if not loaded.is_torch:
             import onnxruntime as ort
 
-            self._ort = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+            try:
+                self._ort = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+            except Exception as exc:  # ORT raises its own exception types for graphs it cannot run
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                raise InputError(f"ONNX Runtime cannot load the model ({first})", file=loaded.source,
+                                 fix="check the model with onnx.checker; re-export it") from exc
         self.output_names: list[str] | None = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -88,7 +88,8 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
         return 0
     from ..compiler import compile_model
 
-    say = (lambda m: None) if as_json else (lambda m: click.echo(f"  {m}", err=True))
+    # Progress goes to stdout: stderr carries only the one-line error, if any.
+    say = (lambda m: None) if as_json else (lambda m: click.echo(f"  {m}"))
     result = compile_model(cfg, say=say)
     if as_json:
         click.echo(json.dumps({"bundle": str(result.bundle), "manifest": result.manifest,
