@@ -87,13 +87,9 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
 
 
 def _hash_files(files: Sequence[Path]) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+    from .runtime.manifest import sha256_files
+
+    return sha256_files(files)
 
 
 def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_labels: bool = True,

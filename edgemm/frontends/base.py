@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import zipfile
 from contextlib import contextmanager
@@ -41,12 +40,9 @@ class LoadedModel:
 
 
 def sha256_of(*paths: Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+    from ..runtime.manifest import sha256_files
+
+    return sha256_files(paths)
 
 
 def check_zip_crc(path: Path) -> None:

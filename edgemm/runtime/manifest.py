@@ -31,6 +31,16 @@ def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths) -> str:
+    """One digest over several files' bytes, in order (a model with its weights, a folder of .npz)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
 def safe_relpath(bundle_dir: Path, rel: str, *, source: str, field: str = "files") -> Path:
     """Resolve a manifest path, refusing anything that escapes the bundle (.., absolute, symlinks)."""
     if not isinstance(rel, str):

@@ -272,7 +272,7 @@ class TensorRTSession:
         return state
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        cudart, trt = self._cudart, self._trt
+        cudart = self._cudart
         st = self._state()
         ctx = st.context
         missing = [n for n in self.input_names if n not in feeds]

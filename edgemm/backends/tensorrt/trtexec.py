@@ -88,7 +88,7 @@ def build_script(commands: Mapping[int, Sequence[str]], *, bundle_name: str, tar
         "# trtexec prints '[TensorRT vMMmmpp]' before parsing any flag (samples/common/logging.h).",
         'VERSION="$("$TRTEXEC" --help 2>&1 | sed -n \'s/.*\\[TensorRT v\\([0-9]*\\)\\].*/\\1/p\' | head -n 1)"',
         'MAJOR="${TRT_MAJOR:-$(( ${VERSION:-0} / 10000 ))}"',
-        f'CACHE_DIR="${{EDGEMM_TIMING_CACHE_DIR:-$HOME/.cache/edgemm/timing}}"',
+        'CACHE_DIR="${EDGEMM_TIMING_CACHE_DIR:-$HOME/.cache/edgemm/timing}"',
         'mkdir -p "$CACHE_DIR"',
         'cd "$HERE"',
         'case "$MAJOR" in',
