@@ -11,6 +11,12 @@ def _fmt(value, digits=6):
     return str(value)
 
 
+def _label(report: dict, who: str) -> str:
+    if who == "reference":
+        return "reference (FP32 source model)"
+    return f"bundle ({str(report.get('bundle', {}).get('precision', '?')).upper()})"
+
+
 def render_markdown(report: dict) -> str:
     status = "PASS" if report.get("passed") else "FAIL"
     lines = [f"# edgemm parity report: {status}", ""]
@@ -29,8 +35,8 @@ def render_markdown(report: dict) -> str:
                      f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} | {'yes' if o.get('passed') else 'NO'} |")
     task = report.get("task")
     if task:
-        lines += ["", f"Task metric **{task['metric']}**: reference {_fmt(task.get('reference'), 2)}, "
-                      f"bundle {_fmt(task.get('bundle'), 2)}"
+        lines += ["", f"Task metric **{task['metric']}**: {_label(report, 'reference')} "
+                      f"{_fmt(task.get('reference'), 2)}, {_label(report, 'bundle')} {_fmt(task.get('bundle'), 2)}"
                       + (f", drop {_fmt(task.get('drop'), 2)} points" if "drop" in task else "")]
     lat = report.get("latency")
     if lat:
@@ -38,7 +44,7 @@ def render_markdown(report: dict) -> str:
         for who in ("bundle", "reference"):
             if who in lat:
                 s = lat[who]
-                lines.append(f"| {who} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
+                lines.append(f"| {_label(report, who)} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
         if "p50_ratio" in lat:
             lines.append(f"\np50 ratio bundle / reference: **{lat['p50_ratio']:.3f}** (measured side by side)")
     if report.get("failures"):
