@@ -1,0 +1,143 @@
+"""Which submodules belong to which modality branch (vision / text / audio / fusion).
+
+Found on a forward pass, not from names alone: every submodule's outputs are recorded with hooks, then
+each model input is perturbed in turn; a submodule belongs to the inputs whose perturbation changes its
+output. A submodule fed by one modality belongs to that branch (with all its children); one fed by
+several is ``fusion``. Names only label a branch when the input names do not tell the modality
+(inputs called ``x`` and ``y``): then ``image_tower`` says ``vision``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+
+FUSION = "fusion"
+BRANCH_ORDER = ("vision", "text", "audio")
+_MODALITY_WORDS = {
+    "vision": re.compile(r"image|pixel|img|vision|visual|video|frame|patch|rgb|photo|picture", re.I),
+    "text": re.compile(r"input_ids|token|text|caption|question|attention_mask|word|prompt|sentence|bert|"
+                       r"lang|query_ids|ids$", re.I),
+    "audio": re.compile(r"audio|mel|wave|speech|spectro|sound|fbank|mfcc|voice", re.I),
+}
+_CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")
+
+
+def modality_of(name: str) -> str | None:
+    """vision / text / audio from an input or module name, or None when the name does not say."""
+    hits = [modality for modality, pattern in _MODALITY_WORDS.items() if pattern.search(name)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
+    """Branch name -> module paths (the topmost submodules wholly inside that branch).
+
+    ``feeds`` holds example inputs (batch >= 2 preferred) keyed by ``input_names``, in forward() order.
+    """
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise InputError(f"no example data for input {missing[0]!r}", field=f"feeds[{missing[0]!r}]",
+                         fix="pass one array per model input")
+    depends = _input_dependencies(module, list(input_names), feeds)
+    branches: dict[str, list[str]] = {}
+
+    def visit(parent, prefix: str) -> None:
+        for child_name, child in parent.named_children():
+            path = f"{prefix}{child_name}"
+            used = depends.get(path)
+            if type(child).__name__ in _CONTAINERS or used is None:
+                visit(child, path + ".")  # containers run no forward of their own
+                continue
+            if not used:
+                continue  # fed by constants only (or unused): no branch owns it
+            labels = {_label(name, path) for name in used}
+            branch = labels.pop() if len(labels) == 1 else FUSION
+            branches.setdefault(branch, []).append(path)
+
+    visit(module, "")
+    order = {name: i for i, name in enumerate(BRANCH_ORDER)}
+    return {name: sorted(paths) for name, paths in
+            sorted(branches.items(), key=lambda kv: (kv[0] == FUSION, order.get(kv[0], len(order)), kv[0]))}
+
+
+def branch_of(path: str, branches: Mapping[str, Sequence[str]]) -> str | None:
+    """The branch owning module ``path`` (longest matching prefix), or None."""
+    best, best_len = None, -1
+    for branch, paths in branches.items():
+        for p in paths:
+            if (path == p or path.startswith(p + ".")) and len(p) > best_len:
+                best, best_len = branch, len(p)
+    return best
+
+
+def _label(input_name: str, module_path: str) -> str:
+    return modality_of(input_name) or modality_of(module_path) or input_name
+
+
+def _input_dependencies(module, input_names: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, set[str]]:
+    """Module path -> the inputs whose perturbation changes that module's outputs."""
+    import torch
+
+    baseline = _record_outputs(module, input_names, feeds)
+    depends: dict[str, set[str]] = {path: set() for path in baseline}
+    for name in input_names:
+        changed_feeds = dict(feeds)
+        changed_feeds[name] = _perturb(np.asarray(feeds[name]))
+        perturbed = _record_outputs(module, input_names, changed_feeds)
+        for path, outs in baseline.items():
+            other = perturbed.get(path, [])
+            if len(other) != len(outs) or any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(outs, other)):
+                depends[path].add(name)
+    return depends
+
+
+def _record_outputs(module, input_names: list[str], feeds: Mapping[str, np.ndarray]) -> dict:
+    import torch
+
+    records: dict[str, list] = {}
+    handles = []
+
+    def hook_for(path):
+        def hook(_mod, _inp, out):
+            records.setdefault(path, []).extend(_tensors(out))
+        return hook
+
+    for path, sub in module.named_modules():
+        if path:
+            handles.append(sub.register_forward_hook(hook_for(path)))
+    args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names)
+    try:
+        with torch.no_grad():
+            module(*args)
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def _tensors(out) -> list:
+    import torch
+    from torch.utils import _pytree as pytree
+
+    return [t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _perturb(array: np.ndarray) -> np.ndarray:
+    """A different but valid value for ``array``: other samples' rows for ids and masks (indices stay
+    in range), a shift plus noise for floats."""
+    if array.dtype.kind == "f":
+        rng = np.random.default_rng(0)
+        scale = float(array.std()) or 1.0
+        return (array + 0.1 * scale + 0.5 * scale * rng.standard_normal(array.shape)).astype(array.dtype)
+    if array.dtype == np.bool_:
+        return ~array
+    if array.ndim and array.shape[0] > 1:
+        rolled = np.roll(array, 1, axis=0)
+        if not np.array_equal(rolled, array):
+            return rolled
+    top = int(array.max()) + 1 if array.size else 1
+    return ((array.astype(np.int64) + 1) % max(top, 2)).astype(array.dtype)
