@@ -29,25 +29,23 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     except Exception as exc:
         raise InputError(f"ONNX checker rejects the model ({_first_line(exc)})", file=path,
                          fix="re-export with a current torch.onnx.export / opset") from exc
-    initializers = {i.name for i in model.graph.initializer}
+    from ..onnx_graph import graph_inputs
+
     specs = []
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        ttype = value.type.tensor_type
-        dtype = ONNX_DTYPES.get(ttype.elem_type)
+    for name, (elem_type, dims) in graph_inputs(model).items():
+        dtype = ONNX_DTYPES.get(elem_type)
         if dtype is None:
-            raise InputError(f"input {value.name!r} has unsupported element type {ttype.elem_type}", file=path,
-                             field=value.name, fix="use float32/float16/int64/int32/uint8/bool inputs")
+            raise InputError(f"input {name!r} has unsupported element type {elem_type}", file=path,
+                             field=name, fix="use float32/float16/int64/int32/uint8/bool inputs")
         shape = []
-        for axis, d in enumerate(ttype.shape.dim):
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(int(d.dim_value))
-            elif d.HasField("dim_param") and d.dim_param:
-                shape.append("batch" if axis == 0 else d.dim_param)
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif isinstance(d, str):
+                shape.append("batch" if axis == 0 else d)
             else:
-                shape.append("batch" if axis == 0 else f"{value.name}_dim{axis}")
-        specs.append(TensorSpec(value.name, dtype, tuple(shape)))
+                shape.append("batch" if axis == 0 else f"{name}_dim{axis}")
+        specs.append(TensorSpec(name, dtype, tuple(shape)))
     files = [path] + external_files(model, path)
     return LoadedModel(source=spec, format="onnx", sha256=sha256_of(*files), name=path.stem, onnx_path=path,
                        input_specs=specs, input_names=[s.name for s in specs])

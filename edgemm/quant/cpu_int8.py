@@ -115,15 +115,11 @@ def candidate_recipes() -> list[Int8Recipe]:
 def _input_specs(model) -> dict[str, tuple[np.dtype, list]]:
     import onnx
 
-    inits = {i.name for i in model.graph.initializer}
-    specs = {}
-    for inp in model.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        specs[inp.name] = (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), dims)
-    return specs
+    from ..onnx_graph import graph_inputs
+
+    return {name: (np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type)),
+                   [d if isinstance(d, int) else None for d in dims])
+            for name, (elem_type, dims) in graph_inputs(model).items()}
 
 
 def _check_calib(calib: Mapping[str, np.ndarray], specs: dict, source: object) -> dict[str, np.ndarray]:

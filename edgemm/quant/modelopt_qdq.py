@@ -53,15 +53,10 @@ def _import_modelopt():
 
 def _model_inputs(model) -> dict[str, tuple[list, int]]:
     """name -> (dims as int or None for dynamic, ONNX elem type); initializers are not inputs."""
-    inits = {i.name for i in model.graph.initializer}
-    out = {}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-        out[vi.name] = (dims, tt.elem_type)
-    return out
+    from ..onnx_graph import graph_inputs
+
+    return {name: ([d if isinstance(d, int) and d > 0 else None for d in dims], elem_type)
+            for name, (elem_type, dims) in graph_inputs(model).items()}
 
 
 def _check_calib(calib: Mapping[str, np.ndarray], inputs: dict, source: str) -> dict[str, np.ndarray]:
