@@ -8,8 +8,9 @@ torch-pruning's own layer functions, and the attribute is updated. Recognised la
 
 - ``query`` + ``key_value`` (k and v fused, split with chunk) + ``out``            (edgemm zoo)
 - ``qkv`` (q, k, v fused in that order) + ``proj`` / ``out`` / ``out_proj``          (timm ViT)
-- ``query``/``key``/``value`` or ``q_proj``/``k_proj``/``v_proj`` + an output projection, a child or
-  (BERT-style) a sibling such as ``attention_output``
+- ``query``/``key``/``value`` or ``q_proj``/``k_proj``/``v_proj`` + an output projection: a child, a
+  sibling such as ``attention_output``, or a Linear inside a sibling block (Hugging Face BERT's
+  ``attention.self`` + ``attention.output.dense``)
 
 with the head count in ``heads`` / ``num_heads`` / ``num_attention_heads`` / ``n_heads``. Modules that
 reshape with module-level constants instead of attributes are left alone (their MLPs still prune).
@@ -81,13 +82,28 @@ def _match(path, sub, parent, parent_path, nn):
     out_name = next((n for n in OUT_NAMES if n in linear and linear[n].in_features == width), None)
     out, out_path = (linear[out_name], f"{path}.{out_name}" if path else out_name) if out_name else (None, "")
     if out is None and parent is not None:  # BERT keeps the output projection beside the attention module
-        siblings = _linear_children(parent, nn)
-        name = next((n for n in SIBLING_OUT_NAMES if n in siblings and siblings[n].in_features == width), None)
-        if name is not None:
-            out, out_path = siblings[name], f"{parent_path}.{name}" if parent_path else name
+        out, out_path = _sibling_out(parent, parent_path, width, nn)
     if out is None:
         return None
     return AttentionSite(path, sub, head_attr, heads, width // heads, kind, roles, out, out_path)
+
+
+def _sibling_out(parent, parent_path: str, width: int, nn):
+    """The output projection beside an attention module: a sibling Linear (``attention_output``), or a
+    Linear inside a sibling block (Hugging Face BERT: ``attention.output.dense``)."""
+    prefix = f"{parent_path}." if parent_path else ""
+    for name, sibling in parent.named_children():
+        if name not in SIBLING_OUT_NAMES:
+            continue
+        if isinstance(sibling, nn.Linear):
+            if sibling.in_features == width:
+                return sibling, prefix + name
+            continue
+        inner = _linear_children(sibling, nn)
+        child = next((n for n in OUT_NAMES if n in inner and inner[n].in_features == width), None)
+        if child is not None:
+            return inner[child], f"{prefix}{name}.{child}"
+    return None, ""
 
 
 def _layout(linear: dict):
