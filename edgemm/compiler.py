@@ -219,7 +219,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
             load_dataset(ds.path, specs=specs, allow_labels=True)  # re-validate against the final specs
     prune_info = None
     if cfg.prune or cfg.sparsity:
-        loaded, prune_info = _prune_stage(loaded, specs, calib, cfg, say)
+        loaded, prune_info = _prune_stage(loaded, specs, calib, evald, cfg, say)
     name = cfg.name or default_name(loaded)
     dest = Path(cfg.output) if cfg.output else Path("engines") / name
     backend = target.backend
@@ -329,15 +329,19 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
         int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, log=say))
 
 
-def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, cfg: CompileConfig, say):
-    """Structured pruning / 2:4 sparsity on the torch module, then recovery by distillation. The rest of the
-    pipeline (export, parity) then works on the pruned model."""
+def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | None, cfg: CompileConfig, say):
+    """Structured pruning / 2:4 sparsity on the torch module, then recovery by distillation, then the
+    before/after comparison (on --eval when given: held-out data, and the task metric when it has labels).
+    The rest of the pipeline (export, parity) then works on the pruned model."""
     from .prune import apply_2to4, can_prune, parse_prune_spec, prunable_module, prune, recover, with_pruned_module
+    from .prune.compare import compare, summary_lines
 
     can_prune(loaded)
     module = prunable_module(loaded)
     names = [s.name for s in specs]
     calib_arrays = {n: calib.arrays[n][:cfg.calib_samples] for n in names}
+    # Recovery is training: every calibration sample helps (the --calib-samples cap is for quantization).
+    train_arrays = {n: calib.arrays[n] for n in names}
     example = sample_feeds(calib, specs, 2)
     info: dict = {}
     student = module
@@ -353,9 +357,22 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, cfg: CompileConfig,
         say("sparsity: 2:4")
         info["sparsity"] = apply_2to4(student, calib_arrays, input_names=names)
     if cfg.recover:
-        say(f"recovery: {cfg.recover} distillation steps on the calibration set")
-        info["recovery"] = recover(student, module, calib_arrays, cfg.recover, input_names=names,
-                                   keep_zeros=bool(cfg.sparsity))
+        say(f"recovery: {cfg.recover} distillation steps on the calibration set (lr {cfg.recover_lr:g})")
+        info["recovery"] = recover(student, module, train_arrays, cfg.recover, input_names=names,
+                                   keep_zeros=bool(cfg.sparsity), lr=cfg.recover_lr)
+    data = evald or calib
+    output_names = _output_names(cfg, loaded)
+    task = _find_task(loaded)
+    task_t = (task["metric"], task["outputs"]) if task else None
+    if task_t is None and output_names:
+        from .parity.verify import guess_task
+
+        task_t = guess_task(output_names)
+    info["comparison"] = compare(module, student, names, {n: data.arrays[n] for n in names},
+                                 info.get("structured"), labels=data.labels if evald is not None else None,
+                                 task=task_t, output_names=output_names)
+    for line in summary_lines(info["comparison"]):
+        say(f"  {line}")
     return with_pruned_module(loaded, student, example), info
 
 
@@ -412,6 +429,8 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
                         "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
     if simulated:
         report["simulated"] = simulated
+    if (manifest.get("prune") or {}).get("comparison"):
+        report["prune"] = manifest["prune"]["comparison"]
     if cfg.accuracy_target:
         report["accuracy_target"] = {"expr": cfg.accuracy_target,
                                      "met": manifest["precision"]["recipe"].get("met"),

@@ -37,6 +37,7 @@ class CompileConfig:
     calib_samples: int = 256             # cap on calibration samples used
     prune: str | None = None             # "0.3" or "vision=0.3,text=0.2"
     recover: int = 0                     # distillation steps after pruning
+    recover_lr: float = 1e-3             # AdamW learning rate for recovery (1e-4 suits pretrained towers)
     sparsity: str | None = None          # "2:4" (TensorRT targets with sparse tensor cores)
     dla: bool = False
     workspace_mb: int | None = None
@@ -65,6 +66,10 @@ class CompileConfig:
             raise InputError("there is nothing to recover from", field="--recover", fix="add --prune or --sparsity")
         if self.recover < 0:
             raise InputError("must be >= 0", field="--recover", fix="e.g. --recover 300")
+        if isinstance(self.recover_lr, bool) or not isinstance(self.recover_lr, (int, float)) \
+                or not 0 < self.recover_lr <= 1:
+            raise InputError(f"must be a number in (0, 1], not {self.recover_lr!r}", field="--recover-lr",
+                             fix="e.g. --recover-lr 1e-4")
         if self.calib_samples < 1:
             raise InputError("must be >= 1", field="--calib-samples", fix="e.g. --calib-samples 256")
         if self.max_batch < 1:

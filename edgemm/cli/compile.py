@@ -39,6 +39,8 @@ from .options import verbose_option
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Most calibration samples used.")
 @click.option("--prune", "prune_spec", help="Structured pruning ratio, or per branch: vision=0.3,text=0.2.")
 @click.option("--recover", type=int, default=0, help="Distillation steps after pruning (on --calib, no labels).")
+@click.option("--recover-lr", type=float, default=1e-3, show_default=True,
+              help="Recovery learning rate (1e-4 suits pretrained towers).")
 @click.option("--sparsity", type=click.Choice(["2:4"]), help="2:4 weight sparsity (TensorRT sparse tensor cores).")
 @click.option("--dla", is_flag=True, help="Run on a DLA core with GPU fallback (Orin NX / AGX Orin).")
 @click.option("--workspace-mb", type=int, help="TensorRT workspace limit (default from the target).")
@@ -53,7 +55,7 @@ from .options import verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
-            output_names, static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, prune_spec, recover, sparsity, dla, workspace_mb,
+            output_names, static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
             opt_level, version_compatible, hardware_compatibility, force, config_file, dump_config, as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
     from ..errors import InputError
@@ -78,7 +80,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             inputs=list(inputs), dynamic=list(dynamic), output_names=output_names, dynamic_batch=not static_batch,
                             max_batch=max_batch, exporter=exporter, int8_recipe=int8_recipe,
                             min_cosine=min_cosine, calib_samples=calib_samples, dla=dla,
-                            prune=prune_spec, recover=recover, sparsity=sparsity,
+                            prune=prune_spec, recover=recover, recover_lr=recover_lr, sparsity=sparsity,
                             workspace_mb=workspace_mb, opt_level=opt_level,
                             version_compatible=version_compatible,
                             hardware_compatibility=hardware_compatibility, force=force)

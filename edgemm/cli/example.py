@@ -14,9 +14,11 @@ from .options import verbose_option
 @click.command("example")
 @click.argument("name", required=False)
 @click.option("-o", "--output", type=click.Path(), help="Folder to write (default examples/<name>).")
+@click.option("--calib-size", type=click.IntRange(1, 100_000), default=None,
+              help="Calibration samples to write (default 128; about 1000 for pruning with --recover).")
 @click.option("--list", "list_", is_flag=True, help="List the zoo models.")
 @verbose_option
-def command(name, output, list_):
+def command(name, output, calib_size, list_):
     """Write zoo model NAME as DIR/model.pt, model.pt2, calib.npz and eval.npz."""
     from .. import zoo
     from ..errors import InputError
@@ -30,7 +32,7 @@ def command(name, output, list_):
         return 0
     entry = zoo.get(name)
     out = Path(output or Path("examples") / name)
-    paths = zoo.write_example(name, out)
+    paths = zoo.write_example(name, out, calib_size=calib_size)
     sidecar = out / "edgemm-example.json"
     tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps({"zoo": name, "metric": entry.metric, "metric_outputs": list(entry.metric_outputs),

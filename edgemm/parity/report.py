@@ -47,6 +47,29 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {_label(report, who)} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
         if "p50_ratio" in lat:
             lines.append(f"\np50 ratio bundle / reference: **{lat['p50_ratio']:.3f}** (measured side by side)")
+    lines += _prune_section(report.get("prune"))
     if report.get("failures"):
         lines += ["", "## Failures", *[f"- {f}" for f in report["failures"]]]
     return "\n".join(lines) + "\n"
+
+
+def _prune_section(comparison: dict | None) -> list[str]:
+    """The unpruned vs pruned source model (torch), per branch: what pruning bought and cost."""
+    if not comparison:
+        return []
+    lines = ["", "## Pruning: unpruned -> pruned source model", ""]
+    branches = comparison.get("branches") or {}
+    if branches:
+        lat = comparison.get("latency") or {}
+        lines += [f"| branch | params | FLOPs | torch CPU ms (batch {lat.get('batch', '?')}) |", "|---|---|---|---|"]
+        for name, b in branches.items():
+            ms = (f"{b['ms_before']:.2f} -> {b['ms_after']:.2f}" if b.get("ms_before") is not None else "–")
+            lines.append(f"| {name} | {b['params_before']:,} -> {b['params_after']:,} | "
+                         f"{b['flops_before']:,} -> {b['flops_after']:,} | {ms} |")
+        if lat:
+            lines.append(f"| whole model | | | {lat['total_ms_before']:.2f} -> {lat['total_ms_after']:.2f} |")
+    task = comparison.get("task")
+    if task:
+        lines += ["", f"Task metric **{task['metric']}** on {task['samples']} samples: unpruned "
+                      f"{task['before']:.2f}, pruned {task['after']:.2f} ({-task['drop']:+.2f} points)"]
+    return lines

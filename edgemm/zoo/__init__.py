@@ -67,10 +67,13 @@ def make_data(name: str, split: str, n: int | None = None) -> dict[str, np.ndarr
     return datasets.make(name, split, int(n))
 
 
-def write_example(name: str, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``model.pt`` (TorchScript), ``model.pt2`` (ExportedProgram, dynamic batch), ``calib.npz`` and
-    ``eval.npz`` (with ``labels``) under ``out_dir``. Returns {"torchscript", "exported_program", "calib",
-    "eval"} -> path."""
+def write_example(name: str, out_dir: str | Path, *, calib_size: int | None = None) -> dict[str, Path]:
+    """Write ``model.pt`` (TorchScript), ``model.pt2`` (ExportedProgram, dynamic batch), ``calib.npz``
+    (``calib_size`` samples, default 128) and ``eval.npz`` (with ``labels``) under ``out_dir``. Returns
+    {"torchscript", "exported_program", "calib", "eval"} -> path."""
     from .example import write_example as _write
 
-    return _write(registry.check_name(name), Path(out_dir))
+    if calib_size is not None and (isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1):
+        raise InputError(f"calib_size must be a positive integer, not {calib_size!r}", field="calib_size",
+                         fix="e.g. calib_size=1024")
+    return _write(registry.check_name(name), Path(out_dir), calib_size=calib_size)

@@ -37,7 +37,9 @@ def trace(name: str, model: torch.nn.Module) -> torch.jit.ScriptModule:
         return torch.jit.trace(model, example_inputs(name))
 
 
-def write_example(name: str, out_dir: Path) -> dict[str, Path]:
+def write_example(name: str, out_dir: Path, *, calib_size: int | None = None) -> dict[str, Path]:
+    """``calib_size``: calibration samples to write (default ``datasets.DEFAULT_SIZES["calib"]``; pruning
+    recovery wants ~1000, INT8 calibration a few hundred at most)."""
     from . import build
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,7 +50,8 @@ def write_example(name: str, out_dir: Path) -> dict[str, Path]:
         torch.jit.save(trace(name, model), handle)
     with atomic_open(paths["exported_program"]) as handle:
         torch.export.save(export_program(name, model), handle)
+    sizes = dict(datasets.DEFAULT_SIZES, **({"calib": calib_size} if calib_size else {}))
     for split in ("calib", "eval"):
         with atomic_open(paths[split]) as handle:
-            np.savez(handle, **datasets.make(name, split, datasets.DEFAULT_SIZES[split]))
+            np.savez(handle, **datasets.make(name, split, sizes[split]))
     return paths

@@ -47,23 +47,28 @@ FIRST_WORD_ID = 1996
 
 
 class BertSelfAttention(nn.Module):
+    # Head count and sizes are attributes read by forward() (as in Hugging Face's BertSelfAttention), so a
+    # head pruner can update them.
     def __init__(self):
         super().__init__()
+        self.num_attention_heads = HEADS
+        self.attention_head_size = HIDDEN // HEADS
+        self.all_head_size = HIDDEN
         self.query = nn.Linear(HIDDEN, HIDDEN)
         self.key = nn.Linear(HIDDEN, HIDDEN)
         self.value = nn.Linear(HIDDEN, HIDDEN)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        return x.view(b, s, HEADS, HIDDEN // HEADS).transpose(1, 2)
+        return x.view(b, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         # Written out (not F.scaled_dot_product_attention) to match the BERT graph most exporters see.
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(HIDDEN // HEADS) + additive_mask
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size) + additive_mask
         context = torch.matmul(torch.softmax(scores, dim=-1), v)
         b, _, s, _ = context.shape
-        return context.transpose(1, 2).reshape(b, s, HIDDEN)
+        return context.transpose(1, 2).reshape(b, s, self.all_head_size)
 
 
 class BertLayer(nn.Module):

@@ -1,0 +1,101 @@
+"""Before/after figures for a pruned model, per modality branch: parameters, FLOPs, torch CPU time and the
+task metric. What `edgemm compile --prune` prints and records in the manifest (``prune.comparison``)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+LATENCY_BATCH = 8        # rows timed per call: small enough for any model, big enough to see channel cuts
+LATENCY_ITERATIONS = 15
+METRIC_BATCH = 32
+
+
+def compare(teacher, student, input_names: Sequence[str], feeds: Mapping[str, np.ndarray],
+            structured: dict | None, *, labels: np.ndarray | None = None,
+            task: tuple[str, list[str]] | None = None, output_names: Sequence[str] | None = None) -> dict:
+    """{"branches": {branch: {params/flops/ms before and after}}, "latency": {...}, "task": {...} or None}.
+
+    ``structured``: the report of ``prune()`` (its per-branch module paths and counts), None after 2:4
+    sparsity alone, which changes neither size nor CPU time. ``labels`` + ``task`` (metric, the outputs it
+    reads): the task metric of both models on ``feeds``, which should be held-out data."""
+    out: dict = {"branches": {}, "latency": None, "task": None}
+    if structured:
+        from .measure import branch_times
+
+        branches = {b: v["modules"] for b, v in structured["branches"].items() if v.get("modules")}
+        n = next(iter(feeds.values())).shape[0]
+        rows = min(LATENCY_BATCH, n)
+        times = branch_times({"before": teacher, "after": student}, input_names,
+                             {k: feeds[k][:rows] for k in input_names}, branches, iterations=LATENCY_ITERATIONS)
+        out["latency"] = {"batch": rows, "iterations": LATENCY_ITERATIONS, "device": "torch CPU",
+                          "total_ms_before": times["before"]["total"], "total_ms_after": times["after"]["total"]}
+        for branch, v in structured["branches"].items():
+            out["branches"][branch] = {
+                "params_before": v["params_before"], "params_after": v["params_after"],
+                "flops_before": v["flops_before"], "flops_after": v["flops_after"],
+                "ms_before": times["before"].get(branch), "ms_after": times["after"].get(branch)}
+    if labels is not None and task is not None:
+        from ..parity.task_metrics import compute
+
+        metric, reads = task
+        scores = {who: compute(metric, _run(model, input_names, feeds, output_names), labels, reads)
+                  for who, model in (("before", teacher), ("after", student))}
+        out["task"] = {"metric": metric, "outputs": list(reads), "samples": int(len(labels)), **scores,
+                       "drop": scores["before"] - scores["after"]}
+    return out
+
+
+def _run(model, input_names, feeds, output_names) -> dict[str, np.ndarray]:
+    import torch
+
+    from ..reference import flatten_outputs
+
+    n = next(iter(feeds.values())).shape[0]
+    parts: list[list[np.ndarray]] = []
+    names: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, n, METRIC_BATCH):
+            args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[k][start:start + METRIC_BATCH]))
+                         for k in input_names)
+            names, leaves = flatten_outputs(model(*args))
+            parts.append([t.detach().cpu().numpy() for t in leaves])
+    if output_names and len(output_names) == len(names):
+        names = list(output_names)
+    # A similarity matrix over the batch (logits_per_image) does not concatenate; metrics that read it
+    # recompute it from the embeddings, so keep only the per-sample outputs.
+    lengths = [min(METRIC_BATCH, n - s) for s in range(0, n, METRIC_BATCH)]
+    merged = {}
+    for i, name in enumerate(names):
+        chunks = [p[i] for p in parts]
+        per_sample = all(c.ndim and c.shape[0] == k and c.shape[1:] == chunks[0].shape[1:]
+                         for c, k in zip(chunks, lengths))
+        if per_sample:
+            merged[name] = np.concatenate(chunks)
+    return merged
+
+
+def summary_lines(comparison: dict) -> list[str]:
+    """Human-readable lines for the compile log and the report."""
+    lines = []
+    lat = comparison.get("latency")
+    for branch, v in comparison.get("branches", {}).items():
+        line = (f"{branch:8s} params {v['params_before']:,} -> {v['params_after']:,} "
+                f"({_ratio(v['params_after'], v['params_before'])})  FLOPs {_ratio(v['flops_after'], v['flops_before'])}")
+        if v.get("ms_before"):
+            line += f"  {v['ms_before']:.2f} -> {v['ms_after']:.2f} ms ({_ratio(v['ms_after'], v['ms_before'])})"
+        lines.append(line)
+    if lat:
+        lines.append(f"whole model {lat['total_ms_before']:.2f} -> {lat['total_ms_after']:.2f} ms "
+                     f"({_ratio(lat['total_ms_after'], lat['total_ms_before'])}; {lat['device']}, batch "
+                     f"{lat['batch']}, median of {lat['iterations']} interleaved calls)")
+    task = comparison.get("task")
+    if task:
+        lines.append(f"task {task['metric']} on {task['samples']} samples: unpruned {task['before']:.2f}, "
+                     f"pruned {task['after']:.2f} ({task['after'] - task['before']:+.2f} points)")
+    return lines
+
+
+def _ratio(after, before) -> str:
+    return f"{after / before:.2f}x" if before else "-"
