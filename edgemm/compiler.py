@@ -246,6 +246,8 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
         prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say)
 
         backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe)
+        if backend == "onnxruntime" and cfg.tune_threads:
+            _tune_threads(backend_section, writer.stage, sample_feeds(check_data, specs, _batch_of(specs)), say)
         manifest = {
             "name": name,
             "source": {"path": Path(loaded.source).name if loaded.format != "factory" else loaded.source,
@@ -374,6 +376,27 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
     for line in summary_lines(info["comparison"]):
         say(f"  {line}")
     return with_pruned_module(loaded, student, example), info
+
+
+def _batch_of(specs) -> int:
+    first = specs[0].shape[0] if specs and specs[0].shape else 1
+    return first if isinstance(first, int) and first > 0 else 1
+
+
+def _tune_threads(section: dict, stage: Path, feeds, say) -> None:
+    """Record whether the bundle runs faster single-threaded (see backends/ort/threads.py)."""
+    from .backends.ort.threads import tune_intra_op_threads
+
+    try:
+        tuning = tune_intra_op_threads(stage / section["model"], feeds,
+                                       disabled_optimizers=section.get("disabled_optimizers", ()))
+    except Exception as exc:  # a measurement, never a reason to fail the compile
+        tuning = {"intra_op_threads": 0, "note": f"not measured: {type(exc).__name__}: {str(exc)[:200]}"}
+    section["intra_op_threads"] = tuning.pop("intra_op_threads")
+    section["threads_tuning"] = tuning
+    if section["intra_op_threads"] == 1:
+        p50 = tuning["p50_ms"]
+        say(f"runtime threads: 1 (p50 {p50['1']:.3f} ms vs {p50['default']:.3f} ms with ORT's default)")
 
 
 def _branch_overrides(cfg: CompileConfig):

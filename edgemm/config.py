@@ -46,6 +46,7 @@ class CompileConfig:
     hardware_compatibility: str = "none"
     cuda_graph: bool = False             # TensorRT runtime: replay CUDA graphs
     force: bool = False                  # replace an existing bundle
+    tune_threads: bool = True            # CPU bundles: record 1 intra-op thread when measured faster
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:

@@ -50,13 +50,16 @@ from .options import verbose_option
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_cc"]), default="none",
               show_default=True, help="TensorRT hardware compatibility level.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
+@click.option("--no-thread-tuning", is_flag=True,
+              help="Do not time 1 vs default ORT threads (CPU bundles); keep ORT's default.")
 @click.option("--config", "config_file", type=click.Path(), help="Load the whole config from a JSON file.")
 @click.option("--dump-config", is_flag=True, help="Print the config as JSON and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
             output_names, static_batch, max_batch, exporter, int8_recipe, min_cosine, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
-            opt_level, version_compatible, hardware_compatibility, force, config_file, dump_config, as_json):
+            opt_level, version_compatible, hardware_compatibility, force, no_thread_tuning, config_file, dump_config,
+            as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
     from ..errors import InputError
 
@@ -83,7 +86,8 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             prune=prune_spec, recover=recover, recover_lr=recover_lr, sparsity=sparsity,
                             workspace_mb=workspace_mb, opt_level=opt_level,
                             version_compatible=version_compatible,
-                            hardware_compatibility=hardware_compatibility, force=force)
+                            hardware_compatibility=hardware_compatibility, force=force,
+                            tune_threads=not no_thread_tuning)
     cfg.validate()
     if dump_config:
         click.echo(json.dumps(cfg.to_dict(), indent=2))

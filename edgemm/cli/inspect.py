@@ -76,7 +76,13 @@ def command(target, as_json):
         if info.get(key) is not None:
             click.echo(f"  {key}: {info[key]}")
     if isinstance(info.get("backend"), dict):
-        click.echo(f"  backend: {info['backend'].get('name')}")
+        backend = info["backend"]
+        extra = ""
+        if backend.get("intra_op_threads") == 1:
+            extra = " (1 intra-op thread: measured faster at compile)"
+        if backend.get("disabled_optimizers"):
+            extra += f" (ORT optimizers off: {', '.join(map(str, backend['disabled_optimizers']))})"
+        click.echo(f"  backend: {backend.get('name')}{extra}")
     for io in ("inputs", "outputs"):
         for t in info.get(io, []):
             shape = "x".join(str(d) for d in t.get("shape", [])) or "?"

@@ -32,8 +32,9 @@ class OrtSession:
                                   field="backend.model")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            opts.intra_op_num_threads = intra_op_threads
+        threads = intra_op_threads or _recorded_threads(manifest, bundle_dir)
+        if threads:
+            opts.intra_op_num_threads = threads
         # Idle worker threads would otherwise spin for a while after each call, stealing the cores from
         # whatever runs next (the app's own pre-processing, or the reference in a side-by-side timing).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -90,6 +91,15 @@ def _check_tensor(spec: dict, arg, source: Path, field: str) -> None:
         if isinstance(listed, int) and isinstance(actual, int) and listed != actual:
             raise BundleError(f"axis {axis} is {listed} in the manifest but {actual} in the model", file=source,
                               field=f"{field}.shape", fix="recompile the bundle")
+
+
+def _recorded_threads(manifest: dict, bundle_dir: Path) -> int:
+    """The thread count the compile measured as faster (0: ORT's default); the caller's choice wins."""
+    value = manifest["backend"].get("intra_op_threads", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
+        raise BundleError(f"must be an integer from 0 to 1024, not {value!r}", file=bundle_dir / MANIFEST_NAME,
+                          field="backend.intra_op_threads", fix="recompile the bundle, or set it to 0")
+    return value
 
 
 def _disabled_optimizers(manifest: dict, bundle_dir: Path) -> list[str] | None:
