@@ -66,11 +66,15 @@ class TensorSpec:
         return cls(name, dtype, tuple(shape), ranges)
 
     def concrete_shape(self, batch: int = 1) -> tuple[int, ...]:
-        """A runnable shape: symbolic dims take their `opt` value (batch dims take `batch`)."""
+        """A runnable shape: the batch dim (axis 0, when symbolic) takes ``batch`` within its range, other
+        symbolic dims their `opt` value (or ``batch`` when they have no range)."""
         out = []
-        for dim in self.shape:
+        for axis, dim in enumerate(self.shape):
             if isinstance(dim, int):
                 out.append(dim)
+            elif axis == 0 and dim in self.ranges:
+                r = self.ranges[dim]
+                out.append(min(max(batch, r.min), r.max))
             elif dim in self.ranges:
                 out.append(self.ranges[dim].opt)
             else:

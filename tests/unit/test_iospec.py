@@ -27,3 +27,13 @@ def test_dynamic_flag_errors():
         parse_dynamic_flag("x:1=5:2:9")
     with pytest.raises(InputError, match="unknown input"):
         apply_dynamic_axes([TensorSpec("a", "float32", (1, 2))], [parse_dynamic_flag("b:1=1:2:3")])
+
+
+def test_concrete_shape_batch_takes_the_requested_size_within_its_range():
+    from edgemm.iospec import DimRange, TensorSpec
+
+    spec = TensorSpec("ids", "int64", ("batch", "seq"), {"batch": DimRange(1, 1, 64), "seq": DimRange(8, 32, 64)})
+    assert spec.concrete_shape(3) == (3, 32)        # batch follows the request, seq its opt
+    assert spec.concrete_shape(500) == (64, 32)     # clamped to the declared range
+    static = TensorSpec("x", "float32", (4, "seq"), {"seq": DimRange(8, 16, 64)})
+    assert static.concrete_shape(3) == (4, 16)
