@@ -45,6 +45,16 @@ def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.nda
     depends = _input_dependencies(module, list(input_names), feeds)
     branches: dict[str, list[str]] = {}
 
+    def labels_of(path: str) -> set[str]:
+        return {_label(name, path) for name in depends.get(path) or ()}
+
+    def is_wrapper(parent, child, path: str, prefix: str) -> bool:
+        """A multi-input child that is its parent's only input-fed child and holds single-modality
+        children (``self.clip = CLIPModel(...)``): its towers are the branches, not the wrapper."""
+        fed = [n for n, c in parent.named_children() if depends.get(f"{prefix}{n}")]
+        return fed == [path[len(prefix):]] and any(
+            len(labels_of(f"{path}.{n}")) == 1 for n, _ in child.named_children())
+
     def visit(parent, prefix: str) -> None:
         for child_name, child in parent.named_children():
             path = f"{prefix}{child_name}"
@@ -54,7 +64,10 @@ def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.nda
                 continue
             if not used:
                 continue  # fed by constants only (or unused): no branch owns it
-            labels = {_label(name, path) for name in used}
+            labels = labels_of(path)
+            if len(labels) > 1 and is_wrapper(parent, child, path, prefix):
+                visit(child, path + ".")
+                continue
             branch = labels.pop() if len(labels) == 1 else FUSION
             branches.setdefault(branch, []).append(path)
 
@@ -123,7 +136,9 @@ def _tensors(out) -> list:
     import torch
     from torch.utils import _pytree as pytree
 
-    return [t.detach().clone() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    # nn.TransformerEncoder's eval fast path returns nested tensors, which torch.equal cannot compare.
+    return [(t.to_padded_tensor(0.0) if t.is_nested else t).detach().clone()
+            for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def _perturb(array: np.ndarray) -> np.ndarray:

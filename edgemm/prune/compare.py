@@ -7,19 +7,24 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..errors import InputError
+from .fastpath import without_mha_fastpath
+
 LATENCY_BATCH = 8        # rows timed per call: small enough for any model, big enough to see channel cuts
 LATENCY_ITERATIONS = 15
 METRIC_BATCH = 32
 
 
+@without_mha_fastpath
 def compare(teacher, student, input_names: Sequence[str], feeds: Mapping[str, np.ndarray],
             structured: dict | None, *, labels: np.ndarray | None = None,
             task: tuple[str, list[str]] | None = None, output_names: Sequence[str] | None = None) -> dict:
     """{"branches": {branch: {params/flops/ms before and after}}, "latency": {...}, "task": {...} or None}.
 
     ``structured``: the report of ``prune()`` (its per-branch module paths and counts), None after 2:4
-    sparsity alone, which changes neither size nor CPU time. ``labels`` + ``task`` (metric, the outputs it
-    reads): the task metric of both models on ``feeds``, which should be held-out data."""
+    sparsity alone, which changes neither size nor CPU time. ``labels``: the task metric of both models on
+    ``feeds`` (held-out data), ``task`` = (metric, the outputs it reads), guessed from the output names
+    (as verify does) when None."""
     out: dict = {"branches": {}, "latency": None, "task": None}
     if structured:
         from .measure import branch_times
@@ -36,14 +41,22 @@ def compare(teacher, student, input_names: Sequence[str], feeds: Mapping[str, np
                 "params_before": v["params_before"], "params_after": v["params_after"],
                 "flops_before": v["flops_before"], "flops_after": v["flops_after"],
                 "ms_before": times["before"].get(branch), "ms_after": times["after"].get(branch)}
-    if labels is not None and task is not None:
+    if labels is not None:
         from ..parity.task_metrics import compute
+        from ..parity.verify import guess_task
 
-        metric, reads = task
-        scores = {who: compute(metric, _run(model, input_names, feeds, output_names), labels, reads)
-                  for who, model in (("before", teacher), ("after", student))}
-        out["task"] = {"metric": metric, "outputs": list(reads), "samples": int(len(labels)), **scores,
-                       "drop": scores["before"] - scores["after"]}
+        before = _run(teacher, input_names, feeds, output_names)
+        task = task or guess_task(list(before))  # e.g. dict outputs named image_embeds / text_embeds
+        if task is not None:
+            metric, reads = task
+            try:
+                scores = {"before": compute(metric, before, labels, reads),
+                          "after": compute(metric, _run(student, input_names, feeds, output_names), labels, reads)}
+            except InputError as exc:  # a guessed metric that does not fit these labels: report, do not fail
+                out["task_note"] = f"task metric {metric} not computed: {exc.detail}"
+                return out
+            out["task"] = {"metric": metric, "outputs": list(reads), "samples": int(len(labels)), **scores,
+                           "drop": scores["before"] - scores["after"]}
     return out
 
 

@@ -1,0 +1,32 @@
+"""Pruning and recovery run with PyTorch's multi-head-attention fast path off.
+
+In eval mode without grad, ``nn.TransformerEncoder`` / ``nn.MultiheadAttention`` take a fused "fast path"
+that returns nested tensors for padded batches (``src_key_padding_mask``). Forward hooks, ``torch.equal``
+and torch-pruning's dependency tracing cannot handle those ("NestedTensorImpl doesn't support sizes").
+The slow path computes the same function with ordinary tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+
+@contextlib.contextmanager
+def mha_fastpath_off():
+    import torch
+
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def without_mha_fastpath(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with mha_fastpath_off():
+            return fn(*args, **kwargs)
+    return wrapper
