@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -166,9 +167,16 @@ def to_fp16(fp32_onnx: Path, out_onnx: Path, *, keep_io_types: bool = True, for_
                                   fix="pip install 'edgemm[compile]'") from exc
         source = onnx.load(str(fp32_onnx))
         split = _split_consumed_outputs(source) if keep_io_types else 0
-        model = convert_float_to_float16(source, keep_io_types=keep_io_types)
+        # The converter warns (UserWarning, to stderr) about every constant it clamps to the FP16 range;
+        # keep those in the recipe instead, so the CLI's output stays ours.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = convert_float_to_float16(source, keep_io_types=keep_io_types)
         recipe.update(tool="onnxconverter_common.float16.convert_float_to_float16",
                       onnxconverter_common_version=occ_version, outputs_split=split)
+        if caught:
+            unique = sorted({" ".join(str(w.message).split())[:160] for w in caught})
+            recipe["converter_warnings"] = {"count": len(caught), "first": unique[:3]}
         if fallback_reason:
             recipe["fallback"] = fallback_reason
         problem = _type_error(model)
