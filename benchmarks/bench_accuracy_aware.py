@@ -47,12 +47,15 @@ ACCEPT = {"min_cosine": 0.998, "max_p50_ratio": 0.9}
 def _bundle_session(folder: Path, model: Path, fp32_manifest: dict):
     """edgemm's runtime ORT session over ``model``, with the FP32 bundle's manifest (same inputs/outputs)
     and so the same session options as a loaded bundle."""
+    from edgemm.runtime.manifest import sha256_file
     from edgemm.runtime.ort_session import OrtSession
 
     folder.mkdir(parents=True, exist_ok=True)
     if model.resolve() != (folder / "model.onnx").resolve():
         shutil.copyfile(model, folder / "model.onnx")
-    manifest = {**fp32_manifest, "backend": {**fp32_manifest["backend"], "model": "model.onnx"}}
+    # OrtSession checks the model's bytes against the manifest's sha256: record this model's.
+    manifest = {**fp32_manifest, "backend": {**fp32_manifest["backend"], "model": "model.onnx"},
+                "files": {"model.onnx": sha256_file(folder / "model.onnx")}}
     return OrtSession(folder, manifest)
 
 

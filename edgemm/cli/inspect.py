@@ -24,18 +24,36 @@ def onnx_op_counts(path: Path) -> dict[str, int] | None:
 
 
 def inspect_bundle(path: Path) -> dict:
-    from ..runtime.manifest import load_manifest
+    from ..errors import BundleError
+    from ..runtime import parse_io
+    from ..runtime.manifest import MANIFEST_NAME, load_manifest, safe_relpath
 
-    manifest = load_manifest(path, verify=True)
+    manifest = load_manifest(path, verify=True)   # every listed path checked to stay inside the bundle
+    source = str(path / MANIFEST_NAME)
+    parse_io(path, manifest)   # malformed inputs/outputs: the runtime's one-line BundleError
+    recipe = manifest["precision"].get("recipe", {})
+    if not isinstance(recipe, dict):
+        raise BundleError(f"must be an object, not {type(recipe).__name__}", file=source, field="precision.recipe",
+                          fix="recompile the bundle")
     files = {rel: (path / rel).stat().st_size for rel in manifest["files"]}
     info = {"kind": "bundle", "path": str(path), "name": manifest["name"], "inputs": manifest["inputs"],
             "outputs": manifest["outputs"], "precision": manifest["precision"].get("mode"),
-            "recipe": manifest["precision"].get("recipe", {}).get("name"),
+            "recipe": recipe.get("name"),
             "target": manifest["target"].get("name"), "backend": manifest["backend"],
             "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source")}
+    field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
     onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
-    if onnx_rel and (path / onnx_rel).is_file():
-        info["ops"] = onnx_op_counts(path / onnx_rel)
+    if onnx_rel:
+        # Only a listed (hash-checked) file of the bundle is read: never a path from outside it.
+        model_path = safe_relpath(path, onnx_rel, source=source, field=field)
+        if onnx_rel not in manifest["files"]:
+            raise BundleError(f"{onnx_rel!r} is not a file of the bundle (not listed in files)", file=source,
+                              field=field, fix="recompile the bundle")
+        try:
+            info["ops"] = onnx_op_counts(model_path)
+        except Exception as exc:  # noqa: BLE001 - a hash-consistent file that is not ONNX (protobuf errors)
+            raise BundleError(f"{onnx_rel!r} is not a readable ONNX model ({type(exc).__name__})",
+                              file=model_path, field=field, fix="recompile the bundle") from exc
     return info
 
 

@@ -652,13 +652,12 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
 
 def write_reports(bundle_dir: Path, report: dict) -> None:
     """report.json and report.md in the bundle (both unhashed), with the gate's section."""
-    from .report import render_markdown
+    from .report import render_markdown, write_bundle_reports
 
     text = render_markdown(report)
     if report.get("baseline"):
         text += "\n" + render_gate_markdown(report)
-    for name, body in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", text)):
-        _atomic_write(bundle_dir / name, lambda tmp, body=body: tmp.write_text(body, encoding="utf-8"))
+    write_bundle_reports(bundle_dir, [("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", text)])
 
 
 # ------------------------------------------------------------------------------------------ markdown

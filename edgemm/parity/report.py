@@ -73,3 +73,55 @@ def _prune_section(comparison: dict | None) -> list[str]:
         lines += ["", f"Task metric **{task['metric']}** on {task['samples']} samples: unpruned "
                       f"{task['before']:.2f}, pruned {task['after']:.2f} ({-task['drop']:+.2f} points)"]
     return lines
+
+
+REPORT_NAMES = ("report.json", "report.md")
+
+
+def check_report_places(bundle_dir, names=REPORT_NAMES) -> None:
+    """Refuse (one-line BundleError) when a folder sits where a report goes: os.replace cannot put a
+    file there. Called before a long evaluation so it fails at once, and again right before writing."""
+    import os
+    import stat
+    from pathlib import Path
+
+    from ..errors import BundleError
+
+    for name in names:
+        path = Path(bundle_dir) / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise BundleError(f"cannot check the report's place ({exc.strerror or exc})", file=path,
+                              fix="check the bundle folder's permissions") from exc
+        if stat.S_ISDIR(mode):
+            raise BundleError("is a folder where edgemm writes its report", file=path,
+                              fix=f"remove or rename the folder {name!r}, then rerun")
+
+
+def write_bundle_reports(bundle_dir, files) -> list:
+    """Write report files (``[(name, text), ...]``, e.g. report.json and report.md) into a bundle.
+
+    Each goes to a fresh temp file beside it, then is renamed over the old one: a symbolic link in
+    the report's place is replaced itself (never written through), and a failure removes the temp
+    file. A folder in a report's place is refused before any report is written (one-line BundleError);
+    anything else there (a file, a link, a FIFO) is replaced."""
+    from pathlib import Path
+
+    from ..errors import BundleError
+    from ..runtime.manifest import write_bytes_atomic
+
+    bundle_dir = Path(bundle_dir)
+    check_report_places(bundle_dir, [name for name, _ in files])
+    written = []
+    for name, text in files:
+        path = bundle_dir / name
+        try:
+            write_bytes_atomic(path, text.encode("utf-8"))
+        except OSError as exc:
+            raise BundleError(f"cannot write the report ({exc.strerror or exc})", file=path,
+                              fix="check the bundle folder's permissions and free space") from exc
+        written.append(path)
+    return written

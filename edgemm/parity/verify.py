@@ -104,20 +104,14 @@ def first_sample(data: Dataset) -> dict[str, np.ndarray]:
 
 
 def write_reports(bundle_dir: Path, report: dict) -> tuple[Path, Path]:
+    """report.json and report.md in the bundle (atomic; refuses a folder in their place)."""
     import json
-    import os
 
-    from .report import render_markdown
+    from .report import render_markdown, write_bundle_reports
 
-    paths = []
-    for name, text in (("report.json", json.dumps(report, indent=2) + "\n"),
-                       ("report.md", render_markdown(report))):
-        path = bundle_dir / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths[0], paths[1]
+    json_path, md_path = write_bundle_reports(bundle_dir, [("report.json", json.dumps(report, indent=2) + "\n"),
+                                                           ("report.md", render_markdown(report))])
+    return json_path, md_path
 
 
 def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weights: str | None = None,
@@ -135,6 +129,10 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     from .thresholds import defaults_for, with_overrides
 
     bundle = runtime.load(bundle_path)
+    if write:
+        from .report import check_report_places
+
+        check_report_places(bundle_path)  # fail now, not after the evaluation
     data = load_dataset(data_path, specs=bundle.inputs, allow_labels=True, role="--data")
     output_names = [o.name for o in bundle.outputs]
     thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))

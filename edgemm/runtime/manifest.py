@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import stat
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
@@ -67,6 +69,55 @@ def safe_relpath(bundle_dir: Path, rel: str, *, source: str, field: str = "files
     return path
 
 
+def _read_manifest_text(path: Path, bundle_dir: Path) -> str:
+    """manifest.json's text, only if it is a regular file of the bundle: a symbolic link (which could
+    point anywhere), a FIFO or a device is refused. Opened without following links, then checked on
+    the open descriptor, so it cannot be swapped between the check and the read."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise BundleError(f"cannot read the manifest ({exc.strerror or exc})", file=path,
+                          fix="check the bundle folder's permissions") from exc
+    if st is None:
+        raise BundleError("no manifest.json", file=bundle_dir,
+                          fix="pass a folder written by `edgemm compile`, or recompile")
+    if stat.S_ISLNK(st.st_mode):
+        raise BundleError("is a symbolic link; a bundle's manifest must be a regular file", file=path,
+                          fix="copy the bundle with its files (e.g. cp -rL), or recompile")
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError("is not a regular file", file=path, fix="recompile the bundle")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:  # ELOOP: swapped for a link since the lstat
+        raise BundleError(f"cannot be opened ({exc.strerror or exc})", file=path,
+                          fix="check the file's permissions, or recompile the bundle") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError("is not a regular file", file=path, fix="recompile the bundle")
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest", file=path,
+                              fix="recompile the bundle")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise BundleError(f"cannot be read ({exc.strerror or exc})", file=path,
+                          fix="check the file's permissions, or recompile the bundle") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest", file=path,
+                          fix="recompile the bundle")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"cannot be parsed (UnicodeDecodeError: {str(exc)[:200]})", file=path,
+                          fix="recompile the bundle") from exc
+
+
 def read_manifest(bundle_dir: os.PathLike) -> dict:
     """Parse and structurally validate manifest.json (no hash check)."""
     bundle_dir = Path(bundle_dir)
@@ -74,19 +125,14 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
     if not bundle_dir.is_dir():
         raise BundleError("not a bundle directory", file=bundle_dir,
                           fix="pass the folder `edgemm compile` wrote (e.g. engines/<name>)")
-    if not path.is_file():
-        raise BundleError("no manifest.json", file=bundle_dir,
-                          fix="pass a folder written by `edgemm compile`, or recompile")
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest", file=path,
-                          fix="recompile the bundle")
+    text = _read_manifest_text(path, bundle_dir)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BundleError(f"invalid JSON ({exc.msg})", file=path, field=f"line {exc.lineno} column {exc.colno}",
                           fix="recompile the bundle") from exc
-    except (OSError, ValueError, RecursionError) as exc:
-        # ValueError: bad UTF-8, or an integer longer than Python's digit limit; RecursionError: deep nesting
+    except (ValueError, RecursionError) as exc:
+        # ValueError: an integer longer than Python's digit limit; RecursionError: deep nesting
         raise BundleError(f"cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})", file=path,
                           fix="recompile the bundle") from exc
     if not isinstance(manifest, dict):
@@ -156,7 +202,33 @@ def load_manifest(bundle_dir: os.PathLike, *, verify: bool = True) -> dict:
     return manifest
 
 
+def create_temp_beside(path: Path) -> tuple[int, Path]:
+    """A new, uniquely named temp file in ``path``'s folder, opened for writing: (descriptor, path).
+    Created exclusively (never an existing file or link) with the mode open() would give (0666 minus
+    the umask), so a rename over ``path`` keeps files as readable as a plain write would."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name beside {path}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside ``path``, then rename it over ``path`` (which replaces a symbolic
+    link itself, never its target); the temp file is removed on any failure."""
+    fd, tmp = create_temp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(Path(path), (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))

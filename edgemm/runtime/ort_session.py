@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,43 @@ _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor
                "tensor(bool)": "bool"}
 
 
+# ORT session option: the folder external-data locations of a model loaded from bytes are relative to.
+# Added by onnxruntime PR #23557 (1.21); older versions ignore the key and resolve against the CWD.
+EXTERNAL_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+EXTERNAL_DATA_FOLDER_MIN_ORT = (1, 21)
+
+
+def _check_external_data_support(ort_version: str, model_bytes: bytes, model_path: Path) -> None:
+    """On an onnxruntime too old to honour EXTERNAL_DATA_FOLDER_KEY, refuse models that may reference
+    external data. Every external-data reference carries the key string "location" in the protobuf
+    (a string field cannot be split), so its absence proves there is none; its presence (rarely, a
+    tensor name) is refused rather than risk ORT reading a file outside the bundle."""
+    version = tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in ort_version.split(".")[:2])
+    if version < EXTERNAL_DATA_FOLDER_MIN_ORT and b"location" in model_bytes:
+        need = ".".join(map(str, EXTERNAL_DATA_FOLDER_MIN_ORT))
+        raise BundleError(f"the model may use ONNX external data, which onnxruntime {ort_version} would look for "
+                          f"outside the bundle", file=model_path, field="backend.model",
+                          fix=f"upgrade onnxruntime to {need} or newer")
+
+
+def _read_verified(bundle_dir: Path, manifest: dict, model_rel: str, model_path: Path) -> bytes:
+    """The model's bytes, checked against the manifest's sha256 (load() verified the files already, but
+    the file could have been swapped since: hash exactly what ONNX Runtime will parse)."""
+    digest = (manifest.get("files") or {}).get(model_rel)
+    if not isinstance(digest, str):
+        raise BundleError(f"model {model_rel!r} has no sha256 in the manifest", file=bundle_dir / MANIFEST_NAME,
+                          field="backend.model", fix="recompile the bundle")
+    try:
+        data = model_path.read_bytes()
+    except OSError as exc:
+        raise BundleError(f"model {model_rel!r} cannot be read ({exc.strerror or exc})", file=model_path,
+                          field="backend.model", fix="check the file's permissions, or recopy the bundle") from exc
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise BundleError(f"{model_rel!r} does not match its sha256 in the manifest (modified or corrupted)",
+                          file=model_path, field=f"files.{model_rel}", fix="recopy or recompile the bundle")
+    return data
+
+
 class OrtSession:
     backend = "onnxruntime"
 
@@ -25,27 +64,42 @@ class OrtSession:
         except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
             raise DependencyError("onnxruntime is not installed", fix="pip install onnxruntime") from exc
         model_rel = manifest["backend"].get("model")
+        source = bundle_dir / MANIFEST_NAME
         if not isinstance(model_rel, str):
-            raise BundleError("missing model file name", file=bundle_dir / "manifest.json",
-                              field="backend.model", fix="recompile the bundle")
-        model_path = safe_relpath(bundle_dir, model_rel, source=str(bundle_dir / "manifest.json"),
-                                  field="backend.model")
+            raise BundleError("missing model file name", file=source, field="backend.model",
+                              fix="recompile the bundle")
+        model_path = safe_relpath(bundle_dir, model_rel, source=str(source), field="backend.model")
+        model_bytes = _read_verified(bundle_dir, manifest, model_rel, model_path)
+        _check_external_data_support(ort.__version__, model_bytes, model_path)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ORT logs failures to stderr itself (coloured, multi-line) before raising; edgemm reports the
+        # raised error in its own one line, so ORT stays quiet unless edgemm runs verbose.
+        opts.log_severity_level = 2 if logging.getLogger("edgemm").isEnabledFor(logging.INFO) else 4
         threads = intra_op_threads or _recorded_threads(manifest, bundle_dir)
         if threads:
             opts.intra_op_num_threads = threads
         # Idle worker threads would otherwise spin for a while after each call, stealing the cores from
         # whatever runs next (the app's own pre-processing, or the reference in a side-by-side timing).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # A model handed over as bytes has no folder, so ORT would resolve external-data locations
+        # against the process's current directory: pin them to the bundle. ORT itself refuses absolute
+        # and escaping ("..") locations; verify_files refuses unlisted files, so external data can only
+        # be a listed (sha256-checked) bundle file.
+        opts.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, str(Path(bundle_dir).resolve()))
         try:
-            # Read the model ourselves: ORT then never resolves paths (e.g. external data) on its own.
-            self._session = ort.InferenceSession(model_path.read_bytes(), opts,
+            # The very bytes that were hashed above (no window between check and use).
+            self._session = ort.InferenceSession(model_bytes, opts,
                                                  providers=providers or ["CPUExecutionProvider"],
                                                  disabled_optimizers=_disabled_optimizers(manifest, bundle_dir))
         except Exception as exc:  # ORT raises bare RuntimeError-like types for invalid graphs
-            raise BundleError(f"ONNX Runtime cannot load the model: {exc}", file=model_path, field="backend.model",
-                              fix="recompile the bundle, or upgrade onnxruntime") from exc
+            text = str(exc)
+            fix = "recompile the bundle, or upgrade onnxruntime"
+            if "external data" in text.lower():
+                fix = ("a bundle's external data must be files of the bundle, listed in its manifest; "
+                       "recompile the bundle")
+            raise BundleError(f"ONNX Runtime cannot load the model: {text}", file=model_path,
+                              field="backend.model", fix=fix) from exc
         self._output_names = [o["name"] for o in manifest["outputs"]]
         _check_io_matches(self._session, manifest, bundle_dir / MANIFEST_NAME)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -166,6 +167,41 @@ def _manifest_io():
     return MANIFEST_NAME, load_manifest, sha256_file, write_json_atomic
 
 
+def _bundle_paths(bundle_dir: Path, manifest: dict, source: str) -> tuple[str, Path, str, Path, str | None]:
+    """The ONNX file, the engine and the build script named by ``backend``, each checked to stay inside
+    the bundle (no absolute path, no "..", no symbolic link): (onnx_rel, onnx_path, engine_rel,
+    engine_path, build_script_rel or None when the bundle has no listed build script)."""
+    from ...runtime.manifest import UNHASHED, safe_relpath
+
+    backend = manifest["backend"]
+    onnx_rel = backend.get("onnx") or ONNX_NAME
+    onnx_path = safe_relpath(bundle_dir, onnx_rel, source=source, field="backend.onnx")
+    if onnx_rel not in manifest["files"]:
+        raise BundleError(f"{onnx_rel!r} is not part of the bundle", file=source, field="backend.onnx",
+                          fix="recompile the bundle for a TensorRT target")
+    engine_rel = backend.get("engine") or ENGINE_NAME
+    engine_path = safe_relpath(bundle_dir, engine_rel, source=source, field="backend.engine")
+    # The engine must not overwrite another file of the bundle (the ONNX model, the manifest, a report,
+    # the build files); rebuilding replaces only the engine the manifest already records.
+    protected = (set(manifest["files"]) - {backend.get("engine")}) | set(UNHASHED) | {
+        onnx_rel, backend.get("build_config") or BUILD_CONFIG_NAME, backend.get("build_script") or BUILD_SCRIPT_NAME}
+    if engine_rel in protected or engine_path.is_dir():
+        raise BundleError(f"engine path {engine_rel!r} names another file of the bundle", file=source,
+                          field="backend.engine", fix=f"set backend.engine to {ENGINE_NAME!r}, or recompile")
+    if not engine_path.parent.is_dir():
+        raise BundleError(f"engine path {engine_rel!r} is in a folder the bundle does not have", file=source,
+                          field="backend.engine", fix=f"set backend.engine to {ENGINE_NAME!r}, or recompile")
+    script_rel = backend.get("build_script")
+    if script_rel is not None:
+        safe_relpath(bundle_dir, script_rel, source=source, field="backend.build_script")
+        if script_rel not in manifest["files"]:
+            raise BundleError(f"build script {script_rel!r} is not part of the bundle", file=source,
+                              field="backend.build_script", fix="recompile the bundle for a TensorRT target")
+    elif BUILD_SCRIPT_NAME in manifest["files"]:
+        script_rel = BUILD_SCRIPT_NAME
+    return onnx_rel, onnx_path, engine_rel, engine_path, script_rel
+
+
 def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None) -> Path:
     """Build (or rebuild) the engine of a TensorRT bundle here; record it in the manifest.
 
@@ -179,10 +215,7 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     if backend.get("name") != "tensorrt":
         raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, there is no engine to build",
                           file=source, field="backend.name", fix="only TensorRT bundles need `edgemm build`")
-    onnx_rel = backend.get("onnx") or ONNX_NAME
-    if onnx_rel not in manifest["files"]:
-        raise BundleError(f"{onnx_rel!r} is not part of the bundle", file=source, field="backend.onnx",
-                          fix="recompile the bundle for a TensorRT target")
+    onnx_rel, onnx_path, engine_rel, engine_path, script_rel = _bundle_paths(bundle_dir, manifest, source)
     options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
 
     from ...runtime.tensorrt_session import cuda_device, import_tensorrt, version_tuple
@@ -191,9 +224,10 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
         trt = import_tensorrt()
         dev = cuda_device(0)
     except DependencyError as exc:
-        script = backend.get("build_script") or BUILD_SCRIPT_NAME
-        raise DependencyError(f"`edgemm build` cannot build here: {exc.detail}",
-                              fix=f"{exc.fix}; or build with trtexec: bash {bundle_dir / script}") from exc
+        fix = exc.fix
+        if script_rel is not None:
+            fix = f"{fix}; or build with trtexec: bash {shlex.quote(str(bundle_dir / script_rel))}"
+        raise DependencyError(f"`edgemm build` cannot build here: {exc.detail}", fix=fix) from exc
     want = backend.get("compute_capability")
     if want and options.hardware_compatibility != "ampere_plus" and \
             version_tuple(dev["compute_capability"]) != version_tuple(want):
@@ -204,13 +238,11 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
 
     from .builder import build_engine
 
-    engine_rel = backend.get("engine") or ENGINE_NAME
-    engine_path = bundle_dir / engine_rel
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{engine_rel}.", suffix=".tmp", dir=bundle_dir)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{engine_path.name}.", suffix=".tmp", dir=engine_path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        built = build_engine(bundle_dir / onnx_rel, tmp, options, timing_cache=timing_cache)
+        built = build_engine(onnx_path, tmp, options, timing_cache=timing_cache)
         os.replace(tmp, engine_path)
     finally:
         if tmp.exists():
