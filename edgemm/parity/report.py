@@ -47,6 +47,7 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {_label(report, who)} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
         if "p50_ratio" in lat:
             lines.append(f"\np50 ratio bundle / reference: **{lat['p50_ratio']:.3f}** (measured side by side)")
+    lines += [f"\n> Note: {note}" for note in report.get("notes", [])]
     lines += _prune_section(report.get("prune"))
     if report.get("failures"):
         lines += ["", "## Failures", *[f"- {f}" for f in report["failures"]]]

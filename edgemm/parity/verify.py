@@ -89,6 +89,9 @@ def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, th
                 report["failures"].append(f"task {metric}: {res['bundle']:.2f} vs reference {res['reference']:.2f} "
                                           f"(drop {res['drop']:.2f} > {thresholds.max_metric_drop} points)")
         report["task"] = res
+    elif data.labels is not None:
+        report["notes"] = [f"the data's labels were not used: no task metric for outputs "
+                           f"{', '.join(output_names)} (pass --metric top1|recall@1 and --metric-outputs)"]
     if latency:
         stats = measure_interleaved(latency, warmup=warmup, iterations=latency_iterations)
         report["latency"] = {k: v.to_dict() for k, v in stats.items()}
@@ -180,7 +183,8 @@ def _task_for(manifest: dict, output_names, metric, metric_outputs):
     guessed = guess_task(output_names)
     if metric:
         outs = metric_outputs or (known.get("outputs") if known.get("metric") == metric else None) or \
-            (guessed[1] if guessed and guessed[0] == metric else None)
+            (guessed[1] if guessed and guessed[0] == metric else None) or \
+            (list(output_names) if metric == "top1" and len(output_names) == 1 else None)
         if not outs:
             raise InputError(f"cannot tell which outputs {metric} reads", field="--metric-outputs",
                              fix=f"pass --metric-outputs from: {', '.join(output_names)}")
