@@ -4,15 +4,20 @@ killed compile leaves only a staging folder, which never loads as a bundle and i
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Mapping
 
 from .errors import InputError
-from .runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST_NAME, UNHASHED, sha256_file, write_json_atomic
+from .paths import is_within
+from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, UNHASHED, sha256_file,
+                               write_json_atomic)
 
 STAGING_PREFIX = ".edgemm-staging-"
 _STAGING_PID = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-")
@@ -41,38 +46,154 @@ def sweep_stale_staging(parent: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-class BundleWriter:
-    """Context manager: ``with BundleWriter(dest, force) as w: w.stage / files...; w.commit(manifest)``."""
+_CHOOSE_ANOTHER = "choose another -o folder"
+_NOT_REPLACED = "choose another -o folder, or move or delete it yourself"
 
-    def __init__(self, destination: Path, *, force: bool = False):
-        self.destination = Path(destination)
+
+def check_output_location(destination, protect: Mapping[str, object] | None = None) -> None:
+    """Refuse an output folder that --force could never safely replace, whatever is there now: the
+    current folder or one of its parents, or a folder that is or holds one of the inputs (``protect``
+    maps a flag, e.g. "--calib", to the path given with it)."""
+    shown = destination
+    try:
+        dest = Path(destination).resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, NUL byte, cwd deleted
+        raise InputError(f"cannot be resolved ({exc})", file=shown, field="-o", fix=_CHOOSE_ANOTHER) from exc
+    if is_within(cwd, dest):
+        what = "the current folder" if dest == cwd else "a parent of the current folder"
+        raise InputError(f"is {what}; a bundle needs a folder of its own", file=shown, field="-o",
+                         fix="choose a new folder, e.g. -o engines/my-model")
+    for flag, given in (protect or {}).items():
+        if not given:
+            continue
+        try:
+            source = Path(str(given)).resolve()
+        except (OSError, RuntimeError, ValueError):
+            continue  # not a usable path (a package.module:function factory, say); its own check reports it
+        if is_within(source, dest):
+            what = "is" if source == dest else "contains"
+            raise InputError(f"{what} the {flag} input {given}; writing the bundle there would destroy it",
+                             file=shown, field="-o", fix=_CHOOSE_ANOTHER)
+
+
+def check_destination(destination, *, force: bool, protect: Mapping[str, object] | None = None) -> None:
+    """The checks a compile can make on its -o before any work: ``check_output_location``, and with
+    ``force``, that what is there may be replaced. (A missing --force is reported by BundleWriter.)"""
+    check_output_location(destination, protect)
+    if force and os.path.lexists(destination):
+        reason = replace_refusal(Path(destination))
+        if reason is not None:
+            raise InputError(reason, file=destination, field="-o", fix=_NOT_REPLACED)
+
+
+def replace_refusal(destination: Path) -> str | None:
+    """Why --force may not replace ``destination`` (None: it may). Only an empty folder or an edgemm
+    bundle (manifest.json with the bundle format marker, and nothing but the files it lists, the reports
+    and edgemm's own temporary files) is replaced: anything else may be the user's data."""
+    if destination.is_symlink():
+        return "is a symbolic link, not a bundle folder"
+    if not destination.is_dir():
+        return "exists and is not a folder"
+    try:
+        entries = list(os.scandir(destination))
+    except OSError as exc:
+        return f"cannot be listed ({exc.strerror or exc})"
+    if not entries:
+        return None
+    not_bundle = "is not an edgemm bundle (no manifest.json from edgemm compile), so --force will not delete it"
+    manifest_path = destination / MANIFEST_NAME
+    try:
+        if manifest_path.is_symlink() or not manifest_path.is_file() \
+                or manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            return not_bundle
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad JSON, bad UTF-8, huge integers
+        return not_bundle
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        return not_bundle
+    listed = manifest.get("files")
+    known = set(UNHASHED) | (set(k for k in listed if isinstance(k, str)) if isinstance(listed, dict) else set())
+    known_names = {Path(k).name for k in known}
+    for dirpath, dirnames, filenames in os.walk(destination):
+        here = Path(dirpath)
+        links = [d for d in dirnames if (here / d).is_symlink()]  # os.walk lists links to folders as folders
+        for name in filenames + links:
+            rel = (here / name).relative_to(destination).as_posix()
+            if rel in known or _is_edgemm_temp(name, known_names):
+                continue
+            return (f"is an edgemm bundle but also holds {rel!r}, which is not part of it, so --force will not "
+                    f"delete it")
+    return None
+
+
+def _is_edgemm_temp(name: str, known_names: set[str]) -> bool:
+    """Leftovers of edgemm's atomic writes: ".<file>.tmp-<pid>" or ".<file>.<random>.tmp"."""
+    return name.startswith(".") and ".tmp" in name and any(name.startswith(f".{k}.") for k in known_names)
+
+
+class BundleWriter:
+    """Context manager: ``with BundleWriter(dest, force) as w: w.stage / files...; w.commit(manifest)``.
+
+    ``protect`` maps flags to input paths (model, --calib, ...) that the destination must not be or
+    contain. An existing destination is only replaced with ``force``, and only when it is an empty folder
+    or an edgemm bundle (see ``replace_refusal``)."""
+
+    def __init__(self, destination: Path, *, force: bool = False, protect: Mapping[str, object] | None = None):
+        self.given = Path(destination)
         self.force = force
+        self.protect = dict(protect or {})
         self.stage: Path | None = None
         self.committed = False
         self._made_parents: list[Path] = []
+        check_output_location(self.given, self.protect)
+        # Absolute, with the parent's links resolved but not a link in the last component: "." and ".."
+        # have no name to stage beside, and a link named by -o is refused rather than followed.
+        absolute = Path(os.path.abspath(self.given))
+        self.destination = absolute.parent.resolve() / absolute.name
+
+    def _exists(self) -> bool:
+        return os.path.lexists(self.destination)
+
+    def _check_replaceable(self) -> None:
+        reason = replace_refusal(self.destination)
+        if reason is not None:
+            raise InputError(reason, file=self.given, field="-o", fix=_NOT_REPLACED)
 
     def __enter__(self) -> "BundleWriter":
-        if self.destination.exists() and not self.force:
-            raise InputError("already exists", file=self.destination,
+        if self._exists() and not self.force:
+            raise InputError("already exists", file=self.given,
                              fix="pass --force to replace it, or choose another -o")
-        if self.destination.exists() and not self.destination.is_dir():
-            raise InputError("exists and is not a folder", file=self.destination, fix="choose another -o")
+        if self._exists():
+            self._check_replaceable()
         parent = self.destination.parent
+        blocker = next((p for p in [parent, *parent.parents] if os.path.lexists(p)), None)
+        if blocker is not None and not blocker.is_dir():
+            raise InputError(f"lies under {blocker}, which is not a folder", file=self.given, field="-o",
+                             fix=_CHOOSE_ANOTHER)
         # Remember the folders made here, so a failed compile leaves nothing behind (not even them).
         self._made_parents = [p for p in [parent, *parent.parents] if not p.exists()]
-        parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale_staging(parent)
-        self.stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale_staging(parent)
+            self.stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+        except OSError as exc:  # a file where a folder should be, no permission, read-only file system
+            self._remove_made_parents()
+            raise InputError(f"cannot create the bundle's folder ({exc.strerror or exc})", file=self.given,
+                             field="-o", fix=_CHOOSE_ANOTHER) from exc
         return self
+
+    def _remove_made_parents(self) -> None:
+        for folder in self._made_parents:  # innermost first; stops at the first one not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
     def __exit__(self, exc_type, exc, tb):
         if not self.committed and self.stage is not None:
             shutil.rmtree(self.stage, ignore_errors=True)
-            for folder in self._made_parents:  # innermost first; stops at the first one not empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
+            self._remove_made_parents()
         return False
 
     def hashes(self) -> dict[str, str]:
@@ -98,10 +219,29 @@ class BundleWriter:
         _fsync_tree(self.stage)
         os.chmod(self.stage, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         old = None
-        if self.destination.exists():
+        if self._exists():
+            if not self.force:  # another compile (or someone) created it after __enter__ checked
+                raise InputError("appeared while compiling (another compile wrote there?); nothing was replaced",
+                                 file=self.given, field="-o",
+                                 fix="pass --force to replace it, or choose another -o")
+            self._check_replaceable()  # it may have changed since __enter__ looked
             old = self.destination.with_name(f"{STAGING_PREFIX}{os.getpid()}-old-{self.destination.name}")
             os.replace(self.destination, old)
-        os.replace(self.stage, self.destination)
+        try:
+            # rename(2) onto an existing non-empty folder fails, so a bundle committed by another compile
+            # since the check above is never replaced; (an empty folder made in that instant would be).
+            os.rename(self.stage, self.destination)
+        except OSError as exc:
+            if old is not None:  # put the old bundle back
+                try:
+                    os.rename(old, self.destination)
+                except OSError:
+                    pass
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise InputError("appeared while compiling (another compile wrote there?); nothing was replaced",
+                                 file=self.given, field="-o",
+                                 fix="pass --force to replace it, or choose another -o") from exc
+            raise
         self.committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -145,7 +145,15 @@ def _copy_onnx_inline(src: Path, dst: Path) -> None:
     """Bundles hold one self-contained file: external data (already path-checked) is pulled inline."""
     import onnx
 
-    model = onnx.load(str(src), load_external_data=True)
+    try:
+        model = onnx.load(str(src), load_external_data=True)
+    except (ValueError, OSError, MemoryError, OverflowError) as exc:
+        # onnx checks offset/length against the data file only now (ValueError); a length that fits the
+        # file but not in memory is a MemoryError. The first line names the tensor.
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise InputError(f"cannot read its external data ({detail})", file=src, field="external data",
+                         fix="re-export the model, or copy its external data files whole next to the .onnx "
+                             "file") from exc
     onnx.save(model, str(dst))
 
 
@@ -225,7 +233,8 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
     backend = target.backend
 
     from .bundle import BundleWriter
-    with BundleWriter(dest, force=cfg.force) as writer, _work_dir(writer) as work:
+    protect = {"MODEL": cfg.model, "--calib": cfg.calib, "--eval": cfg.eval, "--weights": cfg.weights}
+    with BundleWriter(dest, force=cfg.force, protect=protect) as writer, _work_dir(writer) as work:
         fp32 = work / "fp32.onnx"
         check_data = evald or calib
         if loaded.is_torch:

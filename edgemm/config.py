@@ -4,12 +4,16 @@ run can be saved (``--dump-config``) and replayed (``--config``)."""
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import InputError
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_cc")
+OPT_LEVELS = range(0, 6)   # TensorRT builder optimization levels (the CLI's --opt-level 0..5)
 
 
 @dataclass
@@ -79,16 +83,33 @@ class CompileConfig:
             raise InputError(f"unknown exporter {self.exporter!r}", field="--exporter", fix="dynamo or torchscript")
         if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
             raise InputError("must lie in [-1, 1]", field="--min-cosine", fix="e.g. --min-cosine 0.99")
+        if self.opt_level not in OPT_LEVELS:
+            raise InputError(f"must be 0..5, not {self.opt_level!r}", field="--opt-level", fix="e.g. --opt-level 3")
+        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
+            raise InputError(f"unknown level {self.hardware_compatibility!r}", field="--hardware-compatibility",
+                             fix=f"use one of {', '.join(HARDWARE_COMPATIBILITY)}")
+        if self.workspace_mb is not None and self.workspace_mb < 1:
+            raise InputError("must be >= 1", field="--workspace-mb", fix="e.g. --workspace-mb 1024, or leave it out")
+        if self.output is not None:  # before any work: --force must never delete the user's files
+            from .bundle import check_destination
+
+            check_destination(self.output, force=self.force, protect={
+                "MODEL": self.model, "--calib": self.calib, "--eval": self.eval, "--weights": self.weights})
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_file(cls, path: Path) -> "CompileConfig":
+        from .paths import require_regular_file
+
+        require_regular_file(path, field="--config", fix="pass a JSON file from --dump-config")
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read config ({exc})", file=path, fix="pass a JSON file from --dump-config") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            # ValueError: bad JSON or UTF-8, or an integer beyond Python's digit limit; RecursionError: deep nesting
+            raise InputError(f"cannot read config ({type(exc).__name__}: {str(exc)[:200]})", file=path,
+                             fix="pass a JSON file from --dump-config") from exc
         if not isinstance(data, dict):
             raise InputError("must be a JSON object", file=path, fix="pass a JSON file from --dump-config")
         known = {f.name for f in fields(cls)}
@@ -98,4 +119,59 @@ class CompileConfig:
                              fix=f"valid keys: {', '.join(sorted(known))}")
         if "model" not in data:
             raise InputError("missing key", file=path, field="model", fix="add the model path")
-        return cls(**data)
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            expected = hints[key]
+            if not _has_type(value, expected):
+                raise InputError(f"must be {_describe_type(expected)}, not {_describe_value(value)}", file=path,
+                                 field=key, fix="use the type --dump-config writes for this key")
+        cfg = cls(**data)
+        try:
+            cfg.validate()
+        except InputError as exc:
+            if exc.file is not None:  # the error names its own file (an output folder, say)
+                raise
+            # Name the config file and its key rather than the CLI flag.
+            key = (exc.field or "").lstrip("-").replace("-", "_")
+            raise type(exc)(exc.detail, file=path, field=key if key in hints else exc.field, fix=exc.fix) from exc
+        return cfg
+
+
+def _has_type(value, expected) -> bool:
+    """JSON value against a dataclass annotation: bool is only a real bool, int never a bool, float
+    accepts int, list[X] checks its items, Optional allows null."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(expected) or (object,)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _describe_type(expected) -> str:
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_type(a) for a in typing.get_args(expected))
+    if expected is type(None):
+        return "null"
+    if origin is list:
+        item = typing.get_args(expected)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, _describe_type(item))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        expected, getattr(expected, "__name__", str(expected)))
+
+
+def _describe_value(value) -> str:
+    kind = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    text = json.dumps(value) if isinstance(value, (bool, int, float, str)) else ""
+    return f"{kind} {text[:40]}".strip()

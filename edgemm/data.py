@@ -14,6 +14,7 @@ import numpy as np
 
 from .errors import InputError
 from .iospec import TensorSpec, describe_shape
+from .paths import require_regular_file
 
 LABELS_KEY = "labels"
 
@@ -37,15 +38,26 @@ class Dataset:
         return {k: v[:n] for k, v in self.arrays.items()}
 
 
-def _npz_files(path: Path) -> list[Path]:
+def _npz_files(path: Path, role: str | None = None) -> list[Path]:
+    # Regular files only: opening a FIFO (or reading a device) would block or never end.
+    require_regular_file(path, field=role, allow_dir=True,
+                         fix="pass an .npz file or a folder of them (not a pipe, device or socket)")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix == ".npz" and p.is_file())
+        try:
+            entries = sorted(p for p in path.iterdir() if p.suffix == ".npz")
+        except OSError as exc:
+            raise InputError(f"cannot list the folder ({exc.strerror or exc})", file=path, field=role,
+                             fix="check the folder's permissions") from exc
+        files = []
+        for entry in entries:
+            if entry.is_dir():  # a folder named *.npz is not data: skipped, as before
+                continue
+            files.append(require_regular_file(entry, field=role,
+                                              fix="keep only regular .npz files in the folder"))
         if not files:
             raise InputError("folder holds no .npz files", file=path,
                              fix="point --calib/--data at an .npz file or a folder of them")
         return files
-    if not path.exists():
-        raise InputError("no such file", file=path, fix="check the path")
     return [path]
 
 
@@ -96,7 +108,7 @@ def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_label
                  role: str = "--calib") -> Dataset:
     """Read and validate. With ``specs``, keys must match the inputs exactly (plus optional labels)."""
     path = Path(path)
-    files = _npz_files(path)
+    files = _npz_files(path, role)
     merged: dict[str, list[np.ndarray]] = {}
     for f in files:
         arrays = _read_npz(f)

@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import InputError
+from ..paths import require_regular_file
 from .base import LoadedModel, LoadOptions, check_zip_crc
 
 __all__ = ["load_model", "LoadedModel", "LoadOptions", "detect_format"]
@@ -28,6 +29,7 @@ def detect_format(spec: str) -> str:
     if path.is_dir():
         raise InputError("is a directory, expected a model file", file=spec,
                          fix="pass the model file itself (.pt, .pt2, .onnx)")
+    require_regular_file(path, field="MODEL", fix="pass the model file itself (not a pipe, device or socket)")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return "onnx"

@@ -117,3 +117,20 @@ def logged_error(records: list[logging.LogRecord]) -> str | None:
             text = str(record.exc_info[1]).strip().splitlines()
             return text[0] if text else type(record.exc_info[1]).__name__
     return None
+
+
+@contextmanager
+def torch_warnings_logged(path):
+    """Keep the Python warnings torch issues while reading a file (e.g. "Detected pickle protocol 4 in the
+    checkpoint...", two lines on stderr) off the console, so an error stays one line. They are passed on
+    to edgemm's logger at INFO level, so ``--verbose`` still shows them."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for w in caught:
+                log.info("%s: %s: %s", path, w.category.__name__, str(w.message).strip().splitlines()[0]
+                         if str(w.message).strip() else "")

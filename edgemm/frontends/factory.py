@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from pathlib import Path
 
 from ..errors import InputError, SecurityError
-from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of
+from ..paths import require_regular_file
+from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of, torch_warnings_logged
 from .torchscript import _first_line
 
 
@@ -48,8 +50,9 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
 
 
 def load_state_dict(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError("no such weights file", file=path, fix="check the --weights path")
+    if not os.path.lexists(path):
+        raise InputError("no such weights file", file=path, field="--weights", fix="check the --weights path")
+    require_regular_file(path, field="--weights", fix="pass a .safetensors or state_dict .pt file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -63,8 +66,12 @@ def load_state_dict(path: Path) -> dict:
     import torch
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch_warnings_logged(path):
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if _looks_like_safetensors(path):
+            raise InputError(f"is a safetensors file, but its name ends in {path.suffix or '(no suffix)'!r}",
+                             file=path, field="--weights", fix="rename it to end in .safetensors") from exc
         raise SecurityError("the weights file holds more than tensors and would run code when unpickled",
                             file=path, fix="save model.state_dict() (or use .safetensors)") from exc
     except Exception as exc:
@@ -74,3 +81,14 @@ def load_state_dict(path: Path) -> dict:
         raise InputError(f"holds a {type(state).__name__}, not a state_dict", file=path,
                          fix="save model.state_dict()")
     return state
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON object of that length."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = path.stat().st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path, PurePath
 
 from ..errors import InputError, SecurityError
+from ..paths import require_regular_file
 from ..iospec import TensorSpec
 from .base import LoadedModel, LoadOptions, sha256_of
 from .torchscript import _first_line
@@ -75,7 +78,14 @@ def check_external_data(model, path: Path) -> None:
     for tensor in _all_tensors(model):
         if not uses_external_data(tensor):
             continue
-        location = ExternalDataInfo(tensor).location
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown keys: onnx ignores them, and so does edgemm
+                info = ExternalDataInfo(tensor)
+        except ValueError as exc:  # a negative or non-numeric offset/length
+            raise InputError(f"bad external data entry ({exc})", file=path, field=f"initializer {tensor.name!r}",
+                             fix="re-export the model") from exc
+        location = info.location
         pure = PurePath(location)
         target = (path.parent / location)
         if (not location or pure.is_absolute() or ".." in pure.parts or location.startswith(("/", "\\"))
@@ -83,6 +93,15 @@ def check_external_data(model, path: Path) -> None:
             raise SecurityError(f"external data location {location!r} escapes the model's folder", file=path,
                                 field=f"initializer {tensor.name!r}",
                                 fix="keep external data files next to the .onnx file with relative names")
-        if not target.is_file():
+        if not os.path.lexists(target):
             raise InputError(f"external data file {location!r} is missing", file=path,
                              field=f"initializer {tensor.name!r}", fix="copy it next to the .onnx file")
+        require_regular_file(target, field=f"initializer {tensor.name!r}",
+                             fix="external data must be a regular file next to the .onnx file")
+        size = target.stat().st_size
+        offset, length = info.offset or 0, info.length
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            span = f"offset {offset}" + ("" if length is None else f" + length {length}")
+            raise InputError(f"external data {span} lies beyond the end of {location!r} ({size} bytes)",
+                             file=path, field=f"initializer {tensor.name!r}",
+                             fix="re-export the model, or copy its external data file whole")

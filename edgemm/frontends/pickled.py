@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 
 from ..errors import InputError, SecurityError
-from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of
+from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of, torch_warnings_logged
 from .torchscript import _first_line
 
 
@@ -16,7 +16,8 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
 
     path = Path(spec)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch_warnings_logged(path):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _looks_like_pickle(path):  # garbage bytes, not a refused pickle
             raise InputError(f"cannot read model file ({_first_line(exc)})", file=path,
@@ -59,7 +60,8 @@ def _load_trusted(path: Path):
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
+        with torch_warnings_logged(path):
+            return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise InputError(f"cannot unpickle model ({_first_line(exc)})", file=path,
                          fix="re-save the model; its classes must be importable here") from exc
