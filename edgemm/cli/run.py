@@ -35,11 +35,18 @@ def command(bundle, data, output, batch_size):
         for name, value in b.run(batch).items():
             chunks[name].append(value)
     out = {}
-    for name, parts in chunks.items():
-        try:
-            out[name] = np.concatenate(parts, axis=0)
-        except ValueError:  # outputs like [B, B] similarity do not stack across batches
-            out[name] = np.stack(parts) if len({p.shape for p in parts}) == 1 else parts[0]
+    for spec in b.outputs:
+        parts = chunks[spec.name]
+        if len(parts) == 1 or _per_sample(spec, parts):
+            out[spec.name] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+            continue
+        # An output that relates samples of one call (a [batch, batch] similarity) has no per-sample rows:
+        # concatenating calls would be wrong, so each call's output is kept under its own key.
+        for i, part in enumerate(parts):
+            out[f"{spec.name}.{i}"] = part
+        click.echo(f"note: {spec.name} {list(spec.shape)} spans each call's batch: saved per call as "
+                   f"{spec.name}.0 .. {spec.name}.{len(parts) - 1} (--batch-size {batch_size}); use "
+                   f"--batch-size {ds.num_samples} for one matrix over all samples", err=True)
     _check_output(out_path)  # again: it may have changed during the run
     made = [p for p in [out_path.parent, *out_path.parent.parents] if not p.exists()]
     tmp = out_path.with_name(f".{out_path.stem}.tmp-{os.getpid()}.npz")
@@ -61,6 +68,14 @@ def command(bundle, data, output, batch_size):
         raise
     click.echo(f"wrote {out_path}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items()))
     return 0
+
+
+def _per_sample(spec, parts) -> bool:
+    """Axis 0 is the batch and no other axis is (else the output mixes samples of one call)."""
+    shape = list(spec.shape)
+    if not shape or not isinstance(shape[0], str) or shape[0] in shape[1:]:
+        return False
+    return len({p.shape[1:] for p in parts}) == 1
 
 
 def _check_output(out_path: Path) -> None:
