@@ -280,9 +280,10 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
         manifest = writer.write_manifest(manifest)
         report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say)
         if report is not None and not report.get("passed", True) and evald is not None:
+            task_failed = any(f.startswith("task ") for f in report["failures"])
             raise ParityError("bundle fails verification: " + "; ".join(report["failures"]), file=cfg.eval,
-                              fix="use a higher precision, more calibration data, or relax the thresholds "
-                                  "(--min-cosine)")
+                              fix="use a higher precision, more calibration data, or relax the thresholds ("
+                                  + ("--max-metric-drop" if task_failed else "--min-cosine") + ")")
         writer.commit()
     return CompileResult(dest, manifest, report)
 
@@ -446,7 +447,8 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
         write_reports(stage, report)
         return report
     run, simulated = runner
-    thresholds = with_overrides(defaults_for(manifest["precision"]["mode"]), min_cosine=cfg.min_cosine)
+    thresholds = with_overrides(defaults_for(manifest["precision"]["mode"]), min_cosine=cfg.min_cosine,
+                                max_metric_drop=cfg.max_metric_drop)
     if cfg.accuracy_target:
         # The search already held the bundle to the user's own target on this data; the per-precision
         # defaults would judge it by a bar the user did not ask for. The report still shows every figure.

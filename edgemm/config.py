@@ -38,6 +38,7 @@ class CompileConfig:
     output_names: str | None = None      # comma-separated names for tuple outputs
     int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
     min_cosine: float | None = None      # accuracy bar for verification / recipe selection
+    max_metric_drop: float | None = None # task-metric drop allowed by --eval verification, points
     calib_samples: int = 256             # cap on calibration samples used
     prune: str | None = None             # "0.3" or "vision=0.3,text=0.2"
     recover: int = 0                     # distillation steps after pruning
@@ -81,6 +82,8 @@ class CompileConfig:
             raise InputError("must be >= 1", field="--max-batch", fix="e.g. --max-batch 64")
         if self.exporter not in ("dynamo", "torchscript"):
             raise InputError(f"unknown exporter {self.exporter!r}", field="--exporter", fix="dynamo or torchscript")
+        if self.max_metric_drop is not None and not (0 <= self.max_metric_drop <= 100):
+            raise InputError("must be from 0 to 100 points", field="--max-metric-drop", fix="e.g. --max-metric-drop 1.0")
         if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
             raise InputError("must lie in [-1, 1]", field="--min-cosine", fix="e.g. --min-cosine 0.99")
         if self.opt_level not in OPT_LEVELS:

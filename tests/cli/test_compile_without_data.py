@@ -67,3 +67,15 @@ def test_input_flags_only_give_a_dynamic_batch_bundle(cli, tmp_path):
              "audio": rng.standard_normal((5, 10, 8)).astype(np.float32)}
     outputs = bundle.run(feeds)
     assert all(np.asarray(v).shape[0] == 5 for v in outputs.values())
+
+
+def test_max_metric_drop_reaches_the_compile_verification(cli, tiny, tmp_path):
+    out = tmp_path / "b"
+    res = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "--eval", tiny["eval"],
+              "--max-metric-drop", "2.5", "-o", out)
+    assert res.returncode == 0, res.stderr
+    import json
+    assert json.loads((out / "report.json").read_text())["thresholds"]["max_metric_drop"] == 2.5
+    res = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "--eval", tiny["eval"],
+              "--max-metric-drop", "-1", "-o", tmp_path / "c")
+    assert res.returncode == 2 and "--max-metric-drop" in res.stderr and not (tmp_path / "c").exists()
