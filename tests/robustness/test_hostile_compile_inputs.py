@@ -81,21 +81,21 @@ def test_force_never_deletes_a_folder_that_is_not_a_bundle(tmp_path):
 def test_force_never_deletes_a_folder_with_a_foreign_manifest(tmp_path, manifest):
     user = _user_folder(tmp_path)
     (user / "manifest.json").write_bytes(manifest)
-    before = tree_snapshot(user)
-    with pytest.raises(InputError, match="not an edgemm bundle"):
-        with BundleWriter(user, force=True):
-            pass
-    assert tree_snapshot(user) == before
+    _force_is_refused(user, "not an edgemm bundle")
 
 
 def test_force_never_deletes_user_files_kept_inside_a_bundle(tmp_path):
     bundle = _fake_bundle(tmp_path / "bundle")
     (bundle / "my-notes.txt").write_text("keep me\n")
-    before = tree_snapshot(bundle)
-    with pytest.raises(InputError, match="my-notes.txt"):
-        with BundleWriter(bundle, force=True):
+    _force_is_refused(bundle, "my-notes.txt")
+
+
+def _force_is_refused(folder, match):
+    before = tree_snapshot(folder)
+    with pytest.raises(InputError, match=match):
+        with BundleWriter(folder, force=True):
             pass
-    assert tree_snapshot(bundle) == before
+    assert tree_snapshot(folder) == before
 
 
 def test_force_still_replaces_a_bundle_and_an_empty_folder(tmp_path):
