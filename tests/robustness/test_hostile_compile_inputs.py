@@ -9,7 +9,8 @@ import json
 import os
 import pickle
 import shutil
-import threading
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from edgemm.bundle import STAGING_PREFIX, BundleWriter
 from edgemm.config import CompileConfig
 from edgemm.errors import EdgemmError, InputError
-from tests.robustness.helpers import error_lines, run_edgemm, tree_snapshot
+from tests.robustness.helpers import cli_env, error_lines, run_edgemm, tree_snapshot
 
 
 def _one_line_error(res, rc=2) -> str:
@@ -225,71 +226,78 @@ def test_commit_with_force_rechecks_what_it_replaces(tmp_path):
 
 @pytest.fixture
 def fifos(tmp_path):
-    made = []
-
     def make(name: str) -> Path:
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         os.mkfifo(path)
-        made.append(path)
         return path
 
-    yield make
-    for path in made:  # release a reader a failing test left blocked in open()
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass
+    return make
 
 
-def _finishes(fn, seconds: float = 30.0):
-    """Run ``fn`` on a thread; return the exception it raised (None if none). Fails if it blocks."""
-    box: dict = {}
+_PROBE = """
+import json, sys
+from pathlib import Path
+from edgemm.errors import InputError
+call, arg, role = sys.argv[1], sys.argv[2], sys.argv[3]
+try:
+    if call == "model":
+        from edgemm.frontends import load_model
+        load_model(arg)
+    elif call == "data":
+        from edgemm.data import load_dataset
+        load_dataset(Path(arg), role=role)
+    elif call == "weights":
+        from edgemm.frontends.factory import load_state_dict
+        load_state_dict(Path(arg))
+    else:
+        from edgemm.config import CompileConfig
+        CompileConfig.from_file(Path(arg))
+except InputError as exc:
+    print(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+else:
+    print(json.dumps({"type": None}))
+"""
 
-    def target():
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
-            box["exc"] = exc
 
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{fn} still blocked after {seconds}s"
-    return box.get("exc")
+def _refused(call: str, path: Path, role: str = "--calib") -> str:
+    """Load ``path`` the way edgemm does, in a subprocess (a load blocked in open() on a FIFO may hold
+    the GIL, so a thread cannot time it out); return the InputError's message. Fails if it blocks."""
+    try:
+        res = subprocess.run([sys.executable, "-c", _PROBE, call, str(path), role], cwd=path.parent,
+                             env=cli_env(), capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading {path} ({call}) still blocked after 60 s")
+    assert res.returncode == 0, res.stderr[-2000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["type"] is not None, f"{path} was accepted"
+    return result["message"]
 
 
 @pytest.mark.parametrize("name", ["fifo.pt", "fifo.pt2", "fifo.onnx", "fifo.jit"])
 def test_model_fifo_is_refused_not_waited_on(fifos, name):
-    from edgemm.frontends import load_model
-
     path = fifos(name)
-    exc = _finishes(lambda: load_model(str(path)))
-    assert isinstance(exc, InputError) and "named pipe" in str(exc) and str(path) in str(exc), exc
+    message = _refused("model", path)
+    assert "named pipe" in message and str(path) in message, message
 
 
 def test_data_fifo_is_refused_not_waited_on(fifos, tmp_path):
-    from edgemm.data import load_dataset
-
-    path = fifos("fifo.npz")
-    exc = _finishes(lambda: load_dataset(path, role="--calib"))
-    assert isinstance(exc, InputError) and "named pipe" in str(exc) and "--calib" in str(exc), exc
+    message = _refused("data", fifos("fifo.npz"), role="--calib")
+    assert "named pipe" in message and "--calib" in message, message
     folder = tmp_path / "calib"
     folder.mkdir()
     np.savez(folder / "a.npz", x=np.zeros((2, 3), np.float32))
     inner = fifos("calib/b.npz")
-    exc = _finishes(lambda: load_dataset(folder, role="--data"))
-    assert isinstance(exc, InputError) and str(inner) in str(exc) and "named pipe" in str(exc), exc
+    message = _refused("data", folder, role="--data")
+    assert str(inner) in message and "named pipe" in message, message
 
 
 def test_weights_and_config_fifos_are_refused_not_waited_on(fifos):
-    from edgemm.frontends.factory import load_state_dict
-
     for name in ("w.pt", "w.safetensors"):
-        exc = _finishes(lambda: load_state_dict(fifos(name)))
-        assert isinstance(exc, InputError) and "--weights" in str(exc) and "named pipe" in str(exc), exc
-    exc = _finishes(lambda: CompileConfig.from_file(fifos("cfg.json")))
-    assert isinstance(exc, InputError) and "--config" in str(exc) and "named pipe" in str(exc), exc
+        message = _refused("weights", fifos(name))
+        assert "--weights" in message and "named pipe" in message, message
+    message = _refused("config", fifos("cfg.json"))
+    assert "--config" in message and "named pipe" in message, message
 
 
 def test_character_device_is_refused(tmp_path):
