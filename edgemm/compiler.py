@@ -375,11 +375,7 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
     data = evald or calib
     output_names = _output_names(cfg, loaded)
     task = _find_task(loaded)
-    task_t = (task["metric"], task["outputs"]) if task else None
-    if task_t is None and output_names:
-        from .parity.verify import guess_task
-
-        task_t = guess_task(output_names)
+    task_t = (task["metric"], task["outputs"]) if task else None  # else compare() guesses from output names
     info["comparison"] = compare(module, student, names, {n: data.arrays[n] for n in names},
                                  info.get("structured"), labels=data.labels if evald is not None else None,
                                  task=task_t, output_names=output_names)

@@ -196,13 +196,15 @@ SESSION_VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def cpu_session(path: Path, *, spinning: bool = True, disabled_optimizers: Sequence[str] = ()):
+def cpu_session(path: Path, *, spinning: bool = True, disabled_optimizers: Sequence[str] = (),
+                intra_op_threads: int = 0):
     """An ORT CPU session with all graph optimizations (less ``disabled_optimizers``), as the runtime
-    would open it."""
+    would open it; ``intra_op_threads`` 0 is ORT's default."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = intra_op_threads
     so.log_severity_level = 3
     if not spinning:
         # Idle-spinning pools of the other interleaved sessions steal the cores (measured ~3x on 2 cores).

@@ -28,19 +28,13 @@ def tune_intra_op_threads(model_path: Path, feeds: Mapping[str, np.ndarray], *,
     import os
     import time
 
-    import onnxruntime as ort
-
     from ...parity.latency import measure_interleaved
+    from ...quant.cpu_int8 import cpu_session
 
     if (os.cpu_count() or 1) < 2:
         return {"intra_op_threads": 0, "note": "one CPU core: nothing to choose"}
-    sessions = {}
-    for label, threads in (("default", 0), ("1", 1)):
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions[label] = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"],
-                                               disabled_optimizers=list(disabled_optimizers))
+    sessions = {label: cpu_session(model_path, spinning=False, disabled_optimizers=disabled_optimizers,
+                                   intra_op_threads=threads) for label, threads in (("default", 0), ("1", 1))}
     feeds = dict(feeds)
     start = time.perf_counter()
     sessions["default"].run(None, feeds)
