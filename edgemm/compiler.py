@@ -225,7 +225,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
     for ds in (calib, evald):
         if ds is not None:
             load_dataset(ds.path, specs=specs, allow_labels=True)  # re-validate against the final specs
-    prune_info = None
+    prune_info, unpruned = None, loaded
     if cfg.prune or cfg.sparsity:
         loaded, prune_info = _prune_stage(loaded, specs, calib, evald, cfg, say)
     name = cfg.name or default_name(loaded)
@@ -245,6 +245,9 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
                               output_names=_output_names(cfg, loaded))
             export_info = {"exporter": exp.exporter, "opset": exp.opset, "notes": exp.notes,
                            "fp32_parity": {k: v.to_dict() for k, v in exp.parity.items()}}
+            if prune_info and prune_info.get("structured"):
+                prune_info["comparison"]["onnx_latency"] = _onnx_prune_latency(
+                    unpruned, fp32, work, specs, calib, check_data, cfg, say)
         else:
             _copy_onnx_inline(loaded.onnx_path, fp32)
             export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
@@ -382,6 +385,30 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
     for line in summary_lines(info["comparison"]):
         say(f"  {line}")
     return with_pruned_module(loaded, student, example), info
+
+
+def _onnx_prune_latency(unpruned: LoadedModel, pruned_fp32: Path, work: Path, specs, calib, data, cfg, say) -> dict:
+    """Export the unpruned model too and time both FP32 graphs in ONNX Runtime (batch 1 and the compare
+    batch, or the fixed batch): the latency the bundle gains, where torch eager timing can hide it."""
+    from .export import export_onnx
+    from .prune.compare import LATENCY_BATCH, onnx_latency, onnx_summary
+
+    static = specs and specs[0].shape and isinstance(specs[0].shape[0], int)
+    batches = (_batch_of(specs),) if static else (1, LATENCY_BATCH)
+    before = work / "unpruned" / "fp32.onnx"
+    before.parent.mkdir()
+    say("  exporting the unpruned model too, to time both graphs in ONNX Runtime")
+    try:
+        export_onnx(unpruned, specs, sample_feeds(calib or data, specs, 2), sample_feeds(data, specs, 3), before,
+                    prefer=cfg.exporter, output_names=_output_names(cfg, unpruned))
+        result = onnx_latency(before, pruned_fp32, {b: sample_feeds(data, specs, b) for b in batches})
+    except Exception as exc:  # a measurement, never a reason to fail the compile
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        result = {"note": f"not measured ({type(exc).__name__}: {first})"}
+    finally:
+        shutil.rmtree(before.parent, ignore_errors=True)
+    say(f"  {onnx_summary(result)}")
+    return result
 
 
 def _batch_of(specs) -> int:

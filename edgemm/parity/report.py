@@ -69,6 +69,11 @@ def _prune_section(comparison: dict | None) -> list[str]:
                          f"{b['flops_before']:,} -> {b['flops_after']:,} | {ms} |")
         if lat:
             lines.append(f"| whole model | | | {lat['total_ms_before']:.2f} -> {lat['total_ms_after']:.2f} |")
+    from ..prune.compare import onnx_summary  # numpy only: reports stay torch-free
+
+    onnx = onnx_summary(comparison.get("onnx_latency"))
+    if onnx:
+        lines += ["", onnx[0].upper() + onnx[1:] + "."]
     task = comparison.get("task")
     if task:
         lines += ["", f"Task metric **{task['metric']}** on {task['samples']} samples: unpruned "

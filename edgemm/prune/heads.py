@@ -12,8 +12,10 @@ torch-pruning's own layer functions, and the attribute is updated. Recognised la
   sibling such as ``attention_output``, or a Linear inside a sibling block (Hugging Face BERT's
   ``attention.self`` + ``attention.output.dense``)
 
-with the head count in ``heads`` / ``num_heads`` / ``num_attention_heads`` / ``n_heads``. Modules that
-reshape with module-level constants instead of attributes are left alone (their MLPs still prune).
+with the head count in ``heads`` / ``num_heads`` / ``num_attention_heads`` / ``n_heads``, or, for the
+graph modules of an unflattened ``.pt2`` program, in the literal shapes of its reshapes
+(``reshape(q, [B, N, heads, head_dim])``): those literals are rewritten with the new head count. Modules
+that reshape with module-level constants instead of attributes are left alone (their MLPs still prune).
 Every removal is checked afterwards (see structured.verify_equivalent).
 """
 
@@ -69,15 +71,16 @@ def _linear_children(module, nn) -> dict:
 def _match(path, sub, parent, parent_path, nn):
     head_attr = next((a for a in HEAD_ATTRS if isinstance(getattr(sub, a, None), int)
                       and not isinstance(getattr(sub, a), bool)), None)
-    if head_attr is None or getattr(sub, head_attr) < 2:
-        return None
-    heads = getattr(sub, head_attr)
     linear = _linear_children(sub, nn)
     layout = _layout(linear)
     if layout is None:
         return None
     kind, roles, width = layout
-    if width % heads:
+    if head_attr is not None:
+        heads = getattr(sub, head_attr)
+    else:
+        head_attr, heads = GRAPH_HEADS, program_heads(sub, width)
+    if heads is None or heads < 2 or width % heads:
         return None
     out_name = next((n for n in OUT_NAMES if n in linear and linear[n].in_features == width), None)
     out, out_path = (linear[out_name], f"{path}.{out_name}" if path else out_name) if out_name else (None, "")
@@ -152,11 +155,62 @@ def remove_heads(site: AttentionSite, drop: list[int]) -> None:
             tp.prune_linear_out_channels(site.layer(role), rows)
     tp.prune_linear_in_channels(site.out, rows)
     new_heads = site.heads - len(drop)
-    setattr(site.module, site.head_attr, new_heads)
+    if site.head_attr == GRAPH_HEADS:
+        rewrite_program_heads(site.module, site.heads, new_heads, site.head_dim)
+    else:
+        setattr(site.module, site.head_attr, new_heads)
     for attr in WIDTH_ATTRS:
         if getattr(site.module, attr, None) == width:
             setattr(site.module, attr, new_heads * site.head_dim)
     site.heads = new_heads
+
+
+# -- .pt2 programs: the head count is a literal in the graph's reshapes -----------------------------------
+
+GRAPH_HEADS = "<program reshapes>"   # AttentionSite.head_attr of a graph module without a head attribute
+
+
+def _reshapes(graph):
+    import torch
+
+    aten = torch.ops.aten
+    kinds = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in kinds
+            and len(n.args) > 1 and isinstance(n.args[1], (list, tuple))]
+
+
+def program_heads(sub, width: int) -> int | None:
+    """The head count of an unflattened program's attention module: every reshape that splits the
+    projection width into [..., heads, head_dim] must agree on it. None when there is no graph or no
+    such reshape (the module is then left alone)."""
+    graph = getattr(sub, "graph", None)
+    if graph is None or not hasattr(sub, "finalize"):
+        return None
+    found = set()
+    for node in _reshapes(graph):
+        shape = node.args[1]
+        if len(shape) >= 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shape[-2:]):
+            heads, head_dim = shape[-2:]
+            if heads >= 2 and head_dim >= 1 and heads * head_dim == width:
+                found.add(heads)
+    return found.pop() if len(found) == 1 else None
+
+
+def rewrite_program_heads(sub, heads: int, new_heads: int, head_dim: int) -> None:
+    """Rewrite the literal shapes of ``sub``'s graph for ``new_heads``: [.., heads, head_dim] splits and
+    trailing heads * head_dim merges. Hand-written because no library edits head counts inside an
+    exported program; a wrong rewrite fails the equivalence check and the heads are kept."""
+    width, new_width = heads * head_dim, new_heads * head_dim
+    for node in _reshapes(sub.graph):
+        shape = list(node.args[1])
+        if len(shape) >= 2 and shape[-2:] == [heads, head_dim]:
+            shape[-2] = new_heads
+        elif shape and shape[-1] == width:
+            shape[-1] = new_width
+        else:
+            continue
+        node.args = (node.args[0], shape, *node.args[2:])
+    sub.finalize()  # regenerates the GraphModule code that export tracing runs
 
 
 def attention_layers(sites: list[AttentionSite]) -> dict:

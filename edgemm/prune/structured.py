@@ -75,11 +75,15 @@ def ordered_input_names(module, feeds: Mapping[str, np.ndarray]) -> list[str]:
 
 
 def keep_count(channels: int, ratio: float, round_to: int = ROUND_TO) -> int:
-    """Channels kept when pruning ``ratio`` of ``channels``: nearest multiple of ``round_to`` for wide
-    layers (so GEMMs keep aligned widths), at least one."""
+    """Channels kept when pruning ``ratio`` of ``channels``: at least ``ratio`` is removed, and layers of
+    ``2 * round_to`` channels and more keep a multiple of ``round_to``: GEMMs keep aligned widths, and ONNX
+    Runtime's blocked (NCHWc) convolutions (the pruned cross-attention model ran 1.17x slower with a
+    17-channel conv than with 16).
+    Rounding the kept count *down* is torch-pruning's ``round_to`` rule: ``--prune 0.3`` then means at
+    least 30% of the channels, where rounding to the nearest multiple removed 25% of a 64-wide layer."""
     keep = channels - int(round(ratio * channels))
     if round_to > 1 and channels >= 2 * round_to and keep < channels:
-        keep = max(round_to, int(round(keep / round_to)) * round_to)
+        keep = max(round_to, keep // round_to * round_to)
     return max(1, min(channels, keep))
 
 

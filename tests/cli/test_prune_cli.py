@@ -40,6 +40,15 @@ def test_compile_prune_recover_int8_reports_before_and_after(cli, tmp_path, dual
         b = comparison["branches"][branch]
         assert b["params_after"] < b["params_before"] and b["flops_after"] < b["flops_before"]
         assert b["ms_before"] > 0 and b["ms_after"] > 0
+    # The .pt2's attention heads are found in its reshapes and removed (1 of 4 per layer at 0.3).
+    sites = prune["structured"]["attention"]
+    assert len(sites) == 4 and all(s["heads_after"] == 3 < s["heads_before"] == 4 for s in sites)
+    # The deployed graphs, unpruned and pruned, timed side by side in ONNX Runtime.
+    onnx = comparison["onnx_latency"]
+    assert set(onnx["batches"]) == {"1", "8"}
+    for row in onnx["batches"].values():
+        assert row["ms_before"] > 0 and row["ms_after"] > 0
+        assert row["ratio"] == pytest.approx(row["ms_after"] / row["ms_before"], rel=1e-3)
     task = comparison["task"]
     card = zoo.get("dual-encoder")
     assert task["metric"] == card.metric and task["samples"] == 512
@@ -51,6 +60,7 @@ def test_compile_prune_recover_int8_reports_before_and_after(cli, tmp_path, dual
     md = (bundle / "report.md").read_text()
     assert "Pruning: unpruned -> pruned" in md and f"unpruned {task['before']:.2f}" in md
     assert "task recall@1 on 512 samples: unpruned" in res.stdout
+    assert "Whole model as ONNX: batch 1 " in md and "whole model as ONNX: batch 1 " in res.stdout
 
 
 @pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "2"])

@@ -102,6 +102,17 @@ def test_keep_count_rounds_wide_layers_and_keeps_one():
     assert keep_count(2, 0.9) == 1
 
 
+def test_keep_count_removes_at_least_the_ratio_in_aligned_widths():
+    # Rounding to the nearest multiple of 8 would keep 48 of 64 (25% pruned for --prune 0.3).
+    for channels in (16, 24, 48, 64, 100, 128, 384, 1536):
+        for ratio in (0.1, 0.3, 0.5):
+            keep = keep_count(channels, ratio)
+            assert keep % 8 == 0 and 8 <= keep < channels
+            assert 1 - keep / channels >= ratio - 0.5 / channels, (channels, ratio, keep)
+    assert keep_count(64, 0.3) == 40
+    assert keep_count(24, 0.3) == 16
+
+
 # -- branches ---------------------------------------------------------------------------------------
 
 def test_find_branches_on_toy_fused_model():
@@ -322,6 +333,30 @@ def test_exported_program_is_pruned_and_exported_again(tmp_path):
     out = new.module(*(torch.from_numpy(v) for v in toy_data(7).values()))
     assert out.shape == (7, 5)
     assert sum(p.numel() for p in new.exported_program.parameters()) < sum(p.numel() for p in program.parameters())
+
+
+def test_exported_program_heads_are_pruned_through_its_reshapes(tmp_path):
+    """A .pt2 has no head-count attribute: the head count is read from, and rewritten in, the literal
+    shapes of the program's reshapes; the pruned program is exported again and runs at any batch."""
+    from edgemm.frontends import load_model
+    from edgemm.prune.heads import find_attention
+
+    model = toy_model()
+    feeds = toy_data(4)
+    args = tuple(torch.from_numpy(feeds[k]) for k in ("image", "input_ids"))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, args, dynamic_shapes={"image": {0: batch}, "input_ids": {0: batch}})
+    torch.export.save(program, tmp_path / "toy.pt2")
+    loaded = load_model(str(tmp_path / "toy.pt2"))
+    module = prunable_module(loaded)
+    sites = find_attention(module)
+    assert [(s.path, s.heads) for s in sites] == [("text_block.attn", 4)]
+    pruned, report = prune(module, feeds, toy_data(32), {"text": 0.5}, input_names=loaded.input_names)
+    assert report["branches"]["text"]["heads_removed"] == 2 and not report["notes"]
+    assert [(s.path, s.heads) for s in find_attention(pruned)] == [("text_block.attn", 2)]
+    new = with_pruned_module(loaded, pruned, feeds)
+    out = new.module(*(torch.from_numpy(v) for v in toy_data(7).values()))
+    assert out.shape == (7, 5)
 
 
 # -- 2:4 sparsity -----------------------------------------------------------------------------------
