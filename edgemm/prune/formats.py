@@ -4,9 +4,9 @@
 - ``.pt2`` (torch.export): ``torch.export.unflatten`` restores the module tree, but every layer becomes
   a graph-interpreting module that a dependency graph cannot read; the leaf layers whose graph is a
   single linear / conv / batch-norm / layer-norm / embedding call are turned back into those
-  ``nn`` layers (same tensors), which makes MLP and conv channels prunable. Attention heads are not:
-  the head count is baked into the program's reshapes. The pruned module is exported again with the
-  program's dynamic batch.
+  ``nn`` layers (same tensors), which makes MLP and conv channels prunable. Attention heads too, where the
+  head count can be read from the program's reshapes (heads.program_heads). The pruned module is exported
+  again with the program's dynamic batch.
 - TorchScript and ONNX: refused; their graphs fix every shape.
 """
 
