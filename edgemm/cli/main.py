@@ -57,6 +57,9 @@ def cli(ctx, verbose):
     # Third-party libraries (onnxruntime.quantization, modelopt) log advice through the root logger; only
     # edgemm's own warnings are shown unless --verbose.
     logging.basicConfig(level=logging.INFO if verbose else logging.ERROR, format="%(message)s")
+    # Python warnings from torch / onnx (deprecations, tracer notes: edgemm itself issues none) go the same
+    # way: through the "py.warnings" logger, on the console only with --verbose.
+    logging.captureWarnings(True)
     logging.getLogger("edgemm").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
