@@ -316,16 +316,21 @@ def test_can_prune_refuses_torchscript_and_onnx_in_one_line():
     can_prune(LoadedModel(source="pkg.mod:fn", format="factory", sha256="", name="fn", module=toy_model()))
 
 
-def test_exported_program_is_pruned_and_exported_again(tmp_path):
+def _toy_program(tmp_path):
+    """toy_model() saved as a .pt2 with a dynamic batch, and loaded back as edgemm loads it."""
     from edgemm.frontends import load_model
 
-    model = toy_model()
     feeds = toy_data(4)
     args = tuple(torch.from_numpy(feeds[k]) for k in ("image", "input_ids"))
     batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, args, dynamic_shapes={"image": {0: batch}, "input_ids": {0: batch}})
+    program = torch.export.export(toy_model(), args, dynamic_shapes={"image": {0: batch}, "input_ids": {0: batch}})
     torch.export.save(program, tmp_path / "toy.pt2")
-    loaded = load_model(str(tmp_path / "toy.pt2"))
+    return program, load_model(str(tmp_path / "toy.pt2"))
+
+
+def test_exported_program_is_pruned_and_exported_again(tmp_path):
+    program, loaded = _toy_program(tmp_path)
+    feeds = toy_data(4)
     module = prunable_module(loaded)
     pruned, report = prune(module, feeds, toy_data(32), {"vision": 0.5}, input_names=loaded.input_names)
     assert report["total"]["params_after"] < report["total"]["params_before"]
@@ -338,16 +343,10 @@ def test_exported_program_is_pruned_and_exported_again(tmp_path):
 def test_exported_program_heads_are_pruned_through_its_reshapes(tmp_path):
     """A .pt2 has no head-count attribute: the head count is read from, and rewritten in, the literal
     shapes of the program's reshapes; the pruned program is exported again and runs at any batch."""
-    from edgemm.frontends import load_model
     from edgemm.prune.heads import find_attention
 
-    model = toy_model()
+    _, loaded = _toy_program(tmp_path)
     feeds = toy_data(4)
-    args = tuple(torch.from_numpy(feeds[k]) for k in ("image", "input_ids"))
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(model, args, dynamic_shapes={"image": {0: batch}, "input_ids": {0: batch}})
-    torch.export.save(program, tmp_path / "toy.pt2")
-    loaded = load_model(str(tmp_path / "toy.pt2"))
     module = prunable_module(loaded)
     sites = find_attention(module)
     assert [(s.path, s.heads) for s in sites] == [("text_block.attn", 4)]
