@@ -364,6 +364,8 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
         say(f"pruning: {cfg.prune}")
         student, info["structured"] = prune(module, example, calib_arrays, parse_prune_spec(cfg.prune),
                                             input_names=names)
+        for note in info["structured"]["notes"]:
+            say(f"  note: {note}")
     if cfg.sparsity:
         import copy
 

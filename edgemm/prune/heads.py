@@ -14,8 +14,10 @@ torch-pruning's own layer functions, and the attribute is updated. Recognised la
 
 with the head count in ``heads`` / ``num_heads`` / ``num_attention_heads`` / ``n_heads``, or, for the
 graph modules of an unflattened ``.pt2`` program, in the literal shapes of its reshapes
-(``reshape(q, [B, N, heads, head_dim])``): those literals are rewritten with the new head count. Modules
-that reshape with module-level constants instead of attributes are left alone (their MLPs still prune).
+(``reshape(q, [B, N, heads, head_dim])``, or ``[B, N, -1, head_dim]`` as Hugging Face writes it): those
+literals are rewritten with the new head count. Modules that reshape with module-level constants instead
+of attributes, and ``nn.MultiheadAttention`` (q/k/v packed in ``in_proj_weight``), keep their heads (their
+MLPs still prune); kept_attention() names them for the report.
 Every removal is checked afterwards (see structured.verify_equivalent).
 """
 
@@ -181,8 +183,8 @@ def _reshapes(graph):
 
 def program_heads(sub, width: int) -> int | None:
     """The head count of an unflattened program's attention module: every reshape that splits the
-    projection width into [..., heads, head_dim] must agree on it. None when there is no graph or no
-    such reshape (the module is then left alone)."""
+    projection width into [..., heads, head_dim] (or [..., -1, head_dim], as Hugging Face's view does)
+    must agree on it. None when there is no graph or no such reshape (the module is then left alone)."""
     graph = getattr(sub, "graph", None)
     if graph is None or not hasattr(sub, "finalize"):
         return None
@@ -191,9 +193,30 @@ def program_heads(sub, width: int) -> int | None:
         shape = node.args[1]
         if len(shape) >= 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in shape[-2:]):
             heads, head_dim = shape[-2:]
+            if heads == -1 and head_dim >= 1 and width % head_dim == 0:
+                heads = width // head_dim       # -1 follows the pruned width by itself: nothing to rewrite
             if heads >= 2 and head_dim >= 1 and heads * head_dim == width:
                 found.add(heads)
     return found.pop() if len(found) == 1 else None
+
+
+def kept_attention(module, sites: list[AttentionSite]) -> list[str]:
+    """Attention modules whose heads cannot be pruned (their MLPs and widths still can), for the report:
+    ``nn.MultiheadAttention`` (q/k/v packed in one parameter, also in a .pt2's graph modules) and q/k/v
+    layouts whose head count is neither an attribute nor readable from the reshapes."""
+    from torch import nn
+
+    found = {s.path for s in sites}
+    kept = []
+    for path, sub in module.named_modules():
+        if path in found or any(path.startswith(f"{p}.") for p in found):
+            continue
+        if isinstance(sub, nn.MultiheadAttention) or (
+                hasattr(sub, "graph") and isinstance(getattr(sub, "in_proj_weight", None), nn.Parameter)):
+            kept.append(f"{path or '<model>'} (q/k/v packed in in_proj_weight)")
+        elif _layout(_linear_children(sub, nn)) is not None:
+            kept.append(f"{path or '<model>'} (head count not found)")
+    return kept
 
 
 def rewrite_program_heads(sub, heads: int, new_heads: int, head_dim: int) -> None:

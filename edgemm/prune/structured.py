@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import InputError, ParityError
 from .branches import branch_of, find_branches
 from .fastpath import without_mha_fastpath
-from .heads import attention_layers, find_attention, head_scores, remove_heads
+from .heads import attention_layers, find_attention, head_scores, kept_attention, remove_heads
 from .importance import ActivationStats, group_importance
 from .measure import branch_costs
 from .spec import ratios_for
@@ -123,6 +123,11 @@ def prune(module, example_feeds: Mapping[str, np.ndarray], calib: Mapping[str, n
             stages[failed.stage] = False
             what = {"heads": "attention heads kept", "width": "residual width kept"}[failed.stage]
             notes.append(f"{what}: pruning them broke the model ({failed.error.detail})")
+    if stages["heads"] and any(ratios.values()):
+        kept = kept_attention(module, find_attention(module))
+        if kept:
+            notes.append(f"attention heads kept in {len(kept)} module(s): " + ", ".join(kept[:4])
+                         + (", ..." if len(kept) > 4 else ""))
     # recover() matches hidden states of narrowed residual streams against these teacher channels.
     student._edgemm_streams = [g.pop("_stream") for g in group_report if "_stream" in g]
     after = branch_costs(student, names, example_feeds, branches)

@@ -153,6 +153,28 @@ def test_padding_is_still_masked_after_pruning(pruned_bert):
     assert np.abs(run(pruned, shifted(~padded)) - base).max() > 1e-3
 
 
+def test_bert_heads_are_pruned_in_an_exported_program(tmp_path):
+    """In a .pt2, BERT's head split is view([B, N, -1, head_dim]): the head count is width / head_dim,
+    and the -1 follows the pruned width without a rewrite."""
+    from edgemm.frontends import load_model
+    from edgemm.prune import prunable_module, with_pruned_module
+
+    feeds = make_data(4, seed=1)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(build(), tuple(torch.from_numpy(feeds[k]) for k in INPUTS),
+                                  dynamic_shapes={k: {0: batch} for k in INPUTS})
+    torch.export.save(program, tmp_path / "bert.pt2")
+    loaded = load_model(str(tmp_path / "bert.pt2"))
+    module = prunable_module(loaded)
+    assert [(s.path, s.heads) for s in find_attention(module)] == [(f"{layer}.attention.self", HEADS)
+                                                                   for layer in LAYERS]
+    pruned, report = prune(module, feeds, make_data(64, seed=0), {"*": 0.3}, input_names=loaded.input_names)
+    assert report["branches"]["text"]["heads_removed"] == len(LAYERS) and not report["notes"]
+    new = with_pruned_module(loaded, pruned, feeds)
+    check = make_data(5, seed=4)
+    np.testing.assert_allclose(run(new.module, check), run(pruned, check), atol=1e-5)
+
+
 def test_cli_compile_prunes_recovers_and_quantizes_a_bert_factory(cli, tmp_path, monkeypatch):
     (tmp_path / f"{MODULE_NAME}.py").write_text(module_source())
     # the CLI runs in a subprocess: make `MODULE_NAME:build` importable there

@@ -76,6 +76,9 @@ def test_transformer_encoder_with_padding_mask_prunes():
     with torch.no_grad():
         assert pruned(*args).shape == model(*args).shape == (8, 5)
     assert torch.backends.mha.get_fastpath_enabled()  # restored after pruning
+    # nn.MultiheadAttention packs q/k/v in one parameter: its heads stay, and the report says so
+    note = next(n for n in report["notes"] if n.startswith("attention heads kept in 2 module(s)"))
+    assert "encoder.layers.0.self_attn (q/k/v packed in in_proj_weight)" in note
 
 
 def test_comparison_guesses_the_task_from_dict_output_names():
