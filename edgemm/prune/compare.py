@@ -38,7 +38,7 @@ def compare(teacher, student, input_names: Sequence[str], feeds: Mapping[str, np
         rows = min(LATENCY_BATCH, n)
         times = branch_times({"before": teacher, "after": student}, input_names,
                              {k: feeds[k][:rows] for k in input_names}, branches, iterations=LATENCY_ITERATIONS)
-        out["latency"] = {"batch": rows, "iterations": LATENCY_ITERATIONS, "device": "torch CPU",
+        out["latency"] = {"batch": rows, "iterations": LATENCY_ITERATIONS, "device": "torch CPU, 1 thread",
                           "total_ms_before": times["before"]["total"], "total_ms_after": times["after"]["total"]}
         for branch, v in structured["branches"].items():
             out["branches"][branch] = {
