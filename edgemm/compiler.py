@@ -54,6 +54,13 @@ def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset 
         if flags:
             raise InputError(f"{loaded.format} models carry their own input specs", field="--input",
                              fix="drop --input")
+        dynamic_batch = next((sp.name for sp in specs if sp.shape and isinstance(sp.shape[0], str)), None)
+        if not cfg.dynamic_batch and dynamic_batch:
+            # The program's (or ONNX graph's) own dims decide; silently keeping a dynamic batch would
+            # ignore the flag.
+            raise InputError(f"axis 0 of {dynamic_batch!r} is dynamic in the model file itself",
+                             file=loaded.source, field="--static-batch",
+                             fix="drop --static-batch, or export the model with a fixed batch")
         if loaded.format == "onnx":
             return _apply_ranges(specs, dynamic, cfg.max_batch)
         return _apply_ranges(specs, dynamic, cfg.max_batch, program_fixed=True)

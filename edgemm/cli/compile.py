@@ -30,7 +30,8 @@ from .options import verbose_option
 @click.option("--input", "inputs", multiple=True, help="NAME:SHAPE:DTYPE, e.g. image:1x3x224x224:float32.")
 @click.option("--dynamic", multiple=True, help="NAME:AXIS=MIN:OPT:MAX, e.g. input_ids:1=1:77:128.")
 @click.option("--output-names", help="Comma-separated names for the model's outputs, in order.")
-@click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed.")
+@click.option("--static-batch", is_flag=True,
+              help="Keep the batch dimension fixed (.pt2 and .onnx models keep their own dims).")
 @click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch (optimization profiles).")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="Exporter to try first.")

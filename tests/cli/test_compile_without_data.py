@@ -79,3 +79,12 @@ def test_max_metric_drop_reaches_the_compile_verification(cli, tiny, tmp_path):
     res = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "--eval", tiny["eval"],
               "--max-metric-drop", "-1", "-o", tmp_path / "c")
     assert res.returncode == 2 and "--max-metric-drop" in res.stderr and not (tmp_path / "c").exists()
+
+
+def test_static_batch_on_a_program_with_a_dynamic_batch_is_refused(cli, tiny, tmp_path):
+    """A .pt2 carries its own dims: --static-batch cannot fix them, and must not be silently ignored."""
+    res = cli("compile", tiny["pt2"], "--static-batch", "--calib", tiny["calib"], "-o", tmp_path / "b")
+    assert res.returncode == 2 and not (tmp_path / "b").exists()
+    line, = res.stderr.strip().splitlines()
+    assert "--static-batch: axis 0 of" in line and "is dynamic in the model file itself" in line
+    assert str(tiny["pt2"]) in line
