@@ -45,6 +45,9 @@ def default_name(loaded: LoadedModel) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip(".-") or "model"
 
 
+DEFAULT_MAX_BATCH = 64
+
+
 def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset | None) -> list[TensorSpec]:
     """In order of preference: the format's own specs (.pt2, .onnx), the calibration data, --input."""
     flags = [parse_input_flag(t) for t in cfg.inputs]
@@ -61,9 +64,7 @@ def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset 
             raise InputError(f"axis 0 of {dynamic_batch!r} is dynamic in the model file itself",
                              file=loaded.source, field="--static-batch",
                              fix="drop --static-batch, or export the model with a fixed batch")
-        if loaded.format == "onnx":
-            return _apply_ranges(specs, dynamic, cfg.max_batch)
-        return _apply_ranges(specs, dynamic, cfg.max_batch, program_fixed=True)
+        return _apply_ranges(specs, dynamic, cfg.max_batch, loaded.source)
     if flags:
         specs = flags
     elif calib is not None:
@@ -81,19 +82,27 @@ def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset 
             raise InputError(f"model inputs are ({', '.join(names)}) but got ({', '.join(by_name)})", file=where,
                              field=(missing or extra)[0], fix="name the data keys / --input after forward()'s arguments")
         specs = [by_name[n] for n in names]
-    return apply_dynamic_axes(specs, dynamic, dynamic_batch=cfg.dynamic_batch, max_batch=cfg.max_batch)
+    return apply_dynamic_axes(specs, dynamic, dynamic_batch=cfg.dynamic_batch,
+                              max_batch=cfg.max_batch or DEFAULT_MAX_BATCH)
 
 
-def _apply_ranges(specs, dynamic, max_batch, program_fixed=False):
-    """Formats with their own symbolic dims: give them ranges; --dynamic may only refine those."""
-    from .iospec import DimRange, dim_name
+def _apply_ranges(specs, dynamic, max_batch, source):
+    """Formats with their own symbolic dims: give them ranges; --dynamic may only refine those, and an
+    explicit --max-batch lowers the model's own batch bound (never raises it: the program may not run)."""
+    from .iospec import DimRange
 
     out = []
     for spec in specs:
         ranges = dict(spec.ranges)
         for axis, dim in enumerate(spec.shape):
             if isinstance(dim, str) and dim not in ranges:
-                ranges[dim] = DimRange(1, 1, max_batch) if axis == 0 else DimRange(1, 1, 4096)
+                ranges[dim] = DimRange(1, 1, max_batch or DEFAULT_MAX_BATCH) if axis == 0 else DimRange(1, 1, 4096)
+        if max_batch is not None and spec.shape and isinstance(spec.shape[0], str):
+            own = ranges[spec.shape[0]]
+            if not own.min <= max_batch <= own.max:
+                raise InputError(f"the model's own batch range for {spec.name!r} is {own.min}..{own.max}", file=source,
+                                 field="--max-batch", fix=f"give a value from {own.min} to {own.max}, or leave it out")
+            ranges[spec.shape[0]] = DimRange(own.min, min(own.opt, max_batch), max_batch)
         for d in dynamic:
             if d.input != spec.name:
                 continue
@@ -102,7 +111,6 @@ def _apply_ranges(specs, dynamic, max_batch, program_fixed=False):
                                  fix="re-export the model with that axis dynamic")
             ranges[spec.shape[d.axis]] = d.range
         out.append(TensorSpec(spec.name, spec.dtype, spec.shape, ranges))
-    del program_fixed, dim_name
     return out
 
 
@@ -201,10 +209,8 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
     from . import targets
     from .hostinfo import cpu_info, versions
 
-    cfg.validate()
-    # Validate the request before any work.
+    cfg.validate()  # before any work
     target = targets.load(cfg.target)
-    target.validate(cfg.precision, dla=cfg.dla)
     if cfg.precision_policy:
         from .quant.mixed import parse_precision_policy
 
@@ -214,12 +220,10 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
         from .quant.accuracy_search import parse_accuracy_target
 
         parse_accuracy_target(cfg.accuracy_target)
-    if cfg.prune or cfg.sparsity:
-        from .prune import check_sparsity_target, parse_prune_spec
+    if cfg.prune:
+        from .prune import parse_prune_spec
 
-        if cfg.prune:
-            parse_prune_spec(cfg.prune)
-        check_sparsity_target(target, cfg.sparsity)
+        parse_prune_spec(cfg.prune)
     for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval), ("--weights", cfg.weights)):
         if path and not Path(path).exists():
             raise InputError("no such file or folder", file=path, field=flag, fix="check the path")
@@ -464,7 +468,7 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
                    cfg: CompileConfig, say) -> dict | None:
     """Bundle vs reference on the eval set (or the calibration set): the bundle's parity report."""
     from .parity.thresholds import defaults_for, with_overrides
-    from .parity.verify import evaluate, guess_task, write_reports
+    from .parity.verify import add_compile_sections, evaluate, guess_task, write_reports
     from .reference import Reference
 
     if data is None:
@@ -495,8 +499,7 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
                         "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
     if simulated:
         report["simulated"] = simulated
-    if (manifest.get("prune") or {}).get("comparison"):
-        report["prune"] = manifest["prune"]["comparison"]
+    add_compile_sections(report, manifest)
     if cfg.accuracy_target:
         report["accuracy_target"] = {"expr": cfg.accuracy_target,
                                      "met": manifest["precision"]["recipe"].get("met"),

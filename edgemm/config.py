@@ -33,7 +33,7 @@ class CompileConfig:
     inputs: list[str] = field(default_factory=list)       # NAME:SHAPE:DTYPE
     dynamic: list[str] = field(default_factory=list)      # NAME:AXIS=MIN:OPT:MAX
     dynamic_batch: bool = True
-    max_batch: int = 64
+    max_batch: int | None = None         # None: 64, or a .pt2/.onnx model's own bound
     exporter: str = "dynamo"             # preferred exporter
     output_names: str | None = None      # comma-separated names for tuple outputs
     int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
@@ -57,6 +57,16 @@ class CompileConfig:
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown precision {self.precision!r}", field="precision",
                              fix=f"use one of {', '.join(PRECISIONS)}")
+        # The target's refusals first: "this device has no FP8" answers a request that could never run,
+        # whatever --calib says.
+        from . import targets
+
+        target = targets.load(self.target)
+        target.validate(self.precision, dla=self.dla)
+        if self.sparsity:
+            from .prune.sparsity import check_sparsity_target
+
+            check_sparsity_target(target, self.sparsity)
         quantized = self.precision in ("int8", "fp8") or any(
             q in (self.precision_policy or "") for q in ("int8", "fp8"))
         if quantized and not self.calib:
@@ -78,7 +88,7 @@ class CompileConfig:
                              fix="e.g. --recover-lr 1e-4")
         if self.calib_samples < 1:
             raise InputError("must be >= 1", field="--calib-samples", fix="e.g. --calib-samples 256")
-        if self.max_batch < 1:
+        if self.max_batch is not None and self.max_batch < 1:
             raise InputError("must be >= 1", field="--max-batch", fix="e.g. --max-batch 64")
         if self.exporter not in ("dynamo", "torchscript"):
             raise InputError(f"unknown exporter {self.exporter!r}", field="--exporter", fix="dynamo or torchscript")

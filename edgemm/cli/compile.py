@@ -32,7 +32,8 @@ from .options import verbose_option
 @click.option("--output-names", help="Comma-separated names for the model's outputs, in order.")
 @click.option("--static-batch", is_flag=True,
               help="Keep the batch dimension fixed (.pt2 and .onnx models keep their own dims).")
-@click.option("--max-batch", type=int, default=64, show_default=True, help="Largest batch (optimization profiles).")
+@click.option("--max-batch", type=int, default=None,
+              help="Largest batch (optimization profiles; default 64, or a .pt2/.onnx model's own bound).")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="Exporter to try first.")
 @click.option("--int8-recipe", help="Pin a CPU INT8 recipe by name instead of searching.")
@@ -67,6 +68,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
     from ..errors import InputError
 
     if config_file:
+        _no_flags_besides_config()
         cfg = CompileConfig.from_file(Path(config_file))
     else:
         if not model:
@@ -127,3 +129,20 @@ def _print_summary(result) -> None:
                    f"bundle {t.get('bundle', float('nan')):.2f}")
     for note in m["precision"].get("notes", []):
         click.echo(f"  note: {note}")
+
+
+def _no_flags_besides_config() -> None:
+    """--config is the whole request: a flag given beside it would be silently dropped, so refuse it."""
+    from click.core import ParameterSource
+
+    from ..errors import InputError
+
+    ctx = click.get_current_context()
+    allowed = {"config_file", "dump_config", "as_json", "verbose"}
+    for param in ctx.command.params:
+        if param.name in allowed or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT):
+            continue
+        flag = param.opts[0] if param.opts and param.opts[0].startswith("-") else param.name.upper()
+        raise InputError("given with --config, which carries the whole config", field=flag,
+                         fix="put it in the JSON file (edgemm compile ... --dump-config writes one), or drop --config")
+

@@ -117,9 +117,12 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     if report.get("baseline_saved"):
         click.echo(f"baseline written: {report['baseline_saved']}", err=True)
     if not report["passed"]:
-        raise ParityError("; ".join(report["failures"]), file=bundle,
-                          fix="see report.md in the bundle; recompile at higher precision, relax thresholds, or "
-                              "re-record the baseline if the change is intended")
+        pruned = report.get("reference_is_unpruned") and not report.get("baseline")
+        fix = ("the bundle was pruned and --reference is the unpruned model: gate it against a --baseline, "
+               "or relax the thresholds (--max-metric-drop, --min-cosine, --min-top1-agreement)" if pruned else
+               "see report.md in the bundle; recompile at higher precision, relax thresholds, or "
+               "re-record the baseline if the change is intended")
+        raise ParityError("; ".join(report["failures"]), file=bundle, fix=fix)
     return 0
 
 

@@ -117,6 +117,27 @@ def write_reports(bundle_dir: Path, report: dict) -> tuple[Path, Path]:
     return json_path, md_path
 
 
+def add_compile_sections(report: dict, manifest: dict) -> dict:
+    """Sections of a bundle's report that come from its compile, not from this run: a later `edgemm
+    verify` rewrites report.json/.md and must not lose them."""
+    comparison = (manifest.get("prune") or {}).get("comparison")
+    if comparison:
+        report["prune"] = comparison
+    return report
+
+
+def pruned_reference_note(manifest: dict) -> str | None:
+    """For a pruned bundle: its reference is the unpruned source, so outputs differ by what pruning changed."""
+    prune = manifest.get("prune") or {}
+    if not prune.get("structured") and not prune.get("sparsity"):
+        return None
+    task = (prune.get("comparison") or {}).get("task")
+    drop = f" (the compile measured {task['metric']} {task['before']:.2f} -> {task['after']:.2f})" if task else ""
+    return ("this bundle was pruned: --reference (the unpruned source) differs from it by what pruning "
+            f"changed{drop}; gate it against a --baseline saved from the bundle, or relax the thresholds "
+            "(--max-metric-drop, --min-cosine, --min-top1-agreement)")
+
+
 def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weights: str | None = None,
                   trust_pickle: bool = False, metric: str | None = None, metric_outputs=None,
                   batch_size: int = 16, iterations: int = 50, write: bool = True, overrides: dict | None = None,
@@ -164,6 +185,11 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
                         "target": bundle.manifest["target"].get("name")}
     report["data"] = {"path": str(data_path), "sha256": data.sha256, "samples": data.num_samples}
     report["reference"] = reference
+    add_compile_sections(report, bundle.manifest)
+    note = pruned_reference_note(bundle.manifest) if reference else None
+    if note:
+        report.setdefault("notes", []).append(note)
+        report["reference_is_unpruned"] = True
     if write:
         write_reports(Path(bundle_path), report)
     return report

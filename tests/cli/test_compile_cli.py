@@ -110,6 +110,29 @@ def test_dump_and_replay_config(cli, tiny, tmp_path):
     cfg.write_text(res.stdout)
     assert cli("compile", "--config", cfg).returncode == 0
     assert (tmp_path / "b" / "manifest.json").is_file()
+    # A flag beside --config would be silently dropped: refused, naming the flag.
+    res = cli("compile", "--config", cfg, "-o", tmp_path / "other")
+    assert res.returncode == 2 and not (tmp_path / "other").exists()
+    assert res.stderr.strip().splitlines() == [
+        "error: -o: given with --config, which carries the whole config (fix: put it in the JSON file "
+        "(edgemm compile ... --dump-config writes one), or drop --config)"]
+
+
+def test_target_refusals_come_before_missing_calibration(cli, tiny, tmp_path):
+    res = cli("compile", tiny["pt2"], "--fp8", "--target", "jetson-orin-nano", "-o", tmp_path / "b")
+    assert res.returncode == 2 and "error: --target: target jetson-orin-nano does not support fp8" in res.stderr
+    res = cli("compile", tiny["pt2"], "--sparsity", "2:4", "-o", tmp_path / "b")
+    assert res.returncode == 2 and res.stderr.startswith("error: --sparsity: target cpu")
+
+
+def test_max_batch_lowers_a_programs_own_batch_bound(cli, tiny, tmp_path):
+    res = cli("compile", tiny["pt2"], "--calib", tiny["calib"], "--max-batch", "8", "-o", tmp_path / "b")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert all(spec["ranges"]["batch"][2] == 8 for spec in manifest["inputs"])
+    own = json.loads(cli("inspect", tiny["pt2"], "--json").stdout)["inputs"][0]["ranges"]["batch"][2]
+    res = cli("compile", tiny["pt2"], "--calib", tiny["calib"], "--max-batch", str(own + 1), "-o", tmp_path / "c")
+    assert res.returncode == 2 and "--max-batch: the model's own batch range" in res.stderr
 
 
 def test_inspect_model_and_bundle(cli, tiny, tiny_bundle):

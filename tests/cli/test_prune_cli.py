@@ -62,6 +62,15 @@ def test_compile_prune_recover_int8_reports_before_and_after(cli, tmp_path, dual
     assert "task recall@1 on 512 samples: unpruned" in res.stdout
     assert "Whole model as ONNX: batch 1 " in md and "whole model as ONNX: batch 1 " in res.stdout
 
+    # A later verify against the unpruned source keeps the pruning section and says why outputs differ.
+    res = cli("verify", bundle, "--reference", dual_encoder / "model.pt2", "--data", dual_encoder / "eval.npz",
+              "--iterations", "0")
+    assert res.returncode in (0, 1), res.stderr
+    if res.returncode:
+        assert "fix: the bundle was pruned and --reference is the unpruned model" in res.stderr
+    md = (bundle / "report.md").read_text()
+    assert "Pruning: unpruned -> pruned" in md and "this bundle was pruned: --reference (the unpruned source)" in md
+
 
 @pytest.mark.parametrize("value", ["0", "-1e-3", "nan", "2"])
 def test_bad_recover_lr_is_one_line(cli, tmp_path, dual_encoder, value):
