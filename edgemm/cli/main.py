@@ -85,11 +85,13 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except Exception as exc:  # a bug in edgemm, not the user's input
-        if verbose:
-            traceback.print_exc()
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --verbose for the traceback)",
-                   err=True)
+        if verbose:  # the traceback is right above: no hint to rerun
+            traceback.print_exc()
+            click.echo(f"internal error: {type(exc).__name__}: {first}", err=True)
+        else:
+            click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --verbose for the traceback)",
+                       err=True)
         return 3
 
 
