@@ -75,6 +75,14 @@ def main(argv=None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except click.UsageError as exc:  # one line, as every other error: click's own is a 3-line block
+        where = exc.ctx.command_path if exc.ctx is not None else "edgemm"
+        param = getattr(exc, "param", None)
+        field = None if param is None else (param.opts[0] if isinstance(param, click.Option)
+                                            else param.human_readable_name)
+        detail = " ".join(exc.format_message().split())
+        click.echo(f"error: {field + ': ' if field else ''}{detail} (fix: see `{where} --help`)", err=True)
+        return 2
     except click.ClickException as exc:
         exc.show()
         return 2

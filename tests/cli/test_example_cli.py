@@ -117,3 +117,14 @@ def test_internal_error_hint_only_without_verbose(monkeypatch, tmp_path, capsys,
     else:
         assert "Traceback" not in err
         assert last == "internal error: RuntimeError: boom (rerun with --verbose for the traceback)"
+
+
+@pytest.mark.parametrize("argv, start", [
+    (["bench"], "error: BUNDLES: Missing argument 'BUNDLES...'."),
+    (["compile", "--nope"], "error: No such option '--nope'."),
+    (["example", "dual-encoder", "--calib-size", "0"], "error: --calib-size: Invalid value for '--calib-size'"),
+])
+def test_usage_errors_are_one_line(capsys, argv, start):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(start) and "(fix: see `edgemm " in err
