@@ -268,7 +268,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
             calib_arrays = {s.name: calib.arrays[s.name][:cfg.calib_samples] for s in specs}
         prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say)
 
-        backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe)
+        backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
         if backend == "onnxruntime" and cfg.tune_threads:
             _tune_threads(backend_section, writer.stage, sample_feeds(check_data, specs, _batch_of(specs)), say)
         manifest = {
@@ -453,7 +453,8 @@ def _branch_overrides(cfg: CompileConfig):
     return parse_branch_overrides(cfg.branch)
 
 
-def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs, recipe) -> dict:
+def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs, recipe,
+             name: str) -> dict:
     if backend == "onnxruntime":
         from .backends.ort import package as ort_package
         return ort_package(model_path, stage, target, recipe)
@@ -461,7 +462,7 @@ def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileCo
     from .backends.tensorrt.package import package
 
     options = TensorRTOptions.from_compile(cfg, target, specs)
-    return package(model_path, stage, target, options)
+    return package(model_path, stage, target, options, bundle_name=name)
 
 
 def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data: Dataset | None,

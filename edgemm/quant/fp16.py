@@ -12,9 +12,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -105,7 +103,10 @@ def _autocast(fp32_onnx: Path, low: str, keep_io_types: bool, calib: Mapping[str
         if calib:
             calib_path = str(Path(tmp) / "reference.npz")
             np.savez(calib_path, **{k: np.asarray(v) for k, v in calib.items()})
-        with contextlib.redirect_stdout(sys.stderr):
+        from .modelopt_qdq import captured_output
+
+        # AutoCast prints progress and notes ("Shared constants were detected..."): logged, not shown.
+        with captured_output() as out:
             model = convert_to_mixed_precision(
                 onnx_path=str(fp32_onnx),
                 low_precision_type=low,
@@ -114,6 +115,8 @@ def _autocast(fp32_onnx: Path, low: str, keep_io_types: bool, calib: Mapping[str
                 data_max=_DATA_MAX if calib_path else np.inf,
                 providers=["cpu"],
             )
+        if out.text.strip():
+            logging.getLogger("edgemm").info("modelopt AutoCast output:\n%s", out.text.rstrip())
     return model
 
 

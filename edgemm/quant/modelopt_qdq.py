@@ -17,19 +17,25 @@ Pitfalls handled here (DESIGN.md, and modelopt 0.47's source):
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
+from ..errors import DependencyError, EdgemmError, InputError
 
-__all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES"]
+__all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES", "captured_output"]
+
+log = logging.getLogger("edgemm")
 
 # ONNX element type of the zero point / quantized tensor for each mode.
 QDQ_DTYPES = {"int8": "INT8", "fp8": "FLOAT8E4M3FN"}
@@ -49,6 +55,116 @@ def _import_modelopt():
     from .ort_isolation import isolated
 
     return isolated(quantize), getattr(modelopt, "__version__", "unknown")
+
+
+class _Captured:
+    """What a third-party call printed (filled in when the ``captured_output`` block ends)."""
+
+    def __init__(self):
+        self.text = ""
+
+    def last_line(self) -> str:
+        """The line that best explains a failure: the last error-like line, else the last line that is
+        not a progress bar; one line, at most 300 characters."""
+        lines = [line for line in self.text.splitlines() if line.strip() and not _PROGRESS.search(line)]
+        pick = next((line for line in reversed(lines) if _ERRORISH.search(line)), lines[-1] if lines else "")
+        return " ".join(pick.split())[:300]
+
+
+_PROGRESS = re.compile(r"\d+%\||\d+/\d+ \[|it/s\]|s/it\]")
+_ERRORISH = re.compile(r"error|exception|fail|fatal|invalid|cannot|could not|not supported", re.I)
+
+
+@contextlib.contextmanager
+def captured_output(logger_names=("modelopt", "polygraphy")):
+    """Capture what third-party code prints, so the CLI's stdout/stderr stay edgemm's own.
+
+    Captured: Python-level sys.stdout/sys.stderr (ONNX Runtime's calibrator prints, tqdm bars,
+    polygraphy's G_LOGGER, which prints to sys.stdout/sys.stderr), fd 1/2 (native code), Python
+    warnings, and records of ``logger_names`` (modelopt attaches its own stdout handler to
+    "modelopt.onnx" and also propagates to the root logger, so each warning printed twice).
+    The text is available as ``.text`` of the yielded object once the block ends (also on error);
+    the caller decides whether to log it or quote it. Unlike edgemm.export's _quiet, which drops the
+    exporters' output, this keeps it (and captures under --verbose too; the caller logs it at INFO)."""
+    captured = _Captured()
+    buf = io.StringIO()
+    loggers = [logging.getLogger(name) for name in logger_names]
+    propagate = [lg.propagate for lg in loggers]
+    streams = _console_streams()
+    saved_fds = []
+    with tempfile.TemporaryFile() as sink:
+        try:
+            for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+                try:
+                    stream.flush()
+                except (AttributeError, ValueError, OSError):
+                    pass
+                try:
+                    copy = os.dup(fd)
+                except OSError:
+                    continue
+                os.dup2(sink.fileno(), fd)
+                saved_fds.append((fd, copy))
+            for lg in loggers:
+                lg.propagate = False   # keep their records off the CLI's root handler
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                try:
+                    yield captured
+                finally:
+                    for w in caught:
+                        buf.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+        finally:
+            _flush_c_stdio()
+            for fd, copy in saved_fds:
+                os.dup2(copy, fd)
+                os.close(copy)
+            for lg, value in zip(loggers, propagate):
+                lg.propagate = value
+            _rebind_handlers(buf, streams)
+            sink.seek(0)
+            native = sink.read().decode("utf-8", "replace")
+            captured.text = _settle_carriage_returns(buf.getvalue() + native)
+
+
+def _flush_c_stdio() -> None:
+    """Flush C stdio buffers into the captured fds before they are restored (best effort)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
+def _console_streams() -> dict[str, object]:
+    """Logger name -> the stream of its first StreamHandler (see _rebind_handlers)."""
+    found = {}
+    for name, lg in [("", logging.getLogger()), *list(logging.root.manager.loggerDict.items())]:
+        for handler in getattr(lg, "handlers", ()):
+            if type(handler) is logging.StreamHandler:
+                found.setdefault(name, handler.stream)
+    return found
+
+
+def _rebind_handlers(buf, before: dict[str, object]) -> None:
+    """modelopt's configure_logging replaces its console handler with one bound to sys.stdout as it is
+    during the call, i.e. our buffer: give such handlers the stream their logger's handler had before the
+    call (sys.stdout if it had none), as if the capture had not happened."""
+    for name, lg in [("", logging.getLogger()), *list(logging.root.manager.loggerDict.items())]:
+        for handler in getattr(lg, "handlers", ()):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) is buf:
+                handler.setStream(before.get(name, sys.stdout))
+
+
+def _settle_carriage_returns(text: str) -> str:
+    """Progress bars redraw with \\r: keep each line's final state."""
+    out = []
+    for line in text.split("\n"):
+        parts = [p for p in line.split("\r") if p.strip()]
+        out.append(parts[-1] if parts else "")
+    return "\n".join(out).strip("\n")
 
 
 def _model_inputs(model) -> dict[str, tuple[list, int]]:
@@ -180,24 +296,44 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
             shutil.copyfile(p, target)
         shutil.copyfile(fp32_onnx, src)
         dst = work / "model.quant.onnx"
-        # modelopt and ONNX Runtime's calibrator print progress to stdout; keep stdout for edgemm's output.
-        with contextlib.redirect_stdout(sys.stderr):
-            quantize(
-                onnx_path=str(src),
-                quantize_mode=mode,
-                calibration_data=data,
-                calibration_method=method,
-                calibration_eps=["cpu"],
-                nodes_to_exclude=list(exclude_nodes or []),
-                op_types_to_exclude=list(op_types_to_exclude or []) or None,
-                high_precision_dtype=high_precision,
-                use_external_data_format=external,
-                target_dla=bool(target_dla and mode == "int8"),
-                output_path=str(dst),
-                log_level="WARNING",
-            )
+        # modelopt, ONNX Runtime's calibrator (progress bars), polygraphy and modelopt's logger print to
+        # stdout/stderr: capture it all; --verbose shows it through the "edgemm" logger.
+        with captured_output() as output:
+            try:
+                quantize(
+                    onnx_path=str(src),
+                    quantize_mode=mode,
+                    calibration_data=data,
+                    calibration_method=method,
+                    calibration_eps=["cpu"],
+                    nodes_to_exclude=list(exclude_nodes or []),
+                    op_types_to_exclude=list(op_types_to_exclude or []) or None,
+                    high_precision_dtype=high_precision,
+                    use_external_data_format=external,
+                    target_dla=bool(target_dla and mode == "int8"),
+                    output_path=str(dst),
+                    log_level="WARNING",
+                )
+                error = None
+            except Exception as exc:  # modelopt and ORT raise many types; reported as one line below
+                error = exc
+        if output.text:
+            log.info("modelopt %s quantization output:\n%s", mode, output.text)
+        if isinstance(error, EdgemmError):
+            raise error
+        if error is not None:
+            first = " ".join((str(error).strip().splitlines() or [""])[0].split())[:200]
+            last = output.last_line()
+            detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+            if last and last not in detail:
+                detail += f"; modelopt's last output: {last}"
+            raise InputError(f"modelopt {mode} quantization failed ({detail})", file=fp32_onnx,
+                             fix="run with --verbose to see modelopt's log; use --fp16 or exclude the failing "
+                                 "nodes") from error
         if not dst.is_file():
-            raise InputError(f"modelopt wrote no quantized model for {mode}", file=fp32_onnx,
+            last = output.last_line()
+            raise InputError(f"modelopt wrote no quantized model for {mode}" + (f" (last output: {last})" if last
+                                                                                else ""), file=fp32_onnx,
                              fix="run with --verbose to see modelopt's log")
         quantized = onnx.load(str(dst), load_external_data=False)
         stats = inspect_qdq(quantized)

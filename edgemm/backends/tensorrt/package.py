@@ -91,11 +91,12 @@ def _device_matches(target) -> dict | None:
 
 
 def package(onnx_path: Path, stage_dir: Path, target, options: TensorRTOptions, *,
-            build_now: bool | None = None, timing_cache: Path | None = None, bundle_name: str = "model") -> dict:
+            build_now: bool | None = None, timing_cache: Path | None = None, bundle_name: str | None = None) -> dict:
     """Write the TensorRT part of a bundle into ``stage_dir``; return the manifest's ``backend`` section.
 
     ``build_now``: None builds the engine when TensorRT and a matching GPU are here; False never builds.
-    ``bundle_name`` names the engine build.sh writes (./<bundle_name>.engine by default)."""
+    ``bundle_name``: the manifest's name, which build.sh's header gives and its default engine path
+    (./<bundle_name>.engine) uses; None makes build.sh read it from the bundle's manifest.json when run."""
     onnx_path, stage_dir = Path(onnx_path), Path(stage_dir)
     check_options_for_target(target, options)
     if not onnx_path.is_file():

@@ -67,21 +67,35 @@ def render_command(argv: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def build_script(commands: Mapping[int, Sequence[str]], *, bundle_name: str, target_name: str,
+def build_script(commands: Mapping[int, Sequence[str]], *, bundle_name: str | None, target_name: str,
                  engine_name: str) -> str:
     """build.sh for a portable bundle: detect trtexec's TensorRT major, run the matching command.
 
-    The engine goes OUTSIDE the bundle by default (first argument, else ./<bundle>.engine): a bundle
-    holds only the files its manifest hashes, and ``edgemm build`` is what registers an engine."""
+    The engine goes OUTSIDE the bundle by default (first argument, else ./<bundle name>.engine): a bundle
+    holds only the files its manifest hashes, and ``edgemm build`` is what registers an engine.
+    ``bundle_name`` is the manifest's name; None (a caller that does not know it) makes the script read
+    the name from the manifest.json beside it when it runs, so it never names another bundle."""
     majors = sorted(commands)
+    if bundle_name is not None:
+        about = f"bundle {' '.join(str(bundle_name).split())!r}"
+        name_lines = [f"NAME={shlex.quote(str(bundle_name))}"]
+    else:
+        about = "the bundle in this folder"
+        name_lines = [
+            "# The bundle's name: the top-level \"name\" of manifest.json (written with a 2-space indent).",
+            'NAME="$(sed -n \'s/^  "name": "\\([^"\\\\]*\\)",\\{0,1\\}$/\\1/p\' "$HERE/manifest.json" 2>/dev/null '
+            '| head -n 1 || true)"',
+        ]
     lines = [
         "#!/usr/bin/env bash",
-        f"# Build the TensorRT engine for bundle {bundle_name!r} (target {target_name}) with trtexec.",
+        f"# Build the TensorRT engine for {about} (target {target_name}) with trtexec.",
         "# Run it on the target device. The engine is written outside the bundle; to run it through the",
         "# edgemm runtime, run `edgemm build <bundle>` instead (it records the engine in manifest.json).",
         "set -euo pipefail",
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-        f'OUT="${{1:-$PWD/{bundle_name}.engine}}"',
+        *name_lines,
+        'STEM="${NAME//[^A-Za-z0-9._-]/-}"',
+        'OUT="${1:-$PWD/${STEM:-model}.engine}"',
         'case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac',
         'TRTEXEC="${TRTEXEC:-$(command -v trtexec || echo /usr/src/tensorrt/bin/trtexec)}"',
         'if [ ! -x "$TRTEXEC" ]; then echo "build.sh: trtexec not found; set TRTEXEC=/path/to/trtexec" >&2; exit 2; fi',
