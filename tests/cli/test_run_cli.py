@@ -20,14 +20,19 @@ def dual_encoder(tmp_path_factory):
     return ex
 
 
+def _bundle_and_inputs(cli, tmp_path, model, calib, evalf, n):
+    """Compile ``model`` into tmp_path/b and write its first ``n`` eval samples to tmp_path/in.npz."""
+    bundle = tmp_path / "b"
+    res = cli("compile", model, "--calib", calib, "-o", bundle)
+    assert res.returncode == 0, res.stderr
+    with np.load(evalf) as d:
+        np.savez(tmp_path / "in.npz", **{k: d[k][:n] for k in ("image", "input_ids")})
+    return bundle
+
+
 def test_batch_by_batch_outputs_are_saved_per_call(cli, tmp_path, dual_encoder):
     ex = dual_encoder
-    bundle = tmp_path / "b"
-    res = cli("compile", ex / "model.pt2", "--calib", ex / "calib.npz", "-o", bundle)
-    assert res.returncode == 0, res.stderr
-    with np.load(ex / "eval.npz") as d:
-        data = {k: d[k][:12] for k in ("image", "input_ids")}
-    np.savez(tmp_path / "in.npz", **data)
+    bundle = _bundle_and_inputs(cli, tmp_path, ex / "model.pt2", ex / "calib.npz", ex / "eval.npz", 12)
     res = cli("run", bundle, "--data", tmp_path / "in.npz", "-o", tmp_path / "out.npz", "--batch-size", 5)
     assert res.returncode == 0, res.stderr
     assert "logits_per_image" in res.stderr and "saved per call" in res.stderr
@@ -49,15 +54,10 @@ def test_torchscript_batch_by_batch_output_with_two_symbols_is_saved_per_call(cl
     """The TorchScript export names the similarity's axes after different tensors
     (Divimage_embeds_dim_0 x Divtext_embeds_dim_0); calls of equal size must still not be stacked."""
     ex = dual_encoder
-    bundle = tmp_path / "b"
-    res = cli("compile", ex / "model.pt", "--calib", ex / "calib.npz", "-o", bundle)
-    assert res.returncode == 0, res.stderr
+    bundle = _bundle_and_inputs(cli, tmp_path, ex / "model.pt", ex / "calib.npz", ex / "eval.npz", 64)
     logits_shape = next(o["shape"] for o in json.loads((bundle / "manifest.json").read_text())["outputs"]
                         if o["name"] == "logits_per_image")
     assert all(isinstance(d, str) for d in logits_shape) and len(set(logits_shape)) == 2, logits_shape
-    with np.load(ex / "eval.npz") as d:
-        data = {k: d[k][:64] for k in ("image", "input_ids")}
-    np.savez(tmp_path / "in.npz", **data)
     # 64 samples in 2 calls of 32: every call has the same shape, so only the call size can tell.
     res = cli("run", bundle, "--data", tmp_path / "in.npz", "-o", tmp_path / "out.npz", "--batch-size", 32)
     assert res.returncode == 0, res.stderr
