@@ -44,8 +44,11 @@ class Reference:
     """Callable FP32 reference: feeds (numpy) -> {output name: numpy}."""
 
     def __init__(self, loaded: LoadedModel, input_names: Sequence[str],
-                 output_names: Sequence[str] | None = None):
+                 output_names: Sequence[str] | None = None, *, names_from: str = "--output-names"):
+        """``names_from``: where ``output_names`` came from, for the error when they do not fit (the
+        compile's --output-names, or the bundle that `verify --reference` compares against)."""
         self.loaded = loaded
+        self.names_from = names_from
         self.input_names = list(input_names)
         # Names for the flattened outputs, by position (tuple-returning models have none of their own).
         self.rename = list(output_names) if output_names else None
@@ -74,9 +77,13 @@ class Reference:
         names, leaves = flatten_outputs(out)
         if self.rename:
             if len(self.rename) != len(names):
-                raise InputError(f"the model returns {len(names)} outputs but {len(self.rename)} names were given "
-                                 f"({', '.join(self.rename)})", file=self.loaded.source, field="--output-names",
-                                 fix=f"give exactly {len(names)} names")
+                if self.names_from == "--output-names":
+                    raise InputError(f"the model returns {len(names)} outputs but {len(self.rename)} names were "
+                                     f"given ({', '.join(self.rename)})", file=self.loaded.source,
+                                     field="--output-names", fix=f"give exactly {len(names)} names")
+                raise InputError(f"the model returns {len(names)} outputs but the bundle has {len(self.rename)} "
+                                 f"({', '.join(self.rename)})", file=self.loaded.source, field=self.names_from,
+                                 fix="pass the model this bundle was compiled from")
             names = self.rename
         self.output_names = names
         return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}

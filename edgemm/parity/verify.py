@@ -170,7 +170,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
 
         loaded = load_model(reference, LoadOptions(weights=weights, trust_pickle=trust_pickle))
         ref = Reference(loaded, [s.name for s in bundle.inputs],
-                        None if loaded.onnx_path else [o.name for o in bundle.outputs])
+                        None if loaded.onnx_path else [o.name for o in bundle.outputs], names_from="--reference")
         ref_run = wrap("reference", ref.run)
         latency["reference"] = ref.callable_for(first_sample(data))
     latency = {name: wrap(f"{name}.latency", fn) for name, fn in latency.items()}
