@@ -65,6 +65,9 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     """Verify BUNDLE against --reference and/or a --baseline on --data."""
     from ..errors import InputError, ParityError
 
+    if not (reference or baseline or save_baseline):
+        raise InputError("nothing to compare the bundle with", field="--reference",
+                         fix="pass --reference MODEL (its source model) and/or --baseline FILE, or --save-baseline FILE")
     if iterations < 0:
         raise InputError("must be >= 0", field="--iterations", fix="e.g. --iterations 50")
     if batch_size is not None and batch_size < 1:

@@ -439,13 +439,13 @@ def test_report_writer_removes_its_temp_file_on_failure(tiny_bundle, tmp_path, m
     assert _temp_files(bundle) == []
 
 
-def test_verify_cli_with_a_folder_as_report_fails_in_one_line_and_leaves_no_temp(tiny_bundle, tmp_path):
+def test_verify_cli_with_a_folder_as_report_fails_in_one_line_and_leaves_no_temp(tiny_bundle, tiny, tmp_path):
     bundle = _copy(tiny_bundle, tmp_path)
     (bundle / "report.md").unlink(missing_ok=True)
     (bundle / "report.md").mkdir()
     data = _save_npz(tmp_path / "eval.npz", make_data(4))
     before = tree_snapshot(bundle)
-    res = run_edgemm(["verify", bundle, "--data", data], cwd=tmp_path)
+    res = run_edgemm(["verify", bundle, "--reference", tiny["torchscript"], "--data", data], cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert "report.md: is a folder" in _one_error_line(res)
     assert tree_snapshot(bundle) == before
