@@ -15,9 +15,9 @@ from .options import verbose_option
 @click.option("--reference", type=click.Path(), help="Also time the source model (torch eager / ONNX).")
 @click.option("--data", type=click.Path(), help="Take the first sample from this .npz (default: synthetic).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed call.")
-@click.option("--iterations", type=int, default=100, show_default=True)
-@click.option("--warmup", type=int, default=10, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--iterations", type=int, default=100, show_default=True, help="Timed calls per candidate.")
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @verbose_option
 def command(bundles, reference, data, batch, iterations, warmup, as_json):
     """Time BUNDLES (the first is the baseline of the ratios)."""
@@ -39,6 +39,8 @@ def command(bundles, reference, data, batch, iterations, warmup, as_json):
     for b, path in zip(loaded, bundles):
         checked = b.check_feeds(feeds)
         label = f"{b.manifest.get('name')} [{b.precision}] ({path})"
+        if label in fns:  # a dict would silently merge the two rows
+            raise InputError("given twice", file=path, field="BUNDLES", fix="name each bundle once")
         fns[label] = (lambda bb=b, ff=checked: bb.run(ff))
     if reference:
         from ..frontends import load_model

@@ -51,7 +51,7 @@ def gate_options(f):
 @click.option("--data", required=True, type=click.Path(), help="Eval .npz (labels under `labels`).")
 @click.option("--metric", type=click.Choice(["top1", "recall@1"]), help="Task metric (default from the bundle).")
 @click.option("--metric-outputs", help="Comma-separated outputs the metric reads.")
-@click.option("--batch-size", type=int, default=None, help="[default: 16, or the baseline's]")
+@click.option("--batch-size", type=int, default=None, help="Samples per call [default: 16, or the baseline's].")
 @click.option("--iterations", type=int, default=50, show_default=True, help="Latency iterations (0 = skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--no-write", is_flag=True, help="Do not write report.json/report.md into the bundle.")

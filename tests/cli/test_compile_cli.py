@@ -140,3 +140,12 @@ def test_inspect_model_and_bundle(cli, tiny, tiny_bundle):
     assert info["format"] == "exported_program" and info["parameters"] > 0
     info = json.loads(cli("inspect", tiny_bundle, "--json").stdout)
     assert info["precision"] == "fp32" and info["ops"]
+
+
+def test_bench_times_bundles_side_by_side_and_refuses_a_repeat(cli, tiny_bundle, tiny, tmp_path):
+    res = cli("bench", tiny_bundle, tiny_bundle, "--iterations", "3", "--warmup", "1")
+    assert res.returncode == 2 and "BUNDLES: given twice" in res.stderr
+    res = cli("bench", tiny_bundle, "--reference", tiny["pt2"], "--iterations", "3", "--warmup", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["results"]
+    assert len(rows) == 2 and rows[0]["p50_ratio_to_first"] == 1.0 and rows[1]["p50_ms"] > 0
