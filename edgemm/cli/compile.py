@@ -119,6 +119,8 @@ def _print_summary(result) -> None:
     r = result.report or {}
     if r.get("skipped"):
         click.echo(f"  parity: {r['skipped']}")
+    if r.get("simulated"):  # the figures below are not the device's
+        click.echo(f"  simulated: {r['simulated']}")
     for name, o in r.get("outputs", {}).items():
         extra = f", top-1 agreement {o['top1_agreement']:.4f}" if "top1_agreement" in o else ""
         cos = f"mean cosine {o['mean_cosine']:.6f}" if "mean_cosine" in o else f"exact {o.get('exact_match')}"
