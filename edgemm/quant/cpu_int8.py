@@ -29,6 +29,7 @@ arguments, feeds calibration data and measures the result.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -194,6 +195,21 @@ SESSION_VARIANTS: dict[str, tuple[str, ...]] = {
     "default": (),
     "no_skip_layernorm_fusion": ("SkipLayerNormFusion",),
 }
+
+
+@contextlib.contextmanager
+def quiet_ort_quantizer_logs():
+    """ORT's quantizer logs "Please consider to run pre-processing..." through the root logger at WARNING
+    on every call; a library user with no logging set up would see each on stderr."""
+    import logging
+
+    logger = logging.getLogger()
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def cpu_session(path: Path, *, spinning: bool = True, disabled_optimizers: Sequence[str] = (),
@@ -406,26 +422,27 @@ def _build(recipe: Int8Recipe, prep: _Prepared, out_onnx: Path, calib_feeds: Seq
     common = {"per_channel": bool(params.get("per_channel", True)), "nodes_to_exclude": excluded,
               "use_external_data_format": prep.large}
     try:
-        if method == "dynamic":
-            src = base
-            if has_conv and params.get("conv", "static_u8s8") == "static_u8s8":
-                # ConvInteger (dynamic) ran ~4x slower than FP32 Conv here; QLinearConv is fast.
-                src = stage.dir / "conv_quantized.onnx"
-                quantize_static(base, src, _FeedReader(calib_feeds), quant_format=QuantFormat.QOperator,
-                                op_types_to_quantize=["Conv"], activation_type=_qtype("uint8"),
-                                weight_type=_qtype("int8"), **common)
-            # MatMul only: Gather (embeddings) and Conv are left to the lines above on purpose.
-            quantize_dynamic(src, tmp, op_types_to_quantize=["MatMul"], weight_type=_qtype("int8"),
-                             extra_options={"MatMulConstBOnly": True}, **common)
-        else:
-            fmt = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[params.get("format", "qoperator")]
-            quantize_static(base, tmp, _FeedReader(calib_feeds), quant_format=fmt,
-                            op_types_to_quantize=["MatMul", "Conv"],
-                            activation_type=_qtype(params.get("activation_type", "uint8")),
-                            weight_type=_qtype(params.get("weight_type", "int8")),
-                            calibrate_method=CalibrationMethod.MinMax,
-                            # Activation x activation MatMuls (attention) stay FP32: ranges too wide.
-                            extra_options={"MatMulConstBOnly": True}, **common)
+        with quiet_ort_quantizer_logs():  # ORT's quantizer logs a pre-processing hint on every call
+            if method == "dynamic":
+                src = base
+                if has_conv and params.get("conv", "static_u8s8") == "static_u8s8":
+                    # ConvInteger (dynamic) ran ~4x slower than FP32 Conv here; QLinearConv is fast.
+                    src = stage.dir / "conv_quantized.onnx"
+                    quantize_static(base, src, _FeedReader(calib_feeds), quant_format=QuantFormat.QOperator,
+                                    op_types_to_quantize=["Conv"], activation_type=_qtype("uint8"),
+                                    weight_type=_qtype("int8"), **common)
+                # MatMul only: Gather (embeddings) and Conv are left to the lines above on purpose.
+                quantize_dynamic(src, tmp, op_types_to_quantize=["MatMul"], weight_type=_qtype("int8"),
+                                 extra_options={"MatMulConstBOnly": True}, **common)
+            else:
+                fmt = {"qoperator": QuantFormat.QOperator, "qdq": QuantFormat.QDQ}[params.get("format", "qoperator")]
+                quantize_static(base, tmp, _FeedReader(calib_feeds), quant_format=fmt,
+                                op_types_to_quantize=["MatMul", "Conv"],
+                                activation_type=_qtype(params.get("activation_type", "uint8")),
+                                weight_type=_qtype(params.get("weight_type", "int8")),
+                                calibrate_method=CalibrationMethod.MinMax,
+                                # Activation x activation MatMuls (attention) stay FP32: ranges too wide.
+                                extra_options={"MatMulConstBOnly": True}, **common)
         stage.commit()
     finally:
         stage.cleanup()

@@ -227,7 +227,7 @@ class OrtInt8Builder:
         """Quantize every unit not in ``keep_fp32``; return {"kept_fp32": [...]}."""
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_dynamic, quantize_static
 
-        from .cpu_int8 import _qtype
+        from .cpu_int8 import _qtype, quiet_ort_quantizer_logs
 
         keep = sorted(set(keep_fp32))
         if keep and not self._calibrated:
@@ -242,7 +242,7 @@ class OrtInt8Builder:
         common = {"per_channel": bool(self.params.get("per_channel", True)), "nodes_to_exclude": keep,
                   "use_external_data_format": self.large}
         try:
-            with contextlib.redirect_stdout(sys.stderr), _quiet_ort_logs():
+            with contextlib.redirect_stdout(sys.stderr), quiet_ort_quantizer_logs():
                 if self.params["method"] == "dynamic":
                     src = self.base
                     convs_quantized = any(self.op_types[u] == "Conv" and u not in keep for u in self.units)
@@ -278,20 +278,6 @@ class OrtInt8Builder:
     def describe(self) -> dict:
         return {"tool": "onnxruntime.quantization", "base_recipe": self.recipe.name, "params": self.params,
                 "calibration_feeds": len(self.feeds)}
-
-
-@contextlib.contextmanager
-def _quiet_ort_logs():
-    """ORT's quantizer logs a pre-processing hint at WARNING on every call."""
-    import logging
-
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def apply_mixed(fp32_onnx, out_onnx, policy: Mapping[str, str] | str, calib: Mapping[str, np.ndarray] | None,
