@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from .fastpath import without_mha_fastpath
+from .fastpath import mha_fastpath_off
 
 LATENCY_BATCH = 8        # rows timed per call: small enough for any model, big enough to see channel cuts
 LATENCY_ITERATIONS = 15
@@ -19,7 +19,7 @@ ONNX_BUDGET_S = 4.0      # per batch size, both graphs together
 ONNX_MAX_ITERATIONS = 200
 
 
-@without_mha_fastpath
+@mha_fastpath_off()
 def compare(teacher, student, input_names: Sequence[str], feeds: Mapping[str, np.ndarray],
             structured: dict | None, *, labels: np.ndarray | None = None,
             task: tuple[str, list[str]] | None = None, output_names: Sequence[str] | None = None) -> dict:

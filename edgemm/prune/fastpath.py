@@ -9,11 +9,11 @@ The slow path computes the same function with ordinary tensors.
 from __future__ import annotations
 
 import contextlib
-import functools
 
 
 @contextlib.contextmanager
 def mha_fastpath_off():
+    """Also a decorator (``@mha_fastpath_off()``): contextlib's context managers are."""
     import torch
 
     previous = torch.backends.mha.get_fastpath_enabled()
@@ -22,11 +22,3 @@ def mha_fastpath_off():
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
-
-
-def without_mha_fastpath(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with mha_fastpath_off():
-            return fn(*args, **kwargs)
-    return wrapper

@@ -18,14 +18,14 @@ import numpy as np
 
 from ..errors import InputError
 from .augment import mix, modality_groups, pick
-from .fastpath import without_mha_fastpath
+from .fastpath import mha_fastpath_off
 from .hidden import HIDDEN_WEIGHT, HiddenStates
 
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 32
 
 
-@without_mha_fastpath
+@mha_fastpath_off()
 def recover(student, teacher, calib: Mapping[str, np.ndarray], steps: int, *, lr: float = DEFAULT_LR,
             batch: int = DEFAULT_BATCH, progress: bool = True, input_names: Sequence[str] | None = None,
             keep_zeros: bool = False, augment: bool = True, hidden: bool = True, seed: int = 0) -> dict:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError, ParityError
 from .branches import branch_of, find_branches
-from .fastpath import without_mha_fastpath
+from .fastpath import mha_fastpath_off
 from .heads import attention_layers, find_attention, head_scores, kept_attention, remove_heads
 from .importance import ActivationStats, group_importance
 from .measure import branch_costs
@@ -87,7 +87,7 @@ def keep_count(channels: int, ratio: float, round_to: int = ROUND_TO) -> int:
     return max(1, min(channels, keep))
 
 
-@without_mha_fastpath
+@mha_fastpath_off()
 def prune(module, example_feeds: Mapping[str, np.ndarray], calib: Mapping[str, np.ndarray],
           spec: Mapping[str, float], *, input_names: Sequence[str] | None = None,
           round_to: int = ROUND_TO, width: bool = True) -> tuple[object, dict]:

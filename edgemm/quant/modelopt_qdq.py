@@ -52,9 +52,9 @@ def _import_modelopt():
         raise DependencyError(f"nvidia-modelopt is not installed ({exc})",
                               fix="pip install 'edgemm[compile]' (installs nvidia-modelopt without its [onnx] extra)"
                               ) from exc
-    from .ort_isolation import isolated
+    from .ort_isolation import ort_quantization_restored
 
-    return isolated(quantize), getattr(modelopt, "__version__", "unknown")
+    return ort_quantization_restored()(quantize), getattr(modelopt, "__version__", "unknown")
 
 
 class _Captured:

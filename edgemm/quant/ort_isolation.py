@@ -6,7 +6,6 @@ After one TensorRT-style quantization, ORT's own static quantization in the same
 from __future__ import annotations
 
 import contextlib
-import functools
 
 # (module, class or None, attribute) that patch_ort_modules replaces.
 _PATCHED = (
@@ -25,6 +24,7 @@ _PATCHED = (
 
 @contextlib.contextmanager
 def ort_quantization_restored():
+    """Also a decorator (``ort_quantization_restored()(fn)``): contextlib's context managers are."""
     import importlib
 
     saved = []
@@ -49,12 +49,3 @@ def ort_quantization_restored():
 
 
 _ABSENT = object()
-
-
-def isolated(fn):
-    """Wrap a modelopt entry point so that it leaves onnxruntime.quantization untouched."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with ort_quantization_restored():
-            return fn(*args, **kwargs)
-    return wrapper
