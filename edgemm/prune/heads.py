@@ -200,13 +200,13 @@ def program_heads(sub, width: int) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
-def kept_attention(module, sites: list[AttentionSite]) -> list[str]:
+def kept_attention(module, found: set[str]) -> list[str]:
     """Attention modules whose heads cannot be pruned (their MLPs and widths still can), for the report:
     ``nn.MultiheadAttention`` (q/k/v packed in one parameter, also in a .pt2's graph modules) and q/k/v
-    layouts whose head count is neither an attribute nor readable from the reshapes."""
+    layouts whose head count is neither an attribute nor readable from the reshapes. ``found``: the paths
+    find_attention() recognised."""
     from torch import nn
 
-    found = {s.path for s in sites}
     kept = []
     for path, sub in module.named_modules():
         if path in found or any(path.startswith(f"{p}.") for p in found):

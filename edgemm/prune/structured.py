@@ -124,7 +124,7 @@ def prune(module, example_feeds: Mapping[str, np.ndarray], calib: Mapping[str, n
             what = {"heads": "attention heads kept", "width": "residual width kept"}[failed.stage]
             notes.append(f"{what}: pruning them broke the model ({failed.error.detail})")
     if stages["heads"] and any(ratios.values()):
-        kept = kept_attention(module, find_attention(module))
+        kept = kept_attention(module, {site["path"] for site in head_report["sites"]})
         if kept:
             notes.append(f"attention heads kept in {len(kept)} module(s): " + ", ".join(kept[:4])
                          + (", ..." if len(kept) > 4 else ""))
