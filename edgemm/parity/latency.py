@@ -49,3 +49,16 @@ def measure_interleaved(fns: Mapping[str, Callable[[], object]], *, warmup: int 
 
 def measure(fn: Callable[[], object], *, warmup: int = 5, iterations: int = 50) -> LatencyStats:
     return measure_interleaved({"fn": fn}, warmup=warmup, iterations=iterations)["fn"]
+
+
+def measure_interleaved_within(fns: Mapping[str, Callable[[], object]], *, budget_s: float, max_iterations: int,
+                               min_iterations: int = 5, warmup: int = 3) -> dict[str, LatencyStats]:
+    """measure_interleaved with as many rounds as fit in ``budget_s`` (one timed round first sizes it),
+    clamped to [min_iterations, max_iterations]: small models get many samples, big ones stay bounded."""
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    per_round = time.perf_counter() - start
+    iterations = int(max(min_iterations, min(max_iterations, budget_s / max(per_round, 1e-6))))
+    return measure_interleaved(fns, warmup=warmup, iterations=iterations)
+

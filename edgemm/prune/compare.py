@@ -70,9 +70,7 @@ def onnx_latency(before: Path, after: Path, feeds_by_batch: Mapping[int, Mapping
     Torch eager is a poor proxy for what a bundle gains: on small models its per-op Python dispatch hides
     channel cuts (the dual-encoder's .pt2 read 0.96x in torch at batch 8). One intra-op thread on both, so
     the ratio reflects the graphs and not how a shared host schedules two thread pools."""
-    import time
-
-    from ..parity.latency import measure_interleaved
+    from ..parity.latency import measure_interleaved_within
     from ..quant.cpu_int8 import cpu_session
 
     sessions = {label: cpu_session(path, spinning=False, intra_op_threads=1)
@@ -80,16 +78,11 @@ def onnx_latency(before: Path, after: Path, feeds_by_batch: Mapping[int, Mapping
     rows = {}
     for batch, feeds in feeds_by_batch.items():
         feeds = dict(feeds)
-        start = time.perf_counter()
-        for s in sessions.values():
-            s.run(None, feeds)
-        per_round = time.perf_counter() - start
-        iterations = int(max(5, min(ONNX_MAX_ITERATIONS, ONNX_BUDGET_S / max(per_round, 1e-6))))
-        stats = measure_interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
-                                    warmup=5, iterations=iterations)
+        stats = measure_interleaved_within({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
+                                           budget_s=ONNX_BUDGET_S, max_iterations=ONNX_MAX_ITERATIONS, warmup=5)
         rows[str(batch)] = {"ms_before": round(stats["before"].p50_ms, 4), "ms_after": round(stats["after"].p50_ms, 4),
                             "ratio": round(stats["after"].p50_ms / stats["before"].p50_ms, 4),
-                            "iterations": iterations}
+                            "iterations": stats["before"].iterations}
     return {"device": "ONNX Runtime CPU, FP32, 1 intra-op thread", "statistic": "p50", "batches": rows}
 
 

@@ -26,9 +26,8 @@ def tune_intra_op_threads(model_path: Path, feeds: Mapping[str, np.ndarray], *,
                           disabled_optimizers: Sequence[str] = ()) -> dict:
     """{"intra_op_threads": 1 or 0 (ORT default), "p50_ms": {"default": ..., "1": ...}, "batch": n}."""
     import os
-    import time
 
-    from ...parity.latency import measure_interleaved
+    from ...parity.latency import measure_interleaved_within
     from ...quant.cpu_int8 import cpu_session
 
     if (os.cpu_count() or 1) < 2:
@@ -36,12 +35,9 @@ def tune_intra_op_threads(model_path: Path, feeds: Mapping[str, np.ndarray], *,
     sessions = {label: cpu_session(model_path, spinning=False, disabled_optimizers=disabled_optimizers,
                                    intra_op_threads=threads) for label, threads in (("default", 0), ("1", 1))}
     feeds = dict(feeds)
-    start = time.perf_counter()
-    sessions["default"].run(None, feeds)
-    per_call = time.perf_counter() - start
-    iterations = int(max(5, min(ITERATIONS, BUDGET_S / max(2 * per_call, 1e-6))))
-    stats = measure_interleaved({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
-                                warmup=3, iterations=iterations)
+    stats = measure_interleaved_within({k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()},
+                                       budget_s=BUDGET_S, max_iterations=ITERATIONS)
+    iterations = stats["default"].iterations
     p50 = {k: round(v.p50_ms, 4) for k, v in stats.items()}
     single = p50["1"] <= (1 - MIN_GAIN) * p50["default"]
     return {"intra_op_threads": 1 if single else 0, "p50_ms": p50, "iterations": iterations,
