@@ -21,7 +21,7 @@ from .config import CompileConfig
 from .data import Dataset, load_dataset, specs_from_dataset
 from .errors import InputError, ParityError
 from .frontends import LoadedModel, LoadOptions, load_model
-from .iospec import (TensorSpec, apply_dynamic_axes, parse_dynamic_flag, parse_input_flag)
+from .iospec import (TensorSpec, apply_dynamic_axes, dynamic_batch_input, parse_dynamic_flag, parse_input_flag)
 
 log = logging.getLogger("edgemm")
 EXAMPLE_SIDECAR = "edgemm-example.json"   # written by `edgemm example`: names the zoo model and its metric
@@ -57,7 +57,7 @@ def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset 
         if flags:
             raise InputError(f"{loaded.format} models carry their own input specs", field="--input",
                              fix="drop --input")
-        dynamic_batch = next((sp.name for sp in specs if sp.shape and isinstance(sp.shape[0], str)), None)
+        dynamic_batch = dynamic_batch_input(specs)
         if not cfg.dynamic_batch and dynamic_batch:
             # The program's (or ONNX graph's) own dims decide; silently keeping a dynamic batch would
             # ignore the flag.
@@ -406,8 +406,7 @@ def _onnx_prune_latency(unpruned: LoadedModel, pruned_fp32: Path, work: Path, sp
     from .export import export_onnx
     from .prune.compare import LATENCY_BATCH, onnx_latency, onnx_summary
 
-    static = specs and specs[0].shape and isinstance(specs[0].shape[0], int)
-    batches = (_batch_of(specs),) if static else (1, LATENCY_BATCH)
+    batches = (1, LATENCY_BATCH) if dynamic_batch_input(specs) else (_batch_of(specs),)
     before = work / "unpruned" / "fp32.onnx"
     before.parent.mkdir()
     say("  exporting the unpruned model too, to time both graphs in ONNX Runtime")

@@ -127,6 +127,11 @@ def parse_dynamic_flag(text: str) -> DynamicAxis:
     return DynamicAxis(m["name"], int(m["axis"]), DimRange(int(m["min"]), int(m["opt"]), int(m["max"])))
 
 
+def dynamic_batch_input(specs: Sequence[TensorSpec]) -> str | None:
+    """The first input whose axis 0 is symbolic (a dynamic batch), or None when every batch is fixed."""
+    return next((s.name for s in specs if s.shape and isinstance(s.shape[0], str)), None)
+
+
 def dim_name(spec_name: str, axis: int) -> str:
     return "batch" if axis == 0 else f"{spec_name}_dim{axis}"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..iospec import dynamic_batch_input
 from .options import verbose_option
 
 
@@ -47,7 +48,7 @@ def command(bundle, data, output, batch_size):
         for i, part in enumerate(parts):
             out[f"{spec.name}.{i}"] = part
         hint = (f"; use --batch-size {ds.num_samples} for one matrix over all samples"
-                if _dynamic_batch(b.inputs) else "")
+                if dynamic_batch_input(b.inputs) else "")
         click.echo(f"note: {spec.name} {list(spec.shape)} spans each call's batch: saved per call as "
                    f"{spec.name}.0 .. {spec.name}.{len(parts) - 1} (--batch-size {batch_size}){hint}", err=True)
     _check_output(out_path)  # again: it may have changed during the run
@@ -73,10 +74,6 @@ def command(bundle, data, output, batch_size):
     return 0
 
 
-def _dynamic_batch(inputs) -> bool:
-    return any(s.shape and isinstance(s.shape[0], str) for s in inputs)
-
-
 def _per_sample(spec, parts, sizes, inputs) -> bool:
     """Whether calls' outputs can be stacked row by row: axis 0 is each call's batch, and no other axis is.
 
@@ -98,7 +95,7 @@ def _per_sample(spec, parts, sizes, inputs) -> bool:
         return False
     if any(p.ndim != len(shape) or p.shape[0] != n for p, n in zip(parts, sizes)):
         return False
-    static = not _dynamic_batch(inputs)
+    static = dynamic_batch_input(inputs) is None
     if isinstance(shape[0], int) and not static:
         return False
     if len({p.shape[1:] for p in parts}) != 1:
