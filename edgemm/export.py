@@ -44,28 +44,15 @@ def _dynamic_map(specs: Sequence[TensorSpec]) -> dict[str, dict[int, str]]:
 @contextlib.contextmanager
 def _silence_fds():
     """The TorchScript exporter's C++ side dumps graphs straight to fd 1/2, past Python's sys.stderr."""
-    import os
-    import sys
     import tempfile
+
+    from .capture import redirected_fds
 
     if log.isEnabledFor(logging.INFO):  # --verbose: let it through
         yield
         return
-    saved = []
-    with tempfile.TemporaryFile() as sink:
-        try:
-            for fd in (1, 2):
-                try:
-                    (sys.stdout if fd == 1 else sys.stderr).flush()
-                    saved.append((fd, os.dup(fd)))
-                    os.dup2(sink.fileno(), fd)
-                except OSError:
-                    pass
-            yield
-        finally:
-            for fd, copy in saved:
-                os.dup2(copy, fd)
-                os.close(copy)
+    with tempfile.TemporaryFile() as sink, redirected_fds(sink.fileno()):
+        yield
 
 
 def _quiet():

@@ -103,7 +103,7 @@ def _autocast(fp32_onnx: Path, low: str, keep_io_types: bool, calib: Mapping[str
         if calib:
             calib_path = str(Path(tmp) / "reference.npz")
             np.savez(calib_path, **{k: np.asarray(v) for k, v in calib.items()})
-        from .modelopt_qdq import captured_output
+        from ..capture import captured_output
 
         # AutoCast prints progress and notes ("Shared constants were detected..."): logged, not shown.
         with captured_output() as out:

@@ -14,9 +14,10 @@ import warnings
 import numpy as np
 import pytest
 
+from edgemm.capture import captured_output
 from edgemm.errors import InputError
 from edgemm.quant import modelopt_qdq
-from edgemm.quant.modelopt_qdq import captured_output, quantize_qdq
+from edgemm.quant.modelopt_qdq import quantize_qdq
 
 
 class _StderrHandler(logging.StreamHandler):
