@@ -183,6 +183,10 @@ class BundleWriter:
                              field="-o", fix=_CHOOSE_ANOTHER) from exc
         return self
 
+    def _appeared(self) -> InputError:
+        return InputError("appeared while compiling (another compile wrote there?); nothing was replaced",
+                          file=self.given, field="-o", fix="pass --force to replace it, or choose another -o")
+
     def _remove_made_parents(self) -> None:
         for folder in self._made_parents:  # innermost first; stops at the first one not empty
             try:
@@ -221,9 +225,7 @@ class BundleWriter:
         old = None
         if self._exists():
             if not self.force:  # another compile (or someone) created it after __enter__ checked
-                raise InputError("appeared while compiling (another compile wrote there?); nothing was replaced",
-                                 file=self.given, field="-o",
-                                 fix="pass --force to replace it, or choose another -o")
+                raise self._appeared()
             self._check_replaceable()  # it may have changed since __enter__ looked
             old = self.destination.with_name(f"{STAGING_PREFIX}{os.getpid()}-old-{self.destination.name}")
             os.replace(self.destination, old)
@@ -238,9 +240,7 @@ class BundleWriter:
                 except OSError:
                     pass
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-                raise InputError("appeared while compiling (another compile wrote there?); nothing was replaced",
-                                 file=self.given, field="-o",
-                                 fix="pass --force to replace it, or choose another -o") from exc
+                raise self._appeared() from exc
             raise
         self.committed = True
         if old is not None:
