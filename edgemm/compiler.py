@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import CompileConfig
 from .data import Dataset, load_dataset, specs_from_dataset
-from .errors import InputError, ParityError
+from .errors import InputError, ParityError, first_line
 from .frontends import LoadedModel, LoadOptions, load_model
 from .iospec import (TensorSpec, apply_dynamic_axes, dynamic_batch_input, parse_dynamic_flag, parse_input_flag)
 
@@ -165,7 +165,7 @@ def _copy_onnx_inline(src: Path, dst: Path) -> None:
     except (ValueError, OSError, MemoryError, OverflowError) as exc:
         # onnx checks offset/length against the data file only now (ValueError); a length that fits the
         # file but not in memory is a MemoryError. The first line names the tensor.
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        detail = first_line(exc)
         raise InputError(f"cannot read its external data ({detail})", file=src, field="external data",
                          fix="re-export the model, or copy its external data files whole next to the .onnx "
                              "file") from exc
@@ -415,7 +415,7 @@ def _onnx_prune_latency(unpruned: LoadedModel, pruned_fp32: Path, work: Path, sp
                     prefer=cfg.exporter, output_names=_output_names(cfg, unpruned))
         result = onnx_latency(before, pruned_fp32, {b: sample_feeds(data, specs, b) for b in batches})
     except Exception as exc:  # a measurement, never a reason to fail the compile
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200, default="")
         result = {"note": f"not measured ({type(exc).__name__}: {first})"}
     finally:
         shutil.rmtree(before.parent, ignore_errors=True)

@@ -57,3 +57,13 @@ class ParityError(EdgemmError):
     """The compiled artefact does not match its reference. Exit 1."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int | None = 300, default: str | None = None) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters, for one-line errors and notes
+    (third-party messages often run to many lines); ``default`` (the exception's type name when None)
+    for an empty message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else (type(exc).__name__ if default is None else default)
+    return text[:limit] if limit is not None else text
+

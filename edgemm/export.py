@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, ParityError
+from .errors import InputError, ParityError, first_line
 from .frontends import LoadedModel
 from .iospec import TensorSpec
 from .parity.metrics import OutputParity, compare
@@ -143,7 +143,7 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
             exporter = name
             break
         except Exception as exc:  # exporters raise many types; we report them all below
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc, None)
             errors.append(f"{name}: {first[:300]}")
             notes.append(f"{name} exporter failed: {first[:200]}")
             log.info("export with %s failed: %s", name, exc)

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .frontends import LoadedModel
 
 
@@ -59,7 +59,7 @@ class Reference:
             try:
                 self._ort = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
             except Exception as exc:  # ORT raises its own exception types for graphs it cannot run
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                first = first_line(exc)
                 raise InputError(f"ONNX Runtime cannot load the model ({first})", file=loaded.source,
                                  fix="check the model with onnx.checker; re-export it") from exc
         self.output_names: list[str] | None = None

@@ -10,7 +10,7 @@ import traceback
 
 import click
 
-from ..errors import EdgemmError
+from ..errors import EdgemmError, first_line
 
 COMMANDS = {
     "compile": ("edgemm.cli.compile", "Compile a model into a verified bundle."),
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except Exception as exc:  # a bug in edgemm, not the user's input
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        first = first_line(exc, default="")
         if verbose:  # the traceback is right above: no hint to rerun
             traceback.print_exc()
             click.echo(f"internal error: {type(exc).__name__}: {first}", err=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from ..errors import InputError, SecurityError
+from ..errors import InputError, SecurityError, first_line
 from ..iospec import DimRange, TensorSpec
 from .base import LoadedModel, LoadOptions, logged_error, sha256_of, torch_logs_collected
 from .pt2_guard import check_archive, weights_only_unpickling
-from .torchscript import _first_line
 
 
 def load(spec: str, options: LoadOptions) -> LoadedModel:
@@ -29,7 +28,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
                             fix="re-export it from a model with plain tensors, or pass --trust-pickle if you "
                                 "trust its author") from exc
     except Exception as exc:  # corrupt zip, unknown schema version, ...
-        detail = logged_error(records) or _first_line(exc)
+        detail = logged_error(records) or first_line(exc, None)
         raise InputError(f"cannot load torch.export archive ({detail})", file=path,
                          fix="re-save it with torch.export.save(torch.export.export(model, args), path)") from exc
     loaded = LoadedModel(source=spec, format="exported_program", sha256=sha256_of(path), name=path.stem,

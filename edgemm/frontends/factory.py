@@ -8,10 +8,9 @@ import inspect
 import os
 from pathlib import Path
 
-from ..errors import InputError, SecurityError
+from ..errors import InputError, SecurityError, first_line
 from ..paths import require_regular_file
 from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of, torch_warnings_logged
-from .torchscript import _first_line
 
 
 def load(spec: str, options: LoadOptions) -> LoadedModel:
@@ -21,7 +20,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     try:
         mod = importlib.import_module(module_name)
     except ImportError as exc:
-        raise InputError(f"cannot import {module_name!r} ({_first_line(exc)})", field="MODEL",
+        raise InputError(f"cannot import {module_name!r} ({first_line(exc, None)})", field="MODEL",
                          fix="install the package or add its folder to PYTHONPATH") from exc
     factory = getattr(mod, func_name, None)
     if not callable(factory):
@@ -40,7 +39,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise InputError(f"weights do not fit the model ({_first_line(exc)})", file=wpath,
+            raise InputError(f"weights do not fit the model ({first_line(exc, None)})", file=wpath,
                              field="state_dict", fix="pass weights saved from this architecture") from exc
         digest.update(sha256_of(wpath).encode())
     loaded = LoadedModel(source=spec, format="factory", sha256=digest.hexdigest(), name=func_name, module=model)
@@ -59,7 +58,7 @@ def load_state_dict(path: Path) -> dict:
         try:
             return load_file(str(path))
         except Exception as exc:
-            raise InputError(f"not a valid safetensors file ({_first_line(exc)})", file=path,
+            raise InputError(f"not a valid safetensors file ({first_line(exc, None)})", file=path,
                              fix="re-save with safetensors.torch.save_file") from exc
     import pickle
 
@@ -75,7 +74,7 @@ def load_state_dict(path: Path) -> dict:
         raise SecurityError("the weights file holds more than tensors and would run code when unpickled",
                             file=path, fix="save model.state_dict() (or use .safetensors)") from exc
     except Exception as exc:
-        raise InputError(f"cannot read weights ({_first_line(exc)})", file=path,
+        raise InputError(f"cannot read weights ({first_line(exc, None)})", file=path,
                          fix="save model.state_dict() with torch.save or safetensors") from exc
     if not isinstance(state, dict):
         raise InputError(f"holds a {type(state).__name__}, not a state_dict", file=path,

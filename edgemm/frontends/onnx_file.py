@@ -6,11 +6,10 @@ import os
 import warnings
 from pathlib import Path, PurePath
 
-from ..errors import InputError, SecurityError
+from ..errors import InputError, SecurityError, first_line
 from ..paths import require_regular_file
 from ..iospec import TensorSpec
 from .base import LoadedModel, LoadOptions, sha256_of
-from .torchscript import _first_line
 
 # ONNX TensorProto elem_type -> numpy dtype name (the ones a bundle may expose)
 ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
@@ -24,13 +23,13 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise InputError(f"not a valid ONNX file ({_first_line(exc)})", file=path,
+        raise InputError(f"not a valid ONNX file ({first_line(exc, None)})", file=path,
                          fix="re-export the model, or check that the file was copied whole") from exc
     check_external_data(model, path)
     try:
         onnx.checker.check_model(str(path), full_check=True)  # full: shape inference too
     except Exception as exc:
-        raise InputError(f"ONNX checker rejects the model ({_first_line(exc)})", file=path,
+        raise InputError(f"ONNX checker rejects the model ({first_line(exc, None)})", file=path,
                          fix="re-export with a current torch.onnx.export / opset") from exc
     from ..onnx_graph import graph_inputs
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-from ..errors import InputError, SecurityError
+from ..errors import InputError, SecurityError, first_line
 from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of, torch_warnings_logged
-from .torchscript import _first_line
 
 
 def load(spec: str, options: LoadOptions) -> LoadedModel:
@@ -20,7 +19,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _looks_like_pickle(path):  # garbage bytes, not a refused pickle
-            raise InputError(f"cannot read model file ({_first_line(exc)})", file=path,
+            raise InputError(f"cannot read model file ({first_line(exc, None)})", file=path,
                              fix="check that the file was copied whole; re-save the model") from exc
         if not options.trust_pickle:
             raise SecurityError("is a pickled Python object; loading it would run code from the file",
@@ -28,7 +27,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
                                                "--trust-pickle if you trust its author") from exc
         obj = _load_trusted(path)
     except Exception as exc:
-        raise InputError(f"cannot read model file ({_first_line(exc)})", file=path,
+        raise InputError(f"cannot read model file ({first_line(exc, None)})", file=path,
                          fix="check that the file was copied whole; re-save the model") from exc
     if isinstance(obj, dict):
         raise InputError("holds a state_dict, not a model", file=path,
@@ -63,7 +62,7 @@ def _load_trusted(path: Path):
         with torch_warnings_logged(path):
             return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise InputError(f"cannot unpickle model ({_first_line(exc)})", file=path,
+        raise InputError(f"cannot unpickle model ({first_line(exc, None)})", file=path,
                          fix="re-save the model; its classes must be importable here") from exc
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of
 
 
@@ -15,7 +15,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # torch raises RuntimeError/ValueError/etc. for corrupt archives
-        raise InputError(f"cannot load TorchScript archive ({_first_line(exc)})", file=path,
+        raise InputError(f"cannot load TorchScript archive ({first_line(exc, None)})", file=path,
                          fix="re-save it with torch.jit.save, or pass a .pt2 / .onnx file") from exc
     loaded = LoadedModel(source=spec, format="torchscript", sha256=sha256_of(path), name=path.stem,
                          module=module)
@@ -26,8 +26,3 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     except (AttributeError, RuntimeError):
         loaded.input_names = None
     return loaded
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

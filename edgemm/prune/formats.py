@@ -18,7 +18,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 _FORMAT_NAMES = {"torchscript": "TorchScript", "onnx": "ONNX"}
 
@@ -78,7 +78,7 @@ def _reexport(module, loaded, example_feeds):
     try:
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export raises many types
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise InputError(f"cannot export the pruned program again ({first})", file=loaded.source, field="--prune",
                          fix="prune the model's factory (package.module:function --weights FILE) instead") from exc
 

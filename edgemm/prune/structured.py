@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ParityError
+from ..errors import InputError, ParityError, first_line
 from .branches import branch_of, find_branches
 from .fastpath import mha_fastpath_off
 from .heads import attention_layers, find_attention, head_scores, kept_attention, remove_heads
@@ -221,13 +221,8 @@ def _run_or_fail(model, names, feeds, when: str) -> dict[str, np.ndarray]:
     try:
         return _run(model, names, feeds)
     except Exception as exc:  # a shape baked into the forward code no longer fits
-        raise ParityError(f"the model does not run {when} ({_first_line(exc)})", field="--prune",
+        raise ParityError(f"the model does not run {when} ({first_line(exc, 200)})", field="--prune",
                           fix="report this model to edgemm; prune a different branch meanwhile") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _check_feeds(names: Sequence[str], feeds: Mapping[str, np.ndarray], role: str) -> None:
@@ -288,7 +283,7 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
             warnings.simplefilter("ignore")  # "unwrapped parameters": position embeddings, handled as unsafe
             graph = tp.DependencyGraph().build_dependency(student, example_inputs=args)
     except Exception as exc:  # torch-pruning traces autograd; some models defeat it
-        raise InputError(f"cannot trace the model's channel dependencies ({_first_line(exc)})", field="--prune",
+        raise InputError(f"cannot trace the model's channel dependencies ({first_line(exc, 200)})", field="--prune",
                          fix="drop --prune for this model, or report it to edgemm") from exc
     in_fns = {tp.prune_linear_in_channels, tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels}
     plans: list[_GroupPlan] = []

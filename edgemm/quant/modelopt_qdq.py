@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 
 from ..capture import captured_output
-from ..errors import DependencyError, EdgemmError, InputError
+from ..errors import DependencyError, EdgemmError, InputError, first_line
 
 __all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES"]
 
@@ -208,7 +208,7 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
         if isinstance(error, EdgemmError):
             raise error
         if error is not None:
-            first = " ".join((str(error).strip().splitlines() or [""])[0].split())[:200]
+            first = " ".join(first_line(error, None, default="").split())[:200]
             last = output.last_line()
             detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
             if last and last not in detail:
