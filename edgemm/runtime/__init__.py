@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import BundleError, EdgemmError, InputError
 from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape
+from . import signature
 from .manifest import MANIFEST_NAME, load_manifest
 
 __all__ = ["load", "Bundle"]
@@ -22,10 +23,11 @@ __all__ = ["load", "Bundle"]
 class Bundle:
     """A loaded, hash-verified bundle. ``run`` is safe to call from several threads."""
 
-    def __init__(self, path: Path, manifest: dict, session):
+    def __init__(self, path: Path, manifest: dict, session, signature=None):
         self.path = path
         self.manifest = manifest
         self._session = session
+        self.signature = signature  # the verified SignatureInfo, or None when no signature was checked
         self.inputs, self.outputs = parse_io(path, manifest)
         self._enforce_ranges = manifest["backend"]["name"] == "tensorrt"
 
@@ -122,10 +124,21 @@ def _open_session(path: Path, manifest: dict, **kwargs):
                       fix="use a bundle made for onnxruntime or tensorrt, or upgrade edgemm")
 
 
-def load(path: os.PathLike, **session_options) -> Bundle:
-    """Verify every file's hash against the manifest, then open the backend session."""
+def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None = None,
+         **session_options) -> Bundle:
+    """Verify the signature (when trusted keys are given), every file's hash against the manifest, then
+    open the backend session.
+
+    ``trusted_keys``: public key files or PEM bytes (default: EDGEMM_TRUSTED_KEYS); with any, the
+    bundle must carry a signature (bundle.sig) made by one of them over every file. ``require_signature``
+    defaults to "whenever a key is trusted"; True without keys is refused. Nothing inside the bundle
+    can switch the check off."""
     path = Path(path)
+    policy = signature.resolve_policy(trusted_keys, require_signature)
+    signed = signature.check_bundle(path, policy)  # before the manifest is trusted or a backend reads a byte
     manifest = load_manifest(path, verify=True)
+    if signed is not None:
+        signature.bind_manifest(path, manifest, signed)
     parse_io(path, manifest)  # before any backend reads a model file
     try:
         session = _open_session(path, manifest, **session_options)
@@ -134,4 +147,4 @@ def load(path: os.PathLike, **session_options) -> Bundle:
             raise
         # Backend errors (missing TensorRT, no engine, ...) are about this bundle: say which one.
         raise type(exc)(exc.detail, file=path / MANIFEST_NAME, field=exc.field or "backend", fix=exc.fix) from exc
-    return Bundle(path, manifest, session)
+    return Bundle(path, manifest, session, signed)
