@@ -292,7 +292,8 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
             "host": {"cpu": cpu_info()},
         }
         manifest = writer.write_manifest(manifest)
-        report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say)
+        report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say,
+                                original=unpruned if prune_info else None)
         if report is not None and not report.get("passed", True) and evald is not None:
             task_failed = any(f.startswith("task ") for f in report["failures"])
             raise ParityError("bundle fails verification: " + "; ".join(report["failures"]), file=cfg.eval,
@@ -359,7 +360,8 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
     """Structured pruning / 2:4 sparsity on the torch module, then recovery by distillation, then the
     before/after comparison (on --eval when given: held-out data, and the task metric when it has labels).
     The rest of the pipeline (export, parity) then works on the pruned model."""
-    from .prune import apply_2to4, can_prune, parse_prune_spec, prunable_module, prune, recover, with_pruned_module
+    from .prune import (apply_2to4, can_prune, parse_prune_spec, prunable_module, prune, recover, recovery_warnings,
+                        with_pruned_module)
     from .prune.compare import compare, summary_lines
 
     can_prune(loaded)
@@ -386,8 +388,12 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
         info["sparsity"] = apply_2to4(student, calib_arrays, input_names=names)
     if cfg.recover:
         say(f"recovery: {cfg.recover} distillation steps on the calibration set (lr {cfg.recover_lr:g})")
+        cautions = recovery_warnings(calib.num_samples, cfg.recover, held_out=evald is not None)
+        for caution in cautions:
+            say(f"  warning: {caution}")
         info["recovery"] = recover(student, module, train_arrays, cfg.recover, input_names=names,
                                    keep_zeros=bool(cfg.sparsity), lr=cfg.recover_lr)
+        info["recovery"]["warnings"] = cautions
     data = evald or calib
     output_names = _output_names(cfg, loaded)
     task = _find_task(loaded)
@@ -465,8 +471,13 @@ def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileCo
 
 
 def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data: Dataset | None,
-                   cfg: CompileConfig, say) -> dict | None:
-    """Bundle vs reference on the eval set (or the calibration set): the bundle's parity report."""
+                   cfg: CompileConfig, say, original: LoadedModel | None = None) -> dict | None:
+    """Bundle vs reference on the eval set (or the calibration set): the bundle's parity report.
+
+    ``original``: the unpruned model of a pruned compile. The reference is then the pruned model (the
+    thresholds judge what precision changed), and ``vs_original`` adds the bundle against the unpruned
+    model: what the user gets in the end, pruning included (against the pruned model alone a pruned FP32
+    bundle reads cosine 1.000)."""
     from .parity.thresholds import defaults_for, with_overrides
     from .parity.verify import add_compile_sections, evaluate, guess_task, write_reports
     from .reference import Reference
@@ -499,6 +510,8 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
                         "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
     if simulated:
         report["simulated"] = simulated
+    if original is not None:
+        report["vs_original"] = _vs_original(run, original, specs, manifest, data, thresholds, task_t, say)
     add_compile_sections(report, manifest)
     if cfg.accuracy_target:
         report["accuracy_target"] = {"expr": cfg.accuracy_target,
@@ -506,6 +519,25 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
                                      "measured": manifest["precision"]["recipe"].get("measured")}
     write_reports(stage, report)
     return report
+
+
+def _vs_original(run, original: LoadedModel, specs, manifest: dict, data: Dataset, thresholds, task_t, say) -> dict:
+    """The pruned bundle against the unpruned model: figures only (pruning's loss was asked for; the
+    gate stays on the bundle vs the pruned model, which isolates precision)."""
+    from .parity.verify import evaluate, vs_original_lines
+    from .reference import Reference
+
+    names = [o["name"] for o in manifest["outputs"]]
+    ref = Reference(original, [s.name for s in specs], None if original.onnx_path else names)
+    got = evaluate(run, ref.run, data, thresholds, output_names=names,
+                   task=task_t if data.labels is not None else None)
+    section = {"reference": "unpruned source model", "samples": got["samples"],
+               "outputs": {n: {k: v for k, v in o.items() if k != "passed"} for n, o in got["outputs"].items()}}
+    if "task" in got:
+        section["task"] = got["task"]
+    for line in vs_original_lines(section):
+        say(line)
+    return section
 
 
 def _bundle_runner(stage: Path, manifest: dict):

@@ -121,10 +121,18 @@ def _print_summary(result) -> None:
         click.echo(f"  parity: {r['skipped']}")
     if r.get("simulated"):  # the figures below are not the device's
         click.echo(f"  simulated: {r['simulated']}")
+    indent = "  "
+    if r.get("vs_original"):  # pruned: the figures that matter are against the model the user brought
+        from ..parity.verify import vs_original_lines
+
+        for line in vs_original_lines(r["vs_original"]):
+            click.echo(f"  {line}")
+        click.echo("  bundle vs the pruned model (what precision changed):")
+        indent = "    "
     for name, o in r.get("outputs", {}).items():
         extra = f", top-1 agreement {o['top1_agreement']:.4f}" if "top1_agreement" in o else ""
         cos = f"mean cosine {o['mean_cosine']:.6f}" if "mean_cosine" in o else f"exact {o.get('exact_match')}"
-        click.echo(f"  {name}: {cos}{extra}")
+        click.echo(f"{indent}{name}: {cos}{extra}")
     if "task" in r:
         t = r["task"]
         click.echo(f"  task {t['metric']}: reference {t.get('reference', float('nan')):.2f}, "

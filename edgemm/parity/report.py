@@ -48,10 +48,30 @@ def render_markdown(report: dict) -> str:
         if "p50_ratio" in lat:
             lines.append(f"\np50 ratio bundle / reference: **{lat['p50_ratio']:.3f}** (measured side by side)")
     lines += [f"\n> Note: {note}" for note in report.get("notes", [])]
+    lines += _vs_original_section(report.get("vs_original"))
     lines += _prune_section(report.get("prune"))
     if report.get("failures"):
         lines += ["", "## Failures", *[f"- {f}" for f in report["failures"]]]
     return "\n".join(lines) + "\n"
+
+
+def _vs_original_section(section: dict | None) -> list[str]:
+    """A pruned bundle against the unpruned source model (the table above compares it with the pruned one)."""
+    if not section:
+        return []
+    lines = ["", "## Pruned bundle vs the unpruned model (pruning + precision)", "",
+             f"The table above compares the bundle with the pruned model; this one with the model before "
+             f"pruning, on the same {section.get('samples')} samples.", "",
+             "| output | mean cosine | min cosine | max abs err | top-1 agree |", "|---|---|---|---|---|"]
+    for name, o in section.get("outputs", {}).items():
+        top1 = o.get("top1_agreement", o.get("exact_match"))
+        lines.append(f"| {name} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
+                     f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} |")
+    task = section.get("task")
+    if task and "reference" in task:
+        lines += ["", f"Task metric **{task['metric']}**: unpruned {_fmt(task['reference'], 2)}, "
+                      f"bundle {_fmt(task['bundle'], 2)} ({_fmt(-task['drop'], 2)} points)"]
+    return lines
 
 
 def _prune_section(comparison: dict | None) -> list[str]:

@@ -126,6 +126,24 @@ def add_compile_sections(report: dict, manifest: dict) -> dict:
     return report
 
 
+def vs_original_lines(section: dict | None) -> list[str]:
+    """A pruned bundle against the unpruned model (the compile report's ``vs_original``), for the log."""
+    if not section:
+        return []
+    lines = [f"pruned bundle vs the unpruned model ({section['samples']} samples; pruning + precision):"]
+    for name, o in section["outputs"].items():
+        fig = f"mean cosine {o['mean_cosine']:.6f}" if o.get("mean_cosine") is not None else \
+            f"exact {o.get('exact_match')}"
+        if o.get("top1_agreement") is not None:
+            fig += f", top-1 agreement {o['top1_agreement']:.4f}"
+        lines.append(f"  {name}: {fig}")
+    task = section.get("task")
+    if task and "reference" in task:
+        lines.append(f"  task {task['metric']}: unpruned {task['reference']:.2f}, bundle {task['bundle']:.2f} "
+                     f"({-task['drop']:+.2f} points)")
+    return lines
+
+
 def pruned_reference_note(manifest: dict) -> str | None:
     """For a pruned bundle: its reference is the unpruned source, so outputs differ by what pruning changed."""
     prune = manifest.get("prune") or {}

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from .branches import branch_of, find_branches
 from .formats import can_prune, prunable_module, with_pruned_module
-from .recover import recover
+from .recover import recover, recovery_warnings
 from .sparsity import apply_2to4, check_sparsity_target, is_two_four
 from .spec import parse_prune_spec
 from .structured import keep_count, prune
 
-__all__ = ["parse_prune_spec", "find_branches", "branch_of", "prune", "recover", "apply_2to4",
+__all__ = ["parse_prune_spec", "find_branches", "branch_of", "prune", "recover", "recovery_warnings", "apply_2to4",
            "check_sparsity_target", "is_two_four", "can_prune", "prunable_module", "with_pruned_module",
            "keep_count"]

@@ -23,6 +23,33 @@ from .hidden import HIDDEN_WEIGHT, HiddenStates
 
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH = 32
+# When recovery is likely to fit the calibration set rather than the model (see recovery_warnings).
+MIN_RECOVER_SAMPLES = 512
+MAX_RECOVER_EPOCHS = 100
+
+
+def recovery_warnings(samples: int, steps: int, batch: int = DEFAULT_BATCH, *, held_out: bool = True) -> list[str]:
+    """Why a recovery of ``steps`` steps on ``samples`` calibration samples may not be trusted (empty: fine).
+
+    The bounds come from the recoveries measured here (README, benchmarks/README.md): 1500 steps on 1024
+    samples (47 passes over the data) held on held-out data, while the zoo's 128-sample sets were
+    memorised within a few hundred steps (hundreds of passes). Below half the measured 1024 samples, or
+    beyond about twice the measured passes, the student learns the calibration set rather than the
+    teacher. ``held_out``: False when the before/after figures are measured on the samples recovery
+    trained on (no --eval), which then flatter it."""
+    warnings = []
+    epochs = steps * min(batch, samples) / max(samples, 1)
+    if samples < MIN_RECOVER_SAMPLES:
+        warnings.append(f"--recover on {samples} calibration samples: recovery wants at least "
+                        f"{MIN_RECOVER_SAMPLES} (~1000 measured here) or it fits these samples, not the model "
+                        f"(fix: pass a larger --calib, e.g. edgemm example NAME --calib-size 1024)")
+    if epochs > MAX_RECOVER_EPOCHS:
+        warnings.append(f"--recover {steps} runs {epochs:.0f} passes over {samples} samples (over "
+                        f"{MAX_RECOVER_EPOCHS} memorises them) (fix: fewer steps or more calibration samples)")
+    if not held_out:
+        warnings.append("no --eval: the pruned-vs-unpruned figures are measured on the calibration samples "
+                        "recovery trained on, and flatter it (fix: pass held-out data with --eval)")
+    return warnings
 
 
 @mha_fastpath_off()

@@ -13,9 +13,11 @@ joins two branches in a fusion head), so shapes stay consistent across branches.
    blocks) is pruned at the smallest ratio among them. LayerNorm statistics change, so no exact check
    exists: the result must run and keep its output shapes, and recovery re-fits it.
 
-Never pruned: groups that reach a model output (inputs and outputs keep their shapes), attention score
-computations, and index-remapping ops the graph cannot follow (split/unbind/slice/expand). A pass whose
-result fails its check is dropped (noted in the report) and the rest retried.
+Never pruned: groups that reach a model output (every output is marked in the dependency graph, see
+_marked_outputs: inputs and outputs keep their shapes), attention score computations, and
+index-remapping ops the graph cannot follow (split/unbind/slice/expand). A channel group whose removal
+breaks the model is found by bisection and kept; a head or width pass whose result fails its check is
+dropped; both are noted in the report and the rest retried.
 """
 
 from __future__ import annotations
@@ -111,13 +113,26 @@ def prune(module, example_feeds: Mapping[str, np.ndarray], calib: Mapping[str, n
     notes: list[str] = []
     # Head removal relies on recognising the attention layout and width pruning on the graph tracing
     # every use of the residual stream; a stage whose result fails its check is dropped and the rest retried.
+    # A channel group whose removal breaks the model (a shape baked into forward(), `x.view(-1, 32)`) is
+    # found by bisection and kept; the other groups are still pruned.
     stages = {"heads": True, "width": width}
+    kept_groups: list[str] = []
     while True:
         try:
             student, head_report, group_report, skipped, worst = _attempt(
-                module, names, example_feeds, branches, ratios, stats, round_to, reference, **stages)
+                module, names, example_feeds, branches, ratios, stats, round_to, reference,
+                keep=frozenset(kept_groups), **stages)
             break
         except _StageFailed as failed:
+            if failed.stage == "channels":
+                culprit = _breaking_group(failed.planned, lambda limit: _attempt(
+                    module, names, example_feeds, branches, ratios, stats, round_to, reference,
+                    keep=frozenset(kept_groups), limit=limit, heads=stages["heads"], width=False))
+                if culprit is not None:
+                    kept_groups.append(culprit)
+                    notes.append(f"channels of {culprit} kept: pruning them broke the model ({failed.error.detail})")
+                    continue
+                failed.stage = "heads"  # the groups alone are fine: removing heads is what breaks it
             if failed.stage not in stages or not stages[failed.stage]:
                 raise failed.error from failed
             stages[failed.stage] = False
@@ -172,13 +187,38 @@ def _removed_fractions(branches, sites, groups) -> dict[str, float]:
 
 
 class _StageFailed(Exception):
-    def __init__(self, stage: str, error):
+    def __init__(self, stage: str, error, planned: Sequence[str] = ()):
         super().__init__(str(error))
-        self.stage, self.error = stage, error
+        self.stage, self.error, self.planned = stage, error, list(planned)
 
 
-def _attempt(module, names, feeds, branches, ratios, stats, round_to, reference, heads: bool, width: bool):
-    """Prune a copy in two checked passes. Heads, MLP and conv channels first: the result must compute
+def _breaking_group(planned: Sequence[str], attempt) -> str | None:
+    """The first of the ``planned`` channel groups (root paths, in pruning order) whose removal, after the
+    ones before it, makes ``attempt(limit)`` fail; None when pruning none of them fails already.
+    Bisection: log2(groups) attempts, each a fresh copy pruned and checked."""
+    def fails(limit: int) -> bool:
+        try:
+            attempt(limit)
+        except _StageFailed:
+            return True
+        return False
+
+    if not planned or fails(0):
+        return None
+    good, bad = 0, len(planned)  # pruning the first `good` groups works, the first `bad` fails
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fails(mid):
+            bad = mid
+        else:
+            good = mid
+    return planned[bad - 1]
+
+
+def _attempt(module, names, feeds, branches, ratios, stats, round_to, reference, heads: bool, width: bool,
+             keep: frozenset = frozenset(), limit: int | None = None):
+    """Prune a copy in two checked passes (``keep``: root paths of channel groups left whole; ``limit``:
+    prune only the first that many channel groups). Heads, MLP and conv channels first: the result must compute
     the same function as the original with those channels' consumer weights zeroed. Then the residual
     widths, which LayerNorm couples to every channel (no masked equivalent exists): the result must
     run and keep the output shapes; recovery then re-fits it."""
@@ -196,16 +236,19 @@ def _attempt(module, names, feeds, branches, ratios, stats, round_to, reference,
             raise _StageFailed("heads", exc) from exc
     else:
         head_report = {"sites": [], "layers": attention_layers(find_attention(student))}
-    group_report, skipped = _prune_groups(student, masked, names, feeds, branches, ratios, stats,
-                                          round_to, head_report["layers"], width=False)
-    got = _run_or_fail(student, names, feeds, "after pruning")
+    group_report, skipped, planned = _prune_groups(student, masked, names, feeds, branches, ratios, stats,
+                                                   round_to, head_report["layers"], width=False, kept_roots=keep,
+                                                   limit=limit)
     try:
+        got = _run_or_fail(student, names, feeds, "after pruning")
         worst = _check_same_function(reference, _run(masked, names, feeds), got)
-    except ParityError as exc:  # heads are the heuristic part of this pass: retry without them first
-        raise _StageFailed("heads" if heads and head_report["sites"] else "channels", exc) from exc
+    except ParityError as exc:
+        if heads and head_report["sites"] and not planned:
+            raise _StageFailed("heads", exc) from exc
+        raise _StageFailed("channels", exc, planned) from exc
     if width:
         try:
-            width_report, _ = _prune_groups(student, None, names, feeds, branches, ratios, stats, round_to,
+            width_report, _, _ = _prune_groups(student, None, names, feeds, branches, ratios, stats, round_to,
                                             attention_layers(find_attention(student)), width=True)
             got = _run_or_fail(student, names, feeds, "after narrowing the residual width")
             _check_interface(reference, got)
@@ -270,9 +313,12 @@ def _prune_heads(student, masked, branches, ratios, stats) -> dict:
     return {"sites": records, "layers": attention_layers(sites)}
 
 
-def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_to, attention, *, width: bool):
+def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_to, attention, *, width: bool,
+                  kept_roots: frozenset = frozenset(), limit: int | None = None):
     """Prune every eligible dependency group of ``student`` in place; with ``masked``, zero the removed
-    channels' consumer weights there. ``width``: only the residual-stream groups (see _unsafe_reason)."""
+    channels' consumer weights there. ``width``: only the residual-stream groups (see _unsafe_reason).
+    ``kept_roots``: root paths left whole; ``limit``: prune only the first that many groups.
+    Returns (report, skipped reasons -> counts, root paths planned for pruning in order)."""
     import torch
     import torch_pruning as tp
     from torch import nn
@@ -281,7 +327,8 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "unwrapped parameters": position embeddings, handled as unsafe
-            graph = tp.DependencyGraph().build_dependency(student, example_inputs=args)
+            graph = tp.DependencyGraph().build_dependency(student, example_inputs=args,
+                                                          output_transform=_marked_outputs)
     except Exception as exc:  # torch-pruning traces autograd; some models defeat it
         raise InputError(f"cannot trace the model's channel dependencies ({first_line(exc, 200)})", field="--prune",
                          fix="drop --prune for this model, or report it to edgemm") from exc
@@ -309,7 +356,11 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
         scores = group_importance(group, stats, in_fns)
         drop = sorted(int(i) for i in torch.argsort(scores, stable=True)[:channels - keep])
         kind = "width" if width else "conv" if isinstance(root, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) else "mlp"
+        if path in kept_roots:
+            skipped["breaks the model when pruned"] = skipped.get("breaks the model when pruned", 0) + 1
+            continue
         plans.append(_GroupPlan(root, path, branch, kind, channels, drop, spanned))
+    plans = plans[:limit]
 
     # Zero the removed channels' consumer weights in the reference copy (original coordinates) ...
     for plan in plans if masked is not None else []:
@@ -335,7 +386,22 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
             entry["_stream"] = {**_writers(group, graph),
                                 "kept": [i for i in range(plan.channels) if i not in dropped]}
         report.append(entry)
-    return report, skipped
+    return report, skipped, [plan.root_path for plan in plans]
+
+
+def _marked_outputs(out) -> list:
+    """Every output tensor behind an op of its own, so that torch-pruning marks each one as a model output.
+
+    torch-pruning adds its output marker (``_OutputOp``) only when an output's autograd node is new to its
+    trace: an output that is also an intermediate it reached from an earlier output (pooled features
+    returned *and* fed to the fusion head) or the direct result of a layer (a projection returned as is)
+    got no marker, and pruning cut its channels. A fresh node per output makes every group that reaches
+    an output carry the marker (through pooling, flatten, norms and identities), so it is kept."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    return [t.view_as(t) for t in pytree.tree_leaves(out)
+            if isinstance(t, torch.Tensor) and t.grad_fn is not None]
 
 
 def _member_paths(group, graph) -> list[str]:

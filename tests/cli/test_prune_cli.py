@@ -57,6 +57,10 @@ def test_compile_prune_recover_int8_reports_before_and_after(cli, tmp_path, dual
     # The pruned reference is what the bundle is verified against; its metric is the comparison's "after".
     report = json.loads((bundle / "report.json").read_text())
     assert report["passed"] and report["task"]["reference"] == pytest.approx(task["after"], abs=0.01)
+    # ... and the bundle against the unpruned model, whose metric is the comparison's "before"
+    assert report["vs_original"]["task"]["reference"] == pytest.approx(task["before"], abs=0.01)
+    assert "pruned bundle vs the unpruned model (512 samples; pruning + precision):" in res.stdout
+    assert "warning: --recover on 160 calibration samples" in res.stdout
     md = (bundle / "report.md").read_text()
     assert "Pruning: unpruned -> pruned" in md and f"unpruned {task['before']:.2f}" in md
     assert "task recall@1 on 512 samples: unpruned" in res.stdout
