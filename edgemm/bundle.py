@@ -8,42 +8,102 @@ import errno
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
 from .errors import InputError
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): staging folders are never swept, only left behind
+    fcntl = None
 from .paths import is_within
 from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, UNHASHED, sha256_file,
                                write_json_atomic)
 
 STAGING_PREFIX = ".edgemm-staging-"
-_STAGING_PID = re.compile(re.escape(STAGING_PREFIX) + r"(\d+)-")
+LOCK_SUFFIX = ".lock"
+# "<prefix><pid>-<8 hex>" is a compile's staging folder; "<that>-work" its scratch folder and
+# "<that>-old-<name>" the bundle it sets aside while committing; "<that>.lock" the lock they share. The pid
+# is only informative: who owns a folder is whoever holds the flock on its lock file.
+_STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"(\d+-[0-9a-f]{8})(?:-.+|\.lock)?$")
 
 
-def _pid_alive(pid: int) -> bool:
+def _lock_path(parent: Path, base: str) -> Path:
+    return parent / f"{base}{LOCK_SUFFIX}"
+
+
+def _take_lock(path: Path, *, create: bool) -> int | None:
+    """An exclusive flock on ``path`` without waiting: the open descriptor (closing it releases the lock),
+    or None when another process holds it, or the file is gone, a link or not a regular file."""
+    flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | (os.O_CREAT | os.O_EXCL if create else 0)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return None
+    if fcntl is None:
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st, now = os.fstat(fd), os.lstat(path)
+        # Still the file at that name (a sweep may have removed it between our open and our flock)
+        if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def sweep_stale_staging(parent: Path) -> None:
-    """Remove staging folders left by compiles that were killed."""
-    if not parent.is_dir():
+    """Remove staging, scratch and set-aside folders of compiles that are gone: those whose lock file can
+    be locked, or that have none (a compile makes its lock before its folders and removes it after them).
+    A live compile holds its lock for its whole run, in whatever process or PID namespace it runs."""
+    if fcntl is None or not parent.is_dir():
         return
-    for entry in parent.glob(STAGING_PREFIX + "*"):
-        # Staging folders are "<prefix><pid>-<random>" and old bundles set aside "<prefix><pid>-old-<name>".
-        match = _STAGING_PID.match(entry.name)
-        if match is None:
+    for entry in sorted(parent.glob(STAGING_PREFIX + "*")):
+        match = _STAGING_NAME.match(entry.name)
+        if match is None or entry.is_symlink():
             continue
-        if not _pid_alive(int(match.group(1))) and entry.is_dir() and not entry.is_symlink():
+        lock = _lock_path(parent, STAGING_PREFIX + match.group(1))
+        if entry == lock:
+            if not any(p != lock for p in parent.glob(STAGING_PREFIX + match.group(1) + "*")):
+                fd = _take_lock(lock, create=False)  # a lock file whose folders are all gone
+                if fd is not None:
+                    lock.unlink(missing_ok=True)
+                    os.close(fd)
+            continue
+        if not entry.is_dir():
+            continue
+        if not os.path.lexists(lock):
             shutil.rmtree(entry, ignore_errors=True)
+            continue
+        fd = _take_lock(lock, create=False)
+        if fd is None:
+            continue  # its compile is alive
+        try:
+            for owned in parent.glob(STAGING_PREFIX + match.group(1) + "*"):
+                if owned != lock and owned.is_dir() and not owned.is_symlink():
+                    shutil.rmtree(owned, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def _new_staging(parent: Path) -> tuple[str, int]:
+    """A fresh staging name and its lock, held: (base name, lock descriptor)."""
+    for _ in range(100):
+        base = f"{STAGING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        if any(parent.glob(base + "*")):
+            continue
+        fd = _take_lock(_lock_path(parent, base), create=True)
+        if fd is not None:
+            return base, fd
+    raise FileExistsError(f"no free staging name in {parent}")
 
 
 _CHOOSE_ANOTHER = "choose another -o folder"
@@ -145,6 +205,8 @@ class BundleWriter:
         self.protect = dict(protect or {})
         self.stage: Path | None = None
         self.committed = False
+        self._base: str | None = None       # the staging name; its lock file is held while we run
+        self._lock_fd: int | None = None
         self._made_parents: list[Path] = []
         check_output_location(self.given, self.protect)
         # Absolute, with the parent's links resolved but not a link in the last component: "." and ".."
@@ -176,8 +238,10 @@ class BundleWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             sweep_stale_staging(parent)
-            self.stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent))
+            self._base, self._lock_fd = _new_staging(parent)
+            self.stage = self.sibling()
         except OSError as exc:  # a file where a folder should be, no permission, read-only file system
+            self._release()
             self._remove_made_parents()
             raise InputError(f"cannot create the bundle's folder ({exc.strerror or exc})", file=self.given,
                              field="-o", fix=_CHOOSE_ANOTHER) from exc
@@ -194,9 +258,32 @@ class BundleWriter:
             except OSError:
                 break
 
+    def sibling(self, tag: str | None = None) -> Path:
+        """A new private folder beside the destination, owned by this compile's lock: the staging folder
+        itself (no tag) or scratch space (e.g. "work"). A later compile's sweep removes it if this one is
+        killed, never while it runs."""
+        path = self.destination.parent / (self._base + (f"-{tag}" if tag else ""))
+        path.mkdir(mode=0o700)
+        return path
+
+    def _release(self) -> None:
+        """Remove what this compile left beside the destination (except the committed bundle), then its
+        lock file, then let the lock go (in this order, so a sweep never finds a folder without a lock)."""
+        if self._base is None:
+            return
+        parent = self.destination.parent
+        lock = _lock_path(parent, self._base)
+        for owned in parent.glob(self._base + "*"):
+            if owned != lock and owned.is_dir() and not owned.is_symlink():
+                shutil.rmtree(owned, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        self._base, self._lock_fd = None, None
+
     def __exit__(self, exc_type, exc, tb):
+        self._release()
         if not self.committed and self.stage is not None:
-            shutil.rmtree(self.stage, ignore_errors=True)
             self._remove_made_parents()
         return False
 
@@ -227,7 +314,7 @@ class BundleWriter:
             if not self.force:  # another compile (or someone) created it after __enter__ checked
                 raise self._appeared()
             self._check_replaceable()  # it may have changed since __enter__ looked
-            old = self.destination.with_name(f"{STAGING_PREFIX}{os.getpid()}-old-{self.destination.name}")
+            old = self.destination.with_name(f"{self._base}-old-{self.destination.name}")
             os.replace(self.destination, old)
         try:
             # rename(2) onto an existing non-empty folder fails, so a bundle committed by another compile

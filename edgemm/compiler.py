@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -305,11 +303,9 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
 
 @contextlib.contextmanager
 def _work_dir(writer):
-    """Scratch space beside the staging folder, named like it, so that the sweep of a later compile
-    removes it if this one is killed (a TMPDIR folder would leak)."""
-    from .bundle import STAGING_PREFIX
-
-    path = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-work-", dir=writer.stage.parent))
+    """Scratch space beside the staging folder, owned by the same lock, so that the sweep of a later
+    compile removes it if this one is killed (a TMPDIR folder would leak)."""
+    path = writer.sibling("work")
     try:
         yield path
     finally:

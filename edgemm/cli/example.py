@@ -28,6 +28,7 @@ def command(name, output, calib_size, list_, force):
     """Write zoo model NAME as DIR/model.pt, model.pt2, calib.npz and eval.npz."""
     from .. import zoo
     from ..errors import InputError
+    from ..runtime.atomic import write_text_atomic
 
     if list_ or not name:
         if not list_:
@@ -40,16 +41,12 @@ def command(name, output, calib_size, list_, force):
     default = Path("examples") / name
     out = Path(output or default)
     _prepare_folder(out, force=force, default=default)
-    sidecar = out / SIDECAR
-    tmp = sidecar.with_name(f".{sidecar.name}.tmp-{os.getpid()}")
     try:
         paths = zoo.write_example(name, out, calib_size=calib_size)
-        tmp.write_text(json.dumps({"zoo": name, "metric": entry.metric,
-                                   "metric_outputs": list(entry.metric_outputs), "outputs": list(entry.outputs),
-                                   "fp32_metric": entry.fp32_metric}, indent=2) + "\n")
-        os.replace(tmp, sidecar)
+        write_text_atomic(out / SIDECAR, json.dumps({
+            "zoo": name, "metric": entry.metric, "metric_outputs": list(entry.metric_outputs),
+            "outputs": list(entry.outputs), "fp32_metric": entry.fp32_metric}, indent=2) + "\n")
     except OSError as exc:  # disk full, permissions changed, a folder put in a file's place meanwhile
-        tmp.unlink(missing_ok=True)
         raise InputError(f"cannot write the example ({exc.strerror or exc})", file=out, field="-o",
                          fix="choose a writable folder") from exc
     for key, p in paths.items():

@@ -24,11 +24,12 @@ def command(bundle, data, output, batch_size):
     from .. import runtime
     from ..data import load_dataset
     from ..errors import InputError
+    from ..outputs import output_file
 
     if batch_size < 1:
         raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 32")
     out_path = Path(output)
-    _check_output(out_path)  # before the run, which may be long
+    _check_output(out_path, bundle, data)  # before the run, which may be long
     b = runtime.load(bundle)
     ds = load_dataset(data, specs=b.inputs, allow_labels=True, role="--data")
     chunks: dict[str, list] = {o.name: [] for o in b.outputs}
@@ -51,25 +52,9 @@ def command(bundle, data, output, batch_size):
                 if dynamic_batch_input(b.inputs) else "")
         click.echo(f"note: {spec.name} {list(spec.shape)} spans each call's batch: saved per call as "
                    f"{spec.name}.0 .. {spec.name}.{len(parts) - 1} (--batch-size {batch_size}){hint}", err=True)
-    _check_output(out_path)  # again: it may have changed during the run
-    made = [p for p in [out_path.parent, *out_path.parent.parents] if not p.exists()]
-    tmp = out_path.with_name(f".{out_path.stem}.tmp-{os.getpid()}.npz")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **out)
-        os.replace(tmp, out_path)
-    except OSError as exc:  # a folder appeared at -o, disk full, no permission: leave nothing behind
-        _remove_quietly(tmp)
-        for folder in made:  # innermost first; stops at the first one not empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise InputError(f"cannot write the outputs ({exc.strerror or exc})", file=out_path, field="-o",
-                         fix="choose a writable .npz path that is not a folder") from exc
-    except BaseException:  # Ctrl-C, SIGTERM mid-write
-        _remove_quietly(tmp)
-        raise
+    _check_output(out_path, bundle, data)  # again: it may have changed during the run
+    with output_file(out_path, field="-o") as f:
+        np.savez(f, **out)
     click.echo(f"wrote {out_path}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items()))
     return 0
 
@@ -116,21 +101,13 @@ def _per_sample(spec, parts, sizes, inputs) -> bool:
     return True
 
 
-def _check_output(out_path: Path) -> None:
+def _check_output(out_path: Path, bundle, data) -> None:
     from ..errors import InputError
+    from ..outputs import check_output_file
 
     if out_path.suffix != ".npz":
         raise InputError("output must end in .npz", field="-o", fix=f"use {out_path.with_suffix('.npz')}")
-    if out_path.is_dir():
-        raise InputError("is a folder; -o names the .npz file to write", file=out_path, field="-o",
-                         fix=f"use a file path such as {out_path / 'outputs.npz'}")
+    check_output_file(out_path, field="-o", inputs={"--data": data, "BUNDLE": bundle})
     if os.path.lexists(out_path) and not out_path.is_file():
         raise InputError("exists and is not a regular file", file=out_path, field="-o",
                          fix="choose another .npz path")
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass

@@ -4,12 +4,12 @@ Exit 0 pass, 1 parity (or gate) failure, 2 input error."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import click
 
+from ..outputs import write_output_text
 from .options import threshold_options, verbose_option
 
 
@@ -72,9 +72,7 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
         raise InputError("must be >= 0", field="--iterations", fix="e.g. --iterations 50")
     if batch_size is not None and batch_size < 1:
         raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 16")
-    for flag, path in (("--junit", junit), ("--markdown", markdown), ("--html", html)):
-        if path and Path(path).is_dir():
-            raise InputError("is a folder", file=path, field=flag, fix="name a file, e.g. reports/edgemm.xml")
+    _check_outputs(bundle, data, reference, weights, baseline, save_baseline, junit, markdown, html)
     common = dict(reference=reference, weights=weights, trust_pickle=trust_pickle, metric=metric,
                   metric_outputs=metric_outputs.split(",") if metric_outputs else None, iterations=iterations,
                   write=not no_write, overrides=dict(min_cosine=min_cosine, min_top1_agreement=min_top1_agreement,
@@ -106,7 +104,7 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
         from ..parity.junit import write_junit
         write_junit(junit, report, duration_s=duration, system_out=text)
     if markdown:
-        _write_text(Path(markdown), render_pr_summary(report))
+        write_output_text(markdown, render_pr_summary(report), field="--markdown")
     if html:
         from ..parity.html_report import PlotData, write_html
 
@@ -129,8 +127,22 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     return 0
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _check_outputs(bundle, data, reference, weights, baseline, save_baseline, junit, markdown, html) -> None:
+    """Before any work: every file verify writes is writable-looking and overwrites no input (nor another
+    output): not the eval data, the bundle (or a file in it), the reference, the baseline or its golden
+    outputs."""
+    from ..outputs import check_output_file
+    from ..parity.baseline import check_baseline_outputs, golden_path
+
+    inputs = {"BUNDLE": bundle, "--data": data, "--reference": reference, "--weights": weights,
+              "--baseline": baseline}
+    if baseline:
+        inputs["--baseline (golden outputs)"] = golden_path(Path(baseline))
+    outputs = {"--junit": junit, "--markdown": markdown, "--html": html}
+    if save_baseline:
+        outputs["--save-baseline"] = save_baseline
+        outputs["--save-baseline (golden outputs)"] = golden_path(Path(save_baseline))
+        check_baseline_outputs(save_baseline, inputs, outputs)
+    for flag in ("--junit", "--markdown", "--html"):
+        if outputs[flag]:
+            check_output_file(outputs[flag], field=flag, inputs=inputs, outputs=outputs)

@@ -20,6 +20,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import InputError
+from ..outputs import check_output_file, output_file, write_output_text
 
 FORMAT = "edgemm-baseline"
 FORMAT_VERSION = 1
@@ -286,14 +287,12 @@ def _golden_dtype(batches: list[np.ndarray], mode: str) -> str | None:
     return "float32"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def check_baseline_outputs(save, inputs: Mapping[str, object], outputs: Mapping[str, object] | None = None) -> None:
+    """--save-baseline names a .json, and it and its golden .npz overwrite no input (nor another output)."""
+    path = _check_baseline_path(Path(save), "--save-baseline")
+    others = {k: v for k, v in (outputs or {}).items() if not k.startswith("--save-baseline")}
+    for written in (path, golden_path(path)):
+        check_output_file(written, field="--save-baseline", inputs=inputs, outputs=others)
 
 
 def golden_path(baseline_path: Path) -> Path:
@@ -336,7 +335,8 @@ def save_baseline(path, report: Mapping, manifest: Mapping, outputs: list[dict[s
         entries[name] = entry
     npz = golden_path(path)
     if arrays:
-        _atomic_write(npz, lambda tmp: _savez(tmp, arrays))
+        with output_file(npz, field="--save-baseline") as f:
+            np.savez_compressed(f, **arrays)
     elif npz.exists():
         npz.unlink()  # a stale golden file from an older baseline must not pair with this one
     task = report.get("task")
@@ -356,13 +356,8 @@ def save_baseline(path, report: Mapping, manifest: Mapping, outputs: list[dict[s
         "reference_parity": {n: {k: v for k, v in o.items() if k != "name"}
                              for n, o in (report.get("outputs") or {}).items()},
     }
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8"))
+    write_output_text(path, json.dumps(doc, indent=2) + "\n", field="--save-baseline")
     return path
-
-
-def _savez(tmp: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz" to the temp name
-        np.savez_compressed(f, **arrays)
 
 
 def _sha256_file(path: Path) -> str:
@@ -604,7 +599,8 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
     manifest = read_manifest(bundle)
     loaded = load_baseline(baseline) if baseline is not None else None
     if save is not None:
-        _check_baseline_path(Path(save), "--save-baseline")
+        check_baseline_outputs(save, {"BUNDLE": bundle, "--data": data, "--reference": reference,
+                                      "--weights": weights})
         if golden not in GOLDEN_MODES:
             raise InputError(f"unknown golden mode {golden!r}", field="--golden", fix=f"use {', '.join(GOLDEN_MODES)}")
     tol = GateTolerances.for_precision(str(manifest["precision"].get("mode")), **(tolerances or {}))

@@ -241,12 +241,6 @@ def render_html(report: Mapping, plots: PlotData | None = None) -> str:
 
 
 def write_html(path, report: Mapping, plots: PlotData | None = None) -> Path:
-    import os
+    from ..outputs import write_output_text
 
-    path = Path(path)
-    text = render_html(report, plots)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_output_text(path, render_html(report, plots), field="--html")

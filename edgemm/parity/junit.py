@@ -4,12 +4,13 @@ when gated, each output vs its golden copy, the task metric and latency vs the b
 
 from __future__ import annotations
 
-import os
 import socket
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
+
+from ..outputs import write_output_text
 
 
 def _messages(failures: list[str], prefix: str) -> list[str]:
@@ -90,8 +91,4 @@ def render_junit(report: Mapping, *, duration_s: float = 0.0, system_out: str | 
 def write_junit(path, report: Mapping, **kwargs) -> Path:
     path = Path(path)
     text = render_junit(report, **kwargs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_output_text(path, text, field="--junit")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 import stat
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
+from .atomic import create_temp_beside, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "edgemm-bundle"
@@ -201,35 +201,3 @@ def load_manifest(bundle_dir: os.PathLike, *, verify: bool = True) -> dict:
     if verify:
         verify_files(bundle_dir, manifest)
     return manifest
-
-
-def create_temp_beside(path: Path) -> tuple[int, Path]:
-    """A new, uniquely named temp file in ``path``'s folder, opened for writing: (descriptor, path).
-    Created exclusively (never an existing file or link) with the mode open() would give (0666 minus
-    the umask), so a rename over ``path`` keeps files as readable as a plain write would."""
-    path = Path(path)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-    for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-        try:
-            return os.open(tmp, flags, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temp name beside {path}")
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, then rename it over ``path`` (which replaces a symbolic
-    link itself, never its target); the temp file is removed on any failure."""
-    fd, tmp = create_temp_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_bytes_atomic(Path(path), (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"))

@@ -623,6 +623,103 @@ def _d_batch_mismatch(d):
     return d, "axis 0"
 
 
+# ------------------------------------------------ outputs that would overwrite an input (issue 14, class 4)
+# The output path is an existing input, so "no output afterwards" cannot be asked: the case's folder must
+# be byte-identical (the input data and the bundle unchanged) and nothing new may appear.
+
+def _outputs(name: str, make: Callable[[Good, Path, Path, Path], tuple[list, str, str]]):
+    """``make(good, work, bundle, data)`` -> (argv, file, field): a command whose output is (or lies in,
+    or is an alias of) one of its inputs, or another of its outputs."""
+    def build(good, work):
+        bundle = copy_bundle(good, work)
+        data = save_npz(work / "data.npz", good_feeds(good))
+        argv, file, field = make(good, work, bundle, data)
+        return Case(f"out-{name}", [str(a) for a in argv], str(file), field, work, expect="InputError")
+    return Spec(f"out-{name}", build, "outputs")
+
+
+def _run_to(out):
+    """run BUNDLE --data data.npz -o OUT, OUT made by ``out(work, bundle, data)``."""
+    def make(good, work, bundle, data):
+        o = out(work, bundle, data)
+        return ["run", bundle, "--data", data, "-o", o], o, "-o"
+    return make
+
+
+def _hardlink(work, bundle, data):
+    os.link(data, work / "alias.npz")
+    return work / "alias.npz"
+
+
+def _symlink(work, bundle, data):
+    (work / "alias.npz").symlink_to(data)
+    return work / "alias.npz"
+
+
+def _linked_bundle(work, bundle, data):
+    (work / "reports").symlink_to(bundle, target_is_directory=True)
+    return work / "reports" / "out.npz"
+
+
+def _data_folder(good, work, bundle, data):
+    folder = work / "data"
+    folder.mkdir()
+    os.replace(data, folder / "part0.npz")
+    return ["run", bundle, "--data", folder, "-o", folder / "out.npz"], folder / "out.npz", "-o"
+
+
+def _verify(flag_value: Callable[[Path, Path, Path], list], file_of: Callable[[Path, Path, Path], Path],
+            field: str):
+    """verify BUNDLE --data data.npz --save-baseline/--junit/... (the arguments ``flag_value`` makes)."""
+    def make(good, work, bundle, data):
+        extra = flag_value(work, bundle, data)
+        if "--save-baseline" not in extra and "--baseline" not in extra:
+            extra = [*extra, "--save-baseline", work / "baselines" / "b.json"]
+        return ["verify", bundle, "--data", data, *extra], file_of(work, bundle, data), field
+    return make
+
+
+def _baseline_file(work, bundle, data):
+    """A recorded baseline (only its name matters to the checks made before any work)."""
+    (work / "b.json").write_text("{}\n")
+    return work / "b.json"
+
+
+OUTPUT_SPECS = [
+    _outputs("run-o-is-data", _run_to(lambda w, b, d: d)),
+    _outputs("run-o-hardlink-to-data", _run_to(_hardlink)),
+    _outputs("run-o-symlink-to-data", _run_to(_symlink)),
+    _outputs("run-o-dotdot-alias-of-data", _run_to(lambda w, b, d: w / "bundle" / ".." / d.name)),
+    _outputs("run-o-inside-bundle", _run_to(lambda w, b, d: b / "outputs.npz")),
+    _outputs("run-o-through-linked-folder-into-bundle", _run_to(_linked_bundle)),
+    _outputs("run-o-under-a-file", _run_to(lambda w, b, d: d / "out.npz")),
+    _outputs("run-o-inside-data-folder", _data_folder),
+    _outputs("verify-save-baseline-golden-is-data",
+             _verify(lambda w, b, d: ["--save-baseline", w / "data.json"], lambda w, b, d: w / "data.npz",
+                     "--save-baseline")),
+    _outputs("verify-save-baseline-is-manifest",
+             _verify(lambda w, b, d: ["--save-baseline", b / "manifest.json"], lambda w, b, d: b / "manifest.json",
+                     "--save-baseline")),
+    _outputs("verify-junit-is-data", _verify(lambda w, b, d: ["--junit", d], lambda w, b, d: d, "--junit")),
+    _outputs("verify-markdown-in-bundle",
+             _verify(lambda w, b, d: ["--markdown", b / "report.md"], lambda w, b, d: b / "report.md",
+                     "--markdown")),
+    _outputs("verify-html-is-baseline",
+             _verify(lambda w, b, d: ["--baseline", _baseline_file(w, b, d), "--html", w / "b.json"],
+                     lambda w, b, d: w / "b.json", "--html")),
+    _outputs("verify-junit-is-baseline-golden",
+             _verify(lambda w, b, d: ["--baseline", _baseline_file(w, b, d), "--junit", w / "b.npz"],
+                     lambda w, b, d: w / "b.npz", "--junit")),
+    _outputs("verify-junit-equals-markdown",
+             _verify(lambda w, b, d: ["--junit", w / "r.txt", "--markdown", w / "r.txt"],
+                     lambda w, b, d: w / "r.txt", "--junit")),
+    _outputs("verify-junit-under-a-file",
+             _verify(lambda w, b, d: ["--junit", d / "edgemm.xml"], lambda w, b, d: d / "edgemm.xml", "--junit")),
+    _outputs("verify-save-baseline-is-folder",
+             _verify(lambda w, b, d: ["--save-baseline", b], lambda w, b, d: b, "--save-baseline")),
+]
+
+
 # ------------------------------------------------------------------------------------------ corpus
 
 SPECS: list[Spec] = [
@@ -689,6 +786,7 @@ SPECS: list[Spec] = [
     _run_data("wrong-rank", _d_wrong_rank),
     _run_data("nan", _d_nan),
     _run_data("batch-mismatch", _d_batch_mismatch),
+    *OUTPUT_SPECS,
 ]
 
 assert len({s.name for s in SPECS}) == len(SPECS), "case names must be unique"

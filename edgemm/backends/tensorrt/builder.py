@@ -36,13 +36,10 @@ def timing_cache_path(gpu_name: str, compute_capability: str, trt_version: str,
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    from ...runtime.atomic import write_bytes_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data, fsync=True)
 
 
 def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *,

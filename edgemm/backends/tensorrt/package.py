@@ -9,10 +9,8 @@ are present here, the engine (model.engine) is built at once; otherwise the bund
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import tempfile
 from pathlib import Path
 
 from ...errors import BundleError, DependencyError, InputError
@@ -153,11 +151,9 @@ def package(onnx_path: Path, stage_dir: Path, target, options: TensorRTOptions, 
 
 
 def _write_text(path: Path, text: str, mode: int | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    if mode is not None:
-        os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    from ...runtime.atomic import write_text_atomic
+
+    write_text_atomic(path, text, mode=mode)
 
 
 # -- edgemm build ------------------------------------------------------------------------------------
@@ -239,15 +235,8 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
 
     from .builder import build_engine
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{engine_path.name}.", suffix=".tmp", dir=engine_path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        built = build_engine(onnx_path, tmp, options, timing_cache=timing_cache)
-        os.replace(tmp, engine_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # build_engine writes the engine atomically (a locked temp file, renamed into place only when whole)
+    built = build_engine(onnx_path, engine_path, options, timing_cache=timing_cache)
     built["tensorrt_version"] = built.get("tensorrt_version") or trt.__version__
     backend.update(portable=False, engine=engine_rel, built=built)
     manifest["files"][engine_rel] = sha256_file(engine_path)
