@@ -70,13 +70,17 @@ def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset 
     else:
         raise InputError("cannot tell the model's input names, shapes and dtypes", file=loaded.source,
                          fix="pass --calib data.npz or --input NAME:SHAPE:DTYPE for every input")
-    names = loaded.input_names
-    if names:
+    where = "--input" if flags else (str(calib.path) if calib else "--input")
+    if loaded.signature is not None:
+        # Required parameters plus the optional ones the data names; defaults stay defaults.
         by_name = {s.name: s for s in specs}
+        specs = [by_name[n] for n in loaded.signature.select(by_name, where=where)]
+    elif loaded.input_names:
+        by_name = {s.name: s for s in specs}
+        names = loaded.input_names
         missing = [n for n in names if n not in by_name]
         extra = [n for n in by_name if n not in names]
         if missing or extra:
-            where = "--input" if flags else (str(calib.path) if calib else "--input")
             raise InputError(f"model inputs are ({', '.join(names)}) but got ({', '.join(by_name)})", file=where,
                              field=(missing or extra)[0], fix="name the data keys / --input after forward()'s arguments")
         specs = [by_name[n] for n in names]

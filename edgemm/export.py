@@ -15,7 +15,8 @@ import numpy as np
 
 from .errors import InputError, ParityError, first_line
 from .frontends import LoadedModel
-from .iospec import TensorSpec
+from .iospec import TensorSpec, dynamic_batch_input
+from .model_outputs import name_output_dims, name_outputs
 from .parity.metrics import OutputParity, compare
 from .reference import Reference
 
@@ -67,33 +68,35 @@ def _quiet():
     return stack
 
 
-def _export_dynamo(module, args, input_names, output_names, specs, path: Path):
+def _export_dynamo(module, args, kwargs, input_names, specs, path: Path):
     import torch
 
     dynamic = _dynamic_map(specs)
     with _quiet():
         if isinstance(module, torch.export.ExportedProgram):
             # An ExportedProgram carries its own dynamic shapes.
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+            torch.onnx.export(module, args, str(path), kwargs=kwargs or None, input_names=input_names,
                               dynamo=True, external_data=False)
         else:
-            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=output_names,
+            # Keyed by forward()'s parameter names, which covers positional and keyword arguments alike.
+            torch.onnx.export(module, args, str(path), kwargs=kwargs or None, input_names=input_names,
                               dynamic_shapes={n: dynamic[n] for n in input_names}, dynamo=True,
                               external_data=False)
 
 
-def _flat_wrapper(module):
+def _flat_wrapper(module, convention, input_names):
     import torch
 
     class FlatOutputs(torch.nn.Module):
-        # The TorchScript exporter cannot emit dict outputs (prim::DictConstruct); return a flat tuple.
+        # The TorchScript exporter cannot emit dict outputs (prim::DictConstruct) nor pass keywords:
+        # take the inputs positionally, call the model its own way, return a flat tuple.
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
 
         def forward(self, *inputs):
             from .reference import flatten_outputs
-            return tuple(flatten_outputs(self.inner(*inputs))[1])
+            return tuple(flatten_outputs(convention.call_ordered(self.inner, input_names, inputs))[1])
 
     wrapper = FlatOutputs(module)
     # DESIGN.md pitfall: a fresh wrapper is in training mode, and export restores it afterwards.
@@ -101,13 +104,14 @@ def _flat_wrapper(module):
     return wrapper
 
 
-def _export_torchscript(module, args, input_names, output_names, specs, path: Path):
+def _export_torchscript(module, convention, args, input_names, specs, path: Path):
     import torch
 
     dynamic = _dynamic_map(specs)
     with _quiet():
-        traced = torch.jit.trace(_flat_wrapper(module), args, strict=False, check_trace=False)
-        torch.onnx.export(traced, args, str(path), input_names=input_names, output_names=output_names,
+        traced = torch.jit.trace(_flat_wrapper(module, convention, input_names), args, strict=False,
+                                 check_trace=False)
+        torch.onnx.export(traced, args, str(path), input_names=input_names,
                           dynamic_axes={n: dynamic[n] for n in input_names if dynamic[n]}, dynamo=False)
 
 
@@ -122,7 +126,10 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
     reference = Reference(loaded, input_names, output_names)
     ref_example = reference.run(example)
     output_names = list(ref_example)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(example[n])) for n in input_names)
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(example[n])) for n in input_names}
+    convention = loaded.calling_convention(tensors)
+    call_args, call_kwargs = convention.bind(tensors)
+    flat_args = tuple(tensors[n] for n in input_names)
     program = getattr(loaded, "exported_program", None)
     module = program if program is not None else loaded.module
     notes = []
@@ -137,9 +144,9 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
     for name in attempts:
         try:
             if name == "dynamo":
-                _export_dynamo(module, args, input_names, output_names, specs, out_path)
+                _export_dynamo(module, call_args, call_kwargs, input_names, specs, out_path)
             else:
-                _export_torchscript(loaded.module, args, input_names, output_names, specs, out_path)
+                _export_torchscript(loaded.module, convention, flat_args, input_names, specs, out_path)
             exporter = name
             break
         except Exception as exc:  # exporters raise many types; we report them all below
@@ -154,12 +161,30 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
     model = onnx.load(str(out_path))
     onnx.checker.check_model(model)
     model = _slim(model, notes)
+    name_outputs(model, output_names, source=loaded.source)
     rename_symbolic_dims(model, specs)
+    _name_output_dims(model, specs, example, ref_example, check_feeds, reference)
     onnx.save(model, str(out_path))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     result = ExportResult(out_path, exporter, output_names, opset, notes=notes)
     result.parity = check_fp32_parity(out_path, reference, check_feeds, source=loaded.source)
     return result
+
+
+def _name_output_dims(model, specs, example, ref_example, check_feeds, reference) -> None:
+    """Readable output dim names: ``batch`` where the output followed the batch between the example
+    (batch 2) and the check feeds (batch 3), else ``<output>_dim<i>``."""
+    input_dims = {d for s in specs for d in s.shape if isinstance(d, str)}
+    batch_in = dynamic_batch_input(specs)
+    sizes, batches = {}, ()
+    if batch_in is not None:
+        b1, b2 = len(example[batch_in]), len(check_feeds[batch_in])
+        if b1 != b2:
+            ref_check = reference.run(check_feeds)
+            batches = (b1, b2)
+            sizes = {n: list(zip(ref_example[n].shape, ref_check[n].shape)) for n in ref_example
+                     if n in ref_check and ref_example[n].ndim == ref_check[n].ndim}
+    name_output_dims(model, input_dims, sizes, batches)
 
 
 def rename_symbolic_dims(model, specs: Sequence[TensorSpec]) -> None:

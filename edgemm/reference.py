@@ -8,36 +8,7 @@ import numpy as np
 
 from .errors import InputError, first_line
 from .frontends import LoadedModel
-
-
-def flatten_outputs(out) -> tuple[list[str], list]:
-    """Flatten a model's output pytree; dict keys become output names, positions become output_<i>."""
-    import torch
-    from torch.utils import _pytree as pytree
-
-    if isinstance(out, torch.Tensor):
-        return ["output"], [out]
-    leaves_with_path, _ = pytree.tree_flatten_with_path(out)
-    names, leaves = [], []
-    for path, leaf in leaves_with_path:
-        if not isinstance(leaf, torch.Tensor):
-            raise InputError(f"model output {pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor",
-                             field="outputs", fix="return tensors (or a dict/tuple of tensors) from forward()")
-        parts = []
-        for key in path:
-            if isinstance(key, pytree.MappingKey):
-                parts.append(str(key.key))
-            elif isinstance(key, pytree.SequenceKey):
-                parts.append(f"output_{key.idx}" if not parts else str(key.idx))
-            elif isinstance(key, pytree.GetAttrKey):
-                parts.append(key.name)
-            else:
-                parts.append(str(key))
-        names.append("_".join(parts) or "output")
-        leaves.append(leaf)
-    if len(set(names)) != len(names):
-        names = [f"output_{i}" for i in range(len(names))]
-    return names, leaves
+from .model_outputs import flatten_outputs  # noqa: F401  (re-exported: prune/ imports it from here)
 
 
 class Reference:
@@ -71,9 +42,9 @@ class Reference:
             return dict(zip(names, self._ort.run(names, dict(feeds))))
         import torch
 
-        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names)
+        values = {n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names}
         with torch.inference_mode():
-            out = self.loaded.module(*args)
+            out = self.loaded.call(values)
         names, leaves = flatten_outputs(out)
         if self.rename:
             if len(self.rename) != len(names):
@@ -95,10 +66,11 @@ class Reference:
             return lambda: sess.run(None, f)
         import torch
 
-        args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names)
+        values = {n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names}
+        args, kwargs = self.loaded.calling_convention(values).bind(values)
         module = self.loaded.module
 
         def call():
             with torch.inference_mode():
-                return module(*args)
+                return module(*args, **kwargs)
         return call

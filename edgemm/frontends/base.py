@@ -7,10 +7,11 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import InputError
 from ..iospec import TensorSpec
+from ..signature import Signature, positional
 
 log = logging.getLogger("edgemm")
 
@@ -33,10 +34,22 @@ class LoadedModel:
     input_specs: list[TensorSpec] | None = None   # when the format itself carries them
     example_inputs: tuple | None = None           # .pt2 example inputs
     notes: list[str] = field(default_factory=list)
+    signature: Signature | None = None  # how forward() takes its inputs (torch formats)
 
     @property
     def is_torch(self) -> bool:
         return self.module is not None
+
+    def call(self, values: Mapping[str, Any], module=None):
+        """Run ``module`` (default: this model's own; a pruned copy takes the same inputs) on ``values``
+        (input name -> tensor), the way its forward() takes them. Every stage calls the model through
+        this, so keyword-only parameters and keyword-exported programs work everywhere."""
+        return self.calling_convention(values).call(self.module if module is None else module, values)
+
+    def calling_convention(self, values: Mapping[str, Any] | None = None) -> Signature:
+        if self.signature is not None:
+            return self.signature
+        return positional(self.input_names or list(values or ()), "forward()")
 
 
 def sha256_of(*paths: Path) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 from ..errors import InputError, SecurityError, first_line
 from ..iospec import DimRange, TensorSpec
 from .base import LoadedModel, LoadOptions, logged_error, sha256_of, torch_logs_collected
+from ..signature import from_program
+from .pt2_pytree import register_types
 from .pt2_guard import check_archive, weights_only_unpickling
 
 
@@ -19,6 +21,7 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     # vet it first and keep every unpickling weights-only.
     if not options.trust_pickle:
         check_archive(path)
+    register_types(path)  # output types of allow-listed libraries (Hugging Face ModelOutput), else one line
     try:
         with torch_logs_collected() as records, weights_only_unpickling(not options.trust_pickle):
             program = torch.export.load(str(path))
@@ -35,11 +38,15 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
                          module=program.module())
     loaded.exported_program = program  # type: ignore[attr-defined]
     _check_no_training_ops(program, loaded)
-    specs = []
     user_inputs = list(program.graph_signature.user_inputs)
+    loaded.signature = from_program(program, user_inputs, file=path)
+    # Keyword arguments are named by their keys (what callers pass), positional ones by their graph inputs.
+    names = loaded.signature.names
+    examples = _example_leaves(program, len(user_inputs))
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    for name in user_inputs:
-        node = placeholders.get(name)
+    specs = []
+    for graph_name, name, example in zip(user_inputs, names, examples):
+        node = placeholders.get(graph_name)
         val = node.meta.get("val") if node is not None else None
         if val is None or not hasattr(val, "shape"):
             raise InputError(f"input {name!r} is not a tensor", file=path, field=name,
@@ -49,16 +56,15 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
             if isinstance(dim, int):
                 shape.append(dim)
                 continue
-            sym = str(dim.node.expr) if hasattr(dim, "node") else str(dim)
             dim_name = "batch" if axis == 0 else f"{name}_dim{axis}"
             shape.append(dim_name)
             rc = program.range_constraints.get(getattr(dim.node, "expr", None)) if hasattr(dim, "node") else None
             lo = max(1, int(rc.lower)) if rc is not None and str(rc.lower).lstrip("-").isdigit() else 1
             hi = int(rc.upper) if rc is not None and str(rc.upper).isdigit() else max(lo, 64)
             hi = min(hi, 4096)  # int_oo means unbounded; cap for optimization profiles
-            opt = lo if axis == 0 else max(lo, min(hi, int(_example_dim(program, user_inputs, name, axis) or lo)))
+            seen = example.shape[axis] if hasattr(example, "shape") else None
+            opt = lo if axis == 0 else max(lo, min(hi, int(seen or lo)))
             ranges[dim_name] = DimRange(lo, max(lo, opt), max(hi, opt, lo))
-            del sym
         specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(shape), ranges))
     loaded.input_specs = specs
     loaded.input_names = [s.name for s in specs]
@@ -68,14 +74,15 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     return loaded
 
 
-def _example_dim(program, user_inputs, name, axis):
+def _example_leaves(program, count: int) -> list:
+    """The archive's example inputs in graph-input order (positional, then keyword in in_spec order);
+    None where the archive carries none."""
     if program.example_inputs is None:
-        return None
-    args, _ = program.example_inputs
-    idx = user_inputs.index(name)
-    if idx < len(args) and hasattr(args[idx], "shape"):
-        return args[idx].shape[axis]
-    return None
+        return [None] * count
+    from torch.utils import _pytree as pytree
+
+    leaves = pytree.tree_leaves(program.example_inputs)
+    return leaves if len(leaves) == count else [None] * count
 
 
 def _check_no_training_ops(program, loaded: LoadedModel) -> None:

@@ -4,12 +4,12 @@ loaded with ``weights_only=True``). Importing the module runs the user's own cod
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 from pathlib import Path
 
 from ..errors import InputError, SecurityError, first_line
 from ..paths import require_regular_file
+from ..signature import from_callable
 from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of, torch_warnings_logged
 
 
@@ -44,7 +44,8 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
         digest.update(sha256_of(wpath).encode())
     loaded = LoadedModel(source=spec, format="factory", sha256=digest.hexdigest(), name=func_name, module=model)
     ensure_eval(model, loaded)
-    loaded.input_names = list(inspect.signature(model.forward).parameters)
+    loaded.signature = from_callable(model.forward, f"{type(model).__name__}.forward()")
+    loaded.input_names = loaded.signature.required
     return loaded
 
 

@@ -67,10 +67,11 @@ def _load_trusted(path: Path):
 
 
 def _wrap(spec: str, path: Path, module) -> LoadedModel:
-    import inspect
+    from ..signature import from_callable
 
     loaded = LoadedModel(source=spec, format="pickle", sha256=sha256_of(path), name=path.stem, module=module)
     ensure_eval(module, loaded)
-    loaded.input_names = list(inspect.signature(module.forward).parameters)
+    loaded.signature = from_callable(module.forward, f"{type(module).__name__}.forward()")
+    loaded.input_names = loaded.signature.required
     loaded.notes.append("loaded a pickled module with --trust-pickle")
     return loaded

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import InputError, first_line
+from ..signature import from_torchscript
 from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of
 
 
@@ -20,9 +21,6 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     loaded = LoadedModel(source=spec, format="torchscript", sha256=sha256_of(path), name=path.stem,
                          module=module)
     ensure_eval(module, loaded)
-    try:
-        args = module.forward.schema.arguments[1:]  # skip self
-        loaded.input_names = [a.name for a in args]
-    except (AttributeError, RuntimeError):
-        loaded.input_names = None
+    loaded.signature = from_torchscript(module)
+    loaded.input_names = loaded.signature.required if loaded.signature is not None else None
     return loaded
