@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from pathlib import Path
+import os
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -36,22 +37,45 @@ def _check_external_data_support(ort_version: str, model_bytes: bytes, model_pat
                           fix=f"upgrade onnxruntime to {need} or newer")
 
 
-def _read_verified(bundle_dir: Path, manifest: dict, model_rel: str, model_path: Path) -> bytes:
-    """The model's bytes, checked against the manifest's sha256 (load() verified the files already, but
-    the file could have been swapped since: hash exactly what ONNX Runtime will parse)."""
+def _read_verified(bundle_dir: Path, manifest: dict, model_rel: str, model_path: Path,
+                   field: str = "backend.model") -> bytes:
+    """A bundle file's bytes, checked against the manifest's sha256 (load() verified the files already,
+    but a file could have been swapped since: hash exactly what ONNX Runtime will parse)."""
     digest = (manifest.get("files") or {}).get(model_rel)
     if not isinstance(digest, str):
-        raise BundleError(f"model {model_rel!r} has no sha256 in the manifest", file=bundle_dir / MANIFEST_NAME,
-                          field="backend.model", fix="recompile the bundle")
+        raise BundleError(f"{model_rel!r} has no sha256 in the manifest", file=bundle_dir / MANIFEST_NAME,
+                          field=field, fix="recompile the bundle")
     try:
         data = model_path.read_bytes()
     except OSError as exc:
-        raise BundleError(f"model {model_rel!r} cannot be read ({exc.strerror or exc})", file=model_path,
-                          field="backend.model", fix="check the file's permissions, or recopy the bundle") from exc
+        raise BundleError(f"{model_rel!r} cannot be read ({exc.strerror or exc})", file=model_path,
+                          field=field, fix="check the file's permissions, or recopy the bundle") from exc
     if hashlib.sha256(data).hexdigest() != digest:
         raise BundleError(f"{model_rel!r} does not match its sha256 in the manifest (modified or corrupted)",
                           file=model_path, field=f"files.{model_rel}", fix="recopy or recompile the bundle")
     return data
+
+
+def _external_data_in_memory(bundle_dir: Path, manifest: dict, model_rel: str, model_bytes: bytes,
+                             source: Path) -> dict[str, bytes]:
+    """The only external data ONNX Runtime may use: the bundle's other hashed files beside (or below)
+    the model, each read once and checked against its sha256, keyed by the location a model would
+    name it by. ONNX Runtime gets these bytes from memory and never opens a bundle file itself, so an
+    unhashed file (report.json, which verify rewrites) cannot be read, and a file swapped after the
+    check cannot be used. A model with no external-data reference (the key "location" appears in the
+    protobuf of every one) needs none of it."""
+    if b"location" not in model_bytes:
+        return {}
+    model_dir = PurePosixPath(model_rel).parent
+    files = {}
+    for rel in manifest["files"]:
+        pure = PurePosixPath(rel)
+        if rel == model_rel or (model_dir.parts and pure.parts[:len(model_dir.parts)] != model_dir.parts):
+            continue
+        path = safe_relpath(bundle_dir, rel, source=str(source))
+        files[pure.relative_to(model_dir).as_posix()] = _read_verified(bundle_dir, manifest, rel, path,
+                                                                       field=f"files.{rel}")
+    return files
 
 
 class OrtSession:
@@ -82,24 +106,28 @@ class OrtSession:
         # Idle worker threads would otherwise spin for a while after each call, stealing the cores from
         # whatever runs next (the app's own pre-processing, or the reference in a side-by-side timing).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # A model handed over as bytes has no folder, so ORT would resolve external-data locations
-        # against the process's current directory: pin them to the bundle. ORT itself refuses absolute
-        # and escaping ("..") locations; verify_files refuses unlisted files, so external data can only
-        # be a listed (sha256-checked) bundle file.
-        opts.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, str(Path(bundle_dir).resolve()))
+        # External data comes from memory only (checked bytes, see _external_data_in_memory). A model
+        # handed over as bytes has no folder, so ORT would resolve any other location against the CWD:
+        # point it under the model file itself, a regular file, where no path can lead to a file.
+        external = _external_data_in_memory(bundle_dir, manifest, model_rel, model_bytes, source)
+        if external:
+            opts.add_external_initializers_from_files_in_memory(
+                list(external), [memoryview(b) for b in external.values()], [len(b) for b in external.values()])
+        opts.add_session_config_entry(EXTERNAL_DATA_FOLDER_KEY, str(Path(model_path).resolve()))
         try:
             # The very bytes that were hashed above (no window between check and use).
             self._session = ort.InferenceSession(model_bytes, opts,
                                                  providers=providers or ["CPUExecutionProvider"],
                                                  disabled_optimizers=_disabled_optimizers(manifest, bundle_dir))
         except Exception as exc:  # ORT raises bare RuntimeError-like types for invalid graphs
-            text = str(exc)
-            fix = "recompile the bundle, or upgrade onnxruntime"
+            text = str(exc).replace(str(Path(model_path).resolve()) + os.sep, "")
             if "external data" in text.lower():
-                fix = ("a bundle's external data must be files of the bundle, listed in its manifest; "
-                       "recompile the bundle")
+                raise BundleError(f"the model reads external data that is not a hashed file of the bundle "
+                                  f"({text})", file=model_path, field="backend.model",
+                                  fix="a bundle's external data must be files listed (with their sha256) in "
+                                      "its manifest; recompile the bundle") from exc
             raise BundleError(f"ONNX Runtime cannot load the model: {text}", file=model_path,
-                              field="backend.model", fix=fix) from exc
+                              field="backend.model", fix="recompile the bundle, or upgrade onnxruntime") from exc
         self._output_names = [o["name"] for o in manifest["outputs"]]
         _check_io_matches(self._session, manifest, bundle_dir / MANIFEST_NAME)
 

@@ -427,6 +427,37 @@ def _bundle(name: str, tamper: Callable[[Path, Good, Path], tuple[str, str | Non
     return Spec(f"bundle-{name}", build, "bundle")
 
 
+def _t_external(location: str):
+    """The bundle's model with its weights as ONNX external data at ``location``, the manifest's hashes
+    made consistent for every hashed file: a model that would read a file the manifest does not hash
+    (a report verify rewrites, the manifest itself) or one outside the bundle."""
+    def tamper(b, good, work, location=location):
+        import onnx
+        from onnx.external_data_helper import convert_model_to_external_data
+
+        if location == "ABSOLUTE":
+            location = str(work / "outside.bin")
+        model = b / "model.onnx"
+        proto = onnx.load(str(model))
+        convert_model_to_external_data(proto, all_tensors_to_one_file=True, location="weights.bin",
+                                       size_threshold=256)
+        onnx.save(proto, str(model))
+        weights = (b / "weights.bin").read_bytes()
+        (b / "weights.bin").unlink()
+        target = (b / location) if not os.path.isabs(location) else Path(location)
+        if location != "manifest.json":
+            target.write_bytes(weights)
+        proto = onnx.load(str(model), load_external_data=False)
+        for tensor in proto.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(proto, str(model))
+        rehash(b)
+        return str(model), "backend.model"
+    return tamper
+
+
 def _t_flip_model(b, good, work):
     model = b / "model.onnx"
     data = bytearray(model.read_bytes())
@@ -780,6 +811,9 @@ SPECS: list[Spec] = [
             "DependencyError (no TensorRT here) or BundleError (version mismatch)"),
     _bundle("future-opset", _t_future_opset, "BundleError: ONNX Runtime cannot load it"),
     _bundle("not-a-folder", _t_not_a_folder, "BundleError: not a bundle directory"),
+    *[_bundle(f"external-data-in-{name}", _t_external(loc), "BundleError: reads a file the manifest does not hash")
+      for name, loc in (("report-json", "report.json"), ("report-md", "report.md"), ("manifest", "manifest.json"),
+                        ("parent-folder", "../weights.bin"), ("absolute-path", "ABSOLUTE"))],
     _run_data("wrong-input-name", _d_wrong_name),
     _run_data("wrong-dtype", _d_wrong_dtype),
     _run_data("wrong-shape", _d_wrong_shape),
