@@ -41,14 +41,15 @@ def _read_verified(bundle_dir: Path, manifest: dict, model_rel: str, model_path:
                    field: str = "backend.model") -> bytes:
     """A bundle file's bytes, checked against the manifest's sha256 (load() verified the files already,
     but a file could have been swapped since: hash exactly what ONNX Runtime will parse)."""
+    what = "model" if field == "backend.model" else "file"
     digest = (manifest.get("files") or {}).get(model_rel)
     if not isinstance(digest, str):
-        raise BundleError(f"{model_rel!r} has no sha256 in the manifest", file=bundle_dir / MANIFEST_NAME,
+        raise BundleError(f"{what} {model_rel!r} has no sha256 in the manifest", file=bundle_dir / MANIFEST_NAME,
                           field=field, fix="recompile the bundle")
     try:
         data = model_path.read_bytes()
     except OSError as exc:
-        raise BundleError(f"{model_rel!r} cannot be read ({exc.strerror or exc})", file=model_path,
+        raise BundleError(f"{what} {model_rel!r} cannot be read ({exc.strerror or exc})", file=model_path,
                           field=field, fix="check the file's permissions, or recopy the bundle") from exc
     if hashlib.sha256(data).hexdigest() != digest:
         raise BundleError(f"{model_rel!r} does not match its sha256 in the manifest (modified or corrupted)",
