@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .options import verbose_option
+from .options import signature_options, trust_options, verbose_option
 
 
 @click.command("bench")
@@ -18,8 +18,9 @@ from .options import verbose_option
 @click.option("--iterations", type=int, default=100, show_default=True, help="Timed calls per candidate.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@signature_options
 @verbose_option
-def command(bundles, reference, data, batch, iterations, warmup, as_json):
+def command(bundles, reference, data, batch, iterations, warmup, as_json, trusted_keys, require_signature):
     """Time BUNDLES (the first is the baseline of the ratios)."""
     from .. import runtime
     from ..errors import InputError
@@ -28,7 +29,8 @@ def command(bundles, reference, data, batch, iterations, warmup, as_json):
     if iterations < 1 or warmup < 0 or batch < 1:
         raise InputError("--iterations and --batch must be >= 1, --warmup >= 0", field="--iterations",
                          fix="e.g. --iterations 100 --warmup 10 --batch 1")
-    loaded = [runtime.load(b) for b in bundles]
+    trust = trust_options(trusted_keys, require_signature)
+    loaded = [runtime.load(b, **trust) for b in bundles]
     first = loaded[0]
     feeds = _feeds(first, data, batch)
     for b, path in zip(loaded[1:], bundles[1:]):

@@ -8,20 +8,28 @@ from pathlib import Path
 
 import click
 
-from .options import verbose_option
+from .options import signature_options, trust_options, verbose_option
 
 
 @click.command(name="build")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--timing-cache", type=click.Path(path_type=Path),
               help="Timing cache file (default ~/.cache/edgemm/timing/<gpu>-<cc>-trt<version>.cache).")
+@signature_options
 @verbose_option
-def command(bundle, timing_cache):
+def command(bundle, timing_cache, trusted_keys, require_signature):
     """Build the TensorRT engine of BUNDLE here and record it in its manifest."""
     from ..backends.tensorrt.package import finish_portable_bundle
 
     if logging.getLogger("edgemm").isEnabledFor(logging.INFO):
         logging.getLogger("edgemm.tensorrt").setLevel(logging.DEBUG)
-    engine = finish_portable_bundle(bundle, timing_cache=timing_cache)
+    from ..runtime.signature import SIGNATURE_NAME, is_signed
+
+    engine = finish_portable_bundle(bundle, timing_cache=timing_cache,
+                                    **trust_options(trusted_keys, require_signature))
     click.echo(f"built {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
+    if is_signed(bundle):
+        click.echo(f"note: {bundle / SIGNATURE_NAME} no longer covers the rebuilt manifest and engine: re-sign the "
+                   f"bundle here (`edgemm sign {bundle} --key KEY --force`) before loading it with --trusted-key",
+                   err=True)
     return 0

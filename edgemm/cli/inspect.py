@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .options import verbose_option
+from .options import signature_options, trust_options, verbose_option
 
 
 def onnx_op_counts(path: Path) -> dict[str, int] | None:
@@ -23,12 +23,13 @@ def onnx_op_counts(path: Path) -> dict[str, int] | None:
     return dict(counts.most_common())
 
 
-def inspect_bundle(path: Path) -> dict:
+def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None = None) -> dict:
     from ..errors import BundleError
-    from ..runtime import parse_io
-    from ..runtime.manifest import MANIFEST_NAME, load_manifest, safe_relpath
+    from ..runtime import parse_io, signature
+    from ..runtime.manifest import MANIFEST_NAME, safe_relpath
 
-    manifest = load_manifest(path, verify=True)   # every listed path checked to stay inside the bundle
+    # The signature (when keys are trusted) and every file's hash; every listed path stays inside the bundle.
+    manifest, checked = signature.verify_before_use(path, trusted_keys, require_signature, note=False)
     source = str(path / MANIFEST_NAME)
     parse_io(path, manifest)   # malformed inputs/outputs: the runtime's one-line BundleError
     recipe = manifest["precision"].get("recipe", {})
@@ -40,7 +41,8 @@ def inspect_bundle(path: Path) -> dict:
             "outputs": manifest["outputs"], "precision": manifest["precision"].get("mode"),
             "recipe": recipe.get("name"),
             "target": manifest["target"].get("name"), "backend": manifest["backend"],
-            "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source")}
+            "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source"),
+            "signature": signature.describe(path, checked)}
     field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
     onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
     if onnx_rel:
@@ -81,11 +83,20 @@ def inspect_model(spec: str) -> dict:
 @click.command("inspect")
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@signature_options
 @verbose_option
-def command(target, as_json):
-    """Show IO, precision, sizes and op counts of a BUNDLE folder or a MODEL file."""
+def command(target, as_json, trusted_keys, require_signature):
+    """Show IO, precision, sizes, op counts and signature of a BUNDLE folder, or a MODEL file."""
     path = Path(target)
-    info = inspect_bundle(path) if path.is_dir() else inspect_model(target)
+    trust = trust_options(trusted_keys, require_signature)
+    if path.is_dir():
+        info = inspect_bundle(path, **trust)
+    elif trusted_keys or require_signature:
+        from ..errors import InputError
+        raise InputError("--trusted-key/--require-signature check bundles; this is a model file", file=target,
+                         field="--trusted-key", fix="inspect the bundle folder, or drop the flags")
+    else:
+        info = inspect_model(target)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return 0
@@ -105,6 +116,8 @@ def command(target, as_json):
         for t in info.get(io, []):
             shape = "x".join(str(d) for d in t.get("shape", [])) or "?"
             click.echo(f"  {io[:-1]} {t['name']}: {shape} {t.get('dtype', '')}")
+    if "signature" in info:
+        click.echo(f"  signature: {_describe_signature(info['signature'])}")
     if "total_bytes" in info:
         click.echo(f"  size: {info['total_bytes'] / 1e6:.2f} MB")
     for rel, size in info.get("files", {}).items():
@@ -112,3 +125,12 @@ def command(target, as_json):
     if info.get("ops"):
         click.echo(f"  ops ({sum(info['ops'].values())}): " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     return 0
+
+
+def _describe_signature(sig: dict) -> str:
+    if not sig.get("signed"):
+        return "none (unsigned; `edgemm sign BUNDLE --key KEY` signs it)"
+    key = f"key sha256:{sig['key_fingerprint']}"
+    if sig.get("verified"):
+        return f"{key}, verified with {sig['trusted_key']} ({sig['files']} files)"
+    return f"{key}, not checked (pass --trusted-key KEY.pub to verify it)"

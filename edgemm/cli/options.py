@@ -29,5 +29,22 @@ def threshold_options(f):
     return f
 
 
+def signature_options(f):
+    """--trusted-key / --require-signature: check bundle.sig before any backend reads the bundle."""
+    f = click.option("--require-signature", is_flag=True,
+                     help="Refuse a bundle without a valid signature by a --trusted-key (default when a key is "
+                          "trusted).")(f)
+    f = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
+                     help="Public key (PEM) whose signature the bundle must carry; repeatable "
+                          "[default: $EDGEMM_TRUSTED_KEYS].")(f)
+    return f
+
+
+def trust_options(trusted_keys, require_signature) -> dict:
+    """The runtime.load keywords for the flags above: unset flags leave the defaults (environment) alone."""
+    return {"trusted_keys": list(trusted_keys) if trusted_keys else None,
+            "require_signature": True if require_signature else None}
+
+
 def echo_err(msg: str) -> None:
     click.echo(msg, err=True)

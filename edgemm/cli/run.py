@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..iospec import dynamic_batch_input
-from .options import verbose_option
+from .options import signature_options, trust_options, verbose_option
 
 
 @click.command("run")
@@ -16,8 +16,9 @@ from .options import verbose_option
 @click.option("--data", required=True, type=click.Path(), help="Inputs .npz: keys = input names, axis 0 = samples.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the outputs (.npz).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per call.")
+@signature_options
 @verbose_option
-def command(bundle, data, output, batch_size):
+def command(bundle, data, output, batch_size, trusted_keys, require_signature):
     """Run BUNDLE on every sample of --data and save the outputs."""
     import numpy as np
 
@@ -30,7 +31,7 @@ def command(bundle, data, output, batch_size):
         raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 32")
     out_path = Path(output)
     _check_output(out_path, bundle, data)  # before the run, which may be long
-    b = runtime.load(bundle)
+    b = runtime.load(bundle, **trust_options(trusted_keys, require_signature))
     ds = load_dataset(data, specs=b.inputs, allow_labels=True, role="--data")
     chunks: dict[str, list] = {o.name: [] for o in b.outputs}
     sizes = []  # samples in each call

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..outputs import write_output_text
-from .options import threshold_options, verbose_option
+from .options import signature_options, threshold_options, trust_options, verbose_option
 
 
 def gate_options(f):
@@ -57,11 +57,12 @@ def gate_options(f):
 @click.option("--no-write", is_flag=True, help="Do not write report.json/report.md into the bundle.")
 @threshold_options
 @gate_options
+@signature_options
 @verbose_option
 def command(bundle, reference, weights, trust_pickle, data, metric, metric_outputs, batch_size, iterations,
             as_json, no_write, min_cosine, min_top1_agreement, max_metric_drop, baseline, save_baseline, golden,
             baseline_min_cosine, baseline_min_top1, baseline_max_abs_rel, baseline_max_metric_drop,
-            latency_tolerance, latency_any_host, junit, markdown, html):
+            latency_tolerance, latency_any_host, junit, markdown, html, trusted_keys, require_signature):
     """Verify BUNDLE against --reference and/or a --baseline on --data."""
     from ..errors import InputError, ParityError
 
@@ -76,7 +77,8 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     common = dict(reference=reference, weights=weights, trust_pickle=trust_pickle, metric=metric,
                   metric_outputs=metric_outputs.split(",") if metric_outputs else None, iterations=iterations,
                   write=not no_write, overrides=dict(min_cosine=min_cosine, min_top1_agreement=min_top1_agreement,
-                                                     max_metric_drop=max_metric_drop))
+                                                     max_metric_drop=max_metric_drop),
+                  **trust_options(trusted_keys, require_signature))
     start = time.perf_counter()
     run = None
     if baseline or save_baseline or html:

@@ -194,14 +194,14 @@ def anchor_workload(width: int) -> Callable[[], object]:
 
 
 def measure_gate_latency(bundle_dir, manifest: Mapping, feeds: Mapping[str, np.ndarray], width: int,
-                         iterations: int, warmup: int = 5) -> tuple[dict, dict[str, np.ndarray]]:
+                         iterations: int, warmup: int = 5, **load_options) -> tuple[dict, dict[str, np.ndarray]]:
     """Time the bundle (its own single-threaded session) and the anchor, round-robin. Returns the
     summary the gate keeps and the per-call samples in ms (for plots)."""
     from .. import runtime
     from .latency import measure_interleaved
 
     options = {"intra_op_threads": 1} if manifest["backend"]["name"] == "onnxruntime" else {}
-    bundle = runtime.load(bundle_dir, **options)
+    bundle = runtime.load(bundle_dir, **options, **load_options)
     checked = bundle.check_feeds(feeds)
     recorder = Recorder()
     fns = {"bundle": recorder("bundle.latency", lambda: bundle.run(checked)),
@@ -586,11 +586,13 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
              weights: str | None = None, trust_pickle: bool = False, metric: str | None = None,
              metric_outputs=None, batch_size: int | None = None, iterations: int = 50,
              overrides: dict | None = None, tolerances: dict | None = None, golden: str = "float16",
-             write: bool = True, keep_reference: bool = False) -> GateRun:
+             write: bool = True, keep_reference: bool = False, trusted_keys=None,
+             require_signature: bool | None = None) -> GateRun:
     """Verify ``bundle`` on ``data`` and, with ``baseline``, gate it against that baseline; with ``save``,
     record a new baseline from this run (only when the run passed). Raises InputError for a baseline
     from another context or other eval data; a failing gate is ``report["passed"] == False``."""
     from ..runtime.manifest import read_manifest
+    from ..runtime.signature import REPORTS_KEPT_NOTE, is_signed
     from .verify import verify_bundle
 
     if baseline is not None and save is not None:
@@ -619,11 +621,13 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
     gated = loaded is not None or save is not None
     report = verify_bundle(bundle, data, reference=reference, weights=weights, trust_pickle=trust_pickle,
                            metric=metric, metric_outputs=metric_outputs, batch_size=batch_size,
-                           iterations=iterations, write=False, overrides=overrides, instrument=recorder)
+                           iterations=iterations, write=False, overrides=overrides, instrument=recorder,
+                           trusted_keys=trusted_keys, require_signature=require_signature)
     outputs = recorder.outputs["bundle"]
     latency, gate_samples = None, {}
     if gated and iterations and recorder.first_feeds is not None:
-        latency, gate_samples = measure_gate_latency(bundle, manifest, recorder.first_feeds, width, iterations)
+        latency, gate_samples = measure_gate_latency(bundle, manifest, recorder.first_feeds, width, iterations,
+                                                     trusted_keys=trusted_keys, require_signature=require_signature)
     if loaded is not None:
         recorded_sha = loaded.doc["data"].get("sha256")
         if recorded_sha and recorded_sha != report["data"]["sha256"]:
@@ -641,7 +645,9 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
         else:
             report["baseline_saved"] = None
             report.setdefault("notes", []).append("baseline not saved: this run fails verification")
-    if write:
+    if write and is_signed(bundle):
+        report.setdefault("notes", []).append(REPORTS_KEPT_NOTE)
+    elif write:
         write_reports(Path(bundle), report)
     return GateRun(report, recorder, iterations, loaded, gate_samples)
 

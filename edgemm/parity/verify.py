@@ -159,18 +159,24 @@ def pruned_reference_note(manifest: dict) -> str | None:
 def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weights: str | None = None,
                   trust_pickle: bool = False, metric: str | None = None, metric_outputs=None,
                   batch_size: int = 16, iterations: int = 50, write: bool = True, overrides: dict | None = None,
-                  progress=None, instrument: Callable[[str, Callable], Callable] | None = None) -> dict:
+                  progress=None, instrument: Callable[[str, Callable], Callable] | None = None,
+                  trusted_keys=None, require_signature: bool | None = None) -> dict:
     """The library behind `edgemm verify`: load the bundle (hash-checked) and the reference, evaluate.
 
     ``instrument(role, fn)`` may wrap every callable handed to the evaluation (roles ``bundle`` and
     ``reference`` run the data, ``<name>.latency`` are the timed calls), so that the baseline gate can
-    keep outputs and latency samples without a second pass.
+    keep outputs and latency samples without a second pass. ``trusted_keys``/``require_signature``: as
+    for ``edgemm.runtime.load``; a signed bundle's reports are not rewritten (that would void the signature).
     """
     from .. import runtime
     from ..data import load_dataset
     from .thresholds import defaults_for, with_overrides
 
-    bundle = runtime.load(bundle_path)
+    from ..runtime.signature import REPORTS_KEPT_NOTE, is_signed
+
+    bundle = runtime.load(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature)
+    kept_signed = write and is_signed(bundle_path)
+    write = write and not kept_signed
     if write:
         from .report import check_report_places
 
@@ -208,6 +214,8 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     if note:
         report.setdefault("notes", []).append(note)
         report["reference_is_unpruned"] = True
+    if kept_signed:
+        report.setdefault("notes", []).append(REPORTS_KEPT_NOTE)
     if write:
         write_reports(Path(bundle_path), report)
     return report

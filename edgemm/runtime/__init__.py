@@ -134,8 +134,10 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     defaults to "whenever a key is trusted"; True without keys is refused. Nothing inside the bundle
     can switch the check off."""
     path = Path(path)
+    # The signature, then the hashes, before the manifest is trusted or a backend reads a byte (the
+    # sequence of signature.verify_before_use, spelled out so that load_manifest is this module's).
     policy = signature.resolve_policy(trusted_keys, require_signature)
-    signed = signature.check_bundle(path, policy)  # before the manifest is trusted or a backend reads a byte
+    signed = signature.check_bundle(path, policy)
     manifest = load_manifest(path, verify=True)
     if signed is not None:
         signature.bind_manifest(path, manifest, signed)

@@ -64,6 +64,15 @@ class SignatureInfo:
                 "verified": self.verified, "trusted_key": self.trusted_key, "files": len(self.digests)}
 
 
+REPORTS_KEPT_NOTE = ("report.json/report.md not rewritten: the bundle is signed and rewriting them would void "
+                     "its signature (the report is printed; --json, --markdown or --junit keep it elsewhere)")
+
+
+def is_signed(bundle_dir: os.PathLike) -> bool:
+    """Whether the bundle carries a signature file (checked or not)."""
+    return os.path.lexists(Path(bundle_dir) / SIGNATURE_NAME)
+
+
 def short(fingerprint: str | None) -> str:
     return f"sha256:{fingerprint[:16]}" if fingerprint else "an unknown key"
 
@@ -88,7 +97,7 @@ class TrustPolicy:
 
 
 def resolve_policy(trusted_keys: Iterable[KeySource] | None = None, require_signature: bool | None = None,
-                   *, field_name: str = "trusted_keys") -> TrustPolicy:
+                   *, field_name: str = "--trusted-key") -> TrustPolicy:
     """The caller's keys (or EDGEMM_TRUSTED_KEYS when ``trusted_keys`` is None) and whether a signature
     is required (by default: whenever a trusted key is configured). Checked before the bundle is read."""
     from_env = trusted_keys is None
@@ -101,7 +110,7 @@ def resolve_policy(trusted_keys: Iterable[KeySource] | None = None, require_sign
     sources = list(trusted_keys)
     required = bool(sources) if require_signature is None else bool(require_signature)
     if required and not sources:
-        raise InputError("a signature is required but no trusted public key was given", field=field_name,
+        raise InputError("a signature is required but no trusted public key was given", field="--require-signature",
                          fix=f"pass --trusted-key KEY.pub (Python: trusted_keys=[...]) or set {TRUSTED_KEYS_ENV}")
     keys = [_load_public_key(src, i, field_name) for i, src in enumerate(sources)]
     return TrustPolicy(keys, required)
@@ -112,15 +121,15 @@ def _crypto():
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ec
     except ImportError as exc:
-        raise DependencyError("signature checks need the model-signing package (and cryptography)",
-                              field="trusted_keys", fix=SIGN_EXTRA_FIX) from exc
+        raise DependencyError("signed bundles need the model-signing package (and cryptography)",
+                              fix=SIGN_EXTRA_FIX) from exc
     return serialization, ec
 
 
 def _load_public_key(src: KeySource, index: int, field_name: str) -> TrustedKey:
     serialization, ec = _crypto()
     if isinstance(src, bytes):
-        label, data, where = f"{field_name}[{index}]", src, None
+        label, data, where = f"trusted_keys[{index}]", src, None
     else:
         label = where = str(src)
         try:
@@ -244,7 +253,7 @@ def _hashing_config(hashing):
             .set_ignored_paths(paths=[SIGNATURE_NAME], ignore_git_paths=False))
 
 
-def check_bundle(bundle_dir: os.PathLike, policy: TrustPolicy) -> SignatureInfo | None:
+def check_bundle(bundle_dir: os.PathLike, policy: TrustPolicy, *, note: bool = True) -> SignatureInfo | None:
     """Verify bundle.sig with the policy's keys over every file of the folder (before the manifest is
     trusted or any backend reads a byte). Returns the verified signature; None when the bundle is
     unsigned and none is required, or when no trusted key is configured (then a signed bundle gets a
@@ -261,9 +270,10 @@ def check_bundle(bundle_dir: os.PathLike, policy: TrustPolicy) -> SignatureInfo 
         return None
     info = parse_signature(bundle_dir, data)
     if not policy.keys:
-        _LOG.warning(f"note: {bundle_dir} is signed by key {short(info.key_fingerprint)} but no trusted key "
-                     "was given: only the sha256 manifest was checked (pass --trusted-key KEY.pub or set "
-                     f"{TRUSTED_KEYS_ENV} to check the signature)")
+        if note:
+            _LOG.warning(f"note: {bundle_dir} is signed by key {short(info.key_fingerprint)} but no trusted key "
+                         "was given: only the sha256 manifest was checked (pass --trusted-key KEY.pub or set "
+                         f"{TRUSTED_KEYS_ENV} to check the signature)")
         return None
     candidates = [k for k in policy.keys if k.fingerprint == info.key_fingerprint]
     if not candidates:
@@ -292,6 +302,33 @@ def check_bundle(bundle_dir: os.PathLike, policy: TrustPolicy) -> SignatureInfo 
                                 fix="recopy the bundle from its source, or re-sign it") from exc
     info.verified, info.trusted_key = True, key.source
     return info
+
+
+def describe(bundle_dir: os.PathLike, checked: SignatureInfo | None) -> dict:
+    """For `edgemm inspect`: whether the bundle is signed, by which key, and whether that was checked."""
+    if checked is not None:
+        return checked.to_dict()
+    bundle_dir = Path(bundle_dir)
+    data = read_signature_bytes(bundle_dir)
+    if data is None:
+        return {"signed": False}
+    info = parse_signature(bundle_dir, data)
+    return info.to_dict()
+
+
+def verify_before_use(bundle_dir: os.PathLike, trusted_keys=None, require_signature: bool | None = None,
+                      *, note: bool = True):
+    """The signature check, then the manifest with every file's hash, bound to what was signed: what
+    `edgemm.runtime.load`, `edgemm inspect` and `edgemm build` do before anything reads a model file.
+    Returns (manifest, verified SignatureInfo or None)."""
+    from .manifest import load_manifest
+
+    policy = resolve_policy(trusted_keys, require_signature)
+    signed = check_bundle(bundle_dir, policy, note=note)
+    manifest = load_manifest(bundle_dir, verify=True)
+    if signed is not None:
+        bind_manifest(bundle_dir, manifest, signed)
+    return manifest, signed
 
 
 def _files_differ(bundle_dir: Path, info: SignatureInfo) -> SecurityError:

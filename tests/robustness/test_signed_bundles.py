@@ -19,6 +19,7 @@ import pytest
 
 from edgemm.errors import DependencyError, InputError, SecurityError
 from tests.robustness.helpers import cli_env, error_lines, tree_snapshot
+from tests.robustness.test_hostile_bundles import portable_bundle, stub_tensorrt  # noqa: F401 - fixtures
 
 pytest.importorskip("model_signing", reason="signed bundles need the edgemm[sign] extra")
 
@@ -350,3 +351,166 @@ def test_sign_refuses_a_tampered_bundle_and_an_existing_signature(tiny_bundle, k
     with pytest.raises(InputError, match="is a public key"):
         sign_bundle(bundle, keys["pub"], force=True)
     assert tree_snapshot(bundle) == before
+
+
+# -- the CLI: edgemm sign, and --trusted-key / --require-signature on run, verify, bench, inspect, build -----
+
+# The CLI in a subprocess with ONNX Runtime's session constructor replaced by a trap that leaves a file.
+TRAPPED_CLI = ("import os, onnxruntime\n"
+               "def _trap(*args, **kwargs):\n"
+               "    open(os.environ['EDGEMM_TEST_BACKEND_TRAP'], 'w').close()\n"
+               "    raise SystemExit('the backend was reached')\n"
+               "onnxruntime.InferenceSession = _trap\n"
+               "from edgemm.cli.main import entry\n"
+               "entry()\n")
+
+
+def _cli(args, *, cwd, tmp_path, trap=False, env=None):
+    import subprocess
+
+    run_env = cli_env(tmp_path / "tmpdir")
+    (tmp_path / "tmpdir").mkdir(exist_ok=True)
+    run_env.pop("EDGEMM_TRUSTED_KEYS", None)
+    run_env["EDGEMM_TEST_BACKEND_TRAP"] = str(tmp_path / "backend-reached")
+    run_env.update(env or {})
+    code = TRAPPED_CLI if trap else "from edgemm.cli.main import entry; entry()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=run_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _leftovers(tmpdir: Path) -> list[str]:
+    """What edgemm left in TMPDIR (its signature check works in a private temporary folder). `.ses` is
+    onnxruntime's own: importing it writes that file into TMPDIR."""
+    return sorted(p.name for p in tmpdir.iterdir() if p.name != ".ses")
+
+
+def test_cli_generate_key_sign_inspect_and_run(tiny_bundle, tiny, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    res = _cli(["sign", "--generate-key", tmp_path / "keys"], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr
+    key, pub = tmp_path / "keys" / "edgemm-signing.key", tmp_path / "keys" / "edgemm-signing.pub"
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and b"PUBLIC KEY" in pub.read_bytes()
+    res = _cli(["sign", bundle, "--key", key], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (bundle / SIG).is_file() and "key sha256:" in res.stdout
+    fingerprint = res.stdout.split("key sha256:")[1].split()[0]
+
+    res = _cli(["inspect", bundle], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0 and f"signature: key sha256:{fingerprint}, not checked" in res.stdout, res.stdout
+    res = _cli(["inspect", bundle, "--trusted-key", pub, "--json"], cwd=tmp_path, tmp_path=tmp_path)
+    sig = json.loads(res.stdout)["signature"]
+    assert sig["signed"] and sig["verified"] and sig["key_fingerprint"] == fingerprint
+    res = _cli(["inspect", tiny_bundle], cwd=tmp_path, tmp_path=tmp_path)
+    assert "signature: none (unsigned" in res.stdout
+
+    before = tree_snapshot(bundle)
+    out = tmp_path / "out.npz"
+    res = _cli(["run", bundle, "--data", tiny["eval"], "-o", out, "--trusted-key", pub, "--require-signature"],
+               cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert out.is_file() and "note:" not in res.stderr
+    res = _cli(["run", bundle, "--data", tiny["eval"], "-o", out], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0 and "only the sha256 manifest was checked" in res.stderr
+    assert _leftovers(tmp_path / "tmpdir") == []
+    # verify on a signed bundle keeps its reports (rewriting them would void the signature)
+    res = _cli(["verify", bundle, "--reference", tiny["torchscript"], "--data", tiny["eval"], "--iterations", "0",
+                "--trusted-key", pub, "--json"], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert any("would void its signature" in n for n in json.loads(res.stdout)["notes"])
+    assert tree_snapshot(bundle) == before
+
+
+def _tamper_model(b, tmp):
+    _flip(b / "model.onnx")
+
+
+def _tamper_report(b, tmp):
+    _flip(b / "report.json")
+
+
+def _add_file(b, tmp):
+    (b / "notes.txt").write_text("planted")
+
+
+def _remove_report_md(b, tmp):
+    (b / "report.md").unlink()
+
+
+def _unsign(b, tmp):
+    (b / SIG).unlink()
+
+
+def _flip_sig(b, tmp):
+    _flip(b / SIG, 40)
+
+
+def _nothing(b, tmp):
+    pass
+
+
+# (command, tamper, key to trust: "pub" / "other_pub" / None, extra flags, env, what the line names)
+CLI_CASES = {
+    "run-model-byte": ("run", _tamper_model, "pub", [], {}, "'model.onnx' differs from the signed bundle"),
+    "run-unsigned": ("run", _unsign, "pub", ["--require-signature"], {}, "not signed and a signature is required"),
+    "run-wrong-key": ("run", _nothing, "other_pub", [], {}, "which is not a trusted key"),
+    "run-no-key": ("run", _nothing, None, ["--require-signature"], {}, "no trusted public key"),
+    "run-env-wrong-key": ("run", _nothing, None, [], {"EDGEMM_TRUSTED_KEYS": "other_pub"}, "not a trusted key"),
+    "run-sig-byte": ("run", _flip_sig, "pub", [], {}, SIG),
+    "verify-report-byte": ("verify", _tamper_report, "pub", [], {}, "'report.json' differs from the signed"),
+    "bench-added-file": ("bench", _add_file, "pub", [], {}, "unexpected file 'notes.txt'"),
+    "inspect-removed-file": ("inspect", _remove_report_md, "pub", [], {}, "signed file 'report.md' is missing"),
+    "inspect-wrong-key": ("inspect", _nothing, "other_pub", [], {}, "which is not a trusted key"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_refuses_hostile_signed_bundles_before_the_backend(signed, tiny, keys, tmp_path, case):
+    command, tamper, key, flags, env, match = CLI_CASES[case]
+    tamper(signed, tmp_path)
+    before = tree_snapshot(signed)
+    out = tmp_path / "out.npz"
+    args = {"run": ["run", signed, "--data", tiny["eval"], "-o", out],
+            "verify": ["verify", signed, "--reference", tiny["torchscript"], "--data", tiny["eval"]],
+            "bench": ["bench", signed, "--iterations", "3"],
+            "inspect": ["inspect", signed]}[command]
+    if key:
+        args += ["--trusted-key", keys[key]]
+    env = {k: str(keys[v]) for k, v in env.items()}
+    res = _cli(args + flags, cwd=tmp_path, tmp_path=tmp_path, trap=True, env=env)
+    assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "(fix: " in lines[0], res.stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "backend-reached").exists(), "the backend was reached"
+    assert not out.exists() and tree_snapshot(signed) == before
+    assert _leftovers(tmp_path / "tmpdir") == []
+
+
+def test_build_checks_the_signature_before_tensorrt(portable_bundle, keys, tmp_path):
+    """`edgemm build` hands the ONNX file to TensorRT's builder: a signed portable bundle is checked first,
+    and a tampered one never reaches TensorRT (absent here: its error would mean the check was passed)."""
+    from edgemm.runtime.signature import sign_bundle
+
+    sign_bundle(portable_bundle, keys["key"])
+    res = _cli(["build", portable_bundle, "--trusted-key", keys["pub"]], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 2 and "TensorRT" in res.stderr, res.stderr   # signature fine: on to TensorRT
+    _flip(portable_bundle / "model.onnx")
+    before = tree_snapshot(portable_bundle)
+    res = _cli(["build", portable_bundle, "--trusted-key", keys["pub"]], cwd=tmp_path, tmp_path=tmp_path)
+    lines = error_lines(res.stderr)
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "'model.onnx' differs from the signed bundle" in lines[0] and "TensorRT" not in lines[0]
+    assert tree_snapshot(portable_bundle) == before
+
+
+def test_build_refuses_a_tampered_signed_bundle_before_the_builder(portable_bundle, stub_tensorrt, keys):
+    from edgemm.backends.tensorrt.package import finish_portable_bundle
+    from edgemm.runtime.signature import sign_bundle
+
+    sign_bundle(portable_bundle, keys["key"])
+    (portable_bundle / "build.sh").write_text("echo swapped\n")
+    with pytest.raises(SecurityError, match="'build.sh' differs"):
+        finish_portable_bundle(portable_bundle, trusted_keys=[keys["pub"]])
+    assert stub_tensorrt == []

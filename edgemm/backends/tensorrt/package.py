@@ -199,14 +199,18 @@ def _bundle_paths(bundle_dir: Path, manifest: dict, source: str) -> tuple[str, P
     return onnx_rel, onnx_path, engine_rel, engine_path, script_rel
 
 
-def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None) -> Path:
+def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None, trusted_keys=None,
+                           require_signature: bool | None = None) -> Path:
     """Build (or rebuild) the engine of a TensorRT bundle here; record it in the manifest.
 
-    The bundle's files are hash-verified first; the engine goes to a temporary file, is renamed into
-    place, then the manifest (backend.engine, backend.built, files) is rewritten atomically."""
+    The bundle's signature (with ``trusted_keys``, as for ``edgemm.runtime.load``) and files are verified
+    first; the engine goes to a temporary file, is renamed into place, then the manifest (backend.engine,
+    backend.built, files) is rewritten atomically (so a signature no longer matches: re-sign after)."""
+    from ...runtime.signature import verify_before_use
+
     bundle_dir = Path(bundle_dir)
     manifest_name, load_manifest, sha256_file, write_json_atomic = _manifest_io()
-    manifest = load_manifest(bundle_dir, verify=True)
+    manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
     source = str(bundle_dir / manifest_name)
     backend = manifest["backend"]
     if backend.get("name") != "tensorrt":
