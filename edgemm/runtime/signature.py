@@ -32,7 +32,8 @@ from pathlib import Path, PurePosixPath
 from typing import Iterable, Union
 
 from ..errors import BundleError, DependencyError, InputError, SecurityError, first_line
-from .manifest import MANIFEST_NAME, sha256_file, write_bytes_atomic
+from .atomic import write_bytes_atomic
+from .manifest import MANIFEST_NAME, sha256_file
 
 SIGNATURE_NAME = "bundle.sig"
 TRUSTED_KEYS_ENV = "EDGEMM_TRUSTED_KEYS"          # os.pathsep-separated public key files
