@@ -23,7 +23,7 @@ def command(bundle, timing_cache, trusted_keys, require_signature):
 
     if logging.getLogger("edgemm").isEnabledFor(logging.INFO):
         logging.getLogger("edgemm.tensorrt").setLevel(logging.DEBUG)
-    from ..runtime.signature import SIGNATURE_NAME, is_signed
+    from ..runtime.signing import SIGNATURE_NAME, is_signed
 
     engine = finish_portable_bundle(bundle, timing_cache=timing_cache,
                                     **trust_options(trusted_keys, require_signature))

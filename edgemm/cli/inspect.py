@@ -25,11 +25,11 @@ def onnx_op_counts(path: Path) -> dict[str, int] | None:
 
 def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None = None) -> dict:
     from ..errors import BundleError
-    from ..runtime import parse_io, signature
+    from ..runtime import parse_io, signing
     from ..runtime.manifest import MANIFEST_NAME, safe_relpath
 
     # The signature (when keys are trusted) and every file's hash; every listed path stays inside the bundle.
-    manifest, checked = signature.verify_before_use(path, trusted_keys, require_signature, note=False)
+    manifest, checked = signing.verify_before_use(path, trusted_keys, require_signature, note=False)
     source = str(path / MANIFEST_NAME)
     parse_io(path, manifest)   # malformed inputs/outputs: the runtime's one-line BundleError
     recipe = manifest["precision"].get("recipe", {})
@@ -42,7 +42,7 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
             "recipe": recipe.get("name"),
             "target": manifest["target"].get("name"), "backend": manifest["backend"],
             "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source"),
-            "signature": signature.describe(path, checked)}
+            "signature": signing.describe(path, checked)}
     field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
     onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
     if onnx_rel:

@@ -27,13 +27,13 @@ from .options import verbose_option
 def command(bundle, key_path, force, generate_dir):
     """Sign BUNDLE: write bundle.sig over every file of it, for `--trusted-key` checks on devices."""
     from ..errors import InputError
-    from ..runtime import signature
+    from ..runtime import signing
 
     if generate_dir is not None:
         if bundle is not None or key_path is not None:
             raise InputError("--generate-key makes a key pair; it signs nothing", field="--generate-key",
                              fix="run `edgemm sign --generate-key DIR` alone, then `edgemm sign BUNDLE --key ...`")
-        private, public, fingerprint = signature.generate_key_pair(generate_dir)
+        private, public, fingerprint = signing.generate_key_pair(generate_dir)
         click.echo(f"wrote {private} (private: keep it secret, sign with --key) and {public} (public: give it to "
                    f"--trusted-key on devices); key sha256:{fingerprint}")
         return 0
@@ -41,16 +41,16 @@ def command(bundle, key_path, force, generate_dir):
         raise InputError("needs a BUNDLE and --key PRIVATE_KEY", field="--key",
                          fix="edgemm sign engines/NAME --key edgemm-signing.key "
                              "(make a key pair with `edgemm sign --generate-key DIR`)")
-    password = os.environ.get(signature.KEY_PASSWORD_ENV)
+    password = os.environ.get(signing.KEY_PASSWORD_ENV)
     secret = password.encode() if password is not None else None
     try:
-        info = signature.sign_bundle(bundle, key_path, password=secret, force=force)
+        info = signing.sign_bundle(bundle, key_path, password=secret, force=force)
     except InputError as exc:
         # An encrypted key: ask on a terminal (never echoed), else the error names the variable to set.
         if secret is not None or "is encrypted" not in exc.detail or not sys.stdin.isatty():
             raise
         typed = click.prompt(f"password for {key_path}", hide_input=True, err=True)
-        info = signature.sign_bundle(bundle, key_path, password=typed.encode(), force=force)
+        info = signing.sign_bundle(bundle, key_path, password=typed.encode(), force=force)
     click.echo(f"signed {bundle}: {len(info.digests)} files, key sha256:{info.key_fingerprint} -> "
-               f"{bundle / signature.SIGNATURE_NAME}")
+               f"{bundle / signing.SIGNATURE_NAME}")
     return 0

@@ -592,7 +592,7 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
     record a new baseline from this run (only when the run passed). Raises InputError for a baseline
     from another context or other eval data; a failing gate is ``report["passed"] == False``."""
     from ..runtime.manifest import read_manifest
-    from ..runtime.signature import REPORTS_KEPT_NOTE, is_signed
+    from ..runtime.signing import REPORTS_KEPT_NOTE, is_signed
     from .verify import verify_bundle
 
     if baseline is not None and save is not None:

@@ -172,7 +172,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     from ..data import load_dataset
     from .thresholds import defaults_for, with_overrides
 
-    from ..runtime.signature import REPORTS_KEPT_NOTE, is_signed
+    from ..runtime.signing import REPORTS_KEPT_NOTE, is_signed
 
     bundle = runtime.load(bundle_path, trusted_keys=trusted_keys, require_signature=require_signature)
     kept_signed = write and is_signed(bundle_path)

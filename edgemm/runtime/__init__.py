@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import BundleError, EdgemmError, InputError
 from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape
-from . import signature
+from . import signing
 from .manifest import MANIFEST_NAME, load_manifest
 
 __all__ = ["load", "Bundle"]
@@ -135,12 +135,12 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     can switch the check off."""
     path = Path(path)
     # The signature, then the hashes, before the manifest is trusted or a backend reads a byte (the
-    # sequence of signature.verify_before_use, spelled out so that load_manifest is this module's).
-    policy = signature.resolve_policy(trusted_keys, require_signature)
-    signed = signature.check_bundle(path, policy)
+    # sequence of signing.verify_before_use, spelled out so that load_manifest is this module's).
+    policy = signing.resolve_policy(trusted_keys, require_signature)
+    signed = signing.check_bundle(path, policy)
     manifest = load_manifest(path, verify=True)
     if signed is not None:
-        signature.bind_manifest(path, manifest, signed)
+        signing.bind_manifest(path, manifest, signed)
     parse_io(path, manifest)  # before any backend reads a model file
     try:
         session = _open_session(path, manifest, **session_options)

@@ -18,7 +18,7 @@ REQUIRED_KEYS = ("format", "format_version", "name", "inputs", "outputs", "preci
                  "files")
 # Files a bundle may hold that are not covered by hashes (they are derived from the others or are
 # reports that verification rewrites).
-# The signature (bundle.sig, edgemm.runtime.signature) covers every file but itself, these included.
+# The signature (bundle.sig, edgemm.runtime.signing) covers every file but itself, these included.
 UNHASHED = frozenset({MANIFEST_NAME, "report.json", "report.md", "report.html", "bundle.sig"})
 # Types of the backend fields the sessions read (checked here once, so no session trips over them).
 BACKEND_FIELD_TYPES = {"model": str, "onnx": str, "engine": str, "built": dict, "options": dict, "providers": list,

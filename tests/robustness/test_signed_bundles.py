@@ -29,7 +29,7 @@ SIG = "bundle.sig"
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory):
     """Two key pairs: the publisher's and someone else's."""
-    from edgemm.runtime.signature import generate_key_pair
+    from edgemm.runtime.signing import generate_key_pair
 
     folder = tmp_path_factory.mktemp("keys")
     mine = generate_key_pair(folder / "mine")
@@ -40,7 +40,7 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def signed_source(tiny_bundle, keys, tmp_path_factory):
-    from edgemm.runtime.signature import sign_bundle
+    from edgemm.runtime.signing import sign_bundle
 
     bundle = tmp_path_factory.mktemp("signed") / "tiny-signed"
     shutil.copytree(tiny_bundle, bundle)
@@ -225,7 +225,7 @@ def test_a_signature_by_another_key_is_refused(signed, keys, backend_calls):
 
 
 def test_a_bundle_re_signed_by_an_attacker_is_refused(signed, keys, backend_calls):
-    from edgemm.runtime.signature import sign_bundle
+    from edgemm.runtime.signing import sign_bundle
 
     sign_bundle(signed, keys["other_key"], force=True)
     err = _refused(signed, backend_calls, "which is not a trusted key", trusted_keys=[keys["pub"]])
@@ -233,7 +233,7 @@ def test_a_bundle_re_signed_by_an_attacker_is_refused(signed, keys, backend_call
 
 
 def test_another_keys_signature_claiming_the_trusted_fingerprint_is_refused(signed, keys, backend_calls):
-    from edgemm.runtime.signature import sign_bundle
+    from edgemm.runtime.signing import sign_bundle
 
     sign_bundle(signed, keys["other_key"], force=True)
     doc = json.loads((signed / SIG).read_text())
@@ -334,7 +334,7 @@ def test_a_signature_check_without_model_signing_is_refused_not_skipped(signed, 
 
 def test_sign_refuses_a_tampered_bundle_and_an_existing_signature(tiny_bundle, keys, tmp_path):
     from edgemm.errors import BundleError
-    from edgemm.runtime.signature import sign_bundle
+    from edgemm.runtime.signing import sign_bundle
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
@@ -491,7 +491,7 @@ def test_cli_refuses_hostile_signed_bundles_before_the_backend(signed, tiny, key
 def test_build_checks_the_signature_before_tensorrt(portable_bundle, keys, tmp_path):
     """`edgemm build` hands the ONNX file to TensorRT's builder: a signed portable bundle is checked first,
     and a tampered one never reaches TensorRT (absent here: its error would mean the check was passed)."""
-    from edgemm.runtime.signature import sign_bundle
+    from edgemm.runtime.signing import sign_bundle
 
     sign_bundle(portable_bundle, keys["key"])
     res = _cli(["build", portable_bundle, "--trusted-key", keys["pub"]], cwd=tmp_path, tmp_path=tmp_path)
@@ -507,7 +507,7 @@ def test_build_checks_the_signature_before_tensorrt(portable_bundle, keys, tmp_p
 
 def test_build_refuses_a_tampered_signed_bundle_before_the_builder(portable_bundle, stub_tensorrt, keys):
     from edgemm.backends.tensorrt.package import finish_portable_bundle
-    from edgemm.runtime.signature import sign_bundle
+    from edgemm.runtime.signing import sign_bundle
 
     sign_bundle(portable_bundle, keys["key"])
     (portable_bundle / "build.sh").write_text("echo swapped\n")

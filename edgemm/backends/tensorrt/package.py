@@ -206,7 +206,7 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     The bundle's signature (with ``trusted_keys``, as for ``edgemm.runtime.load``) and files are verified
     first; the engine goes to a temporary file, is renamed into place, then the manifest (backend.engine,
     backend.built, files) is rewritten atomically (so a signature no longer matches: re-sign after)."""
-    from ...runtime.signature import verify_before_use
+    from ...runtime.signing import verify_before_use
 
     bundle_dir = Path(bundle_dir)
     manifest_name, load_manifest, sha256_file, write_json_atomic = _manifest_io()

@@ -437,7 +437,7 @@ def sign_bundle(bundle_dir: os.PathLike, key_path: os.PathLike, *, password: byt
                          f"already holds {who}", file=bundle_dir / SIGNATURE_NAME, field="--force",
                          fix="pass --force to replace the signature")
     private = load_private_key(key_path, password)
-    hashing, signing, _ = _model_signing()
+    hashing, ms_signing, _ = _model_signing()
     with tempfile.TemporaryDirectory(prefix="edgemm-sig-") as tmp:
         key_copy, sig_tmp = Path(tmp) / "signing.key", Path(tmp) / SIGNATURE_NAME
         serialization, _ = _crypto()
@@ -447,7 +447,7 @@ def sign_bundle(bundle_dir: os.PathLike, key_path: os.PathLike, *, password: byt
         with os.fdopen(fd, "wb") as f:
             f.write(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
-        (signing.Config().use_elliptic_key_signer(private_key=key_copy)
+        (ms_signing.Config().use_elliptic_key_signer(private_key=key_copy)
          .set_hashing_config(_hashing_config(hashing)).sign(bundle_dir, sig_tmp))
         data = sig_tmp.read_bytes()
     info = parse_signature(bundle_dir, data)
