@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Callable
 import numpy as np
 
 from .config import CompileConfig
+from .bundle import STAGING_PREFIX
 from .data import Dataset, load_dataset, specs_from_dataset
-from .errors import InputError, ParityError, first_line
+from .errors import EdgemmError, InputError, ParityError, first_line
 from .frontends import LoadedModel, LoadOptions, load_model
 from .iospec import (TensorSpec, apply_dynamic_axes, dynamic_batch_input, parse_dynamic_flag, parse_input_flag)
 
@@ -208,6 +210,16 @@ def _find_task(loaded: LoadedModel) -> dict | None:
 
 
 def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> CompileResult:
+    try:
+        return _compile(cfg, say)
+    except EdgemmError as exc:
+        renamed = _name_user_files(exc, cfg.model)
+        if renamed is exc:
+            raise
+        raise renamed from exc
+
+
+def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
     from . import targets
     from .hostinfo import cpu_info, versions
 
@@ -280,7 +292,7 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
             "inputs": [s.to_dict() for s in specs],
             "outputs": _onnx_io(prec.path),
             "precision": {"mode": prec.mode, "recipe": prec.recipe, "notes": prec.notes,
-                          "simulated_accuracy": prec.simulated},
+                          "simulated_accuracy": prec.simulated, "exclusions": _exclusions(cfg, prec)},
             "target": {"name": target.name, "kind": target.kind, "backend": target.backend,
                        "compute_capability": target.compute_capability},
             "backend": backend_section,
@@ -303,6 +315,36 @@ def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> 
                                   + ("--max-metric-drop" if task_failed else "--min-cosine") + ")")
         writer.commit()
     return CompileResult(dest, manifest, report)
+
+
+def _exclude_patterns(cfg: CompileConfig) -> list[str]:
+    from .quant.exclusions import parse_exclude
+
+    return parse_exclude(cfg.exclude)
+
+
+def _exclusions(cfg: CompileConfig, prec) -> dict | None:
+    """What stayed out of quantization and why: the user's --exclude and the automatic exclusions."""
+    auto = prec.recipe.get("auto_excluded") or {}
+    if not cfg.exclude and not auto:
+        return None
+    return {"patterns": _exclude_patterns(cfg), "nodes": list(prec.recipe.get("excluded_nodes") or []),
+            "automatic": auto}
+
+
+_STAGED_PATH = re.compile(r"[^\s'\"(]*" + re.escape(STAGING_PREFIX) + r"[^\s'\")]*")
+
+
+def _name_user_files(exc: EdgemmError, model: str) -> EdgemmError:
+    """An error raised on a staged or scratch file names the user's model instead: the staging folder is
+    gone by the time the user reads the message."""
+    file = exc.file if exc.file and STAGING_PREFIX not in exc.file else (model if exc.file else None)
+    detail = _STAGED_PATH.sub("the exported ONNX graph", exc.detail)
+    fix = _STAGED_PATH.sub("the exported ONNX graph", exc.fix) if exc.fix else exc.fix
+    if (file, detail, fix) == (exc.file, exc.detail, exc.fix):
+        return exc
+    renamed = type(exc)(detail, file=file, field=exc.field, fix=fix)
+    return renamed
 
 
 @contextlib.contextmanager
@@ -353,7 +395,7 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
                            int8_recipe=cfg.int8_recipe, log=say)
     return apply_precision(fp32, out, PrecisionRequest(
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
-        int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, log=say))
+        int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, exclude=_exclude_patterns(cfg), log=say))
 
 
 def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | None, cfg: CompileConfig, say):

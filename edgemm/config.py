@@ -37,6 +37,7 @@ class CompileConfig:
     exporter: str = "dynamo"             # preferred exporter
     output_names: str | None = None      # comma-separated names for tuple outputs
     int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
+    exclude: list[str] = field(default_factory=list)      # nodes kept out of INT8/FP8: op:TYPE, module:GLOB, regex
     min_cosine: float | None = None      # accuracy bar for verification / recipe selection
     max_metric_drop: float | None = None # task-metric drop allowed by --eval verification, points
     calib_samples: int = 256             # cap on calibration samples used
@@ -72,6 +73,14 @@ class CompileConfig:
         if quantized and not self.calib:
             raise InputError(f"--{self.precision} needs calibration data; edgemm never calibrates on random data",
                              field="--calib", fix="pass --calib data.npz (keys = input names, axis 0 = samples)")
+        if self.exclude:
+            from .quant.exclusions import parse_exclude
+
+            parse_exclude(self.exclude)
+            if self.precision not in ("int8", "fp8") or self.precision_policy or self.accuracy_target:
+                raise InputError("keeps nodes out of a uniform INT8/FP8 quantization", field="--exclude",
+                                 fix="use it with --int8 or --fp8 (not with --precision A=B,... or "
+                                     "--accuracy-target, which choose the float nodes themselves)")
         if self.accuracy_target and self.precision not in ("int8", "fp8") and not self.precision_policy:
             raise InputError("needs a quantized precision to fall back from", field="--accuracy-target",
                              fix="add --int8 (or --fp8 on FP8 targets)")

@@ -26,6 +26,7 @@ class PrecisionRequest:
     int8_recipe: str | None = None
     min_cosine: float | None = None
     dla: bool = False
+    exclude: list[str] = field(default_factory=list)   # --exclude patterns (quant/exclusions.py)
     log: Callable[[str], None] = print
 
 
@@ -60,11 +61,12 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
         if req.int8_recipe not in recipes:
             raise InputError(f"unknown INT8 recipe {req.int8_recipe!r}", field="--int8-recipe",
                              fix=f"use one of {', '.join(recipes)}")
-        cpu_int8.apply_recipe(recipes[req.int8_recipe], fp32_onnx, out, req.calib)
+        facts = cpu_int8.apply_recipe(recipes[req.int8_recipe], fp32_onnx, out, req.calib, exclude=req.exclude)
         return PrecisionResult(out, "int8", {"name": req.int8_recipe, **recipes[req.int8_recipe].params,
-                                             "selected_by": "user"})
+                                             "selected_by": "user", "excluded_nodes": facts["excluded_nodes"]})
     kwargs = {} if req.min_cosine is None else {"min_cosine": req.min_cosine}
-    selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log, **kwargs)
+    selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log,
+                                       exclude=req.exclude, **kwargs)
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
               "candidates": _jsonable(selection.table)}
@@ -79,10 +81,23 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
 
 def _qdq_trt(mode: str):
     def run(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
+        import onnx
+
+        from .exclusions import anchored, resolve_exclude
         from .modelopt_qdq import quantize_qdq
 
-        recipe = quantize_qdq(fp32_onnx, out, req.calib, mode, target_dla=req.dla and mode == "int8")
-        return PrecisionResult(out, mode, recipe, simulated=(mode == "fp8"))
+        keep = resolve_exclude(onnx.load(str(fp32_onnx), load_external_data=False), req.exclude)
+        recipe = quantize_qdq(fp32_onnx, out, req.calib, mode, exclude_nodes=anchored(keep),
+                              target_dla=req.dla and mode == "int8")
+        recipe["excluded_nodes"] = keep
+        notes = []
+        if recipe.get("auto_excluded"):
+            notes.append(f"{len(recipe['auto_excluded'])} node(s) kept out of {mode} calibration and quantization "
+                         "automatically (attention-mask arithmetic or sentinel-valued tensors; "
+                         "manifest precision.recipe.auto_excluded)")
+        if recipe.get("calibration_fallback"):
+            notes.append(recipe["calibration_fallback"])
+        return PrecisionResult(out, mode, recipe, notes=notes, simulated=(mode == "fp8"))
     return run
 
 

@@ -479,7 +479,7 @@ class _QdqBackend:
                  always_keep: Sequence[str]):
         import onnx
 
-        from .mixed import _anchored
+        from .exclusions import anchored as _anchored
         from .modelopt_qdq import quantize_qdq
 
         self.fp32 = Path(fp32_onnx)
@@ -515,7 +515,7 @@ class _QdqBackend:
         return _runner_of(_ort_session(path))
 
     def finalize(self, keep: Sequence[str], out: Path) -> dict:
-        from .mixed import _anchored
+        from .exclusions import anchored as _anchored
         from .modelopt_qdq import quantize_qdq
 
         exclude = sorted(set(keep) | set(self.always_keep))

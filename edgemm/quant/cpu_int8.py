@@ -273,7 +273,8 @@ class _StagedOutput:
 class _Prepared:
     """The FP32 model normalised for quantization, calibration feeds, and cached activation statistics."""
 
-    def __init__(self, fp32_onnx: Path, calib: Mapping[str, np.ndarray], workdir: Path):
+    def __init__(self, fp32_onnx: Path, calib: Mapping[str, np.ndarray], workdir: Path,
+                 exclude: Sequence[str] = ()):
         import onnx
 
         from .ort_fusions import normalize_gemm
@@ -286,6 +287,10 @@ class _Prepared:
             raise InputError(f"cannot read ONNX model: {exc}", file=self.source,
                              fix="pass an ONNX file written by `edgemm compile` or torch.onnx.export") from exc
         self.specs = _input_specs(model)
+        from .exclusions import resolve_exclude
+
+        self.exclude = list(exclude)
+        self.user_keep = set(resolve_exclude(model, exclude))   # --exclude, on the source graph's names
         self.calib = _check_calib(calib, self.specs, self.source)
         self.feeds = _split_feeds(self.calib, self.specs)
         self.large = _is_large(model)
@@ -310,6 +315,20 @@ class _Prepared:
             fuse_for_ort(self.normalized, fused)
             self._fused = fused
         return self._fused
+
+    def user_excluded(self, model_path: Path) -> list[str]:
+        """--exclude's nodes in ``model_path``: what the patterns select there, and the nodes ORT's Gemm
+        rewrite made of selected source nodes (``<name>_MatMul`` / ``<name>_Add``, ort_fusions.normalize_gemm)."""
+        if not self.user_keep:
+            return []
+        import onnx
+
+        from .exclusions import resolve_exclude
+
+        model = onnx.load(str(model_path), load_external_data=False)
+        renamed = {n.name for n in model.graph.node if n.name.rpartition("_")[0] in self.user_keep}
+        return sorted(set(resolve_exclude(model, self.exclude, strict=False)) | renamed
+                      | (self.user_keep & {n.name for n in model.graph.node}))
 
     def outlier_ratios(self, model_path: Path, feeds: Sequence[dict]) -> dict[str, float]:
         """max|x| / rms(x) of the activation input of each constant-weight MatMul, by node name."""
@@ -387,7 +406,7 @@ def _final_projections(model_path: Path) -> list[str]:
 
 def _excluded_nodes(recipe: Int8Recipe, prep: _Prepared, model_path: Path, calib_feeds) -> list[str]:
     params = recipe.params
-    excluded: set[str] = set()
+    excluded: set[str] = set(prep.user_excluded(model_path))
     if params.get("exclude_final"):
         excluded.update(_final_projections(model_path))
     threshold = params.get("outlier_ratio")
@@ -461,14 +480,16 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def apply_recipe(recipe: Int8Recipe, fp32_onnx: Path, out_onnx: Path, calib: dict[str, np.ndarray]) -> None:
-    """Write ``out_onnx``: ``fp32_onnx`` quantized by ``recipe``, calibrated on all of ``calib``."""
+def apply_recipe(recipe: Int8Recipe, fp32_onnx: Path, out_onnx: Path, calib: dict[str, np.ndarray], *,
+                 exclude: Sequence[str] = ()) -> dict:
+    """Write ``out_onnx``: ``fp32_onnx`` quantized by ``recipe``, calibrated on all of ``calib``, the
+    ``exclude`` patterns (quant/exclusions.py) kept in FP32; returns {"excluded_nodes": [...]}."""
     import tempfile
 
     out_onnx = Path(out_onnx)
     with tempfile.TemporaryDirectory(prefix=".edgemm-int8-", dir=out_onnx.parent) as work:
-        prep = _Prepared(Path(fp32_onnx), calib, Path(work))
-        _build(recipe, prep, out_onnx, prep.feeds)
+        prep = _Prepared(Path(fp32_onnx), calib, Path(work), exclude)
+        return _build(recipe, prep, out_onnx, prep.feeds)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -598,7 +619,7 @@ def _dominated_by(recipe: Int8Recipe, passed: Iterable[Int8Recipe]) -> str | Non
 def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, *, min_cosine: float = 0.99,
                   candidates: Sequence[Int8Recipe] | None = None, log: Callable[[str], None] | None = None,
                   max_calib_samples: int = 16, max_eval_samples: int = 16, timing_iterations: int = 30,
-                  time_budget_s: float = 90.0) -> Selection:
+                  time_budget_s: float = 90.0, exclude: Sequence[str] = ()) -> Selection:
     """Build each candidate, keep those whose every output agrees with FP32 to ``min_cosine``, time them
     interleaved with FP32 and return the fastest. Raises ``ParityError`` if none is accurate enough.
 
@@ -617,7 +638,7 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
     if len(set(names)) != len(names) or "fp32" in names:
         raise InputError(f"candidate recipe names must be unique and not 'fp32': {names}", field="candidates",
                          fix="rename the recipes")
-    prep = _Prepared(Path(fp32_onnx), calib, workdir)
+    prep = _Prepared(Path(fp32_onnx), calib, workdir, exclude)
     try:
         calib_feeds, eval_feeds, split_note = _split_samples(prep.feeds, max_calib_samples, max_eval_samples)
         if split_note:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 from ..errors import InputError
 from . import PrecisionResult
 from .branches import BRANCHES, COMPUTE_OPS, FUSION, BranchMap, find_branches, parse_branch_overrides
+from .exclusions import anchored as _anchored
 
 __all__ = ["POLICY_PRECISIONS", "parse_precision_policy", "resolve_policy", "apply_mixed", "OrtInt8Builder",
            "mixed_mode_name", "normalize_for_ort"]
@@ -135,11 +135,6 @@ def resolve_policy(policy: Mapping[str, str], branches: BranchMap, backend: str,
         raise InputError("fp16 and bf16 branches in one model are not supported", field="--precision",
                          fix="pick one of fp16 or bf16 for the unquantized branches")
     return table, notes
-
-
-def _anchored(names) -> list[str]:
-    """modelopt and AutoCast read node-name regexes: match each name exactly."""
-    return ["^" + re.escape(n) + "$" for n in sorted(names)]
 
 
 def normalize_for_ort(fp32_onnx: Path, out: Path) -> None:

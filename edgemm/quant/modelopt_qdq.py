@@ -28,6 +28,7 @@ import numpy as np
 
 from ..capture import captured_output
 from ..errors import DependencyError, EdgemmError, InputError, first_line
+from .exclusions import anchored, unquantizable_nodes
 
 __all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES"]
 
@@ -141,13 +142,15 @@ def inspect_qdq(model) -> dict:
 def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray], mode: str, *,
                  exclude_nodes: list[str] | None = None, high_precision: str = "fp16",
                  calibration_method: str | None = None, op_types_to_exclude: list[str] | None = None,
-                 target_dla: bool = False) -> dict:
+                 target_dla: bool = False, auto_exclude: bool = True) -> dict:
     """Write ``out_onnx`` with INT8 or FP8-E4M3 Q/DQ nodes placed for TensorRT; return the manifest recipe.
 
     ``calib``: one array per model input, samples along axis 0 (real data; empty is refused).
     ``high_precision``: dtype of the layers left unquantized ("fp16" default, "bf16", or "fp32").
     ``exclude_nodes``: node-name regexes kept in high precision (e.g. a sensitive fusion head).
-    ``target_dla``: INT8 only; modelopt then puts Q/DQ on every tensor, as DLA needs (may cost accuracy)."""
+    ``target_dla``: INT8 only; modelopt then puts Q/DQ on every tensor, as DLA needs (may cost accuracy).
+    ``auto_exclude``: keep attention-mask arithmetic and sentinel-valued tensors out of calibration and
+    quantization (``exclusions.unquantizable_nodes``; recorded as ``auto_excluded``)."""
     import onnx
 
     fp32_onnx, out_onnx = Path(fp32_onnx), Path(out_onnx)
@@ -182,40 +185,24 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
             shutil.copyfile(p, target)
         shutil.copyfile(fp32_onnx, src)
         dst = work / "model.quant.onnx"
-        # modelopt, ONNX Runtime's calibrator (progress bars), polygraphy and modelopt's logger print to
-        # stdout/stderr: capture it all; --verbose shows it through the "edgemm" logger.
-        with captured_output() as output:
-            try:
-                quantize(
-                    onnx_path=str(src),
-                    quantize_mode=mode,
-                    calibration_data=data,
-                    calibration_method=method,
-                    calibration_eps=["cpu"],
-                    nodes_to_exclude=list(exclude_nodes or []),
-                    op_types_to_exclude=list(op_types_to_exclude or []) or None,
-                    high_precision_dtype=high_precision,
-                    use_external_data_format=external,
-                    target_dla=bool(target_dla and mode == "int8"),
-                    output_path=str(dst),
-                    log_level="WARNING",
-                )
-                error = None
-            except Exception as exc:  # modelopt and ORT raise many types; reported as one line below
-                error = exc
-        if output.text:
-            log.info("modelopt %s quantization output:\n%s", mode, output.text)
+        auto = unquantizable_nodes(src, data, work) if auto_exclude else {}
+        exclude = list(exclude_nodes or []) + anchored(auto)
+        error, output = _run_modelopt(quantize, src, dst, mode, data, method, exclude, op_types_to_exclude,
+                                      high_precision, external, target_dla)
+        fallback = None
+        if error is not None and _histogram_failure(error) and method != "max":
+            # A range no histogram can bin survived the exclusions: max calibration needs no bins.
+            fallback = (f"{method} calibration failed ({_detail(error, output)}); calibrated with max instead")
+            log.info("modelopt: %s", fallback)
+            method = "max"
+            error, output = _run_modelopt(quantize, src, dst, mode, data, method, exclude, op_types_to_exclude,
+                                          high_precision, external, target_dla)
         if isinstance(error, EdgemmError):
             raise error
         if error is not None:
-            first = " ".join(first_line(error, None, default="").split())[:200]
-            last = output.last_line()
-            detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
-            if last and last not in detail:
-                detail += f"; modelopt's last output: {last}"
-            raise InputError(f"modelopt {mode} quantization failed ({detail})", file=fp32_onnx,
-                             fix="run with --verbose to see modelopt's log; use --fp16 or exclude the failing "
-                                 "nodes") from error
+            raise InputError(f"modelopt {mode} quantization failed ({_detail(error, output)})", file=fp32_onnx,
+                             fix="run with --verbose to see modelopt's log; keep the failing nodes out of "
+                                 "quantization with --exclude (e.g. --exclude op:Softmax), or use --fp16") from error
         if not dst.is_file():
             last = output.last_line()
             raise InputError(f"modelopt wrote no quantized model for {mode}" + (f" (last output: {last})" if last
@@ -246,6 +233,8 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
         "calibration_samples": int(next(iter(data.values())).shape[0]),
         "high_precision_dtype": high_precision,
         "nodes_to_exclude": list(exclude_nodes or []),
+        "auto_excluded": auto,
+        "calibration_fallback": fallback,
         "op_types_to_exclude": list(op_types_to_exclude or []),
         "target_dla": bool(target_dla and mode == "int8"),
         "qdq": stats,
@@ -255,6 +244,49 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
                   "FP8 E4M3 Q/DQ for TensorRT on compute capability >= 8.9; ONNX Runtime CPU cannot run it, so "
                   "accuracy measured on a CPU is simulated"),
     }
+
+
+def _run_modelopt(quantize, src: Path, dst: Path, mode: str, data, method: str, exclude: list[str],
+                  op_types_to_exclude, high_precision: str, external: bool, target_dla: bool):
+    """One modelopt call; returns (the exception it raised or None, its captured output)."""
+    # modelopt, ONNX Runtime's calibrator (progress bars), polygraphy and modelopt's logger print to
+    # stdout/stderr: capture it all; --verbose shows it through the "edgemm" logger.
+    with captured_output() as output:
+        try:
+            quantize(
+                onnx_path=str(src),
+                quantize_mode=mode,
+                calibration_data=data,
+                calibration_method=method,
+                calibration_eps=["cpu"],
+                nodes_to_exclude=list(exclude),
+                op_types_to_exclude=list(op_types_to_exclude or []) or None,
+                high_precision_dtype=high_precision,
+                use_external_data_format=external,
+                target_dla=bool(target_dla and mode == "int8"),
+                output_path=str(dst),
+                log_level="WARNING",
+            )
+            error = None
+        except Exception as exc:  # modelopt and ORT raise many types; reported as one line by the caller
+            error = exc
+    if output.text:
+        log.info("modelopt %s quantization output (%s calibration):\n%s", mode, method, output.text)
+    return error, output
+
+
+def _histogram_failure(error: BaseException) -> bool:
+    text = str(error)
+    return "bins" in text and ("Too many" in text or "finite-sized" in text)
+
+
+def _detail(error: BaseException, output) -> str:
+    first = " ".join(first_line(error, None, default="").split())[:200]
+    detail = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    last = output.last_line()
+    if last and last not in detail and "Warning" not in last:
+        detail += f"; modelopt's last output: {last}"
+    return detail
 
 
 def _external_files(model, folder: Path) -> list[Path]:
