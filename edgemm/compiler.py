@@ -405,9 +405,11 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
     from .prune import (apply_2to4, can_prune, parse_prune_spec, prunable_module, prune, recover, recovery_warnings,
                         with_pruned_module)
     from .prune.compare import compare, summary_lines
+    from .signature import attach
 
     can_prune(loaded)
     module = prunable_module(loaded)
+    attach(module, loaded.calling_convention())  # an unflattened .pt2 takes (*args, **kwargs)
     names = [s.name for s in specs]
     calib_arrays = {n: calib.arrays[n][:cfg.calib_samples] for n in names}
     # Recovery is training: every calibration sample helps (the --calib-samples cap is for quantization).

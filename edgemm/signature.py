@@ -162,3 +162,29 @@ def from_program(program, user_inputs: Sequence[str], *, file=None, source: str 
     params = [Param(n, POSITIONAL) for n in user_inputs[:n_args]]
     params += [Param(k, KEYWORD) for k in keys]
     return Signature(tuple(params), source)
+
+
+_ATTR = "_edgemm_signature"
+
+
+def attach(module, signature: Signature) -> None:
+    """Remember how ``module`` is called (copies made with ``copy.deepcopy`` keep it): a pruned copy or
+    an unflattened program (whose forward is ``forward(*args, **kwargs)``) is called like the model."""
+    object.__setattr__(module, _ATTR, signature)
+
+
+def of_module(module, names: Sequence[str]) -> Signature:
+    """The attached signature, else forward()'s own, else ``names`` positionally."""
+    attached = getattr(module, _ATTR, None)
+    if attached is not None:
+        return attached
+    try:
+        sig = from_callable(module.forward)
+    except (TypeError, ValueError, AttributeError):
+        return positional(names)
+    return positional(names) if sig.var_positional or not set(names) <= set(sig.names) else sig
+
+
+def call_module(module, names: Sequence[str], tensors: Sequence[Any]):
+    """``module`` called on ``tensors`` (in the order of the input ``names``) its own way."""
+    return of_module(module, names).call_ordered(module, names, tensors)

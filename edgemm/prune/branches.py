@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..signature import call_module
 from ..errors import InputError
 
 FUSION = "fusion"
@@ -125,7 +126,7 @@ def _record_outputs(module, input_names: list[str], feeds: Mapping[str, np.ndarr
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names)
     try:
         with torch.no_grad():
-            module(*args)
+            call_module(module, input_names, args)
     finally:
         for h in handles:
             h.remove()

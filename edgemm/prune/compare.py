@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..signature import call_module
 from ..errors import InputError
 from .fastpath import mha_fastpath_off
 
@@ -98,7 +99,7 @@ def _run(model, input_names, feeds, output_names) -> dict[str, np.ndarray]:
         for start in range(0, n, METRIC_BATCH):
             args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[k][start:start + METRIC_BATCH]))
                          for k in input_names)
-            names, leaves = flatten_outputs(model(*args))
+            names, leaves = flatten_outputs(call_module(model, input_names, args))
             parts.append([t.detach().cpu().numpy() for t in leaves])
     if output_names and len(output_names) == len(names):
         names = list(output_names)

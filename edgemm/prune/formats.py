@@ -62,21 +62,30 @@ def _reexport(module, loaded, example_feeds):
 
     names = loaded.input_names
     # torch.export specializes a dimension of size 1: trace with at least 2 samples.
-    args = tuple(torch.from_numpy(np.ascontiguousarray(np.concatenate([example_feeds[n]] * 2)
-                                                       if len(example_feeds[n]) < 2 else example_feeds[n]))
-                 for n in names)
+    tensors = {n: torch.from_numpy(np.ascontiguousarray(np.concatenate([example_feeds[n]] * 2)
+                                                        if len(example_feeds[n]) < 2 else example_feeds[n]))
+               for n in names}
     dynamic = {}
     for spec in loaded.input_specs or []:
         dims = {axis: torch.export.Dim.AUTO for axis, d in enumerate(spec.shape) if isinstance(d, str)}
         dynamic[spec.name] = dims or None
-    shapes = tuple(dynamic.get(n) for n in names)
-    # An unflattened program's forward is forward(*args): its dynamic shapes nest under that name.
+    # Export the way the program was exported (positional and keyword arguments as in its in_spec).
+    convention = loaded.calling_convention(tensors)
+    args, kwargs = convention.bind(tensors)
+    by_position = tuple(dynamic.get(n) for n in names[:len(args)])
+    by_keyword = {k: dynamic.get(k) for k in kwargs}
+    # An unflattened program's forward is forward(*args, **kwargs): dynamic shapes nest under those names.
     params = inspect.signature(module.forward).parameters
     star = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    star2 = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     if star is not None:
-        shapes = {star: shapes}
+        shapes = {star: by_position}
+        if kwargs:
+            shapes[star2 or "kwargs"] = by_keyword
+    else:
+        shapes = {**dict(zip(names, by_position)), **by_keyword}
     try:
-        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        return torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export raises many types
         first = first_line(exc, 200)
         raise InputError(f"cannot export the pruned program again ({first})", file=loaded.source, field="--prune",

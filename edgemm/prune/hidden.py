@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..signature import call_module
+
 HIDDEN_WEIGHT = 1.0   # relative to the output loss
 
 
@@ -15,7 +17,7 @@ class HiddenStates:
     mean squared error over the teacher's variance; the loss is their mean.
     """
 
-    def __init__(self, student, teacher, probe_args):
+    def __init__(self, student, teacher, probe_args, names=None):
         import torch
 
         self._store: dict = {}
@@ -30,8 +32,8 @@ class HiddenStates:
                     continue
                 self._handles.append(sub.register_forward_hook(self._keeper(role, path)))
         with torch.no_grad():
-            teacher(*probe_args)
-            student(*probe_args)
+            for model in (teacher, student):
+                call_module(model, names or [f"input_{i}" for i in range(len(probe_args))], probe_args)
         probes = dict(self._store)
         self._store.clear()
         self.pairs: dict[str, tuple] = {}   # path -> (teacher channel index or None, scale)

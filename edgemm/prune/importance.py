@@ -13,6 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..signature import call_module
+
 CALIB_BATCH = 32
 
 
@@ -62,7 +64,7 @@ class ActivationStats:
         try:
             with torch.no_grad():
                 for args in batches(input_names, calib, batch):
-                    module(*args)
+                    call_module(module, input_names, args)
         finally:
             for h in handles:
                 h.remove()

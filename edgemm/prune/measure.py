@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..signature import call_module
+
 from .branches import branch_of
 
 OTHER = "other"   # parameters and ops outside every branch (e.g. a logit scale, the final similarity)
@@ -28,7 +30,7 @@ def branch_costs(module, input_names: Sequence[str], feeds: Mapping[str, np.ndar
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names)
     batch = int(args[0].shape[0]) if args and args[0].ndim else 1
     with counter, torch.no_grad():
-        module(*args)
+        call_module(module, input_names, args)
     counts = counter.get_flop_counts()
     root = next((k for k in counts if k != "Global" and "." not in k), None)
     total = sum(counts.get("Global", {}).values())
@@ -74,7 +76,7 @@ def branch_times(models: Mapping[str, object], input_names: Sequence[str], feeds
                 for label, model in models.items():
                     model._edgemm_clock.clear()
                     start = time.perf_counter()
-                    model(*args)
+                    call_module(model, input_names, args)
                     elapsed = time.perf_counter() - start
                     if i < warmup:
                         continue

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..signature import call_module
 from ..errors import InputError
 from .augment import mix, modality_groups, pick
 from .fastpath import mha_fastpath_off
@@ -95,7 +96,7 @@ def recover(student, teacher, calib: Mapping[str, np.ndarray], steps: int, *, lr
                          fix="drop --recover for this model")
     zero_masks = _zero_masks(student) if keep_zeros else []
     loss_before = _dataset_loss(student, teacher, data, names, batch, scales)
-    states = HiddenStates(student, teacher, tuple(data[k][:batch] for k in names)) if hidden else None
+    states = HiddenStates(student, teacher, tuple(data[k][:batch] for k in names), names) if hidden else None
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
@@ -110,8 +111,8 @@ def recover(student, teacher, calib: Mapping[str, np.ndarray], steps: int, *, lr
                 if augment:
                     args = mix(rng, args, n, data, names, batch, groups)
                 with torch.no_grad():
-                    target = _outputs(teacher(*args))
-                loss = _loss(_outputs(student(*args)), target, scales)
+                    target = _outputs(call_module(teacher, names, args))
+                loss = _loss(_outputs(call_module(student, names, args)), target, scales)
                 if states is not None and states.matched:
                     loss = loss + HIDDEN_WEIGHT * states.loss()
                 optimizer.zero_grad(set_to_none=True)
@@ -183,7 +184,7 @@ def _dataset_loss(student, teacher, data, names, batch, scales) -> float:
     with torch.no_grad():
         for start in range(0, n, batch):
             args = tuple(data[k][start:start + batch] for k in names)
-            losses.append(float(_loss(_outputs(student(*args)), _outputs(teacher(*args)), scales)))
+            losses.append(float(_loss(_outputs(call_module(student, names, args)), _outputs(call_module(teacher, names, args)), scales)))
             weights.append(len(args[0]))
     return float(np.average(losses, weights=weights))
 

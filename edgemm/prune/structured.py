@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..signature import call_module
 from ..errors import InputError, ParityError, first_line
 from .branches import branch_of, find_branches
 from .fastpath import mha_fastpath_off
@@ -286,7 +287,7 @@ def _run(model, names, feeds) -> dict[str, np.ndarray]:
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
     with torch.no_grad():
-        out = model(*args)
+        out = call_module(model, names, args)
     keys, leaves = flatten_outputs(out)
     return {k: v.detach().numpy().copy() for k, v in zip(keys, leaves)}
 
@@ -327,8 +328,9 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "unwrapped parameters": position embeddings, handled as unsafe
-            graph = tp.DependencyGraph().build_dependency(student, example_inputs=args,
-                                                          output_transform=_marked_outputs)
+            graph = tp.DependencyGraph().build_dependency(
+                student, example_inputs=args, output_transform=_marked_outputs,
+                forward_fn=lambda model, inputs: call_module(model, names, inputs))
     except Exception as exc:  # torch-pruning traces autograd; some models defeat it
         raise InputError(f"cannot trace the model's channel dependencies ({first_line(exc, 200)})", field="--prune",
                          fix="drop --prune for this model, or report it to edgemm") from exc

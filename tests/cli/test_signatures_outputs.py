@@ -1,0 +1,59 @@
+"""Models as their authors write and save them compile and verify: keyword-only forward(), optional
+Hugging Face-style inputs, keyword-exported .pt2, dict/nested/None/duplicate outputs and an output named
+like a parameter (through the CLI, FP32 and INT8 on the CPU)."""
+
+import json
+
+import pytest
+
+from tests.fixtures import io_models
+
+F = io_models.FACTORY
+
+
+def _compile_and_verify(cli, model, saved, out, *extra):
+    r = cli("compile", model, "--calib", saved["calib"], "-o", out, "--force", "--no-thread-tuning", *extra)
+    assert r.returncode == 0, r.stdout + r.stderr
+    v = cli("verify", out, "--reference", model, "--data", saved["eval"])
+    assert v.returncode == 0, v.stdout + v.stderr
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def keyword_only(tmp_path_factory):
+    return io_models.save("keyword_only", tmp_path_factory.mktemp("kwonly"), formats=("pt2_kw",))
+
+
+def test_keyword_only_forward_as_factory_int8(cli, keyword_only, tmp_path):
+    manifest = _compile_and_verify(cli, f"{F}:keyword_only", keyword_only, tmp_path / "b", "--int8")
+    assert [i["name"] for i in manifest["inputs"]] == ["image", "tokens"]
+
+
+def test_keyword_exported_pt2(cli, keyword_only, tmp_path):
+    manifest = _compile_and_verify(cli, keyword_only["pt2_kw"], keyword_only, tmp_path / "b")
+    assert [i["name"] for i in manifest["inputs"]] == ["image", "tokens"]
+    assert manifest["inputs"][0]["shape"][0] == "batch"
+
+
+def test_optional_parameters_and_kwargs_are_not_required(cli, tmp_path):
+    saved = io_models.save("optional_inputs", tmp_path / "m", formats=())
+    manifest = _compile_and_verify(cli, f"{F}:optional_inputs", saved, tmp_path / "b")
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    # a data key that is no parameter is named in one line
+    import numpy as np
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, input_ids=np.zeros((4, 6), dtype="int64"), labelz=np.zeros((4, 6), dtype="int64"))
+    r = cli("compile", f"{F}:optional_inputs", "--calib", bad, "-o", tmp_path / "c")
+    assert r.returncode == 2 and "'labelz' is not a parameter" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("precision", ["--fp32", "--int8"])
+def test_odd_outputs_keep_their_names(cli, tmp_path, precision):
+    saved = io_models.save("odd_outputs", tmp_path / "m", formats=())
+    manifest = _compile_and_verify(cli, f"{F}:odd_outputs", saved, tmp_path / "b", precision)
+    names = [o["name"] for o in manifest["outputs"]]
+    assert names == ["cls", "embeds", "again", "pooled.mean", "pooled.max"]
+    dims = {o["name"]: o["shape"] for o in manifest["outputs"]}
+    assert dims["cls"] == ["batch", 6] and dims["pooled.mean"] == ["batch"]
