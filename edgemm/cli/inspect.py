@@ -42,6 +42,7 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
             "recipe": recipe.get("name"),
             "target": manifest["target"].get("name"), "backend": manifest["backend"],
             "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source"),
+            "created": manifest.get("created"),
             "signature": signing.describe(path, checked)}
     field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
     onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
@@ -101,7 +102,7 @@ def command(target, as_json, trusted_keys, require_signature):
         click.echo(json.dumps(info, indent=2))
         return 0
     click.echo(f"{info['kind']}: {info['path']}")
-    for key in ("name", "format", "precision", "recipe", "target", "parameters"):
+    for key in ("name", "format", "precision", "recipe", "target", "parameters", "created"):
         if info.get(key) is not None:
             click.echo(f"  {key}: {info[key]}")
     if isinstance(info.get("backend"), dict):

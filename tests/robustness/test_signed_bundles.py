@@ -214,6 +214,13 @@ def test_an_added_file_is_refused(signed, keys, backend_calls, extra):
     _refused(signed, backend_calls, f"unexpected file {extra!r}", trusted_keys=[keys["pub"]])
 
 
+def test_a_symbolic_link_added_to_the_bundle_is_refused(signed, keys, backend_calls, tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"outside the bundle")
+    (signed / "weights.bin").symlink_to(outside)
+    _refused(signed, backend_calls, "weights.bin", trusted_keys=[keys["pub"]])
+
+
 @pytest.mark.parametrize("name", ["report.md", "report.json", "model.onnx"])
 def test_a_removed_file_is_refused(signed, keys, backend_calls, name):
     (signed / name).unlink()
