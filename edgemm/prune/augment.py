@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 TOKEN_SWAP = 0.25   # fraction of sequence positions taken from another sample in augmented rows
 
@@ -68,14 +68,17 @@ def _random_boxes(rng, rows: int, dims: tuple) -> list[tuple]:
     return boxes
 
 
-def modality_groups(names: Sequence[str]) -> list[list[str]]:
-    """Inputs that must stay paired (ids with their mask): one group per modality; inputs whose names
-    do not tell their modality stay together."""
-    from .branches import modality_of
+def modality_groups(names: Sequence[str], data: Mapping | None = None) -> list[list[str]]:
+    """Inputs that must stay paired (ids with their mask): one group per modality (``edgemm.modality``,
+    from names and, with ``data``, dtypes and shapes); inputs whose modality is unknown stay together."""
+    from ..modality import resolve_inputs
 
+    specs = {n: ((data[n].dtype, list(data[n].shape)) if data is not None and n in data else (None, None))
+             for n in names}
+    modality = resolve_inputs(specs)
     groups: dict[str, list[str]] = {}
     for name in names:
-        groups.setdefault(modality_of(name) or "?", []).append(name)
+        groups.setdefault(modality[name] or "?", []).append(name)
     return list(groups.values())
 
 

@@ -2,36 +2,31 @@
 
 Found on a forward pass, not from names alone: every submodule's outputs are recorded with hooks, then
 each model input is perturbed in turn; a submodule belongs to the inputs whose perturbation changes its
-output. A submodule fed by one modality belongs to that branch (with all its children); one fed by
-several is ``fusion``. Names only label a branch when the input names do not tell the modality
-(inputs called ``x`` and ``y``): then ``image_tower`` says ``vision``.
+output. Inputs get their modality from ``edgemm.modality`` (name, dtype and shape; a mask takes the
+modality of the input it first meets). A submodule fed by one modality belongs to that branch (with all
+its children); one fed by several is ``fusion``. Only when an input's name, dtype and shape do not tell
+its modality (inputs called ``x`` and ``y``) does the module name label it: ``image_tower`` says ``vision``.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..signature import call_module
 from ..errors import InputError
+from ..modality import FUSION, name_modality, order_branches, resolve_inputs
 
-FUSION = "fusion"
-BRANCH_ORDER = ("vision", "text", "audio")
-_MODALITY_WORDS = {
-    "vision": re.compile(r"image|pixel|img|vision|visual|video|frame|patch|rgb|photo|picture", re.I),
-    "text": re.compile(r"input_ids|token|text|caption|question|attention_mask|word|prompt|sentence|bert|"
-                       r"lang|query_ids|ids$", re.I),
-    "audio": re.compile(r"audio|mel|wave|speech|spectro|sound|fbank|mfcc|voice", re.I),
-}
 _CONTAINERS = ("ModuleList", "ModuleDict", "ParameterList", "ParameterDict")
 
 
-def modality_of(name: str) -> str | None:
-    """vision / text / audio from an input or module name, or None when the name does not say."""
-    hits = [modality for modality, pattern in _MODALITY_WORDS.items() if pattern.search(name)]
-    return hits[0] if len(hits) == 1 else None
+def input_modalities(input_names: Sequence[str], feeds: Mapping[str, np.ndarray],
+                     depends: Mapping[str, set] | None = None) -> dict[str, str | None]:
+    """Input name -> modality, from names, dtypes and shapes of ``feeds`` (and which inputs meet in
+    which modules, ``depends``, for masks)."""
+    specs = {n: (np.asarray(feeds[n]).dtype, list(np.shape(feeds[n]))) for n in input_names}
+    return resolve_inputs(specs, None if depends is None else [set(v) for v in depends.values() if v])
 
 
 def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
@@ -44,10 +39,11 @@ def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.nda
         raise InputError(f"no example data for input {missing[0]!r}", field=f"feeds[{missing[0]!r}]",
                          fix="pass one array per model input")
     depends = _input_dependencies(module, list(input_names), feeds)
+    modality = input_modalities(input_names, feeds, depends)
     branches: dict[str, list[str]] = {}
 
     def labels_of(path: str) -> set[str]:
-        return {_label(name, path) for name in depends.get(path) or ()}
+        return {modality.get(name) or name_modality(path) or name for name in depends.get(path) or ()}
 
     def is_wrapper(parent, child, path: str, prefix: str) -> bool:
         """A multi-input child that is its parent's only input-fed child and holds single-modality
@@ -73,9 +69,7 @@ def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.nda
             branches.setdefault(branch, []).append(path)
 
     visit(module, "")
-    order = {name: i for i, name in enumerate(BRANCH_ORDER)}
-    return {name: sorted(paths) for name, paths in
-            sorted(branches.items(), key=lambda kv: (kv[0] == FUSION, order.get(kv[0], len(order)), kv[0]))}
+    return {name: sorted(branches[name]) for name in order_branches(branches)}
 
 
 def branch_of(path: str, branches: Mapping[str, Sequence[str]]) -> str | None:
@@ -86,10 +80,6 @@ def branch_of(path: str, branches: Mapping[str, Sequence[str]]) -> str | None:
             if (path == p or path.startswith(p + ".")) and len(p) > best_len:
                 best, best_len = branch, len(p)
     return best
-
-
-def _label(input_name: str, module_path: str) -> str:
-    return modality_of(input_name) or modality_of(module_path) or input_name
 
 
 def _input_dependencies(module, input_names: list[str], feeds: Mapping[str, np.ndarray]) -> dict[str, set[str]]:

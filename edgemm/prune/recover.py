@@ -101,7 +101,7 @@ def recover(student, teacher, calib: Mapping[str, np.ndarray], steps: int, *, lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(steps))
     rng = np.random.default_rng(seed)
-    groups = modality_groups(names) if augment else [list(names)]
+    groups = modality_groups(names, data) if augment else [list(names)]
     start = time.perf_counter()
     try:
         with _progress(progress, steps) as advance:

@@ -2,15 +2,19 @@
 which to the fusion part, so that each branch can get its own precision.
 
 Two signals, combined:
-- **data flow**: every graph input gets a modality (from its name, else its dtype/rank); a node reached
-  by one modality belongs to that tower, a node reached by two or more is fusion. Shape-only edges
-  (``Shape``/``Size`` outputs) carry no data and are ignored, so a text tower reading the image's batch
-  size stays text.
-- **module paths**: torch.onnx.export(dynamo=True) records each node's module path in
+- **data flow**: which graph inputs reach each node. Every input gets a modality from
+  ``edgemm.modality`` (name, dtype and shape; a mask takes the modality of the input it is first combined
+  with); a node reached by one modality belongs to that tower, a node reached by two or more is fusion.
+  Shape-only edges (``Shape``/``Size`` outputs) carry no data and are ignored, so a text tower reading
+  the image's batch size stays text. A model fed by one modality has no fusion nodes.
+- **module paths**: torch.onnx.export(dynamo=True) records each node's module stack in
   ``node.metadata_props["pkg.torch.onnx.name_scopes"]`` (e.g. ``['', 'text_encoder',
-  'text_encoder.layers.0', ..., 'linear_5']``). A top-level module is one unit: if its nodes see one
-  modality it is that tower, if they mix modalities (a cross-attention block) it is fusion. Graphs
-  without this metadata (other exporters, hand-made ONNX) fall back to data flow alone.
+  'text_encoder.layers.0', ..., 'linear_5']``). The outermost module of a node's stack is one unit: if its
+  nodes see one modality it is that tower, if they mix modalities (a cross-attention block, an
+  ``nn.MultiheadAttention`` with its query from one tower and keys/values from another) it is fusion. A
+  module that merely wraps the whole model (the only module fed by the inputs, holding the towers) is not
+  a unit: its children are. Graphs without this metadata (other exporters, hand-made ONNX) fall back to
+  data flow alone.
 
 ``--branch text=text_encoder.*`` overrides both: the glob is matched against module paths (a module
 matches when it or one of its ancestors does, so ``text_encoder`` and ``text_encoder.*`` both take the
@@ -30,63 +34,39 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from ..errors import InputError
+from ..modality import BRANCHES, FUSION, MODALITIES, branch_label, input_modality, resolve_inputs, single_modality
 
 __all__ = ["BRANCHES", "FUSION", "BranchMap", "find_branches", "parse_branch_overrides", "input_modality",
            "node_module_paths", "carry_node_metadata", "COMPUTE_OPS"]
 
-MODALITIES = ("vision", "text", "audio")
-FUSION = "fusion"
-BRANCHES = MODALITIES + (FUSION,)
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _NO_MODULE = "_empty_nn_module_stack"
 # Ops that carry the compute (and the quantization error): the units precision is decided for.
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiHeadAttention")
 _SHAPE_ONLY = ("Shape", "Size")
 
-# Input-name keywords per modality, checked on lower-cased, underscore-split names.
-_NAME_HINTS = {
-    "vision": ("image", "images", "pixel", "pixels", "pixel_values", "vision", "visual", "img", "frame", "frames",
-               "video", "rgb", "photo"),
-    "text": ("input_ids", "ids", "token", "tokens", "text", "attention_mask", "mask", "caption", "question",
-             "prompt", "token_type_ids", "words", "query"),
-    "audio": ("audio", "mel", "mels", "spectrogram", "wave", "waveform", "speech", "fbank", "sound"),
-}
-
-
-def input_modality(name: str, elem_type: int | None = None, rank: int | None = None) -> str | None:
-    """Best guess of an input's modality: name keywords first, then dtype/rank (ints are token ids,
-    rank-4 floats images, rank-3 floats spectrograms); None when nothing fits."""
-    low = name.lower()
-    parts = set(re.split(r"[^a-z0-9]+", low)) | {low}
-    for modality, hints in _NAME_HINTS.items():
-        if parts & set(hints) or any(h in low for h in hints if len(h) > 4):
-            return modality
-    if elem_type is not None:
-        from onnx import TensorProto
-
-        if elem_type in (TensorProto.INT64, TensorProto.INT32):
-            return "text"
-        if rank == 4:
-            return "vision"
-        if rank in (2, 3) and elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
-            return "audio" if rank == 3 else None
-    return None
-
 
 def node_module_paths(model) -> dict[str, str | None]:
     """node name -> deepest torch module path ('' = the root module), None when not recorded."""
-    out: dict[str, str | None] = {}
+    return {name: (stack[-1] if stack else "") if stack is not None else None
+            for name, stack in node_module_stacks(model).items()}
+
+
+def node_module_stacks(model) -> dict[str, list[str] | None]:
+    """node name -> the torch modules it ran in, outermost first (root excluded; [] = the root module
+    itself), None when not recorded."""
+    out: dict[str, list[str] | None] = {}
     for node in model.graph.node:
-        path = None
+        stack = None
         for prop in node.metadata_props:
             if prop.key == SCOPES_KEY:
-                path = _module_from_scopes(prop.value)
+                stack = _modules_from_scopes(prop.value)
                 break
-        out[node.name] = path
+        out[node.name] = stack
     return out
 
 
-def _module_from_scopes(value: str) -> str | None:
+def _modules_from_scopes(value: str) -> list[str] | None:
     """name_scopes is a list printed as Python/JSON: [root '', module paths..., fx node name]."""
     try:
         scopes = json.loads(value.replace("'", '"'))
@@ -95,8 +75,7 @@ def _module_from_scopes(value: str) -> str | None:
     if not isinstance(scopes, list) or not scopes:
         return None
     # The last entry names the op, not a module; torch marks ops outside any module with a placeholder.
-    modules = [s for s in scopes[:-1] if isinstance(s, str) and not s.startswith(_NO_MODULE)]
-    return modules[-1] if modules else ""
+    return [s for s in scopes[:-1] if isinstance(s, str) and s and not s.startswith(_NO_MODULE)]
 
 
 def carry_node_metadata(source, target) -> int:
@@ -165,6 +144,7 @@ class BranchMap:
     source: str                                # "module paths + data flow" | "data flow"
     overrides: dict[str, list[str]] = field(default_factory=dict)
     override_hits: dict[str, int] = field(default_factory=dict)
+    unit_of: dict[str, str] = field(default_factory=dict)   # node name -> the module unit that placed it
 
     def nodes(self, branch: str, *, compute_only: bool = False) -> list[str]:
         return [n for n, b in self.branch_of.items()
@@ -176,7 +156,8 @@ class BranchMap:
         return [b for b in BRANCHES if b in have]
 
     def top_modules(self, branch: str, limit: int = 8) -> list[str]:
-        counts = Counter(_top_module(self.module_of[n]) for n in self.nodes(branch))
+        counts = Counter(_container(self.unit_of[n]) if n in self.unit_of else _top_module(self.module_of[n])
+                         for n in self.nodes(branch))
         counts.pop(None, None)
         counts.pop("", None)
         return [m for m, _ in counts.most_common(limit)]
@@ -196,6 +177,14 @@ class BranchMap:
             }
         return {"found_by": self.source, "branches": table,
                 **({"overrides": self.overrides, "override_hits": self.override_hits} if self.overrides else {})}
+
+
+def _container(path: str) -> str:
+    """``image_blocks.0`` -> ``image_blocks``: the layers of a ModuleList are reported as the list."""
+    parts = path.split(".")
+    while len(parts) > 1 and parts[-1].isdigit():
+        parts.pop()
+    return ".".join(parts)
 
 
 def _top_module(path: str | None) -> str | None:
@@ -224,12 +213,22 @@ def find_branches(model_or_path, *, overrides: Mapping[str, list[str]] | None = 
     overrides = {b: list(p) for b, p in (overrides or {}).items()}
     graph = model.graph
     inits = {i.name for i in graph.initializer}
-    modality: dict[str, str | None] = {}
+    specs = {}
     for vi in graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        modality[vi.name] = input_modality(vi.name, tt.elem_type, len(tt.shape.dim))
+        if vi.name not in inits:
+            tt = vi.type.tensor_type
+            specs[vi.name] = (tt.elem_type, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                             for d in tt.shape.dim])
+    # Data flow: the set of graph inputs reaching each tensor, then each node.
+    reach: dict[str, frozenset] = {n: frozenset([n]) for n in specs}
+    node_reach: dict[str, frozenset] = {}
+    for node in _toposorted(graph):
+        seen = frozenset().union(*(reach.get(i, frozenset()) for i in node.input if i))
+        node_reach[node.name] = seen
+        out = frozenset() if node.op_type in _SHAPE_ONLY else seen
+        for o in node.output:
+            reach[o] = out
+    modality = resolve_inputs(specs, node_reach.values())
     for name, mod in (input_modalities or {}).items():
         if name not in modality:
             raise InputError(f"the model has no input {name!r}", field="input_modalities",
@@ -242,34 +241,17 @@ def find_branches(model_or_path, *, overrides: Mapping[str, list[str]] | None = 
                 if fnmatch.fnmatchcase(name, pattern) and branch in MODALITIES:
                     modality[name] = branch
                     hits[pattern] += 1
-    # Data flow: the set of modalities reaching each tensor.
-    reach: dict[str, frozenset] = {n: frozenset([m]) if m else frozenset() for n, m in modality.items()}
-    node_reach: dict[str, frozenset] = {}
-    for node in _toposorted(graph):
-        seen = frozenset().union(*(reach.get(i, frozenset()) for i in node.input if i))
-        node_reach[node.name] = seen
-        out = frozenset() if node.op_type in _SHAPE_ONLY else seen
-        for o in node.output:
-            reach[o] = out
+    single = single_modality(modality)
 
-    modules = node_module_paths(model)
+    stacks = node_module_stacks(model)
+    modules = {n: (st[-1] if st else "") if st is not None else None for n, st in stacks.items()}
     has_scopes = any(m is not None for m in modules.values())
     ops = {n.name: n.op_type for n in graph.node}
-    branch_of: dict[str, str | None] = {}
-    for name, seen in node_reach.items():
-        branch_of[name] = None if not seen else (next(iter(seen)) if len(seen) == 1 else FUSION)
-    if has_scopes:
-        # A top-level module mixing modalities (cross-attention, a fusion head) is fusion as a whole.
-        group_reach: dict[str, set] = defaultdict(set)
-        for name, seen in node_reach.items():
-            top = _top_module(modules.get(name))
-            if top:
-                group_reach[top] |= seen
-        for name in branch_of:
-            top = _top_module(modules.get(name))
-            if top and group_reach[top]:
-                seen = group_reach[top]
-                branch_of[name] = next(iter(seen)) if len(seen) == 1 else FUSION
+    branch_of: dict[str, str | None] = {name: branch_label(seen, modality, single)
+                                        for name, seen in node_reach.items()}
+    units = _module_units(stacks, node_reach, modality, single) if has_scopes else {}
+    for name, (_path, branch) in units.items():
+        branch_of[name] = branch
     _fill_unreached(graph, branch_of)
 
     for branch, patterns in overrides.items():  # later overrides win over earlier ones
@@ -285,9 +267,45 @@ def find_branches(model_or_path, *, overrides: Mapping[str, list[str]] | None = 
                 "this graph records no module paths; match node names (e.g. node_MatMul_*) or input names")
         raise InputError(f"pattern {missed[0]!r} matches no module, node or input", field="--branch",
                          fix=hint)
-    return BranchMap(branch_of={n: b or FUSION for n, b in branch_of.items()}, module_of=modules, op_of=ops,
+    return BranchMap(branch_of={n: b or single or FUSION for n, b in branch_of.items()}, module_of=modules, op_of=ops,
                      input_modality=modality, source="module paths + data flow" if has_scopes else "data flow",
-                     overrides=overrides, override_hits={p: hits[p] for ps in overrides.values() for p in ps})
+                     overrides=overrides, override_hits={p: hits[p] for ps in overrides.values() for p in ps},
+                     unit_of={n: path for n, (path, _b) in units.items()})
+
+
+def _module_units(stacks, node_reach, modality, single) -> dict[str, tuple[str, str]]:
+    """node -> (module path, branch) of the module unit it runs in (see the module doc), for nodes inside one.
+
+    A node's unit is the outermost module of its stack, except that a wrapper (a fusion module that is
+    the only input-fed child of its parent and holds single-modality children) is looked through."""
+    module_reach: dict[str, set] = defaultdict(set)
+    children: dict[str, set] = defaultdict(set)
+    for name, stack in stacks.items():
+        if not stack:
+            continue
+        for parent, child in zip([""] + stack[:-1], stack):
+            children[parent].add(child)
+            module_reach[child] |= node_reach.get(name, frozenset())
+
+    def label(path: str) -> str | None:
+        return branch_label(module_reach[path], modality, single)
+
+    def is_wrapper(path: str, parent: str) -> bool:
+        fed = [c for c in children[parent] if label(c) is not None]
+        return fed == [path] and any(label(c) in MODALITIES for c in children[path])
+
+    units: dict[str, tuple[str, str]] = {}
+    for name, stack in stacks.items():
+        parent = ""
+        for path in stack or ():
+            branch = label(path)
+            if branch == FUSION and is_wrapper(path, parent):
+                parent = path
+                continue
+            if branch is not None:
+                units[name] = (path, branch)
+            break
+    return units
 
 
 def _fill_unreached(graph, branch_of: dict[str, str | None]) -> None:
