@@ -92,10 +92,6 @@ class TrustPolicy:
     keys: list[TrustedKey]
     required: bool
 
-    @property
-    def active(self) -> bool:
-        return bool(self.keys) or self.required
-
 
 def resolve_policy(trusted_keys: Iterable[KeySource] | None = None, require_signature: bool | None = None,
                    *, field_name: str = "--trusted-key") -> TrustPolicy:
@@ -284,6 +280,7 @@ def check_bundle(bundle_dir: os.PathLike, policy: TrustPolicy, *, note: bool = T
                             fix="pass the signer's public key with --trusted-key, or re-sign the bundle with "
                                 "a trusted key")
     hashing, _, verifying = _model_signing()
+    _check_plain_files(bundle_dir)
     key = candidates[0]
     with tempfile.TemporaryDirectory(prefix="edgemm-sig-") as tmp:
         # Verify exactly the bytes parsed above (a copy in a private folder: the file in the bundle could
@@ -330,6 +327,20 @@ def verify_before_use(bundle_dir: os.PathLike, trusted_keys=None, require_signat
     if signed is not None:
         bind_manifest(bundle_dir, manifest, signed)
     return manifest, signed
+
+
+def _check_plain_files(bundle_dir: Path) -> None:
+    """A signed bundle holds folders and regular files only: a symbolic link (which could point anywhere)
+    or a FIFO (which would block the hashing) is refused by name, before anything opens it."""
+    for folder, dirs, files in os.walk(bundle_dir):
+        for name in dirs + files:
+            path = Path(folder) / name
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode) or not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                rel = path.relative_to(bundle_dir).as_posix()
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file (a FIFO, socket or device)"
+                raise SecurityError(f"{rel!r} is {kind}; a signed bundle holds plain files only", file=path,
+                                    fix="remove it, or recopy the bundle from its signed source")
 
 
 def _files_differ(bundle_dir: Path, info: SignatureInfo) -> SecurityError:

@@ -150,6 +150,16 @@ def test_signed_bundle_without_trusted_keys_loads_with_a_note(signed, caplog, ba
         rt.load(signed, require_signature=True)
 
 
+def test_require_signature_false_accepts_unsigned_but_never_a_bad_signature(signed, tiny_bundle, keys,
+                                                                            backend_calls):
+    import edgemm.runtime as rt
+
+    assert rt.load(tiny_bundle, trusted_keys=[keys["pub"]], require_signature=False).signature is None
+    backend_calls.clear()
+    _flip(signed / "report.md")
+    _refused(signed, backend_calls, "'report.md' differs", trusted_keys=[keys["pub"]], require_signature=False)
+
+
 # -- hostile: tampering with any file, adding, removing -----------------------------------------------
 
 @pytest.mark.parametrize("name", ["model.onnx", "manifest.json", "report.json", "report.md"])
@@ -214,11 +224,17 @@ def test_an_added_file_is_refused(signed, keys, backend_calls, extra):
     _refused(signed, backend_calls, f"unexpected file {extra!r}", trusted_keys=[keys["pub"]])
 
 
-def test_a_symbolic_link_added_to_the_bundle_is_refused(signed, keys, backend_calls, tmp_path):
+@pytest.mark.parametrize("kind", ["link", "fifo", "link to a folder"])
+def test_a_link_or_fifo_added_to_the_bundle_is_refused_by_name(signed, keys, backend_calls, tmp_path, kind):
     outside = tmp_path / "outside.bin"
     outside.write_bytes(b"outside the bundle")
-    (signed / "weights.bin").symlink_to(outside)
-    _refused(signed, backend_calls, "weights.bin", trusted_keys=[keys["pub"]])
+    if kind == "link":
+        (signed / "weights.bin").symlink_to(outside)
+    elif kind == "fifo":
+        os.mkfifo(signed / "weights.bin")   # hashing it would block forever
+    else:
+        (signed / "weights.bin").symlink_to(tmp_path, target_is_directory=True)
+    _refused(signed, backend_calls, "'weights.bin' is ", trusted_keys=[keys["pub"]])
 
 
 @pytest.mark.parametrize("name", ["report.md", "report.json", "model.onnx"])
@@ -337,6 +353,19 @@ def test_a_signature_check_without_model_signing_is_refused_not_skipped(signed, 
     with pytest.raises(DependencyError, match=r"edgemm\[sign\]"):
         rt.load(signed, trusted_keys=[keys["pub"]])
     assert backend_calls == []
+
+
+def test_loading_without_trusted_keys_imports_no_signing_packages(signed):
+    """model-signing and its dependencies are heavy: a device that checks no signature never imports them."""
+    import subprocess
+
+    code = ("import sys, edgemm.runtime as rt\n"
+            f"rt.load({str(signed)!r})\n"
+            "print('LOADED', [m for m in ('model_signing', 'sigstore', 'cryptography', 'torch') if m in sys.modules])\n")
+    env = {k: v for k, v in cli_env().items() if k != "EDGEMM_TRUSTED_KEYS"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    assert "LOADED []" in res.stdout
 
 
 def test_sign_refuses_a_tampered_bundle_and_an_existing_signature(tiny_bundle, keys, tmp_path):
