@@ -1,7 +1,7 @@
 """`edgemm compile --prune 0.3` on fused models whose tower embedding is also a model output: the bundle
 keeps every output's width, the summary reports the pruned bundle against the *unpruned* model (not only
 against the pruned one, which reads cosine 1.000 for FP32), a too-small recovery set is warned about, and
-`edgemm verify` runs on the bundle."""
+`edgemm verify` runs on the bundle. Towers: conv + pooling, nn.TransformerEncoder mean, HF BERT pooler."""
 
 import json
 import os
@@ -49,6 +49,28 @@ class TransformerMean(nn.Module):
         return {"logits": self.head(torch.cat([self.vision(image), t], -1)), "text_embeds": t}
 
 
+class BertPooler(nn.Module):
+    """Hugging Face BertModel text tower: its pooler output is returned and fed to the fusion head."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        self.text = BertModel(BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=16))
+        self.vision = nn.Sequential(nn.Conv2d(3, 32, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, image, input_ids):
+        t = self.text(input_ids=input_ids).pooler_output
+        return {"logits": self.head(torch.cat([self.vision(image), t], -1)), "text_embeds": t}
+
+
+def bert_pooler():
+    torch.manual_seed(0)
+    return BertPooler()
+
+
 def conv_pool():
     torch.manual_seed(0)
     return ConvPool()
@@ -73,7 +95,8 @@ def factory(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("fn, widths", [
     ("conv_pool", {"logits": 5, "image_embeds": 32, "text_embeds": 32}),
-    pytest.param("transformer_mean", {"logits": 5, "text_embeds": 32}, marks=pytest.mark.slow)])
+    pytest.param("transformer_mean", {"logits": 5, "text_embeds": 32}, marks=pytest.mark.slow),
+    pytest.param("bert_pooler", {"logits": 5, "text_embeds": 32}, marks=pytest.mark.slow)])
 def test_pruned_bundle_keeps_output_widths_and_reports_against_the_unpruned_model(cli, factory, fn, widths):
     bundle = factory / "bundle"
     res = cli("compile", f"{MODULE}:{fn}", "--prune", "0.3", "--recover", "10", "--calib", factory / "calib.npz",

@@ -252,3 +252,21 @@ def test_onnx_single_tower_is_never_fusion(tmp_path, cls, branch):
     bmap = onnx_branches(export(model, feeds_for(model), tmp_path / "m.onnx"))
     assert bmap.present() == [branch]
     assert set(bmap.branch_of.values()) == {branch}
+
+
+@pytest.mark.parametrize("name, want", [
+    ("dual-encoder", {"vision": ["image_blocks.0", "image_blocks.1", "image_norm", "image_proj", "patches"],
+                      "text": ["text_blocks.0", "text_blocks.1", "text_norm", "text_proj", "tokens"]}),
+    ("cross-attention", {"vision": ["image_blocks.0", "patches"], "text": ["question_block", "tokens"],
+                         "fusion": ["cross_blocks.0", "cross_blocks.1", "head", "norm"]}),
+    ("early-fusion", {"vision": ["image_tower"], "audio": ["audio_tower"], "fusion": ["classifier"]}),
+])
+def test_zoo_branches_with_inputs_named_nothing(name, want):
+    """The zoo models with their inputs renamed ``input_0``, ``input_1``: dtypes and shapes place them."""
+    from edgemm.zoo import build, get, make_data
+
+    torch.manual_seed(0)
+    model = build(name, pretrained=False).eval()
+    data = make_data(name, "calib", 4)
+    feeds = {f"input_{i}": data[k] for i, k in enumerate(get(name).input_names)}
+    assert torch_branches(model, list(feeds), feeds) == want
