@@ -131,7 +131,8 @@ def command(target, as_json, trusted_keys, require_signature):
 def _describe_signature(sig: dict) -> str:
     if not sig.get("signed"):
         return "none (unsigned; `edgemm sign BUNDLE --key KEY` signs it)"
-    key = f"key sha256:{sig['key_fingerprint']}"
+    key = (f"certificate sha256:{sig['certificate_sha256']}" if sig.get("certificate_sha256")
+           else f"key sha256:{sig['key_fingerprint']}")
     if sig.get("verified"):
         return f"{key}, verified with {sig['trusted_key']} ({sig['files']} files)"
     return f"{key}, not checked (pass --trusted-key KEY.pub to verify it)"

@@ -35,8 +35,8 @@ def signature_options(f):
                      help="Refuse a bundle without a valid signature by a --trusted-key (default when a key is "
                           "trusted).")(f)
     f = click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(),
-                     help="Public key (PEM) whose signature the bundle must carry; repeatable "
-                          "[default: $EDGEMM_TRUSTED_KEYS].")(f)
+                     help="Public key (PEM) whose signature the bundle must carry, or a CA certificate "
+                          "that issued the signer's certificate; repeatable [default: $EDGEMM_TRUSTED_KEYS].")(f)
     return f
 
 

@@ -20,17 +20,23 @@ from .options import verbose_option
 @click.argument("bundle", required=False, type=click.Path(path_type=Path))
 @click.option("--key", "key_path", type=click.Path(path_type=Path),
               help="PEM private key (EC P-256/384/521), e.g. from --generate-key.")
+@click.option("--cert", "certificate", type=click.Path(path_type=Path),
+              help="The key's X.509 certificate (PEM): devices then trust the CA that issued it.")
+@click.option("--cert-chain", "chain", multiple=True, type=click.Path(path_type=Path),
+              help="Intermediate CA certificates between --cert and the trusted CA (PEM; repeatable).")
 @click.option("--force", is_flag=True, help="Replace an existing signature.")
 @click.option("--generate-key", "generate_dir", type=click.Path(path_type=Path),
               help="Write a new key pair (edgemm-signing.key, edgemm-signing.pub) into this folder and exit.")
 @verbose_option
-def command(bundle, key_path, force, generate_dir):
+def command(bundle, key_path, certificate, chain, force, generate_dir):
     """Sign BUNDLE: write bundle.sig over every file of it, for `--trusted-key` checks on devices."""
     from ..errors import InputError
     from ..runtime import signing
 
+    if chain and certificate is None:
+        raise InputError("--cert-chain completes a --cert", field="--cert-chain", fix="pass --cert CERT.pem too")
     if generate_dir is not None:
-        if bundle is not None or key_path is not None:
+        if bundle is not None or key_path is not None or certificate is not None:
             raise InputError("--generate-key makes a key pair; it signs nothing", field="--generate-key",
                              fix="run `edgemm sign --generate-key DIR` alone, then `edgemm sign BUNDLE --key ...`")
         private, public, fingerprint = signing.generate_key_pair(generate_dir)
@@ -44,13 +50,15 @@ def command(bundle, key_path, force, generate_dir):
     password = os.environ.get(signing.KEY_PASSWORD_ENV)
     secret = password.encode() if password is not None else None
     try:
-        info = signing.sign_bundle(bundle, key_path, password=secret, force=force)
+        info = signing.sign_bundle(bundle, key_path, password=secret, force=force, certificate=certificate,
+                                   chain=chain)
     except InputError as exc:
         # An encrypted key: ask on a terminal (never echoed), else the error names the variable to set.
         if secret is not None or "is encrypted" not in exc.detail or not sys.stdin.isatty():
             raise
         typed = click.prompt(f"password for {key_path}", hide_input=True, err=True)
-        info = signing.sign_bundle(bundle, key_path, password=typed.encode(), force=force)
-    click.echo(f"signed {bundle}: {len(info.digests)} files, key sha256:{info.key_fingerprint} -> "
-               f"{bundle / signing.SIGNATURE_NAME}")
+        info = signing.sign_bundle(bundle, key_path, password=typed.encode(), force=force,
+                                   certificate=certificate, chain=chain)
+    who = info.signer if info.certificates else f"key sha256:{info.key_fingerprint}"
+    click.echo(f"signed {bundle}: {len(info.digests)} files, {who} -> {bundle / signing.SIGNATURE_NAME}")
     return 0

@@ -57,12 +57,23 @@ class SignatureInfo:
     key_fingerprint: str | None   # sha256 of the signer's public key (model-signing's key hint)
     digests: dict[str, str]        # file (posix, relative) -> sha256 hex, as signed
     ignore_paths: list[str]
+    certificates: list[bytes] = field(default_factory=list)   # DER, signing certificate first (cert-signed)
     verified: bool = False
-    trusted_key: str | None = field(default=None)   # which trusted key verified it (its source)
+    trusted_key: str | None = field(default=None)   # which trusted key or CA verified it (its source)
+
+    @property
+    def signer(self) -> str:
+        """Who signed, as far as the file says: the key fingerprint, or the signing certificate's sha256."""
+        if self.certificates:
+            return f"certificate sha256:{hashlib.sha256(self.certificates[0]).hexdigest()[:16]}"
+        return f"key {short(self.key_fingerprint)}"
 
     def to_dict(self) -> dict:
-        return {"signed": True, "file": SIGNATURE_NAME, "key_fingerprint": self.key_fingerprint,
-                "verified": self.verified, "trusted_key": self.trusted_key, "files": len(self.digests)}
+        d = {"signed": True, "file": SIGNATURE_NAME, "key_fingerprint": self.key_fingerprint,
+             "verified": self.verified, "trusted_key": self.trusted_key, "files": len(self.digests)}
+        if self.certificates:
+            d["certificate_sha256"] = hashlib.sha256(self.certificates[0]).hexdigest()
+        return d
 
 
 REPORTS_KEPT_NOTE = ("report.json/report.md not rewritten: the bundle is signed and rewriting them would void "
@@ -83,8 +94,10 @@ def short(fingerprint: str | None) -> str:
 @dataclass
 class TrustedKey:
     source: str            # the path given, or "trusted_keys[i]" for PEM bytes
-    pem: bytes             # SubjectPublicKeyInfo PEM, as model-signing re-encodes it
-    fingerprint: str
+    pem: bytes             # a public key's SubjectPublicKeyInfo PEM (as model-signing re-encodes it), or
+                           # a CA's certificates (PEM)
+    fingerprint: str       # sha256 of that PEM (a key's is model-signing's key hint)
+    is_ca: bool = False    # a CA certificate: trusts every signing certificate it issued
 
 
 @dataclass
@@ -138,6 +151,8 @@ def _load_public_key(src: KeySource, index: int, field_name: str) -> TrustedKey:
         except OSError as exc:
             raise InputError(f"cannot read the trusted key ({exc.strerror or exc})", file=where, field=field_name,
                              fix="pass the path of a PEM public key (e.g. edgemm-signing.pub)") from exc
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        return _load_ca(data, label, where)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
@@ -153,6 +168,21 @@ def _load_public_key(src: KeySource, index: int, field_name: str) -> TrustedKey:
                          fix="generate a key pair with `edgemm sign --generate-key DIR`")
     pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     return TrustedKey(label, pem, hashlib.sha256(pem).hexdigest())
+
+
+def _load_ca(data: bytes, label: str, where: str | None) -> TrustedKey:
+    """A trusted CA certificate (or several, concatenated): bundles signed with a certificate it issued
+    (`edgemm sign --cert`) verify. Any such certificate does: trust a CA that issues only your signers."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise InputError(f"is not a readable PEM certificate ({first_line(exc, 80)})", file=where,
+                         field=None if where else label, fix="pass the CA certificate in PEM form") from exc
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+    return TrustedKey(label, pem, hashlib.sha256(pem).hexdigest(), is_ca=True)
 
 
 # -- reading bundle.sig (standard library; no trust implied) ---------------------------------------------
@@ -193,7 +223,13 @@ def parse_signature(bundle_dir: Path, data: bytes) -> SignatureInfo:
     fix = f"re-sign the bundle (`edgemm sign {bundle_dir} --key KEY --force`) or recopy it"
     try:
         doc = json.loads(data.decode("utf-8"))
-        hint = doc["verificationMaterial"]["publicKey"]["hint"]
+        material = doc["verificationMaterial"]
+        certificates, hint = [], None
+        if "x509CertificateChain" in material:   # signed with a certificate (edgemm sign --cert)
+            certificates = [base64.b64decode(c["rawBytes"], validate=True)
+                            for c in material["x509CertificateChain"]["certificates"]]
+        else:
+            hint = material["publicKey"]["hint"]
         envelope = doc["dsseEnvelope"]
         statement = json.loads(base64.b64decode(envelope["payload"], validate=True).decode("utf-8"))
         predicate = statement["predicate"]
@@ -226,9 +262,9 @@ def parse_signature(bundle_dir: Path, data: bytes) -> SignatureInfo:
     if any(p != SIGNATURE_NAME for p in ignore):
         raise SecurityError(f"leaves files unsigned (ignore_paths {ignore!r}); edgemm signs every file",
                             file=path, fix=fix)
-    if not isinstance(hint, str) or len(hint) != 64:
-        raise SecurityError("names no signing key (a signature made by model-signing < 1.0?)", file=path, fix=fix)
-    return SignatureInfo(path, hint, digests, ignore)
+    if not certificates and (not isinstance(hint, str) or len(hint) != 64):
+        raise SecurityError("names no signing key or certificate (made by model-signing < 1.0?)", file=path, fix=fix)
+    return SignatureInfo(path, hint, digests, ignore, certificates)
 
 
 # -- checking ------------------------------------------------------------------------------------------
@@ -268,33 +304,44 @@ def check_bundle(bundle_dir: os.PathLike, policy: TrustPolicy, *, note: bool = T
     info = parse_signature(bundle_dir, data)
     if not policy.keys:
         if note:
-            _LOG.warning(f"note: {bundle_dir} is signed by key {short(info.key_fingerprint)} but no trusted key "
-                         "was given: only the sha256 manifest was checked (pass --trusted-key KEY.pub or set "
+            _LOG.warning(f"note: {bundle_dir} is signed by {info.signer} but no trusted key was given: only the "
+                         "sha256 manifest was checked (pass --trusted-key KEY.pub or set "
                          f"{TRUSTED_KEYS_ENV} to check the signature)")
         return None
-    candidates = [k for k in policy.keys if k.fingerprint == info.key_fingerprint]
-    if not candidates:
-        trusted = ", ".join(short(k.fingerprint) for k in policy.keys)
-        raise SecurityError(f"signed by key {short(info.key_fingerprint)}, which is not a trusted key "
-                            f"(trusted: {trusted})", file=info.path,
-                            fix="pass the signer's public key with --trusted-key, or re-sign the bundle with "
-                                "a trusted key")
+    if info.certificates:   # any trusted CA may have issued the signing certificate: all go to the store
+        cas = [k for k in policy.keys if k.is_ca]
+        if not cas:
+            raise SecurityError(f"signed with a certificate ({info.signer}) and no trusted CA certificate was "
+                                "given", file=info.path, fix="pass the issuing CA's certificate with --trusted-key")
+        key = TrustedKey(", ".join(k.source for k in cas), b"".join(k.pem for k in cas), "", is_ca=True)
+    else:
+        candidates = [k for k in policy.keys if not k.is_ca and k.fingerprint == info.key_fingerprint]
+        if not candidates:
+            trusted = ", ".join(short(k.fingerprint) for k in policy.keys if not k.is_ca) or "none, only CAs"
+            raise SecurityError(f"signed by key {short(info.key_fingerprint)}, which is not a trusted key "
+                                f"(trusted: {trusted})", file=info.path,
+                                fix="pass the signer's public key with --trusted-key, or re-sign the bundle with "
+                                    "a trusted key")
+        key = candidates[0]
     hashing, _, verifying = _model_signing()
     _check_plain_files(bundle_dir)
-    key = candidates[0]
     with tempfile.TemporaryDirectory(prefix="edgemm-sig-") as tmp:
         # Verify exactly the bytes parsed above (a copy in a private folder: the file in the bundle could
         # be swapped between two reads), with the key as model-signing re-encodes it.
-        sig_copy, key_copy = Path(tmp) / SIGNATURE_NAME, Path(tmp) / "trusted.pub"
+        sig_copy, key_copy = Path(tmp) / SIGNATURE_NAME, Path(tmp) / "trusted.pem"
         sig_copy.write_bytes(data)
         key_copy.write_bytes(key.pem)
+        config = verifying.Config()
+        # Explicit CAs only: model-signing falls back to the system's web roots when given none.
+        config = (config.use_certificate_verifier(certificate_chain=[key_copy]) if key.is_ca
+                  else config.use_elliptic_key_verifier(public_key=key_copy))
         try:
-            (verifying.Config().use_elliptic_key_verifier(public_key=key_copy)
-             .set_hashing_config(_hashing_config(hashing)).verify(bundle_dir, sig_copy))
+            config.set_hashing_config(_hashing_config(hashing)).verify(bundle_dir, sig_copy)
         except Exception as exc:  # noqa: BLE001 - any failure of a third-party verifier is a refusal
             if str(exc).startswith("Signature mismatch"):   # the signature holds; the files differ
                 raise _files_differ(bundle_dir, info) from exc
-            raise SecurityError(f"does not verify with trusted key {short(key.fingerprint)} ({key.source}): "
+            trusted = f"CA {key.source}" if key.is_ca else f"key {short(key.fingerprint)} ({key.source})"
+            raise SecurityError(f"does not verify with trusted {trusted}: "
                                 f"{first_line(exc, 160) or type(exc).__name__} (the signature was altered, "
                                 "or made over other content)", file=info.path,
                                 fix="recopy the bundle from its source, or re-sign it") from exc
@@ -431,9 +478,11 @@ def fingerprint_of(public_key) -> str:
 
 
 def sign_bundle(bundle_dir: os.PathLike, key_path: os.PathLike, *, password: bytes | None = None,
-                force: bool = False) -> SignatureInfo:
+                force: bool = False, certificate: os.PathLike | None = None, chain=()) -> SignatureInfo:
     """Write bundle.sig over every file of ``bundle_dir`` (which must pass its own hash check first:
-    signing a tampered bundle would bless it). Replaces an existing signature only with ``force``."""
+    signing a tampered bundle would bless it). Replaces an existing signature only with ``force``.
+    With ``certificate`` (the key's X.509 certificate, PEM) and its ``chain`` of intermediates, the
+    signature carries them and verifies against the CA that issued them."""
     from .manifest import load_manifest
 
     bundle_dir = Path(bundle_dir)
@@ -441,11 +490,10 @@ def sign_bundle(bundle_dir: os.PathLike, key_path: os.PathLike, *, password: byt
     existing = read_signature_bytes(bundle_dir)
     if existing is not None and not force:
         try:
-            who = short(parse_signature(bundle_dir, existing).key_fingerprint)
+            who = f"is already signed ({parse_signature(bundle_dir, existing).signer})"
         except SecurityError:
-            who = "an unreadable signature"
-        raise InputError(f"is already signed (key {who})" if who.startswith("sha256") else
-                         f"already holds {who}", file=bundle_dir / SIGNATURE_NAME, field="--force",
+            who = "already holds an unreadable signature"
+        raise InputError(who, file=bundle_dir / SIGNATURE_NAME, field="--force",
                          fix="pass --force to replace the signature")
     private = load_private_key(key_path, password)
     hashing, ms_signing, _ = _model_signing()
@@ -458,8 +506,12 @@ def sign_bundle(bundle_dir: os.PathLike, key_path: os.PathLike, *, password: byt
         with os.fdopen(fd, "wb") as f:
             f.write(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                           serialization.NoEncryption()))
-        (ms_signing.Config().use_elliptic_key_signer(private_key=key_copy)
-         .set_hashing_config(_hashing_config(hashing)).sign(bundle_dir, sig_tmp))
+        config = ms_signing.Config()
+        if certificate is None:
+            config = config.use_elliptic_key_signer(private_key=key_copy)
+        else:
+            config = _certificate_signer(config, key_copy, Path(certificate), [Path(c) for c in chain])
+        config.set_hashing_config(_hashing_config(hashing)).sign(bundle_dir, sig_tmp)
         data = sig_tmp.read_bytes()
     info = parse_signature(bundle_dir, data)
     # What was hashed for the signature must be what the manifest lists (a file changed in between is
@@ -471,6 +523,25 @@ def sign_bundle(bundle_dir: os.PathLike, key_path: os.PathLike, *, password: byt
                           fix="sign it again when nothing else writes to it") from exc
     write_bytes_atomic(bundle_dir / SIGNATURE_NAME, data)
     return info
+
+
+def _certificate_signer(config, key_copy: Path, certificate: Path, chain: list[Path]):
+    for path, flag in [(certificate, "--cert"), *((c, "--cert-chain") for c in chain)]:
+        try:
+            ok = path.is_file() and b"-----BEGIN CERTIFICATE-----" in path.read_bytes()
+        except OSError:
+            ok = False
+        if not ok:
+            raise InputError("is not a readable PEM certificate", file=path, field=flag,
+                             fix="pass the signing key's X.509 certificate (and its intermediates) in PEM form")
+    # model-signing 1.1.1 cannot sign with an empty chain (it parses b"" as PEM and fails): with no
+    # intermediates, the signing certificate itself stands in as the chain (a duplicate the verifier ignores).
+    try:
+        return config.use_certificate_signer(private_key=key_copy, signing_certificate=certificate,
+                                             certificate_chain=chain or [certificate])
+    except ValueError as exc:   # the certificate is not the key's, or does not parse
+        raise InputError(first_line(exc, 200), file=certificate, field="--cert",
+                         fix="pass the certificate issued for --key's public key") from exc
 
 
 def generate_key_pair(folder: os.PathLike, name: str = "edgemm-signing") -> tuple[Path, Path, str]:

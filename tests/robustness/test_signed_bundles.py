@@ -550,3 +550,129 @@ def test_build_refuses_a_tampered_signed_bundle_before_the_builder(portable_bund
     with pytest.raises(SecurityError, match="'build.sh' differs"):
         finish_portable_bundle(portable_bundle, trusted_keys=[keys["pub"]])
     assert stub_tensorrt == []
+
+
+# -- certificate-based signing: edgemm sign --cert, a CA certificate as the trusted key --------------------
+
+def _certificate(subject, public_key, issuer_name, issuer_key, *, ca=False, signing=True, days=365):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name or name)
+               .public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+               .add_extension(x509.KeyUsage(digital_signature=signing, content_commitment=False,
+                                            key_encipherment=False, data_encipherment=False, key_agreement=not signing,
+                                            key_cert_sign=ca, crl_sign=ca, encipher_only=False,
+                                            decipher_only=False), critical=True))
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+@pytest.fixture(scope="session")
+def pki(keys, tmp_path_factory):
+    """A root CA, an intermediate, and certificates for the publisher's key (direct, via the intermediate,
+    and one not allowed to sign); plus another, untrusted root."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgemm.runtime.signing import load_private_key
+
+    folder = tmp_path_factory.mktemp("pki")
+    pem = serialization.Encoding.PEM
+    out = {}
+    signer = load_private_key(keys["key"])
+    roots = {}
+    for label in ("root", "other_root"):
+        k = ec.generate_private_key(ec.SECP256R1())
+        cert = _certificate(f"edgemm test {label}", k.public_key(), None, k, ca=True)
+        roots[label] = (cert, k)
+        out[label] = folder / f"{label}.pem"
+        out[label].write_bytes(cert.public_bytes(pem))
+    root, root_key = roots["root"]
+    inter_key = ec.generate_private_key(ec.SECP256R1())
+    inter = _certificate("edgemm test intermediate", inter_key.public_key(), root.subject, root_key, ca=True)
+    certs = {"leaf": _certificate("publisher", signer.public_key(), root.subject, root_key),
+             "via_intermediate": _certificate("publisher", signer.public_key(), inter.subject, inter_key),
+             "no_signing": _certificate("publisher", signer.public_key(), root.subject, root_key, signing=False),
+             "intermediate": inter}
+    for label, cert in certs.items():
+        out[label] = folder / f"{label}.pem"
+        out[label].write_bytes(cert.public_bytes(pem))
+    return out
+
+
+@pytest.fixture
+def cert_signed(tiny_bundle, keys, pki, tmp_path):
+    from edgemm.runtime.signing import sign_bundle
+
+    bundle = tmp_path / "cert-signed"
+    shutil.copytree(tiny_bundle, bundle)
+    sign_bundle(bundle, keys["key"], certificate=pki["leaf"])
+    return bundle
+
+
+def test_certificate_signed_bundle_loads_with_its_ca(cert_signed, tiny_bundle, keys, pki, tmp_path, backend_calls):
+    import edgemm.runtime as rt
+    from edgemm.runtime.signing import sign_bundle
+
+    b = rt.load(cert_signed, trusted_keys=[pki["other_root"], pki["root"]])
+    assert b.signature.verified and b.signature.to_dict()["certificate_sha256"]
+    via = tmp_path / "via-intermediate"
+    shutil.copytree(tiny_bundle, via)
+    sign_bundle(via, keys["key"], certificate=pki["via_intermediate"], chain=[pki["intermediate"]])
+    assert rt.load(via, trusted_keys=[pki["root"].read_bytes()]).signature.verified
+
+
+@pytest.mark.parametrize("case", ["other CA", "tampered", "only the key", "no signing usage"])
+def test_certificate_signed_bundle_hostile_cases(cert_signed, keys, pki, backend_calls, case):
+    from edgemm.runtime.signing import sign_bundle
+
+    trusted = [pki["root"]]
+    if case == "other CA":
+        trusted, match = [pki["other_root"]], "does not verify with trusted CA"
+    elif case == "tampered":
+        _flip(cert_signed / "model.onnx")
+        match = "'model.onnx' differs from the signed bundle"
+    elif case == "only the key":
+        trusted, match = [keys["pub"]], "signed with a certificate"
+    else:
+        sign_bundle(cert_signed, keys["key"], certificate=pki["no_signing"], force=True)
+        match = "cannot be used for signing"
+    _refused(cert_signed, backend_calls, match, trusted_keys=trusted)
+
+
+def test_key_signed_bundle_is_not_trusted_through_a_ca(signed, pki, backend_calls):
+    _refused(signed, backend_calls, "which is not a trusted key (trusted: none, only CAs)", trusted_keys=[pki["root"]])
+
+
+def test_sign_refuses_a_certificate_of_another_key(tiny_bundle, keys, pki, tmp_path):
+    from edgemm.runtime.signing import sign_bundle
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    for cert, match in ((pki["root"], "does not match"), (keys["pub"], "not a readable PEM certificate")):
+        with pytest.raises(InputError, match=match) as info:
+            sign_bundle(bundle, keys["key"], certificate=cert)
+        assert "--cert" in str(info.value)
+    assert not (bundle / SIG).exists()
+
+
+def test_cli_sign_with_a_certificate_and_run_with_the_ca(tiny_bundle, tiny, keys, pki, tmp_path):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    res = _cli(["sign", bundle, "--key", keys["key"], "--cert", pki["via_intermediate"], "--cert-chain",
+                pki["intermediate"]], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0 and "certificate sha256:" in res.stdout, res.stderr
+    res = _cli(["inspect", bundle, "--trusted-key", pki["root"]], cwd=tmp_path, tmp_path=tmp_path)
+    assert res.returncode == 0 and "signature: certificate sha256:" in res.stdout and "verified" in res.stdout
+    res = _cli(["run", bundle, "--data", tiny["eval"], "-o", tmp_path / "o.npz", "--trusted-key", pki["other_root"]],
+               cwd=tmp_path, tmp_path=tmp_path, trap=True)
+    lines = error_lines(res.stderr)
+    assert res.returncode == 2 and len(lines) == 1 and "does not verify with trusted CA" in lines[0], res.stderr
+    assert not (tmp_path / "backend-reached").exists()
