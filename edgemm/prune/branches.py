@@ -45,9 +45,26 @@ def find_branches(module, input_names: Sequence[str], feeds: Mapping[str, np.nda
     def labels_of(path: str) -> set[str]:
         return {modality.get(name) or name_modality(path) or name for name in depends.get(path) or ()}
 
+    def holds_tower(mod, path: str) -> bool:
+        """A single-modality submodule with layers of its own somewhere inside (not a lone projection)."""
+        for name, sub in mod.named_children():
+            sub_path = f"{path}.{name}"
+            if type(sub).__name__ in _CONTAINERS or depends.get(sub_path) is None:
+                if holds_tower(sub, sub_path):
+                    return True
+                continue
+            labels = labels_of(sub_path)
+            if (len(labels) == 1 and any(True for _ in sub.children())) or (len(labels) > 1 and holds_tower(sub, sub_path)):
+                return True
+        return False
+
     def is_wrapper(parent, child, path: str, prefix: str) -> bool:
-        """A multi-input child that is its parent's only input-fed child and holds single-modality
-        children (``self.clip = CLIPModel(...)``): its towers are the branches, not the wrapper."""
+        """A multi-input child whose towers are the branches, not itself: it holds a tower at any depth
+        (``self.clip = CLIPModel(...)``, ViLT's embeddings), or it is its parent's only input-fed child and
+        holds single-modality children. A cross-attention block whose single-modality parts are lone
+        projections is not one: it is fusion as a whole."""
+        if holds_tower(child, path):
+            return True
         fed = [n for n, c in parent.named_children() if depends.get(f"{prefix}{n}")]
         return fed == [path[len(prefix):]] and any(
             len(labels_of(f"{path}.{n}")) == 1 for n, _ in child.named_children())

@@ -12,8 +12,8 @@ Two signals, combined:
   'text_encoder.layers.0', ..., 'linear_5']``). The outermost module of a node's stack is one unit: if its
   nodes see one modality it is that tower, if they mix modalities (a cross-attention block, an
   ``nn.MultiheadAttention`` with its query from one tower and keys/values from another) it is fusion. A
-  module that merely wraps the whole model (the only module fed by the inputs, holding the towers) is not
-  a unit: its children are. Graphs without this metadata (other exporters, hand-made ONNX) fall back to
+  module holding a tower deeper inside (a wrapper around the whole model, ViLT's embeddings) is not a
+  unit: its children are. Graphs without this metadata (other exporters, hand-made ONNX) fall back to
   data flow alone.
 
 ``--branch text=text_encoder.*`` overrides both: the glob is matched against module paths (a module
@@ -276,8 +276,12 @@ def find_branches(model_or_path, *, overrides: Mapping[str, list[str]] | None = 
 def _module_units(stacks, node_reach, modality, single) -> dict[str, tuple[str, str]]:
     """node -> (module path, branch) of the module unit it runs in (see the module doc), for nodes inside one.
 
-    A node's unit is the outermost module of its stack, except that a wrapper (a fusion module that is
-    the only input-fed child of its parent and holds single-modality children) is looked through."""
+    A node's unit is the outermost module of its stack, except that a fusion module holding a tower (a
+    single-modality module with layers of its own, at any depth: a wrapper's towers, ViLT's text and
+    patch embeddings, the self-attention beside a cross-attention in a decoder layer), or being the only
+    input-fed child of its parent with single-modality children, is looked through. A cross-attention
+    block whose single-modality parts are lone projections (q from text, k/v from the image) stays one
+    fusion unit."""
     module_reach: dict[str, set] = defaultdict(set)
     children: dict[str, set] = defaultdict(set)
     for name, stack in stacks.items():
@@ -290,9 +294,14 @@ def _module_units(stacks, node_reach, modality, single) -> dict[str, tuple[str, 
     def label(path: str) -> str | None:
         return branch_label(module_reach[path], modality, single)
 
+    def holds_tower(path: str) -> bool:
+        """A single-modality module with layers of its own somewhere inside (not a lone projection)."""
+        return any((label(c) in MODALITIES and children.get(c)) or (label(c) == FUSION and holds_tower(c))
+                   for c in children[path])
+
     def is_wrapper(path: str, parent: str) -> bool:
         fed = [c for c in children[parent] if label(c) is not None]
-        return fed == [path] and any(label(c) in MODALITIES for c in children[path])
+        return holds_tower(path) or (fed == [path] and any(label(c) in MODALITIES for c in children[path]))
 
     units: dict[str, tuple[str, str]] = {}
     for name, stack in stacks.items():

@@ -169,6 +169,31 @@ class TextOnly(nn.Module):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
 
 
+class EarlyEmbeddings(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.text_embeddings = nn.Sequential(nn.Embedding(30, 32), nn.Linear(32, 32), nn.LayerNorm(32))
+        self.patch_embeddings = nn.Sequential(nn.Conv2d(3, 32, 4, 4), nn.Flatten(2))
+
+    def forward(self, input_ids, image):
+        return torch.cat([self.text_embeddings(input_ids), self.patch_embeddings(image).transpose(1, 2)], 1)
+
+
+class EarlyFusion(nn.Module):
+    """ViLT-style: both modalities' embeddings concatenated inside one `embeddings` module, one shared
+    encoder (fusion), and a classifier beside the backbone (so the backbone is not the only fed module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.ModuleDict({"embeddings": EarlyEmbeddings(),
+                                       "encoder": nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))})
+        self.classifier = nn.Linear(32, 5)
+
+    def forward(self, image, input_ids):
+        x = self.backbone["encoder"](self.backbone["embeddings"](input_ids, image))
+        return self.classifier(x.mean(1))
+
+
 def feeds_for(model, n=4, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 30, (n, 6)).astype(np.int64)
@@ -178,6 +203,7 @@ def feeds_for(model, n=4, seed=0):
     text_mask[::2, 4:] = 0
     return {
         WrappedCross: {"image": rng.standard_normal((n, 3, 16, 16)).astype(np.float32), "input_ids": ids},
+        EarlyFusion: {"image": rng.standard_normal((n, 3, 16, 16)).astype(np.float32), "input_ids": ids},
         SpeechText: {"input_values": rng.standard_normal((n, 400)).astype(np.float32),
                      "attention_mask": wave_mask, "input_ids": ids},
         WhisperText: {"input_features": rng.standard_normal((n, 16, 16)).astype(np.float32), "input_ids": ids},
@@ -199,6 +225,8 @@ def build(cls):
     (SpeechText, {"text": ["enc_b"], "audio": ["enc_a"], "fusion": ["head"]}),
     (WhisperText, {"text": ["enc_b"], "audio": ["enc_a"], "fusion": ["head"]}),
     (SpeechOnly, {"audio": ["classifier", "encoder"]}),
+    (EarlyFusion, {"vision": ["backbone.embeddings.patch_embeddings"], "text": ["backbone.embeddings.text_embeddings"],
+                   "fusion": ["backbone.encoder", "classifier"]}),
     (TextOnly, {"text": ["bert"]}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "")
 def test_torch_branches_from_the_data_flow(cls, want):
@@ -233,6 +261,33 @@ def test_onnx_wrapped_model_splits_and_multihead_cross_attention_is_fusion(tmp_p
     assert compute_branches(bmap, "model.head") == {"fusion"}
     modules = bmap.summary()["branches"]
     assert "model.vision" in modules["vision"]["modules"] and "model.cross" in modules["fusion"]["modules"]
+
+
+def test_onnx_early_fusion_embeddings_split_into_their_towers(tmp_path):
+    model = build(EarlyFusion)
+    bmap = onnx_branches(export(model, feeds_for(model), tmp_path / "m.onnx"))
+    assert bmap.present() == ["vision", "text", "fusion"]
+    assert compute_branches(bmap, "backbone.embeddings.patch_embeddings") == {"vision"}
+    assert compute_branches(bmap, "backbone.embeddings.text_embeddings") == {"text"}
+    assert compute_branches(bmap, "backbone.encoder") == {"fusion"}
+    assert compute_branches(bmap, "classifier") == {"fusion"}
+
+
+def test_torch_branches_of_hugging_face_vilt():
+    """ViLT fuses inside ViltEmbeddings: its text and patch embeddings are still the towers."""
+    from transformers import ViltConfig, ViltModel
+
+    torch.manual_seed(0)
+    model = ViltModel(ViltConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                 image_size=32, patch_size=8, max_image_length=-1, vocab_size=30,
+                                 max_position_embeddings=16)).eval()
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(1, 30, (4, 6)).astype(np.int64), "attention_mask": np.ones((4, 6), np.int64),
+             "token_type_ids": np.zeros((4, 6), np.int64),
+             "pixel_values": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    assert torch_branches(model, list(feeds), feeds) == {
+        "vision": ["embeddings.patch_embeddings"], "text": ["embeddings.text_embeddings"],
+        "fusion": ["embeddings.dropout", "encoder", "layernorm", "pooler"]}
 
 
 @pytest.mark.slow  # ~30 s: Wav2Vec2 through the dynamo exporter
