@@ -114,26 +114,31 @@ def prune(module, example_feeds: Mapping[str, np.ndarray], calib: Mapping[str, n
     notes: list[str] = []
     # Head removal relies on recognising the attention layout and width pruning on the graph tracing
     # every use of the residual stream; a stage whose result fails its check is dropped and the rest retried.
-    # A channel group whose removal breaks the model (a shape baked into forward(), `x.view(-1, 32)`) is
-    # found by bisection and kept; the other groups are still pruned.
+    # A channel or width group whose removal breaks the model (a shape baked into forward(),
+    # `x.view(-1, 32)`) is found by bisection and kept; the other groups are still pruned.
     stages = {"heads": True, "width": width}
     kept_groups: list[str] = []
+
+    def attempt(**kw):
+        return _attempt(module, names, example_feeds, branches, ratios, stats, round_to, reference,
+                        keep=frozenset(kept_groups), **kw)
+
     while True:
         try:
-            student, head_report, group_report, skipped, worst = _attempt(
-                module, names, example_feeds, branches, ratios, stats, round_to, reference,
-                keep=frozenset(kept_groups), **stages)
+            student, head_report, group_report, skipped, worst = attempt(**stages)
             break
         except _StageFailed as failed:
-            if failed.stage == "channels":
-                culprit = _breaking_group(failed.planned, lambda limit: _attempt(
-                    module, names, example_feeds, branches, ratios, stats, round_to, reference,
-                    keep=frozenset(kept_groups), limit=limit, heads=stages["heads"], width=False))
+            if failed.stage in ("channels", "width") and failed.planned:
+                in_width = failed.stage == "width"
+                culprit = _breaking_group(failed.planned, lambda limit: attempt(
+                    heads=stages["heads"], width=in_width, **{"width_limit" if in_width else "limit": limit}))
                 if culprit is not None:
                     kept_groups.append(culprit)
-                    notes.append(f"channels of {culprit} kept: pruning them broke the model ({failed.error.detail})")
+                    what = "residual width written by" if in_width else "channels of"
+                    notes.append(f"{what} {culprit} kept: pruning them broke the model ({failed.error.detail})")
                     continue
-                failed.stage = "heads"  # the groups alone are fine: removing heads is what breaks it
+                if not in_width:
+                    failed.stage = "heads"  # the groups alone are fine: removing heads is what breaks it
             if failed.stage not in stages or not stages[failed.stage]:
                 raise failed.error from failed
             stages[failed.stage] = False
@@ -217,9 +222,9 @@ def _breaking_group(planned: Sequence[str], attempt) -> str | None:
 
 
 def _attempt(module, names, feeds, branches, ratios, stats, round_to, reference, heads: bool, width: bool,
-             keep: frozenset = frozenset(), limit: int | None = None):
-    """Prune a copy in two checked passes (``keep``: root paths of channel groups left whole; ``limit``:
-    prune only the first that many channel groups). Heads, MLP and conv channels first: the result must compute
+             keep: frozenset = frozenset(), limit: int | None = None, width_limit: int | None = None):
+    """Prune a copy in two checked passes (``keep``: root paths of groups left whole; ``limit`` /
+    ``width_limit``: prune only the first that many channel / width groups). Heads, MLP and conv channels first: the result must compute
     the same function as the original with those channels' consumer weights zeroed. Then the residual
     widths, which LayerNorm couples to every channel (no masked equivalent exists): the result must
     run and keep the output shapes; recovery then re-fits it."""
@@ -248,13 +253,15 @@ def _attempt(module, names, feeds, branches, ratios, stats, round_to, reference,
             raise _StageFailed("heads", exc) from exc
         raise _StageFailed("channels", exc, planned) from exc
     if width:
+        width_planned: list[str] = []
         try:
-            width_report, _, _ = _prune_groups(student, None, names, feeds, branches, ratios, stats, round_to,
-                                            attention_layers(find_attention(student)), width=True)
+            width_report, _, width_planned = _prune_groups(
+                student, None, names, feeds, branches, ratios, stats, round_to,
+                attention_layers(find_attention(student)), width=True, kept_roots=keep, limit=width_limit)
             got = _run_or_fail(student, names, feeds, "after narrowing the residual width")
             _check_interface(reference, got)
         except (ParityError, InputError) as exc:
-            raise _StageFailed("width", exc) from exc
+            raise _StageFailed("width", exc, width_planned) from exc
         group_report += width_report
     for p in student.parameters():  # torch-pruning swaps in new Parameters; keep them trainable
         p.requires_grad_(True)

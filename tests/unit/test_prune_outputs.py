@@ -171,3 +171,43 @@ def test_a_shape_baked_into_forward_keeps_only_the_channels_it_needs():
     assert pruned.vision[3].out_channels == WIDTH  # the view's width
     assert pruned.vision[0].out_channels < WIDTH   # the conv before it is still pruned
     assert pruned.text[2].out_features < 64
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, 64), nn.Linear(64, WIDTH)
+
+    def forward(self, x):
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+class HardCodedWidth(nn.Module):
+    """Two residual towers; the text one reshapes its stream with a literal width."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens = nn.Embedding(30, WIDTH)
+        self.text = nn.Sequential(Residual(), Residual())
+        self.patches = nn.Linear(48, WIDTH)
+        self.vision = nn.Sequential(Residual(), Residual())
+        self.head = nn.Linear(2 * WIDTH, 5)
+
+    def forward(self, image, input_ids):
+        t = self.text(self.tokens(input_ids)).view(-1, 6, WIDTH).mean(1)
+        patches = image.reshape(image.shape[0], 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(-1, 16, 48)
+        v = self.vision(self.patches(patches)).mean(1)
+        return self.head(torch.cat([v, t], -1))
+
+
+def test_a_width_baked_into_forward_keeps_that_stream_and_narrows_the_other():
+    torch.manual_seed(0)
+    model = HardCodedWidth().eval()
+    calib = data(32)
+    pruned, report = prune(model, {k: v[:4] for k, v in calib.items()}, calib, {"*": 0.3})
+    assert outputs(pruned, data(6, seed=1))["output"].shape == (6, 5)
+    (note,) = [n for n in report["notes"] if "broke" in n]
+    assert note.startswith("residual width written by ") and "kept" in note
+    assert pruned.tokens.embedding_dim == WIDTH                  # the text stream keeps its width
+    assert pruned.patches.out_features < WIDTH                   # the vision stream is narrowed
+    assert pruned.text[0].fc1.out_features < 64                  # and the text MLPs still pruned
