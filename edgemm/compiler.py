@@ -445,6 +445,10 @@ def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | No
     info["comparison"] = compare(module, student, names, {n: data.arrays[n] for n in names},
                                  info.get("structured"), labels=data.labels if evald is not None else None,
                                  task=task_t, output_names=output_names)
+    # What pruning kept and why, and how far recovery can be trusted: into the report with the figures.
+    notes = (info.get("structured") or {}).get("notes", []) + (info.get("recovery") or {}).get("warnings", [])
+    if notes:
+        info["comparison"]["notes"] = notes
     for line in summary_lines(info["comparison"]):
         say(f"  {line}")
     return with_pruned_module(loaded, student, example), info

@@ -98,6 +98,7 @@ def _prune_section(comparison: dict | None) -> list[str]:
     if task:
         lines += ["", f"Task metric **{task['metric']}** on {task['samples']} samples: unpruned "
                       f"{task['before']:.2f}, pruned {task['after']:.2f} ({-task['drop']:+.2f} points)"]
+    lines += [f"\n> Note: {note}" for note in comparison.get("notes", [])]
     return lines
 
 

@@ -120,7 +120,8 @@ def test_pruned_bundle_keeps_output_widths_and_reports_against_the_unpruned_mode
     assert min(o["mean_cosine"] for o in original["outputs"].values()) < 0.9999
     assert "pruned bundle vs the unpruned model (24 samples; pruning + precision):" in res.stdout
     assert res.stdout.index("vs the unpruned model") < res.stdout.index("bundle vs the pruned model")
-    assert "Pruned bundle vs the unpruned model" in (bundle / "report.md").read_text()
+    md = (bundle / "report.md").read_text()
+    assert "Pruned bundle vs the unpruned model" in md and f"> Note: {warning}" in md
 
     res = cli("verify", bundle, "--reference", f"{MODULE}:{fn}", "--data", factory / "eval.npz", "--iterations", "0")
     assert res.returncode in (0, 1), res.stderr  # runs; the unpruned reference may fail the FP32 bar
