@@ -150,14 +150,13 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
             exporter = name
             break
         except Exception as exc:  # exporters raise many types; we report them all below
-            first = first_line(exc, None)
+            first = _export_failure(exc)
             errors.append(f"{name}: {first[:300]}")
             notes.append(f"{name} exporter failed: {first[:200]}")
             log.info("export with %s failed: %s", name, exc)
     if exporter is None:
         raise InputError("ONNX export failed (" + "; ".join(errors) + ")", file=loaded.source,
-                         fix="make the model exportable with torch.export (see exportdb), or export ONNX yourself "
-                             "and pass the .onnx file")
+                         fix=_export_fix(errors, loaded.format))
     model = onnx.load(str(out_path))
     onnx.checker.check_model(model)
     model = _slim(model, notes)
@@ -169,6 +168,38 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
     result = ExportResult(out_path, exporter, output_names, opset, notes=notes)
     result.parity = check_fp32_parity(out_path, reference, check_feeds, source=loaded.source)
     return result
+
+
+# Ops of nn.MultiheadAttention / nn.TransformerEncoderLayer's fused fast path (taken under no_grad or
+# inference_mode), which the TorchScript ONNX exporter has no ONNX form for.
+_FAST_PATH_OPS = ("_transformer_encoder_layer_fwd", "_native_multi_head_attention", "_nested_tensor_from_mask")
+
+
+def _export_failure(exc: BaseException) -> str:
+    """The line that says why: torch.onnx wraps torch.export's error in a generic "step 1/3" message
+    whose cause (e.g. a data-dependent guard) is the useful part."""
+    text = first_line(exc, None)
+    cause = exc.__cause__
+    while cause is not None and text.startswith("Failed to export the model with torch.export"):
+        text = first_line(cause, None)
+        cause = cause.__cause__
+    return text
+
+
+def _export_fix(errors: Sequence[str], fmt: str) -> str:
+    joined = " ".join(errors)
+    op = next((o for o in _FAST_PATH_OPS if o in joined), None)
+    attention = op or ("torch.nn.modules.transformer" in joined or "MultiheadAttention" in joined)
+    if fmt == "torchscript" and attention:
+        what = f"aten::{op}" if op else "nn.TransformerEncoder / nn.MultiheadAttention"
+        return (f"the TorchScript exporter cannot export {what} from a TorchScript archive: save the model as "
+                f".pt2 (torch.export.save(torch.export.export(model.eval(), args), 'model.pt2')) or compile its "
+                f"factory (package.module:function --weights FILE)")
+    if "data-dependent" in joined:
+        return ("torch.export cannot trace a shape that depends on the input values (e.g. sampling or nonzero); "
+                "make that step static in forward(), or export ONNX yourself and pass the .onnx file")
+    return ("make the model exportable with torch.export (see exportdb), or export ONNX yourself and pass the "
+            ".onnx file")
 
 
 def _name_output_dims(model, specs, example, ref_example, check_feeds, reference) -> None:
