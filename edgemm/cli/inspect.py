@@ -60,7 +60,7 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
     return info
 
 
-def inspect_model(spec: str) -> dict:
+def inspect_model(spec: str, data: str | None = None) -> dict:
     from ..frontends import LoadOptions, detect_format, load_model
 
     fmt = detect_format(spec)
@@ -69,9 +69,18 @@ def inspect_model(spec: str) -> dict:
         raise SecurityError("is a pickled Python object; inspecting it would run code from the file", file=spec,
                             fix="inspect a TorchScript/.pt2/.onnx model instead")
     loaded = load_model(spec, LoadOptions())
-    info = {"kind": "model", "path": spec, "format": loaded.format, "sha256": loaded.sha256,
-            "inputs": [s.to_dict() for s in loaded.input_specs] if loaded.input_specs else
-            [{"name": n} for n in (loaded.input_names or [])]}
+    info = {"kind": "model", "path": spec, "format": loaded.format, "sha256": loaded.sha256}
+    specs = _input_specs(loaded, data)
+    info["inputs"] = ([s.to_dict() for s in specs] if specs is not None else
+                      [{"name": n} for n in (loaded.input_names or [])])
+    if loaded.signature is not None:
+        info["forward"] = describe_forward(loaded.signature)
+    if loaded.onnx_path is not None:
+        from ..compiler import _onnx_io
+
+        info["outputs"] = _onnx_io(loaded.onnx_path)
+    elif specs is not None:
+        info["outputs"] = _torch_outputs(loaded, specs, data)
     if fmt != "factory":
         info["total_bytes"] = Path(spec).stat().st_size
     if loaded.onnx_path is not None:
@@ -81,12 +90,70 @@ def inspect_model(spec: str) -> dict:
     return info
 
 
+def describe_forward(sig) -> str:
+    """``forward(input_ids, pixel_values=None, *, flag=False, **kwargs)``: what the model takes."""
+    from ..signature import KEYWORD, POSITIONAL
+
+    parts, star = [], False
+    for p in sig.params:
+        if p.kind == KEYWORD and not star:
+            parts.append("*")
+            star = True
+        text = p.name if p.required else f"{p.name}={p.default!r}"
+        parts.append(text)
+        if p.kind == POSITIONAL and (p is sig.params[-1] or sig.params[sig.params.index(p) + 1].kind != POSITIONAL):
+            parts.append("/")
+    if sig.var_keyword:
+        parts.append("**kwargs")
+    return f"forward({', '.join(parts)})"
+
+
+def _input_specs(loaded, data):
+    """The format's own specs (.pt2, .onnx), else those the data implies (as compile reads them)."""
+    if loaded.input_specs:
+        return loaded.input_specs
+    if data is None:
+        return None
+    from ..compiler import resolve_input_specs
+    from ..config import CompileConfig
+    from ..data import load_dataset
+
+    return resolve_input_specs(loaded, CompileConfig(model=loaded.source), load_dataset(data, role="--data"))
+
+
+def _torch_outputs(loaded, specs, data) -> list[dict]:
+    """Output names, dtypes and shapes from two runs of the model (batch 2 and 3): an axis that follows
+    the batch is ``batch``."""
+    from ..compiler import sample_feeds
+    from ..data import load_dataset
+    from ..iospec import dynamic_batch_input
+    from ..reference import Reference
+
+    dataset = load_dataset(data, role="--data") if data is not None else None
+    ref = Reference(loaded, [s.name for s in specs])
+    runs = [ref.run(sample_feeds(dataset, specs, n)) for n in (2, 3)]
+    batched = dynamic_batch_input(specs) is not None
+    outs = []
+    for name, first in runs[0].items():
+        second = runs[1].get(name, first)
+        shape = []
+        for axis, size in enumerate(first.shape):
+            other = second.shape[axis] if axis < second.ndim else size
+            shape.append("batch" if batched and (size, other) == (2, 3) else
+                         int(size) if size == other else f"{name}_dim{axis}")
+        outs.append({"name": name, "dtype": str(first.dtype), "shape": shape})
+    return outs
+
+
 @click.command("inspect")
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Model files without input shapes (TorchScript, factories): an .npz whose keys are inputs; "
+                   "the model then runs on 2-3 samples to show its outputs.")
 @signature_options
 @verbose_option
-def command(target, as_json, trusted_keys, require_signature):
+def command(target, as_json, data, trusted_keys, require_signature):
     """Show IO, precision, sizes, op counts and signature of a BUNDLE folder, or a MODEL file."""
     path = Path(target)
     trust = trust_options(trusted_keys, require_signature)
@@ -97,12 +164,12 @@ def command(target, as_json, trusted_keys, require_signature):
         raise InputError("--trusted-key/--require-signature check bundles; this is a model file", file=target,
                          field="--trusted-key", fix="inspect the bundle folder, or drop the flags")
     else:
-        info = inspect_model(target)
+        info = inspect_model(target, data)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return 0
     click.echo(f"{info['kind']}: {info['path']}")
-    for key in ("name", "format", "precision", "recipe", "target", "parameters", "created"):
+    for key in ("name", "format", "forward", "precision", "recipe", "target", "parameters", "created"):
         if info.get(key) is not None:
             click.echo(f"  {key}: {info[key]}")
     if isinstance(info.get("backend"), dict):
@@ -115,7 +182,8 @@ def command(target, as_json, trusted_keys, require_signature):
         click.echo(f"  backend: {backend.get('name')}{extra}")
     for io in ("inputs", "outputs"):
         for t in info.get(io, []):
-            shape = "x".join(str(d) for d in t.get("shape", [])) or "?"
+            shape = "x".join(str(d) for d in t["shape"]) if "shape" in t else "? (pass --data to see shapes)"
+            shape = shape or "scalar"
             click.echo(f"  {io[:-1]} {t['name']}: {shape} {t.get('dtype', '')}")
     if "signature" in info:
         click.echo(f"  signature: {_describe_signature(info['signature'])}")

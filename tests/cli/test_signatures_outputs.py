@@ -57,3 +57,21 @@ def test_odd_outputs_keep_their_names(cli, tmp_path, precision):
     assert names == ["cls", "embeds", "again", "pooled.mean", "pooled.max"]
     dims = {o["name"]: o["shape"] for o in manifest["outputs"]}
     assert dims["cls"] == ["batch", 6] and dims["pooled.mean"] == ["batch"]
+
+
+def test_inspect_model_shows_signature_shapes_and_outputs(cli, keyword_only, tmp_path):
+    r = cli("inspect", keyword_only["pt2_kw"], "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["forward"] == "forward(*, image, tokens)"
+    assert [i["shape"] for i in info["inputs"]] == [["batch", 3, 16, 16], ["batch", 6]]
+    assert info["outputs"] == [{"name": "output", "dtype": "float32", "shape": ["batch", 4]}]
+    saved = io_models.save("odd_outputs", tmp_path / "m", formats=())
+    r = cli("inspect", f"{F}:odd_outputs", "--data", saved["calib"], "--json")
+    assert r.returncode == 0, r.stderr
+    outs = {o["name"]: o["shape"] for o in json.loads(r.stdout)["outputs"]}
+    assert outs == {"cls": ["batch", 6], "embeds": ["batch", 6], "again": ["batch", 6],
+                    "pooled.mean": ["batch"], "pooled.max": ["batch"]}
+    r = cli("inspect", f"{F}:optional_inputs")
+    assert "forward(input_ids, attention_mask=None, position_ids=None, return_loss=False, " \
+           "output_hidden_states=None, **kwargs)" in r.stdout
