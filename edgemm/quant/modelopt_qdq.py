@@ -16,6 +16,7 @@ Pitfalls handled here (DESIGN.md, and modelopt 0.47's source):
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -52,6 +53,19 @@ def _import_modelopt():
     from .ort_isolation import ort_quantization_restored
 
     return ort_quantization_restored()(quantize), getattr(modelopt, "__version__", "unknown")
+
+
+def _require_target_dla(quantize, modelopt_version: str) -> None:
+    """modelopt before 0.46 has no ``target_dla`` parameter and its ``**kwargs`` swallow it silently
+    (the DLA Q/DQ placement came with NVIDIA/Model-Optimizer PR #1661): check the signature, which
+    inspect follows through functools.wraps to modelopt's own function, before any calibration."""
+    try:
+        params = inspect.signature(quantize).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "target_dla" not in params:
+        raise DependencyError(f"nvidia-modelopt {modelopt_version} cannot place Q/DQ for DLA (its quantize() has "
+                              f"no target_dla parameter)", fix="pip install 'nvidia-modelopt>=0.46', or drop --dla")
 
 
 def _model_inputs(model) -> dict[str, tuple[list, int]]:
@@ -170,6 +184,8 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
                          file=fp32_onnx, fix="export the FP32 model, not a quantized one")
     data = _check_calib(calib, _model_inputs(model), str(fp32_onnx))
     quantize, modelopt_version = _import_modelopt()
+    if target_dla and mode == "int8":
+        _require_target_dla(quantize, modelopt_version)
     method = calibration_method or "entropy"   # modelopt's default for int8 and fp8
 
     extra_files = _external_files(model, fp32_onnx.parent)

@@ -27,7 +27,7 @@ from .manifest import MANIFEST_NAME, safe_relpath
 
 _LOG = logging.getLogger("edgemm.tensorrt")
 
-__all__ = ["TensorRTSession", "import_tensorrt", "import_cudart", "cuda_device", "version_tuple"]
+__all__ = ["TensorRTSession", "import_tensorrt", "import_cudart", "cuda_device", "select_device", "version_tuple"]
 
 _INSTALL_HINT = ("install the TensorRT Python package matching the device's TensorRT "
                  "(JetPack: python3-libnvinfer; x86/SBSA: pip install tensorrt) and cuda-python")
@@ -58,19 +58,30 @@ def _check(cudart, result, what: str):
     """cuda-python returns (cudaError_t, *values); raise on error, return the values."""
     err, *values = result if isinstance(result, tuple) else (result,)
     if err != cudart.cudaError_t.cudaSuccess:
-        name = getattr(err, "name", str(err))
-        raise DependencyError(f"CUDA call {what} failed: {name}",
+        raise DependencyError(f"CUDA call {what} failed: {_error_name(err)}",
                               fix="check that the NVIDIA driver works (nvidia-smi / tegrastats)")
     if not values:
         return None
     return values[0] if len(values) == 1 else tuple(values)
 
 
+def _error_name(err) -> str:
+    """cudaError_t is an IntEnum in cuda-python 12 and 13: its member name (cudaErrorInsufficientDriver,
+    cudaErrorNoDevice, ...) says what went wrong."""
+    return getattr(err, "name", None) or str(err)
+
+
 def cuda_device(index: int = 0) -> dict:
-    """Name and compute capability of CUDA device ``index``; DependencyError when there is none."""
+    """Name, compute capability and integration (Jetson) of CUDA device ``index``; DependencyError naming
+    the real cudaError_t when there is none."""
     cudart = import_cudart()
     err, count = cudart.cudaGetDeviceCount()
-    if err != cudart.cudaError_t.cudaSuccess or count == 0:
+    if err != cudart.cudaError_t.cudaSuccess:
+        # e.g. cudaErrorInsufficientDriver: cuda-python 13 needs driver 580+, JetPack 6 is CUDA 12.6.
+        raise DependencyError(f"CUDA cannot list the GPUs: cudaGetDeviceCount failed with {_error_name(err)}",
+                              fix="check the driver (nvidia-smi / tegrastats) and that cuda-python's major matches "
+                                  "the CUDA the driver supports (pip install 'edgemm[tensorrt-cu12]' on JetPack 6)")
+    if count == 0:
         raise DependencyError("no CUDA GPU is visible on this machine",
                               fix="run on the target device (check nvidia-smi / CUDA_VISIBLE_DEVICES)")
     if index >= count:
@@ -79,7 +90,16 @@ def cuda_device(index: int = 0) -> dict:
     name = props.name
     if isinstance(name, (bytes, bytearray)):
         name = bytes(name).split(b"\0", 1)[0].decode("utf-8", "replace")
-    return {"index": index, "name": str(name).strip(), "compute_capability": f"{props.major}.{props.minor}"}
+    return {"index": index, "name": str(name).strip(), "compute_capability": f"{props.major}.{props.minor}",
+            "integrated": bool(getattr(props, "integrated", 0))}
+
+
+def select_device(index: int):
+    """cudaSetDevice(index) on the calling thread. The current device is per host thread (CUDA Runtime
+    API, "Device Management"): every thread that allocates, creates streams or builds must set it."""
+    cudart = import_cudart()
+    _check(cudart, cudart.cudaSetDevice(index), "cudaSetDevice")
+    return cudart
 
 
 def version_tuple(text: str) -> tuple[int, ...]:

@@ -22,7 +22,8 @@ else:  # pragma: no cover - Python 3.10
 
 from ..errors import InputError
 
-__all__ = ["TargetProfile", "load", "all_targets", "names", "PRECISIONS", "FP8_MIN_CC"]
+__all__ = ["TargetProfile", "load", "all_targets", "names", "PRECISIONS", "FP8_MIN_CC", "dla_supported",
+           "dla_precision_supported", "version_parts"]
 
 # Precision modes edgemm knows, lowest risk first.
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
@@ -33,6 +34,32 @@ FP8_MIN_CC = (8, 9)
 # DLA executes FP16 and INT8 only.
 DLA_PRECISIONS = ("fp16", "int8")
 SPARSITY_PATTERNS = ("2:4",)
+# Where DLA exists (https://docs.nvidia.com/deeplearning/tensorrt/11.4.1/inference-library/work-with-dla.html):
+# TensorRT 10.x up to 10.7 ("TensorRT 10.7 was the last 10.x release that supported DLA"; JetPack 6 ships
+# 10.3), then none in 11.0-11.3, 11.4.0 only on Windows on ARM, and 11.4.1 on AGX Orin with JetPack 7.2.2+
+# (11.5 dropped JetPack again). Versions are (major, minor, patch).
+DLA_TENSORRT_RANGES = (((10, 0, 0), (10, 8, 0)), ((11, 4, 1), (11, 5, 0)))
+
+
+def version_parts(text: str) -> tuple[int, ...]:
+    """"10.3.0" -> (10, 3, 0); digits only, missing parts are 0 (a build number, 4th part, is dropped)."""
+    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(text).split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def dla_supported(tensorrt_version: str) -> bool:
+    v = version_parts(tensorrt_version)
+    return any(lo <= v < hi for lo, hi in DLA_TENSORRT_RANGES)
+
+
+def dla_precision_supported(tensorrt_version: str, precision: str) -> bool:
+    """DLA INT8 on TensorRT 10.x takes implicit quantization (calibration cache) only, never the explicit
+    Q/DQ model edgemm quantizes with modelopt (NVIDIA/Model-Optimizer PR #1661: the 10.x DLA route is
+    modelopt Q/DQ -> qdq-translator -> calib.cache + the Q/DQ-free model). 11.4.1 builds DLA strongly typed,
+    so the Q/DQ model is what it takes."""
+    if not dla_supported(tensorrt_version) or precision not in DLA_PRECISIONS:
+        return False
+    return not (precision == "int8" and version_parts(tensorrt_version)[0] < 11)
 
 _REQUIRED = ("name", "description", "kind", "backend", "precisions", "default_precision", "dla_cores",
              "sparse_tensor_cores")
@@ -55,7 +82,7 @@ class TargetProfile:
     dla_cores: int
     memory_mb: int | None          # None: the host's memory
     workspace_mb: int | None       # TensorRT builder workspace limit
-    tensorrt_versions: tuple[str, ...]   # "major.minor" shipped by the device's software stack
+    tensorrt_versions: tuple[str, ...]   # "major.minor.patch" shipped by the device's software stack
     sparse_tensor_cores: bool
     default_precision: str
     jetpack: str | None
@@ -72,6 +99,12 @@ class TargetProfile:
 
     def supports(self, precision: str) -> bool:
         return precision in self.precisions
+
+    def dla_versions(self, precision: str) -> tuple[str, ...]:
+        """The listed TensorRT versions that can build a DLA engine in ``precision``."""
+        if not self.dla_cores:
+            return ()
+        return tuple(v for v in self.tensorrt_versions if dla_precision_supported(v, precision))
 
     # -- the checks compile runs before any work -----------------------------------------------
     def validate(self, precision: str, *, dla: bool | int = False, sparsity: str | bool | None = None) -> None:
@@ -93,6 +126,16 @@ class TargetProfile:
             if precision not in DLA_PRECISIONS:
                 raise InputError(f"DLA runs fp16 or int8 only, not {precision}", field="--dla",
                                  fix="add --int8 or --fp16, or drop --dla")
+            if not self.dla_versions(precision):
+                stack = ", ".join(self.tensorrt_versions)
+                if precision == "int8" and self.dla_versions("fp16"):
+                    raise InputError(
+                        f"DLA INT8 on TensorRT {stack} ({self.name}) takes implicit quantization only, not "
+                        f"edgemm's Q/DQ model", field="--dla",
+                        fix="use --fp16 with --dla, or a TensorRT 11.4.1 stack (JetPack 7.2.2, AGX Orin), or "
+                            "translate the Q/DQ model with NVIDIA's qdq-translator and build it yourself")
+                raise InputError(f"TensorRT {stack} ({self.name}) has no DLA support", field="--dla",
+                                 fix="DLA needs TensorRT 10.0-10.7 (JetPack 6) or 11.4.1 (JetPack 7.2.2, AGX Orin)")
         if sparsity not in (None, False):
             pattern = "2:4" if sparsity is True else sparsity
             if pattern not in SPARSITY_PATTERNS:
@@ -191,8 +234,9 @@ def _check_consistency(p: TargetProfile, bad) -> None:
             raise bad("tensorrt_versions", "a TensorRT target lists the TensorRT versions its stack ships")
         for v in p.tensorrt_versions:
             parts = v.split(".")
-            if len(parts) != 2 or not all(x.isdigit() for x in parts):
-                raise bad("tensorrt_versions", f"{v!r} is not MAJOR.MINOR")
+            # The patch matters: 11.4.0 has no JetPack/DLA, 11.4.1 has both.
+            if len(parts) != 3 or not all(x.isdigit() for x in parts):
+                raise bad("tensorrt_versions", f"{v!r} is not MAJOR.MINOR.PATCH (e.g. 10.3.0)")
             if int(parts[0]) < 10:
                 raise bad("tensorrt_versions", f"{v!r}: edgemm builds with TensorRT 10 or newer")
         if p.workspace_mb is None or p.memory_mb is None:

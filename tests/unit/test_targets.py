@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,8 @@ def test_known_device_facts():
     assert nano.compute_capability == nx.compute_capability == agx.compute_capability == "8.7"
     # JetPack 6 keeps Orin on TensorRT 10.x; JetPack 7.2+ brings 11.4 to AGX Orin and Thor only.
     assert nano.tensorrt_majors == nx.tensorrt_majors == (10,)
-    assert "11.4" in agx.tensorrt_versions and "11.4" in thor.tensorrt_versions
+    # The patch is part of the fact: 11.4.0 has no JetPack (nor DLA), 11.4.1 brings both.
+    assert "11.4.1" in agx.tensorrt_versions and "11.4.1" in thor.tensorrt_versions
     assert "fp8" in thor.precisions and "fp8" not in agx.precisions
     assert "fp8" in targets.load("h100").precisions and "fp8" not in targets.load("a100").precisions
     assert {targets.load(n).compute_capability for n in ("l4", "l40s")} == {"8.9"}
@@ -92,7 +94,7 @@ def test_custom_profile_file_is_checked(tmp_path):
     good.write_text('name = "orin-4gb"\ndescription = "Orin Nano 4GB"\nkind = "jetson"\nbackend = "tensorrt"\n'
                     'compute_capability = "8.7"\nprecisions = ["fp32", "fp16", "int8"]\ndefault_precision = "int8"\n'
                     'dla_cores = 0\nmemory_mb = 4096\nworkspace_mb = 512\nsparse_tensor_cores = true\n'
-                    'jetpack = "6.2"\ntensorrt_versions = ["10.3"]\n')
+                    'jetpack = "6.2"\ntensorrt_versions = ["10.3.0"]\n')
     assert targets.load(str(good)).workspace_mb == 512
     bad = tmp_path / "bad.toml"
     bad.write_text(good.read_text().replace('["fp32", "fp16", "int8"]', '["fp32", "int8", "fp8"]'))
@@ -106,7 +108,7 @@ def test_custom_profile_file_is_checked(tmp_path):
 
 def test_to_dict_is_json_ready():
     d = targets.load("jetson-agx-orin").to_dict()
-    assert json.loads(json.dumps(d))["tensorrt_versions"] == ["10.3", "11.4"]
+    assert json.loads(json.dumps(d))["tensorrt_versions"] == ["10.3.0", "11.4.1"]
 
 
 def test_cli_table_and_single_target(cli):
@@ -120,3 +122,35 @@ def test_cli_table_and_single_target(cli):
     missing = cli("targets", "nope")
     assert missing.returncode == 2 and "unknown target 'nope'" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_tensorrt_versions_need_the_patch(tmp_path):
+    # "11.4" cannot tell 11.4.0 (no JetPack, no DLA on Jetson) from 11.4.1: a profile must say which.
+    text = (Path(targets.__file__).parent / "profiles" / "jetson-agx-orin.toml").read_text()
+    custom = tmp_path / "agx.toml"
+    custom.write_text(text.replace('name = "jetson-agx-orin"', 'name = "agx"').replace('"11.4.1"', '"11.4"'))
+    with pytest.raises(InputError, match="'11.4' is not MAJOR.MINOR.PATCH"):
+        targets.load(str(custom))
+
+
+@pytest.mark.parametrize("version,dla,int8", [
+    ("10.3.0", True, False), ("10.7.0", True, False), ("10.8.0", False, False), ("11.3.0", False, False),
+    ("11.4.0", False, False), ("11.4.1", True, True), ("11.4.1.12", True, True), ("11.5.0", False, False)])
+def test_dla_exists_only_in_the_documented_tensorrt_releases(version, dla, int8):
+    # work-with-dla.html (11.4.1): last 10.x DLA release is 10.7, none in 11.0-11.3, 11.4.0 Windows-on-ARM
+    # only, 11.4.1 on AGX Orin; INT8 on 10.x DLA is implicit quantization only (Model-Optimizer PR #1661).
+    assert targets.dla_supported(version) is dla
+    assert targets.dla_precision_supported(version, "fp16") is dla
+    assert targets.dla_precision_supported(version, "int8") is int8
+
+
+def test_dla_int8_refused_before_work_where_only_tensorrt_10_is_shipped():
+    # Old code accepted this and built the Q/DQ model with --int8 --useDLACore on TensorRT 10.3.
+    with pytest.raises(InputError) as err:
+        targets.load("jetson-orin-nx").validate("int8", dla=True)
+    msg = str(err.value)
+    assert "implicit quantization only" in msg and "--fp16" in msg and "11.4.1" in msg and "\n" not in msg
+    targets.load("jetson-orin-nx").validate("fp16", dla=True)           # FP16 DLA stays possible on 10.3
+    targets.load("jetson-agx-orin").validate("int8", dla=True)          # 11.4.1 is listed for AGX Orin
+    assert targets.load("jetson-agx-orin").dla_versions("int8") == ("11.4.1",)
+    assert targets.load("jetson-agx-orin").dla_versions("fp16") == ("10.3.0", "11.4.1")

@@ -57,16 +57,38 @@ def test_strongly_typed_command_uses_only_documented_flags(major):
     assert {"versionCompatible", "excludeLeanRuntime"} <= _flags(cmd)
 
 
-def test_dla_on_trt10_uses_weak_typing_flags_and_trt11_stays_strongly_typed():
-    opts = options_for_target(targets.load("jetson-agx-orin"), "int8", dla=True)
-    ten = trtexec_command("m.onnx", "m.engine", opts, 10)
-    eleven = trtexec_command("m.onnx", "m.engine", opts, 11)
-    assert {"int8", "fp16", "useDLACore", "allowGPUFallback"} <= _flags(ten) <= FLAGS[10]
-    assert "stronglyTyped" not in _flags(ten)
+def test_dla_on_trt10_is_fp16_weak_typing_and_trt11_stays_strongly_typed():
+    agx = targets.load("jetson-agx-orin")
+    fp16 = options_for_target(agx, "fp16", dla=True)
+    ten = trtexec_command("m.onnx", "m.engine", fp16, 10)
+    assert {"fp16", "useDLACore", "allowGPUFallback"} <= _flags(ten) <= FLAGS[10]
+    assert "stronglyTyped" not in _flags(ten) and "int8" not in _flags(ten)
+    int8 = options_for_target(agx, "int8", dla=True)
+    eleven = trtexec_command("m.onnx", "m.engine", int8, 11)
     assert "stronglyTyped" in _flags(eleven) and _flags(eleven) <= FLAGS[11]
     assert _value(eleven, "useDLACore") == "0"
-    no_fallback = trtexec_command("m.onnx", "m.engine", opts.with_(gpu_fallback=False), 11)
+    no_fallback = trtexec_command("m.onnx", "m.engine", int8.with_(gpu_fallback=False), 11)
     assert "allowGPUFallback" not in _flags(no_fallback)
+
+
+def test_dla_pins_dynamic_inputs_to_static_shapes():
+    # Old code kept min 1 / max 8 for a DLA build: TensorRT then runs those layers on the GPU silently.
+    opts = options_for_target(targets.load("jetson-orin-nx"), "fp16", dla=True, inputs=INPUTS)
+    assert opts.profile_shapes["image"] == ((4, 3, 16, 16),) * 3
+    assert opts.profile_shapes["input_ids"] == ((4, 8),) * 3
+    cmd = trtexec_command("m.onnx", "m.engine", opts, 10)
+    assert _value(cmd, "minShapes") == _value(cmd, "optShapes") == _value(cmd, "maxShapes")
+    # A hand-edited manifest with a range and a DLA core is refused, not built half on the GPU.
+    ranged = dict(opts.to_dict(), profile_shapes={"image": [[1, 3, 16, 16], [4, 3, 16, 16], [8, 3, 16, 16]]})
+    with pytest.raises(InputError, match="min/opt/max range, which DLA cannot run"):
+        TensorRTOptions.from_dict(ranged)
+
+
+def test_dla_int8_on_tensorrt_10_refused_before_work():
+    # Old code built the Q/DQ INT8 model with --int8 --useDLACore on TensorRT 10.x, which takes implicit
+    # quantization only on DLA.
+    with pytest.raises(InputError, match="implicit quantization only"):
+        check_options_for_target(targets.load("jetson-orin-nx"), TensorRTOptions(precision="int8", dla_core=0))
 
 
 def test_sparse_weights_flag():
@@ -106,7 +128,7 @@ def test_same_cc_refused_where_a_shipped_tensorrt_lacks_it(tmp_path):
     # SAME_COMPUTE_CAPABILITY arrived in TensorRT 10.9; a custom profile on 10.3 must refuse it.
     text = (Path(targets.__file__).parent / "profiles" / "a100.toml").read_text()
     custom = tmp_path / "a100-old.toml"
-    custom.write_text(text.replace('name = "a100"', 'name = "a100-old"').replace('["10.16", "11.4"]', '["10.3"]'))
+    custom.write_text(text.replace('name = "a100"', 'name = "a100-old"').replace('["10.16.1", "11.4.1"]', '["10.3.0"]'))
     with pytest.raises(InputError, match="no same-compute-capability mode"):
         check_options_for_target(targets.load(str(custom)), TensorRTOptions(precision="fp16",
                                                                             hardware_compatibility="same_cc"))
@@ -174,23 +196,23 @@ def test_portable_package_contents_and_build_sh_on_trt10_and_trt11(qdq_free_onnx
     backend = package(qdq_free_onnx, stage, target, opts, build_now=False, bundle_name="demo")
     assert sorted(p.name for p in stage.iterdir()) == ["build.sh", "build_config.json", "model.onnx"]
     assert backend["portable"] is True and backend["engine"] is None and backend["built"] is None
-    assert backend["tensorrt_versions"] == ["10.3", "11.4"] and backend["compute_capability"] == "8.7"
+    assert backend["tensorrt_versions"] == ["10.3.0", "11.4.1"] and backend["compute_capability"] == "8.7"
     assert TensorRTOptions.from_dict(backend["options"]) == opts
     config = json.loads((stage / "build_config.json").read_text())
-    assert set(config["trtexec"]) == {"10", "11"} and config["target"] == "jetson-agx-orin"
+    # DLA INT8 from a Q/DQ model builds on 11.4.1 only: build.sh has no TensorRT 10 command for it.
+    assert set(config["trtexec"]) == {"11"} and config["target"] == "jetson-agx-orin"
     assert os.access(stage / "build.sh", os.X_OK)
 
     fake = _fake_trtexec(tmp_path)
-    for version in (100300, 110401):
+    res = _run_build_sh(stage, fake, 100300, tmp_path / "ten.plan", tmp_path)
+    assert res.returncode == 2 and "TensorRT major 10" in res.stderr and not (tmp_path / "ten.plan").exists()
+    for version in (110401,):
         out = tmp_path / f"engine-{version}.plan"
         res = _run_build_sh(stage, fake, version, out, tmp_path)
         assert res.returncode == 0, res.stderr + res.stdout
         seen = json.loads(out.read_text())
-        assert seen["useDLACore"] == "0" and seen["maxShapes"] == "image:8x3x16x16,input_ids:8x16"
-        if version < 110000:
-            assert "int8" in seen and "stronglyTyped" not in seen
-        else:
-            assert "stronglyTyped" in seen and "int8" not in seen
+        assert seen["useDLACore"] == "0" and seen["maxShapes"] == "image:4x3x16x16,input_ids:4x8"
+        assert "stronglyTyped" in seen and "int8" not in seen
         assert seen["timingCacheFile"].endswith(f"trtexec-jetson-agx-orin-cc8.7-trt{version}.cache")
     # The bundle folder itself is untouched: the engine went to OUT.
     assert sorted(p.name for p in stage.iterdir()) == ["build.sh", "build_config.json", "model.onnx"]

@@ -188,3 +188,24 @@ def test_fp16_onnxruntime_path_handles_outputs_read_inside_the_graph(tmp_path):
     assert recipe["tool"].startswith("onnxconverter_common") and recipe["outputs_split"] == 1
     feeds = {"x": np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)}
     np.testing.assert_allclose(_ort_run(out, feeds), _ort_run(path, feeds), atol=5e-3, rtol=5e-3)
+
+
+def test_target_dla_with_a_modelopt_that_would_swallow_it_is_refused_before_calibration(fp32_onnx, tmp_path,
+                                                                                         monkeypatch):
+    # modelopt < 0.46 takes target_dla into **kwargs and ignores it: old code then wrote a GPU Q/DQ placement
+    # for a DLA build. The stand-in is such a signature; it cannot prove which release first had the parameter.
+    import edgemm.quant.modelopt_qdq as mq
+    from edgemm.errors import DependencyError
+
+    ran = []
+
+    def old_quantize(onnx_path, quantize_mode="int8", **kwargs):
+        ran.append(kwargs)
+
+    monkeypatch.setattr(mq, "_import_modelopt", lambda: (old_quantize, "0.45.0"))
+    with pytest.raises(DependencyError, match="nvidia-modelopt 0.45.0 cannot place Q/DQ for DLA"):
+        quantize_qdq(fp32_onnx, tmp_path / "dla.onnx", _calib(), "int8", target_dla=True)
+    assert ran == [] and not (tmp_path / "dla.onnx").exists()
+    monkeypatch.undo()
+    # The installed modelopt, through edgemm's ORT-isolation wrapper, exposes the parameter.
+    mq._require_target_dla(*mq._import_modelopt())

@@ -17,9 +17,16 @@ import re
 import time
 from pathlib import Path
 
+import hashlib
+import json
+import logging
+
 from ...errors import DependencyError, EdgemmError, InputError
-from ...runtime.tensorrt_session import _Capture, cuda_device, import_tensorrt, version_tuple
+from ...runtime.tensorrt_session import _Capture, cuda_device, import_tensorrt, select_device, version_tuple
+from ...targets import dla_precision_supported, dla_supported
 from .options import SAME_CC_MIN_TRT, TensorRTOptions
+
+_LOG = logging.getLogger("edgemm")
 
 __all__ = ["build_engine", "timing_cache_path"]
 
@@ -35,7 +42,8 @@ def timing_cache_path(gpu_name: str, compute_capability: str, trt_version: str,
     return root / f"{slug}-{compute_capability}-trt{trt_version}.cache"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def _write_atomic(path: Path, data) -> None:
+    """``data``: bytes or a buffer such as TensorRT's IHostMemory (written as is, no host copy)."""
     from ...runtime.atomic import write_bytes_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,8 +58,12 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     trt = import_tensorrt()
     dev = cuda_device(device)
+    # The builder works on the calling thread's current device: select it (cudaGetDeviceProperties alone
+    # does not), or a build for device 1 runs and tunes on device 0.
+    select_device(device)
     trt_version = trt.__version__
     major = version_tuple(trt_version)[0]
+    check_dla_build(trt_version, options)
     log = _Capture(trt)
     builder = trt.Builder(log.logger)
     if builder is None:
@@ -77,6 +89,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
         config.set_flag(getattr(trt.BuilderFlag, flag))
     _add_profile(trt, builder, network, config, options, onnx_path)
 
+    placement = None
     if options.dla_core is not None:
         if builder.num_DLA_cores <= options.dla_core:
             raise DependencyError(f"this device has {builder.num_DLA_cores} DLA core(s), DLA core "
@@ -86,6 +99,16 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
         config.DLA_core = int(options.dla_core)
         if options.gpu_fallback:
             config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+        placement = dla_placement(trt, network, config)
+        if placement["gpu_layers"] and not options.gpu_fallback:
+            raise InputError(f"{len(placement['gpu_layers'])} layer(s) cannot run on DLA (first: "
+                             f"{placement['gpu_layers'][0]!r}) and GPU fallback is off", file=onnx_path,
+                             field="--dla", fix="allow GPU fallback, or drop --dla")
+        if placement["gpu_layers"]:
+            _LOG.warning("DLA core %d: %d of %d layers fall back to the GPU (first: %s)", options.dla_core,
+                         len(placement["gpu_layers"]), placement["layers"], placement["gpu_layers"][0])
+        # DETAILED keeps per-layer names in the plan, so the engine inspector below can list them.
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if options.sparse_weights:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
     if options.version_compatible:
@@ -113,22 +136,71 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
     if serialized is None:
         raise EdgemmError(f"TensorRT {trt_version} failed to build the engine: {log.last_error}",
                           file=onnx_path, fix="see the TensorRT log with --verbose; try a larger workspace")
-    engine_bytes = bytes(memoryview(serialized))
-    _write_atomic(engine_path, engine_bytes)
+    # IHostMemory exposes the buffer protocol (NVIDIA/TensorRT samples/python/common_runtime.py writes
+    # `f.write(engine.serialize())`): write and hash it in place instead of copying it to bytes first.
+    view = memoryview(serialized)
+    _write_atomic(engine_path, view)
+    digest = hashlib.sha256(view).hexdigest()
     try:
-        _write_atomic(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+        _write_atomic(cache_file, config.get_timing_cache().serialize())
     except OSError:
         pass  # a read-only home must not fail the build; the next build is just slower
-    return {
+    built = {
         "tensorrt_version": trt_version,
         "compute_capability": dev["compute_capability"],
         "gpu": dev["name"],
+        "integrated": bool(dev.get("integrated", False)),
+        "dla_cores": int(builder.num_DLA_cores),
         "strongly_typed": not weak,
         "precision_flags": list(options.precision_flags(major)),
         "build_seconds": round(seconds, 3),
-        "engine_bytes": len(engine_bytes),
+        "engine_bytes": view.nbytes,
+        "engine_sha256": digest,
         "timing_cache": str(cache_file),
     }
+    if placement is not None:
+        placement["engine_layers"] = _inspected_layers(trt, log, serialized)
+        built["dla_placement"] = placement
+    return built
+
+
+def check_dla_build(trt_version: str, options: TensorRTOptions) -> None:
+    """Refuse, before parsing, a DLA build this TensorRT cannot make (see targets.DLA_TENSORRT_RANGES)."""
+    if options.dla_core is None:
+        return
+    if not dla_supported(trt_version):
+        raise DependencyError(f"TensorRT {trt_version} has no DLA support",
+                              fix="build with TensorRT 10.0-10.7 (JetPack 6) or 11.4.1 (JetPack 7.2.2, AGX Orin), "
+                                  "or recompile without --dla")
+    if not dla_precision_supported(trt_version, options.precision):
+        raise InputError(f"TensorRT {trt_version} runs DLA INT8 with implicit quantization only, not a Q/DQ model",
+                         field="--dla", fix="recompile with --fp16 --dla, or build on TensorRT 11.4.1 (JetPack 7.2.2)")
+
+
+def dla_placement(trt, network, config) -> dict:
+    """Which layers the builder can place on the DLA (IBuilderConfig.can_run_on_DLA, asked per layer before
+    building, as trtexec's --verbose "DLA Layers / GPU Layers" report does after it)."""
+    gpu = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not config.can_run_on_DLA(layer):
+            gpu.append(layer.name)
+    return {"dla_core": int(config.DLA_core), "layers": int(network.num_layers), "gpu_layers": gpu}
+
+
+def _inspected_layers(trt, log, serialized) -> list | None:
+    """The built engine's layers as the engine inspector lists them (IEngineInspector.get_engine_information
+    in JSON; names kept by ProfilingVerbosity.DETAILED). DLA subgraphs show up as single layers there.
+    None when the inspector is unavailable: the placement above still stands."""
+    try:
+        runtime = trt.Runtime(log.logger)
+        engine = runtime.deserialize_cuda_engine(serialized)
+        info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    except Exception as exc:  # noqa: BLE001 - a report, never a reason to fail a finished build
+        _LOG.info("engine inspector unavailable: %s", exc)
+        return None
+    layers = info.get("Layers", []) if isinstance(info, dict) else []
+    return [(x.get("Name"), x.get("LayerType")) if isinstance(x, dict) else (str(x), None) for x in layers]
 
 
 def _add_profile(trt, builder, network, config, options: TensorRTOptions, onnx_path: Path) -> None:

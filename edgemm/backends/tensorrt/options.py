@@ -3,10 +3,13 @@ command line written into portable bundles, and the manifest. Standard library o
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Mapping, Sequence
 
 from ...errors import InputError
+
+_LOG = logging.getLogger("edgemm")
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_cc")
 # First TensorRT release with HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY (NVIDIA/TensorRT
@@ -57,6 +60,12 @@ class TensorRTOptions:
             if self.precision not in ("fp16", "int8"):
                 raise InputError(f"DLA runs fp16 or int8 only, not {self.precision}", field="--dla",
                                  fix="add --int8 or --fp16, or drop --dla")
+            # DLA needs min = opt = max; with a range TensorRT quietly runs the layers on the GPU
+            # ("DLA Supported Layers and Restrictions": dynamic dimensions are not supported on DLA).
+            ranged = sorted(n for n, (lo, opt, hi) in self.profile_shapes.items() if not lo == opt == hi)
+            if ranged:
+                raise InputError(f"input(s) {', '.join(ranged)} have a min/opt/max range, which DLA cannot run",
+                                 field="--dla", fix="give --dynamic MIN:OPT:MAX with MIN = OPT = MAX for --dla")
         for name, triple in self.profile_shapes.items():
             if len(triple) != 3:
                 raise InputError("needs (min, opt, max) shapes", field=f"profile_shapes[{name!r}]")
@@ -77,7 +86,8 @@ class TensorRTOptions:
         """TensorRT 11 has no weak typing at all. On 10.x edgemm builds strongly typed (precision comes
         from the ONNX file) except for DLA: strongly typed DLA builds arrived with TensorRT 11.4.1
         (https://docs.nvidia.com/deeplearning/tensorrt/latest/getting-started/release-notes-11/11.4.1.html),
-        so a 10.x DLA build uses the precision builder flags."""
+        so a 10.x DLA build uses the precision builder flags (FP16 only: INT8 there means implicit
+        quantization, which targets.dla_precision_supported refuses before any work)."""
         if trt_major >= 11:
             return False
         return (not self.strongly_typed) or self.dla_core is not None
@@ -162,7 +172,15 @@ def options_for_target(target, precision: str, *, dla: bool | int = False, spars
     """Defaults a target implies: its workspace budget, DLA core 0 when ``dla`` is True, profiles from
     the inputs' dynamic dims. ``overrides`` set any other field (opt_level, cuda_graph, ...)."""
     dla_core = None if dla is False or dla is None else (0 if dla is True else int(dla))
+    shapes = profile_shapes_from_inputs(inputs)
+    if dla_core is not None:
+        # DLA runs static shapes only: pin every dynamic input to its opt shape (logged), so a --dla
+        # build never falls back to the GPU silently because of a shape range.
+        for name, (lo, opt, hi) in list(shapes.items()):
+            if not lo == opt == hi:
+                _LOG.warning("--dla: input %s pinned to its opt shape %s (DLA needs min = opt = max)", name, list(opt))
+                shapes[name] = (opt, opt, opt)
     values = dict(precision=precision, dla_core=dla_core, workspace_mb=target.workspace_mb,
-                  sparse_weights=sparse_weights, profile_shapes=profile_shapes_from_inputs(inputs))
+                  sparse_weights=sparse_weights, profile_shapes=shapes)
     values.update(overrides)
     return TensorRTOptions(**values)

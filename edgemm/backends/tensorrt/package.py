@@ -44,12 +44,15 @@ def check_options_for_target(target, options: TensorRTOptions) -> None:
             raise InputError(f"target {target.name} ships TensorRT {', '.join(old)}, which has no same-compute-"
                              f"capability mode (needs >= {need})", field="hardware_compatibility",
                              fix="use 'none' or 'ampere_plus'")
-    if options.dla_core is not None:
-        # DLA on TensorRT 11 arrived with 11.4.1 on JetPack 7.2.2+ (Jetson AGX Orin); 11.0-11.3 have none.
-        no_dla = [v for v in target.tensorrt_versions if (11, 0) <= tuple(map(int, v.split("."))) < (11, 4)]
-        if no_dla:
-            raise InputError(f"TensorRT {', '.join(no_dla)} has no DLA support", field="--dla",
-                             fix="target a TensorRT 10.x or >= 11.4.1 stack")
+    # DLA per TensorRT version (which versions have it, INT8 only on 11.4.1) is target.validate's job above.
+
+
+def build_majors(target, options: TensorRTOptions) -> tuple[int, ...]:
+    """The TensorRT majors build.sh gets a command for: all the target's, or for DLA only those whose
+    listed version can build it (an AGX Orin DLA INT8 bundle builds on 11.4.1, never on JetPack 6's 10.3)."""
+    if options.dla_core is None:
+        return target.tensorrt_majors
+    return tuple(sorted({int(v.split(".")[0]) for v in target.dla_versions(options.precision)}))
 
 
 def _copy_onnx(src: Path, dst_dir: Path) -> list[str]:
@@ -103,7 +106,7 @@ def package(onnx_path: Path, stage_dir: Path, target, options: TensorRTOptions, 
     onnx_files = _copy_onnx(onnx_path, stage_dir)
 
     commands = {}
-    for major in target.tensorrt_majors:
+    for major in build_majors(target, options):
         cache = f"${{CACHE_DIR}}/trtexec-{target.name}-cc{target.compute_capability}-trt${{VERSION}}.cache"
         commands[major] = trtexec_command(ONNX_NAME, "${OUT}", options, major, timing_cache=cache)
     config = {
