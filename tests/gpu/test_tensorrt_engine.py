@@ -58,15 +58,14 @@ def onnx_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_target(tmp_path_factory):
     """A profile for this very GPU, so the builder agrees to build here."""
-    major = trt.__version__.split(".")[0]
-    minor = trt.__version__.split(".")[1]
+    version = ".".join((trt.__version__.split(".") + ["0", "0"])[:3])   # MAJOR.MINOR.PATCH, as profiles need
     cc = DEVICE["compute_capability"]
     fp8 = tuple(map(int, cc.split("."))) >= targets.FP8_MIN_CC
     precisions = json.dumps(["fp32", "fp16", "int8"] + (["fp8"] if fp8 else []))
     text = (f'name = "local"\ndescription = {json.dumps(DEVICE["name"])}\nkind = "datacenter"\n'
             f'backend = "tensorrt"\ncompute_capability = "{cc}"\nprecisions = {precisions}\n'
             f'default_precision = "fp16"\ndla_cores = 0\nmemory_mb = 16384\nworkspace_mb = 1024\n'
-            f'sparse_tensor_cores = true\ntensorrt_versions = ["{major}.{minor}"]\n')
+            f'sparse_tensor_cores = true\ntensorrt_versions = ["{version}"]\n')
     path = tmp_path_factory.mktemp("target") / "local.toml"
     path.write_text(text)
     return targets.load(str(path))
