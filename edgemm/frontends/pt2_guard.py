@@ -6,7 +6,8 @@ with ``weights_only=False``, even as a silent fallback; (2) symbolic shape expre
 ``sympy.sympify``, which evaluates Python; (3) graph node targets are resolved by ``getattr`` from the
 ``torch`` module, so ``torch.os.system`` is a valid target. Without ``--trust-pickle`` edgemm closes
 all three: every pickle is forced through torch's weights-only unpickler, and before torch sees the
-file, every node target must resolve to a torch operator and every expression must be plain arithmetic.
+file, every node target must resolve to an operator that ``op_policy`` allows (pure tensor operators:
+``torch.ops.aten.from_file`` is a torch operator too) and every expression must be plain arithmetic.
 There is no public torch API for a safe load, hence this hand-written check.
 """
 
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InputError, SecurityError
+from .op_policy import TRUST_FIX, higher_order_refusal, operator_refusal
 
 # Functions torch serializes as call targets besides operators: symbolic-shape arithmetic only.
 _OPERATOR_FUNCS = ("getitem", "eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub", "floordiv",
@@ -70,32 +72,34 @@ def _allowed_functions() -> set:
     return funcs
 
 
-def target_is_operator(target: str, allowed: set) -> bool:
-    """Resolve ``target`` the way torch's deserializer does and accept only torch operators (OpOverload,
-    OpOverloadPacket, HigherOrderOperator) and the symbolic-arithmetic functions above."""
+def target_refusal(target: str, allowed: set) -> str | None:
+    """Resolve ``target`` the way torch's deserializer does; None when it is an operator the op policy
+    allows (or one of the symbolic-arithmetic functions above), otherwise why it is refused."""
     import torch
 
     if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", target, re.ASCII):
-        return False
+        return "is not a torch operator"
     parts = target.split(".")
     roots = {"torch": torch, "_operator": operator, "math": math}
     op_name_index = 3 if parts[:2] == ["torch", "ops"] else -1
     if parts[0] not in roots or any(p.startswith("__") and i != op_name_index for i, p in enumerate(parts)):
-        return False  # dunders only as an operator's name (torch.ops.aten.__and__.Tensor), never as a path step
+        return "is not a torch operator"  # dunders only as an operator's name (torch.ops.aten.__and__.Tensor)
     obj = roots[parts[0]]
     try:
         for name in parts[1:]:
             obj = getattr(obj, name)
     except (AttributeError, RuntimeError):
-        return False
-    op_types = tuple(t for t in (getattr(torch._ops, n, None) for n in
-                                 ("OpOverload", "OpOverloadPacket", "HigherOrderOperator")) if t is not None)
-    if isinstance(obj, op_types):
-        return True
+        return "is not a torch operator"
+    if isinstance(obj, torch._ops.HigherOrderOperator):
+        return higher_order_refusal(obj.name())
+    if isinstance(obj, torch._ops.OpOverload):
+        return operator_refusal(obj._schema.name)
+    if isinstance(obj, torch._ops.OpOverloadPacket):
+        return operator_refusal(obj._qualified_op_name)
     try:
-        return obj in allowed
+        return None if obj in allowed else "is not a torch operator"
     except TypeError:  # unhashable
-        return False
+        return "is not a torch operator"
 
 
 def _walk(value, visit) -> None:
@@ -138,23 +142,26 @@ def check_archive(path: Path) -> None:
 
         def visit(node: dict, member=name) -> None:
             if isinstance(node.get("target"), str) and "inputs" in node and "outputs" in node:
-                if not target_is_operator(node["target"], allowed):
-                    raise SecurityError(f"a graph node calls {node['target'][:80]!r}, which is not a torch operator",
+                why = target_refusal(node["target"], allowed)
+                if why:
+                    raise SecurityError(f"a graph node calls {node['target'][:80]!r}, which {why}",
                                         file=path, field=f"{member}: node {str(node.get('name'))[:40]!r}",
-                                        fix=_TRUST_FIX)
+                                        fix=TRUST_FIX)
             if "as_operator" in node and isinstance(node["as_operator"], str):
-                if not target_is_operator(node["as_operator"], allowed):
-                    raise SecurityError(f"an argument names {node['as_operator'][:80]!r}, which is not a torch "
-                                        f"operator", file=path, field=f"{member}: as_operator", fix=_TRUST_FIX)
+                why = target_refusal(node["as_operator"], allowed)
+                if why:
+                    raise SecurityError(f"an argument names {node['as_operator'][:80]!r}, which {why}",
+                                        file=path, field=f"{member}: as_operator", fix=TRUST_FIX)
+            if "as_custom_obj" in node:  # a torchbind object: its methods are native code of some library
+                raise SecurityError("an argument is a custom C++ class object, whose methods run native code",
+                                    file=path, field=f"{member}: as_custom_obj", fix=TRUST_FIX)
             expr = node.get("expr_str")
             if expr is not None and not (isinstance(expr, str) and expression_is_plain(expr)):
                 raise SecurityError(f"symbolic expression {str(expr)[:80]!r} is not plain arithmetic and would be "
-                                    f"evaluated as Python", file=path, field=f"{member}: expr_str", fix=_TRUST_FIX)
+                                    f"evaluated as Python", file=path, field=f"{member}: expr_str", fix=TRUST_FIX)
 
         _walk(doc, visit)
 
-
-_TRUST_FIX = "re-export the model with torch.export, or pass --trust-pickle if you trust the file's author"
 
 
 @contextmanager
