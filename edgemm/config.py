@@ -9,11 +9,15 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, SecurityError
 
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_cc")
 OPT_LEVELS = range(0, 6)   # TensorRT builder optimization levels (the CLI's --opt-level 0..5)
+# Keys that switch on trust in an input's code. Trust comes only from the person at the command line
+# (--trust-pickle beside --config) or an explicit Python argument, never from a file that travels with
+# the model: --config refuses them set, and --dump-config leaves them out.
+COMMAND_LINE_ONLY = ("trust_pickle",)
 
 
 @dataclass
@@ -121,6 +125,10 @@ class CompileConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def to_file_dict(self) -> dict:
+        """What --dump-config writes: everything but the trust switches (see COMMAND_LINE_ONLY)."""
+        return {k: v for k, v in asdict(self).items() if k not in COMMAND_LINE_ONLY}
+
     @classmethod
     def from_file(cls, path: Path) -> "CompileConfig":
         from .paths import require_regular_file
@@ -139,6 +147,12 @@ class CompileConfig:
         if unknown:
             raise InputError(f"unknown key {unknown[0]!r}", file=path, field=unknown[0],
                              fix=f"valid keys: {', '.join(sorted(known))}")
+        for key in COMMAND_LINE_ONLY:
+            if data.get(key) is True:
+                flag = "--" + key.replace("_", "-")
+                raise SecurityError(f"a config file cannot switch on {flag}: trust in a model's code comes only "
+                                    f"from the command line", file=path, field=key,
+                                    fix=f"remove the key, and type {flag} beside --config if you trust the model")
         if "model" not in data:
             raise InputError("missing key", file=path, field="model", fix="add the model path")
         hints = typing.get_type_hints(cls)

@@ -59,7 +59,8 @@ from .options import verbose_option
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--no-thread-tuning", is_flag=True,
               help="Do not time 1 vs default ORT threads (CPU bundles); keep ORT's default.")
-@click.option("--config", "config_file", type=click.Path(), help="Load the whole config from a JSON file.")
+@click.option("--config", "config_file", type=click.Path(),
+              help="Load the whole config from a JSON file (trust only from --trust-pickle beside it).")
 @click.option("--dump-config", is_flag=True, help="Print the config as JSON and exit.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
@@ -73,6 +74,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
     if config_file:
         _no_flags_besides_config()
         cfg = CompileConfig.from_file(Path(config_file))
+        cfg.trust_pickle = trust_pickle  # only ever from the command line
     else:
         if not model:
             raise InputError("missing MODEL argument", field="MODEL",
@@ -99,7 +101,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             tune_threads=not no_thread_tuning)
     cfg.validate()
     if dump_config:
-        click.echo(json.dumps(cfg.to_dict(), indent=2))
+        click.echo(json.dumps(cfg.to_file_dict(), indent=2))
         return 0
     from ..compiler import compile_model
 
@@ -151,7 +153,7 @@ def _no_flags_besides_config() -> None:
     from ..errors import InputError
 
     ctx = click.get_current_context()
-    allowed = {"config_file", "dump_config", "as_json", "verbose"}
+    allowed = {"config_file", "dump_config", "as_json", "verbose", "trust_pickle"}  # trust: never from the file
     for param in ctx.command.params:
         if param.name in allowed or ctx.get_parameter_source(param.name) in (None, ParameterSource.DEFAULT):
             continue
