@@ -11,27 +11,21 @@ from ..errors import InputError, SecurityError, first_line
 from ..paths import require_regular_file
 from ..signature import from_callable
 from .base import LoadedModel, LoadOptions, ensure_eval, sha256_of, torch_warnings_logged
+from .factory_guard import build, check_factory, check_module_name
 
 
 def load(spec: str, options: LoadOptions) -> LoadedModel:
     import hashlib
 
     module_name, func_name = spec.split(":")
-    try:
-        mod = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise InputError(f"cannot import {module_name!r} ({first_line(exc, None)})", field="MODEL",
-                         fix="install the package or add its folder to PYTHONPATH") from exc
+    check_module_name(module_name, spec)
+    mod = _import(module_name)
     factory = getattr(mod, func_name, None)
     if not callable(factory):
         raise InputError(f"{module_name} has no callable {func_name!r}", field="MODEL",
                          fix="name a function that returns a torch.nn.Module")
-    model = factory()
-    import torch
-
-    if not isinstance(model, torch.nn.Module):
-        raise InputError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module", field="MODEL",
-                         fix="return the model instance from the factory")
+    check_factory(factory, spec)
+    model = build(factory, spec)
     digest = hashlib.sha256(spec.encode())
     if options.weights:
         wpath = Path(options.weights)
@@ -47,6 +41,25 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     loaded.signature = from_callable(model.forward, f"{type(model).__name__}.forward()")
     loaded.input_names = loaded.signature.required
     return loaded
+
+
+def _import(module_name: str):
+    """Import the user's module (their code, their choice) without writing __pycache__ beside it: a
+    compile touches no file outside its output."""
+    import sys
+
+    saved, sys.dont_write_bytecode = sys.dont_write_bytecode, True
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot import {module_name!r} ({first_line(exc, None)})", field="MODEL",
+                         fix="install the package or add its folder to PYTHONPATH") from exc
+    except BaseException as exc:  # noqa: BLE001 - the module's own code failed (SyntaxError, SystemExit, ...)
+        raise InputError(f"importing {module_name!r} raised {type(exc).__name__}: {first_line(exc, 200, '')}"
+                         .rstrip(": "), field="MODEL", fix="fix the module, or import it by hand to see the "
+                                                             "traceback") from exc
+    finally:
+        sys.dont_write_bytecode = saved
 
 
 def load_state_dict(path: Path) -> dict:
