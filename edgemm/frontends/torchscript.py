@@ -17,12 +17,12 @@ def load(spec: str, options: LoadOptions) -> LoadedModel:
     if not options.trust_pickle:
         check_archive(path)
     try:
-        module, functions = _import(path)
+        module, unit = _import(path)
     except Exception as exc:  # torch raises RuntimeError/ValueError/etc. for corrupt archives
         raise InputError(f"cannot load TorchScript archive ({first_line(exc, None)})", file=path,
                          fix="re-save it with torch.jit.save, or pass a .pt2 / .onnx file") from exc
     if not options.trust_pickle:
-        check_program(functions, path)
+        check_program(unit, path)
     loaded = LoadedModel(source=spec, format="torchscript", sha256=sha256_of(path), name=path.stem,
                          module=module)
     ensure_eval(module, loaded)
@@ -39,4 +39,4 @@ def _import(path: Path):
 
     unit = torch._C.CompilationUnit()
     cpp_module = torch._C.import_ir_module(unit, str(path), torch.device("cpu"), {}, False)
-    return wrap_cpp_module(cpp_module), unit.get_functions()
+    return wrap_cpp_module(cpp_module), unit

@@ -43,33 +43,44 @@ def check_archive(path: Path) -> None:
                          fix="re-save it with torch.jit.save") from exc
 
 
-def check_program(functions, path: Path) -> None:
-    """Refuse the program if any graph of ``functions`` (a compilation unit's ``get_functions()``: every
+def check_program(unit, path: Path) -> None:
+    """Refuse the program if any graph of ``unit`` (the compilation unit ``torch.jit.load`` fills: every
     method and free function the archive defines) calls an operator outside the allow-list, or handles a
     value whose type runs native code of its own."""
-    for fn in functions:
-        where = fn.qualified_name
-        graph = fn.graph
-        for value in graph.inputs():
-            _check_value(value, where, path)
-        blocks = [graph]
-        while blocks:  # iterative: nesting depth is the file's choice
-            block = blocks.pop()
-            for node in block.nodes():
-                kind = node.kind()
-                why = operator_refusal(kind)
-                if why:
-                    raise SecurityError(f"calls {kind}, which {why}; edgemm runs only pure tensor "
-                                        f"operators without trust", file=path, field=where, fix=TRUST_FIX)
-                for value in node.outputs():
-                    _check_value(value, where, path)
-                blocks.extend(node.blocks())
-                for attr in node.attributeNames():
-                    attr_kind = node.kindOf(attr)
-                    if attr_kind == "g":       # prim::fork / awaitable subgraphs
-                        blocks.append(node.g(attr))
-                    elif attr_kind == "gs":
-                        blocks.extend(node.gs(attr))
+    walked: set[str] = set()
+    while True:  # reading a function's graph may define more (lazy compilation): walk to a fixed point
+        pending = [fn for fn in unit.get_functions() if fn.qualified_name not in walked]
+        if not pending:
+            return
+        for fn in pending:
+            walked.add(fn.qualified_name)
+            _check_function(fn, path)
+
+
+def _check_function(fn, path: Path) -> None:
+    """Every node of the function's graph, nested blocks and subgraphs included."""
+    where = fn.qualified_name
+    graph = fn.graph
+    for value in graph.inputs():
+        _check_value(value, where, path)
+    blocks = [graph]
+    while blocks:  # iterative: nesting depth is the file's choice
+        block = blocks.pop()
+        for node in block.nodes():
+            kind = node.kind()
+            why = operator_refusal(kind)
+            if why:
+                raise SecurityError(f"calls {kind}, which {why}; edgemm runs only pure tensor "
+                                    f"operators without trust", file=path, field=where, fix=TRUST_FIX)
+            for value in node.outputs():
+                _check_value(value, where, path)
+            blocks.extend(node.blocks())
+            for attr in node.attributeNames():
+                attr_kind = node.kindOf(attr)
+                if attr_kind == "g":       # prim::fork / awaitable subgraphs
+                    blocks.append(node.g(attr))
+                elif attr_kind == "gs":
+                    blocks.extend(node.gs(attr))
 
 
 def _check_value(value, where: str, path: Path) -> None:

@@ -153,6 +153,12 @@ def test_python_api_trust_is_an_explicit_argument(good, tmp_path):
 
 # -- the allow-list accepts what real models use ---------------------------------------------------------
 
+class _NoGradBlock(torch.nn.Module):
+    def forward(self, x):
+        with torch.no_grad():  # prim::Enter/Exit over torch's own grad-mode class
+            return torch.nn.functional.gelu(x).softmax(-1)
+
+
 def _real_torchscript_models():
     from torch import nn
 
@@ -169,6 +175,7 @@ def _real_torchscript_models():
     yield "lstm", torch.jit.script(nn.LSTM(8, 8, 2, batch_first=True))
     yield "gru", torch.jit.script(nn.GRU(8, 8, batch_first=True))
     yield "conv-tower-scripted", torch.jit.script(conv)
+    yield "no-grad-block", torch.jit.script(_NoGradBlock())
     yield "conv-tower-traced", torch.jit.trace(conv, torch.randn(1, 3, 16, 16))
     yield "tiny-fused-traced", torch.jit.trace(build_tiny().eval(), example_args(), strict=False,
                                                check_trace=False)
@@ -223,6 +230,21 @@ def test_traced_hugging_face_towers_pass_the_allow_list(tmp_path):
     assert load_model(str(exported)).module is not None
 
 
+class _Branches(torch.nn.Module):
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda t: t.sin(), lambda t: t.cos(), (x,))
+
+
+def test_exported_control_flow_passes_the_allow_list(tmp_path):
+    """Higher-order operators that only run the program's own subgraphs (torch.cond) are allowed, and
+    their subgraphs are checked node by node like the rest."""
+    from edgemm.frontends import load_model
+
+    path = tmp_path / "branches.pt2"
+    torch.export.save(torch.export.export(_Branches(), (torch.randn(2, 4),)), str(path))
+    assert load_model(str(path)).module(torch.ones(2, 4)).shape == (2, 4)
+
+
 def test_op_policy_verdicts():
     from edgemm.frontends.op_policy import higher_order_refusal, operator_refusal
 
@@ -235,3 +257,40 @@ def test_op_policy_verdicts():
                     "my_lib::anything"):
         assert operator_refusal(refused), refused
     assert higher_order_refusal("cond") is None and higher_order_refusal("flat_apply")
+
+
+# Side-effect-shaped ATen operators reviewed as pure (checks, grad mode, shape constraints, sparse argument
+# validation). A torch upgrade that adds one more fails the test below until someone reviews it.
+_REVIEWED_PURE = {
+    "aten::_assert_async", "aten::_assert_scalar", "aten::_assert_tensor_metadata", "aten::_linalg_check_errors",
+    "aten::_propagate_xla_data", "aten::_validate_compressed_sparse_indices",
+    "aten::_validate_sparse_bsc_tensor_args", "aten::_validate_sparse_bsr_tensor_args",
+    "aten::_validate_sparse_compressed_tensor_args", "aten::_validate_sparse_coo_tensor_args",
+    "aten::_validate_sparse_csc_tensor_args", "aten::_validate_sparse_csr_tensor_args",
+    "aten::set_grad_enabled", "aten::sym_constrain_range", "aten::sym_constrain_range_for_size", "aten::warn",
+    "aten::_functional_assert_async", "aten::isprintable", "aten::_nested_tensor_storage_offsets",
+    "aten::initial_seed", "aten::storage_offset", "aten::sym_storage_offset", "aten::_has_same_storage_numel",
+    "aten::_test_serialization_subcmul", "aten::_test_warn_in_autograd",
+}
+
+
+def test_every_side_effect_shaped_aten_operator_was_reviewed():
+    """The allow-list takes ATen from the registry; this keeps its exception table honest: an operator
+    that returns nothing without writing a tensor, or whose name speaks of files, printing, seeds,
+    storage or the environment, is either in ATEN_SIDE_EFFECTS (refused) or reviewed as pure above."""
+    from edgemm.frontends.op_policy import ATEN_SIDE_EFFECTS, operator_refusal
+
+    suspicious = {"file", "save", "load", "open", "path", "print", "write", "read", "env", "getenv", "socket",
+                  "url", "shm", "shared", "share", "seed", "storage", "stream", "profile", "profiler", "rpc",
+                  "exec", "system", "dir", "mmap"}
+    unreviewed = set()
+    for schema in torch._C._jit_get_all_schemas():
+        name = schema.name
+        if not name.startswith("aten::") or operator_refusal(name):
+            continue  # refused already (reviewed table or a non-value type)
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+        words = set(name.split("::")[1].strip("_").split("_"))
+        if ((not schema.returns and not writes) or words & suspicious) and name not in _REVIEWED_PURE:
+            unreviewed.add(name)
+    assert not unreviewed, sorted(unreviewed)
+    assert set(ATEN_SIDE_EFFECTS) <= {s.name for s in torch._C._jit_get_all_schemas()}
