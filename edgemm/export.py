@@ -160,6 +160,7 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
     model = onnx.load(str(out_path))
     onnx.checker.check_model(model)
     model = _slim(model, notes)
+    _keep_unused_inputs(model, specs, notes)
     name_outputs(model, output_names, source=loaded.source)
     rename_symbolic_dims(model, specs)
     _name_output_dims(model, specs, example, ref_example, check_feeds, reference)
@@ -200,6 +201,21 @@ def _export_fix(errors: Sequence[str], fmt: str) -> str:
                 "make that step static in forward(), or export ONNX yourself and pass the .onnx file")
     return ("make the model exportable with torch.export (see exportdb), or export ONNX yourself and pass the "
             ".onnx file")
+
+
+def _keep_unused_inputs(model, specs: Sequence[TensorSpec], notes: list[str]) -> None:
+    """Both exporters drop inputs the graph never reads (CLAP's ``is_longer`` when fusion is off). The
+    bundle keeps the model's inputs, so data that carries them (and the runtime's input check) still fits:
+    add them back as graph inputs no node reads."""
+    import onnx
+
+    have = {v.name for v in model.graph.input}
+    for spec in specs:
+        if spec.name in have:
+            continue
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
+        model.graph.input.append(onnx.helper.make_tensor_value_info(spec.name, elem, list(spec.shape)))
+        notes.append(f"input {spec.name!r} is not used by the model (kept as an input no node reads)")
 
 
 def _name_output_dims(model, specs, example, ref_example, check_feeds, reference) -> None:

@@ -38,7 +38,8 @@ def test_keyword_exported_pt2(cli, keyword_only, tmp_path):
 def test_optional_parameters_and_kwargs_are_not_required(cli, tmp_path):
     saved = io_models.save("optional_inputs", tmp_path / "m", formats=())
     manifest = _compile_and_verify(cli, f"{F}:optional_inputs", saved, tmp_path / "b")
-    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask"]
+    assert [i["name"] for i in manifest["inputs"]] == ["input_ids", "attention_mask", "is_longer"]
+    assert any("'is_longer' is not used" in n for n in manifest["export"]["notes"])
     # a data key that is no parameter is named in one line
     import numpy as np
 
@@ -74,4 +75,4 @@ def test_inspect_model_shows_signature_shapes_and_outputs(cli, keyword_only, tmp
                     "pooled.mean": ["batch"], "pooled.max": ["batch"]}
     r = cli("inspect", f"{F}:optional_inputs")
     assert "forward(input_ids, attention_mask=None, position_ids=None, return_loss=False, " \
-           "output_hidden_states=None, **kwargs)" in r.stdout
+           "output_hidden_states=None, is_longer=None, **kwargs)" in r.stdout
