@@ -7,13 +7,16 @@ the manifest's sha256, and the engine's TensorRT version and compute capability 
 machine. Engine host code is never enabled (``engine_host_code_allowed`` stays False), so plans that
 embed a lean runtime or plugins as host code do not load.
 
-Threads: each thread gets its own execution context, stream and buffers (TensorRT execution contexts
-are not thread-safe); the engine is shared. Optional CUDA-graph replay captures ``execute_async_v3``
-once per input-shape set and relaunches the graph while shapes stay the same.
+Threads: a call takes an execution context (with its stream and buffers) from a bounded pool and gives
+it back (TensorRT execution contexts are not thread-safe, and each holds the engine's activation memory:
+at most ``max_contexts`` exist however many threads come and go); the engine is shared. Every call
+selects the session's device on its own thread. Optional CUDA-graph replay captures
+``execute_async_v3`` once per context and input-shape set (never for DLA engines).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import threading
@@ -139,30 +142,68 @@ class _Capture:
         return self.logger.errors[-1] if self.logger.errors else "no error message from TensorRT"
 
 
-class _ThreadState:
-    """One execution context + stream + device buffers, owned by one thread."""
+def stream_handle(stream) -> int:
+    """The native cudaStream_t address for execute_async_v3. cuda-bindings 13 deprecates int() on its
+    handle types; getPtr() returns the address in cuda-python 12 and 13 (cuda.bindings, "handle types")."""
+    get = getattr(stream, "getPtr", None)
+    return int(get()) if get is not None else int(stream)
 
-    def __init__(self, engine, cudart):
+
+class _ContextState:
+    """One execution context + stream + device and pinned host buffers. Used by one thread at a time
+    (TensorRT execution contexts are not thread-safe), handed between threads through the session's pool.
+
+    Host buffers are page-locked (cudaMallocHost), so cudaMemcpyAsync really is asynchronous (pageable
+    memory is staged through a driver buffer: CUDA C++ Best Practices, "Pinned Memory"). On integrated GPUs
+    (Jetson: CPU and GPU share DRAM) they are mapped instead (cudaHostAlloc + cudaHostAllocMapped) and the
+    engine reads and writes them directly, with no copy at all ("CUDA for Tegra", zero-copy)."""
+
+    def __init__(self, engine, cudart, *, zero_copy: bool):
         self.cudart = cudart
+        self.zero_copy = zero_copy
         self.context = engine.create_execution_context()
         if self.context is None:
             raise DependencyError("TensorRT could not create an execution context (out of GPU memory?)",
                                   fix="close other GPU programs or rebuild with a smaller workspace")
         self.stream = _check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.buffers: dict[str, tuple[int, int]] = {}   # name -> (device pointer, capacity bytes)
+        self.handle = stream_handle(self.stream)
+        # name -> (host pointer, device pointer, capacity in bytes)
+        self.buffers: dict[str, tuple[int, int, int]] = {}
         self.graph_exec = None
         self.graph_shapes = None
         self.graph_failed = False
 
-    def buffer(self, name: str, nbytes: int) -> int:
-        ptr, cap = self.buffers.get(name, (0, 0))
+    def _alloc(self, nbytes: int) -> tuple[int, int]:
+        cudart = self.cudart
+        if self.zero_copy:
+            host = int(_check(cudart, cudart.cudaHostAlloc(nbytes, cudart.cudaHostAllocMapped), "cudaHostAlloc"))
+            dev = int(_check(cudart, cudart.cudaHostGetDevicePointer(host, 0), "cudaHostGetDevicePointer"))
+            return host, dev
+        host = int(_check(cudart, cudart.cudaMallocHost(nbytes), "cudaMallocHost"))
+        try:
+            dev = int(_check(cudart, cudart.cudaMalloc(nbytes), "cudaMalloc"))
+        except DependencyError:
+            cudart.cudaFreeHost(host)
+            raise
+        return host, dev
+
+    def _free(self, host: int, dev: int) -> None:
+        self.cudart.cudaFreeHost(host)
+        if not self.zero_copy:
+            self.cudart.cudaFree(dev)
+
+    def buffer(self, name: str, nbytes: int) -> tuple[int, int]:
+        """(host pointer, device pointer) of at least ``nbytes``, grown (never shrunk) on demand."""
+        host, dev, cap = self.buffers.get(name, (0, 0, 0))
         if nbytes > cap:
-            if ptr:
-                _check(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
-            ptr = _check(self.cudart, self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc")
-            self.buffers[name] = (int(ptr), max(nbytes, 1))
+            if cap:
+                self._free(host, dev)
+                del self.buffers[name]
+            cap = max(nbytes, 1)
+            host, dev = self._alloc(cap)
+            self.buffers[name] = (host, dev, cap)
             self.drop_graph()   # addresses changed: a captured graph would use the old ones
-        return self.buffers[name][0]
+        return host, dev
 
     def drop_graph(self) -> None:
         if self.graph_exec is not None:
@@ -172,8 +213,8 @@ class _ThreadState:
 
     def close(self) -> None:
         self.drop_graph()
-        for ptr, _ in self.buffers.values():
-            self.cudart.cudaFree(ptr)
+        for host, dev, _ in self.buffers.values():
+            self._free(host, dev)
         self.buffers.clear()
         if self.stream is not None:
             self.cudart.cudaStreamDestroy(self.stream)
@@ -181,10 +222,18 @@ class _ThreadState:
         self.context = None
 
 
+def _host_view(ptr: int, shape, dtype: np.dtype) -> np.ndarray:
+    """A numpy array over ``ptr`` (pinned host memory owned by a _ContextState)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = (ctypes.c_char * max(count * dtype.itemsize, 1)).from_address(ptr)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
 class TensorRTSession:
     """Runs ``backend.engine`` of a bundle. ``run(feeds) -> list[np.ndarray]`` in the manifest's output order."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict, *, cuda_graph: bool | None = None, device: int = 0):
+    def __init__(self, bundle_dir: Path, manifest: dict, *, cuda_graph: bool | None = None, device: int = 0,
+                 max_contexts: int | None = None):
         self.bundle_dir = Path(bundle_dir)
         source = str(self.bundle_dir / MANIFEST_NAME)
         backend = manifest.get("backend") or {}
@@ -219,17 +268,24 @@ class TensorRTSession:
         trt = import_tensorrt()
         cudart = import_cudart()
         dev = cuda_device(device)
-        _check(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
-        self._check_compatible(trt.__version__, dev, built, backend.get("options") or {}, source)
+        select_device(device)
+        options = backend.get("options") or {}
+        self._check_compatible(trt.__version__, dev, built, options, source)
 
         self._trt, self._cudart = trt, cudart
         self._log = _Capture(trt)
         self._runtime = trt.Runtime(self._log.logger)
         # Explicit although False is TensorRT's default: never run host code shipped inside a plan.
         self._runtime.engine_host_code_allowed = False
-        options = backend.get("options") or {}
         if options.get("dla_core") is not None:
-            self._runtime.DLA_core = int(options["dla_core"])
+            core, have = int(options["dla_core"]), int(getattr(self._runtime, "num_DLA_cores", 0))
+            # Compute capability alone cannot tell an AGX Orin (2 DLA cores) from an Orin Nano (none).
+            if core >= have:
+                raise BundleError(f"engine runs on DLA core {core} but this device has {have} DLA core(s)",
+                                  file=source, field="backend.options.dla_core",
+                                  fix="run it on the Jetson module it was built for, or recompile without --dla")
+            self._runtime.DLA_core = core
+        # The bytes hashed above are the bytes deserialized: no second read of the file.
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
             raise BundleError(f"TensorRT could not deserialize the engine: {self._log.last_error}",
@@ -252,16 +308,28 @@ class TensorRTSession:
                                   f"hold", file=engine_path,
                                   fix="recompile keeping FP32/FP16 model inputs and outputs (keep_io_types)") from None
         self.cuda_graph = bool(options.get("cuda_graph")) if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and options.get("dla_core") is not None:
+            # trtexec turns --useCudaGraph off for DLA engines (samples/common/sampleOptions.cpp): DLA work is
+            # submitted through cuDLA, outside what a CUDA stream capture records.
+            _LOG.warning("CUDA graphs are not used with a DLA engine")
+            self.cuda_graph = False
         self.device = dev
-        self._local = threading.local()
-        self._states: list[_ThreadState] = []
-        self._lock = threading.Lock()
+        self.device_index = int(device)
+        self.zero_copy = bool(dev.get("integrated"))
+        self.max_contexts = int(max_contexts) if max_contexts else (2 if self.zero_copy else 4)
+        if self.max_contexts < 1:
+            raise InputError(f"max_contexts={max_contexts}", field="max_contexts", fix="use 1 or more")
+        self._idle: list[_ContextState] = []
+        self._states: list[_ContextState] = []
+        self._cond = threading.Condition()
 
     # -- compatibility checks (before deserialization) ------------------------------------------
     def _check_compatible(self, runtime_version: str, dev: dict, built: dict, options: Mapping, source: str):
+        """A plan runs only on the TensorRT that built it, build number included (TensorRT developer guide,
+        "Version Compatibility": by default engines are tied to the exact version and device model)."""
         built_version = str(built["tensorrt_version"])
         rebuild = f"rebuild it on this machine with `edgemm build {self.bundle_dir}`"
-        if version_tuple(runtime_version) != version_tuple(built_version):
+        if str(runtime_version).strip() != built_version.strip():
             note = ""
             if options.get("version_compatible"):
                 # Version-compatible plans are built without the embedded lean runtime (host code),
@@ -272,6 +340,12 @@ class TensorRTSession:
                               fix=rebuild)
         want, have = str(built["compute_capability"]), dev["compute_capability"]
         level = options.get("hardware_compatibility", "none")
+        if level != "none" and dev.get("integrated"):
+            # Hardware compatibility levels cover discrete Ampere+ GPUs only, never Jetson (TensorRT developer
+            # guide, "Hardware Compatibility": not supported on JetPack / integrated GPUs).
+            raise BundleError(f"engine is hardware-compatible ({level}), which TensorRT does not support on an "
+                              f"integrated GPU such as {dev['name']}", file=source,
+                              field="backend.options.hardware_compatibility", fix=rebuild)
         if level == "ampere_plus":
             ok = version_tuple(have) >= (8, 0)
         else:
@@ -280,28 +354,63 @@ class TensorRTSession:
             raise BundleError(f"engine was built for compute capability {want} ({built.get('gpu', 'unknown GPU')}) "
                               f"but this GPU is {dev['name']} (compute capability {have})", file=source,
                               field="backend.built.compute_capability", fix=rebuild)
+        if level == "none" and built.get("gpu") and str(built["gpu"]) != dev["name"]:
+            raise BundleError(f"engine was built on {built['gpu']} but this GPU is {dev['name']} (engines are "
+                              f"tuned for one GPU model)", file=source, field="backend.built.gpu", fix=rebuild)
+
+    # -- the context pool ------------------------------------------------------------------------
+    def _memory_allows_another(self) -> bool:
+        """Whether free device memory holds one more context's activations (each holds the engine's full
+        device memory under the default static allocation strategy); 8 GB Jetsons run out quickly."""
+        size = getattr(self._engine, "device_memory_size_v2", None)
+        if size is None:
+            size = getattr(self._engine, "device_memory_size", 0)
+        err, free, _total = self._cudart.cudaMemGetInfo()
+        if err != self._cudart.cudaError_t.cudaSuccess:
+            return False
+        return int(free) > int(size) + (64 << 20)   # keep 64 MiB for buffers and the driver
+
+    def _acquire(self) -> _ContextState:
+        """An idle context, a new one while under ``max_contexts`` (and memory allows), else wait for one:
+        at most ``max_contexts`` contexts exist however many threads come and go."""
+        with self._cond:
+            while True:
+                if self._idle:
+                    return self._idle.pop()
+                if not self._states or (len(self._states) < self.max_contexts and self._memory_allows_another()):
+                    state = _ContextState(self._engine, self._cudart, zero_copy=self.zero_copy)
+                    self._states.append(state)
+                    return state
+                self._cond.wait()
+
+    def _release(self, state: _ContextState) -> None:
+        with self._cond:
+            if state in self._states:
+                self._idle.append(state)
+            else:
+                state.close()   # the session was closed meanwhile
+            self._cond.notify()
 
     # -- inference -------------------------------------------------------------------------------
-    def _state(self) -> _ThreadState:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            state = _ThreadState(self._engine, self._cudart)
-            self._local.state = state
-            with self._lock:
-                self._states.append(state)
-        return state
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        cudart = self._cudart
-        st = self._state()
-        ctx = st.context
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise InputError(f"missing input(s) {', '.join(missing)}", field="feeds",
                              fix=f"pass {', '.join(self.input_names)}")
+        # The current device is per host thread: a worker thread starts on device 0.
+        select_device(self.device_index)
+        st = self._acquire()
+        try:
+            return self._run(st, feeds)
+        finally:
+            self._release(st)
+
+    def _run(self, st: _ContextState, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        cudart = self._cudart
+        ctx = st.context
         hosts = {}
         for name in self.input_names:
-            arr = np.ascontiguousarray(feeds[name])
+            arr = np.asarray(feeds[name])
             if arr.dtype != self.dtypes[name]:
                 raise InputError(f"dtype {arr.dtype}, the engine takes {self.dtypes[name]}", field=name,
                                  fix=f"cast it with .astype('{self.dtypes[name]}')")
@@ -311,35 +420,51 @@ class TensorRTSession:
                                  f"min {list(lo)} / max {list(hi)}", field=name,
                                  fix="recompile with a wider --dynamic range")
             hosts[name] = arr
-        outputs = {}
+        out_shapes = {}
         for name in self.output_names:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise EdgemmError(f"output {name!r} has a data-dependent shape {list(shape)}, which edgemm's "
                                   f"TensorRT runtime does not support", field=name,
                                   fix="export the model with static output shapes, or use the onnxruntime backend")
-            outputs[name] = np.empty(shape, dtype=self.dtypes[name])
-        for name, arr in {**hosts, **outputs}.items():
-            ptr = st.buffer(name, arr.nbytes)
-            if not ctx.set_tensor_address(name, ptr):
+            out_shapes[name] = shape
+        views = {}
+        for name, shape in [*((n, a.shape) for n, a in hosts.items()), *out_shapes.items()]:
+            dtype = self.dtypes[name]
+            host, dev = st.buffer(name, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+            views[name] = (_host_view(host, shape, dtype), dev)
+            if not ctx.set_tensor_address(name, dev):
                 raise EdgemmError(f"TensorRT refused the device address for {name!r}: {self._log.last_error}")
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, arr in hosts.items():
-            _check(cudart, cudart.cudaMemcpyAsync(st.buffers[name][0], arr.ctypes.data, arr.nbytes, h2d, st.stream),
-                   "cudaMemcpyAsync(host->device)")
+            view, dev = views[name]
+            np.copyto(view, arr)   # into pinned (or mapped) memory: the one host copy
+            if not st.zero_copy:
+                _check(cudart, cudart.cudaMemcpyAsync(dev, view.ctypes.data, view.nbytes, h2d, st.stream),
+                       "cudaMemcpyAsync(host->device)")
         self._execute(st, tuple((n, hosts[n].shape) for n in self.input_names))
-        for name, arr in outputs.items():
-            _check(cudart, cudart.cudaMemcpyAsync(arr.ctypes.data, st.buffers[name][0], arr.nbytes, d2h, st.stream),
-                   "cudaMemcpyAsync(device->host)")
+        if not st.zero_copy:
+            for name in self.output_names:
+                view, dev = views[name]
+                _check(cudart, cudart.cudaMemcpyAsync(view.ctypes.data, dev, view.nbytes, d2h, st.stream),
+                       "cudaMemcpyAsync(device->host)")
         _check(cudart, cudart.cudaStreamSynchronize(st.stream), "cudaStreamSynchronize")
-        return [outputs[n] for n in self.output_names]
+        # Copies: the pinned buffers are reused by the next call.
+        return [views[n][0].copy() for n in self.output_names]
 
-    def _enqueue(self, st: _ThreadState) -> None:
-        if not st.context.execute_async_v3(int(st.stream)):
+    def _enqueue(self, st: _ContextState) -> None:
+        if not st.context.execute_async_v3(st.handle):
             raise EdgemmError(f"TensorRT inference failed: {self._log.last_error}",
                               fix="run with a smaller input or rebuild the engine")
 
-    def _execute(self, st: _ThreadState, shapes) -> None:
+    def _give_up_graphs(self, st: _ContextState, why: str) -> None:
+        # A failed capture leaves the error sticky in the runtime: read it once so the next CUDA call does
+        # not report it (trtexec: endCaptureOnError, then cudaGetLastError, samples/common/sampleInference.cpp).
+        self._cudart.cudaGetLastError()
+        st.graph_failed = True
+        _LOG.warning("CUDA graph disabled for this context: %s; running the engine directly", why)
+
+    def _execute(self, st: _ContextState, shapes) -> None:
         """Enqueue the engine; with CUDA graphs, replay a graph captured for these input shapes."""
         cudart = self._cudart
         if not self.cuda_graph or st.graph_failed:
@@ -354,24 +479,30 @@ class TensorRTSession:
         self._enqueue(st)
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         _check(cudart, cudart.cudaStreamBeginCapture(st.stream, mode), "cudaStreamBeginCapture")
-        captured = st.context.execute_async_v3(int(st.stream))
+        captured = st.context.execute_async_v3(st.handle)
         err, graph = cudart.cudaStreamEndCapture(st.stream)
-        if not captured or err != cudart.cudaError_t.cudaSuccess:
-            # Some engines cannot be captured (DLA, loops, data-dependent shapes): run them directly.
-            st.graph_failed = True
-            if graph is not None and err == cudart.cudaError_t.cudaSuccess:
+        ok = cudart.cudaError_t.cudaSuccess
+        if not captured or err != ok:
+            # Some engines cannot be captured (loops, data-dependent shapes, some plugins).
+            if err == ok and graph is not None:
                 cudart.cudaGraphDestroy(graph)
+            self._give_up_graphs(st, "the engine cannot be captured" if not captured else
+                                 f"cudaStreamEndCapture failed with {_error_name(err)}")
             return
         try:
-            st.graph_exec = _check(cudart, cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            err, graph_exec = cudart.cudaGraphInstantiate(graph, 0)
         finally:
             cudart.cudaGraphDestroy(graph)
-        st.graph_shapes = shapes
+        if err != ok:
+            self._give_up_graphs(st, f"cudaGraphInstantiate failed with {_error_name(err)}")
+            return
+        st.graph_exec, st.graph_shapes = graph_exec, shapes
         # The first enqueue above already produced this call's outputs; the graph serves later calls.
 
     def close(self) -> None:
-        with self._lock:
-            states, self._states = self._states, []
+        with self._cond:
+            states, self._states, self._idle = self._states, [], []
+            self._cond.notify_all()
         for st in states:
             st.close()
 

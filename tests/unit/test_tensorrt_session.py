@@ -91,7 +91,7 @@ class _Err:
     cudaSuccess = "ok"
 
 
-def _stub_stack(monkeypatch, trt_version: str, cc: tuple[int, int], gpus: int = 1):
+def _stub_stack(monkeypatch, trt_version: str, cc: tuple[int, int], gpus: int = 1, name: bytes = b"Orin"):
     """Stand-ins for tensorrt and cuda-python that record whether an engine was ever deserialized."""
     calls = []
 
@@ -111,7 +111,7 @@ def _stub_stack(monkeypatch, trt_version: str, cc: tuple[int, int], gpus: int = 
             pass
 
     trt = types.SimpleNamespace(__version__=trt_version, Runtime=Runtime, ILogger=ILogger)
-    props = types.SimpleNamespace(name=b"Stub GPU\0\0", major=cc[0], minor=cc[1])
+    props = types.SimpleNamespace(name=name + b"\0\0", major=cc[0], minor=cc[1])
     runtime = types.SimpleNamespace(
         cudaError_t=_Err,
         cudaGetDeviceCount=lambda: ("ok", gpus),
@@ -137,7 +137,7 @@ def test_other_tensorrt_version_is_refused_before_deserializing(bundle, monkeypa
 
 
 def test_other_compute_capability_is_refused_before_deserializing(bundle, monkeypatch):
-    calls = _stub_stack(monkeypatch, "10.3.0", (9, 0))
+    calls = _stub_stack(monkeypatch, "10.3.0", (9, 0), name=b"Stub GPU")
     with pytest.raises(BundleError) as err:
         TensorRTSession(bundle, _manifest())
     assert "compute capability 8.7" in _one_line(err) and "Stub GPU (compute capability 9.0)" in str(err.value)
@@ -157,7 +157,7 @@ def test_no_gpu_is_a_dependency_error(bundle, monkeypatch):
 
 def test_matching_engine_is_deserialized_without_host_code(bundle, monkeypatch):
     seen = {}
-    calls = _stub_stack(monkeypatch, "10.3.0.26", (8, 7))
+    calls = _stub_stack(monkeypatch, "10.3.0", (8, 7))
 
     class Runtime:
         def __init__(self, logger):
@@ -188,3 +188,22 @@ def test_runtime_load_of_a_portable_bundle_gives_one_line(tmp_path):
     with pytest.raises(BundleError) as err:
         runtime.load(tmp_path)
     assert "portable TensorRT bundle with no engine" in _one_line(err)
+
+
+def test_cuda_python_is_pinned_to_one_cuda_major_per_extra():
+    # Old pyproject: cuda-python>=12.0, so a JetPack 6 (CUDA 12.6) install got cuda-python 13, which needs
+    # driver 580+. What this cannot prove: that pip resolves these on a device (it reads the pins only).
+    import re
+    from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for name, major in (("tensorrt-cu12", 12), ("tensorrt-cu13", 13), ("jetson-cu12", 12), ("jetson-cu13", 13)):
+        pins = [r for r in extras[name] if r.startswith("cuda-python")]
+        assert pins == [f"cuda-python>={major}{'.6' if major == 12 else ''},<{major + 1}"], (name, pins)
+        assert all(re.match(rf"tensorrt-cu{major}\b", r) for r in extras[name] if r.startswith("tensorrt"))
+    assert extras["tensorrt"] == ["edgemm[tensorrt-cu12]"]
