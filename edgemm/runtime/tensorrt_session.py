@@ -5,7 +5,8 @@ Everything that can refuse is checked in ``__init__`` BEFORE the engine is deser
 treats a serialized engine as executable code: the manifest must name an engine, its bytes must match
 the manifest's sha256, and the engine's TensorRT version and compute capability must match this
 machine. Engine host code is never enabled (``engine_host_code_allowed`` stays False), so plans that
-embed a lean runtime or plugins as host code do not load.
+embed a lean runtime or plugins as host code do not load; a version-compatible engine (built without its
+lean runtime) runs on a later TensorRT through the lean runtime library the caller names.
 
 Threads: a call takes an execution context (with its stream and buffers) from a bounded pool and gives
 it back (TensorRT execution contexts are not thread-safe, and each holds the engine's activation memory:
@@ -233,8 +234,12 @@ class TensorRTSession:
     """Runs ``backend.engine`` of a bundle. ``run(feeds) -> list[np.ndarray]`` in the manifest's output order."""
 
     def __init__(self, bundle_dir: Path, manifest: dict, *, cuda_graph: bool | None = None, device: int = 0,
-                 max_contexts: int | None = None):
+                 max_contexts: int | None = None, lean_runtime: str | Path | None = None):
+        """``lean_runtime``: for a version-compatible engine built by another TensorRT, the path of that
+        TensorRT's lean runtime library (libnvinfer_lean.so.N). It is host code: edgemm loads it only from
+        a path the caller names, never from the bundle."""
         self.bundle_dir = Path(bundle_dir)
+        self._lean_runtime = None if lean_runtime is None else Path(lean_runtime)
         source = str(self.bundle_dir / MANIFEST_NAME)
         backend = manifest.get("backend") or {}
         if backend.get("name") != "tensorrt":
@@ -277,6 +282,9 @@ class TensorRTSession:
         self._runtime = trt.Runtime(self._log.logger)
         # Explicit although False is TensorRT's default: never run host code shipped inside a plan.
         self._runtime.engine_host_code_allowed = False
+        deserializer = self._runtime
+        if self._lean_runtime is not None:
+            deserializer = self._load_lean_runtime(options, source)
         if options.get("dla_core") is not None:
             core, have = int(options["dla_core"]), int(getattr(self._runtime, "num_DLA_cores", 0))
             # Compute capability alone cannot tell an AGX Orin (2 DLA cores) from an Orin Nano (none).
@@ -284,9 +292,9 @@ class TensorRTSession:
                 raise BundleError(f"engine runs on DLA core {core} but this device has {have} DLA core(s)",
                                   file=source, field="backend.options.dla_core",
                                   fix="run it on the Jetson module it was built for, or recompile without --dla")
-            self._runtime.DLA_core = core
+            deserializer.DLA_core = core
         # The bytes hashed above are the bytes deserialized: no second read of the file.
-        self._engine = self._runtime.deserialize_cuda_engine(data)
+        self._engine = deserializer.deserialize_cuda_engine(data)
         if self._engine is None:
             raise BundleError(f"TensorRT could not deserialize the engine: {self._log.last_error}",
                               file=engine_path, fix=f"rebuild it here with `edgemm build {self.bundle_dir}`")
@@ -330,14 +338,23 @@ class TensorRTSession:
         built_version = str(built["tensorrt_version"])
         rebuild = f"rebuild it on this machine with `edgemm build {self.bundle_dir}`"
         if str(runtime_version).strip() != built_version.strip():
-            note = ""
-            if options.get("version_compatible"):
-                # Version-compatible plans are built without the embedded lean runtime (host code),
-                # so a different TensorRT can only run them by loading that version's lean runtime.
-                note = " (version-compatible engines need the builder's lean runtime, which edgemm never loads)"
-            raise BundleError(f"engine was built with TensorRT {built_version} but this machine has "
-                              f"TensorRT {runtime_version}{note}", file=source, field="backend.built.tensorrt_version",
-                              fix=rebuild)
+            if not options.get("version_compatible"):
+                raise BundleError(f"engine was built with TensorRT {built_version} but this machine has "
+                                  f"TensorRT {runtime_version}", file=source,
+                                  field="backend.built.tensorrt_version", fix=rebuild)
+            # Version-compatible plans run on the same or a later TensorRT (never an older one), through the
+            # lean runtime of the version that built them: edgemm builds them with EXCLUDE_LEAN_RUNTIME,
+            # so that library must be loaded (TensorRT "Version Compatibility", manually loading the runtime).
+            if version_tuple(runtime_version) < version_tuple(built_version):
+                raise BundleError(f"version-compatible engine was built with TensorRT {built_version}, newer than "
+                                  f"this machine's TensorRT {runtime_version}", file=source,
+                                  field="backend.built.tensorrt_version", fix=rebuild)
+            if self._lean_runtime is None:
+                raise BundleError(f"version-compatible engine was built with TensorRT {built_version}; this machine "
+                                  f"has TensorRT {runtime_version}, which runs it only through TensorRT "
+                                  f"{built_version}'s lean runtime", file=source, field="lean_runtime",
+                                  fix=f"pass lean_runtime=/path/to/libnvinfer_lean.so.{version_tuple(built_version)[0]} "
+                                      f"of TensorRT {built_version}, or {rebuild}")
         want, have = str(built["compute_capability"]), dev["compute_capability"]
         level = options.get("hardware_compatibility", "none")
         if level != "none" and dev.get("integrated"):
@@ -357,6 +374,24 @@ class TensorRTSession:
         if level == "none" and built.get("gpu") and str(built["gpu"]) != dev["name"]:
             raise BundleError(f"engine was built on {built['gpu']} but this GPU is {dev['name']} (engines are "
                               f"tuned for one GPU model)", file=source, field="backend.built.gpu", fix=rebuild)
+
+    def _load_lean_runtime(self, options: Mapping, source: str):
+        """IRuntime.load_runtime(path) -> the lean runtime that deserializes a version-compatible plan built
+        with EXCLUDE_LEAN_RUNTIME (TensorRT "Version Compatibility"; trtexec's --leanDLLPath does the same)."""
+        if not options.get("version_compatible"):
+            raise BundleError("lean_runtime is only for version-compatible engines", file=source,
+                              field="backend.options.version_compatible",
+                              fix="drop lean_runtime, or recompile with --version-compatible")
+        path = self._lean_runtime
+        if not path.is_file():
+            raise InputError("no such lean runtime library", file=path, field="lean_runtime",
+                             fix="pass the libnvinfer_lean.so of the TensorRT that built the engine")
+        lean = self._runtime.load_runtime(str(path))
+        if lean is None:
+            raise DependencyError(f"TensorRT could not load the lean runtime {path}: {self._log.last_error}",
+                                  fix="pass the lean runtime of the TensorRT version that built the engine")
+        lean.engine_host_code_allowed = False
+        return lean
 
     # -- the context pool ------------------------------------------------------------------------
     def _memory_allows_another(self) -> bool:

@@ -168,6 +168,12 @@ class Stack:
                 rec("deserialize", data)
                 return Engine()
 
+            def load_runtime(self, path):
+                rec("load_runtime", path)
+                lean = Runtime.__new__(Runtime)
+                lean.deserialize_cuda_engine = lambda data: (rec("lean deserialize", data), Engine())[1]
+                return lean
+
         class ILogger:
             class Severity:
                 INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -339,3 +345,25 @@ def test_cuda_error_is_named(bundle, monkeypatch):
     with pytest.raises(DependencyError, match="cudaErrorInsufficientDriver") as err:
         TensorRTSession(bundle, _manifest())
     assert "tensorrt-cu12" in str(err.value)
+
+
+def test_version_compatible_engine_runs_through_the_named_lean_runtime(bundle, monkeypatch, tmp_path):
+    # Old code refused every version mismatch, so --version-compatible only cost speed. The stand-in cannot
+    # prove that a real lean runtime deserializes a real plan; it shows the load_runtime route and the refusals.
+    stack = Stack(version="10.16.1.11").install(monkeypatch)
+    vc = {"version_compatible": True}
+    with pytest.raises(BundleError, match="pass lean_runtime=/path/to/libnvinfer_lean.so.10 of TensorRT 10.3.0.30"):
+        TensorRTSession(bundle, _manifest(options=vc))
+    lean = tmp_path / "libnvinfer_lean.so.10"
+    lean.write_bytes(b"stand-in library")
+    sess = TensorRTSession(bundle, _manifest(options=vc), lean_runtime=lean)
+    assert ("load_runtime", "MainThread", str(lean)) in stack.calls
+    assert ("lean deserialize", "MainThread", ENGINE) in stack.calls and "deserialize" not in stack.names()
+    np.testing.assert_array_equal(sess.run({"x": np.ones((1, 4), np.float32)})[0], np.full((1, 4), 2, np.float32))
+    # Not version-compatible: still refused, lean runtime or not.
+    with pytest.raises(BundleError, match="built with TensorRT 10.3.0.30 but this machine has TensorRT 10.16.1.11"):
+        TensorRTSession(bundle, _manifest(), lean_runtime=lean)
+    # Never backwards: a plan from a newer TensorRT.
+    Stack(version="10.2.0.19").install(monkeypatch)
+    with pytest.raises(BundleError, match="newer than this machine's TensorRT 10.2.0.19"):
+        TensorRTSession(bundle, _manifest(options=vc), lean_runtime=lean)
