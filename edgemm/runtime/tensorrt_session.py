@@ -54,7 +54,8 @@ def import_cudart():
             from cuda import cudart  # older cuda-python layout
         except ImportError as exc:
             raise DependencyError("cuda-python not found (needed for device buffers and streams)",
-                                  fix="pip install cuda-python (the major matching the device's CUDA)") from exc
+                                  fix="pip install 'edgemm[tensorrt-cu12]' (or -cu13; JetPack: "
+                                      "'edgemm[jetson-cu12]'), matching the driver's CUDA major") from exc
     return cudart
 
 
