@@ -184,7 +184,8 @@ def qdq_free_onnx(tmp_path_factory):
 def _run_build_sh(bundle: Path, fake: Path, version: int, out: Path, tmp_path: Path):
     major = version // 10000
     env = dict(os.environ, TRTEXEC=str(fake), FAKE_TRT_VERSION=str(version),
-               FAKE_TRT_FLAGS=json.dumps(sorted(FLAGS.get(major, set()))), HOME=str(tmp_path / "home"))
+               FAKE_TRT_FLAGS=json.dumps(sorted(FLAGS.get(major, set()))), HOME=str(tmp_path / "home"),
+               EDGEMM_TIMING_CACHE_DIR=str(tmp_path / "cache"))
     return subprocess.run(["bash", str(bundle / "build.sh"), str(out)], env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -213,7 +214,10 @@ def test_portable_package_contents_and_build_sh_on_trt10_and_trt11(qdq_free_onnx
         seen = json.loads(out.read_text())
         assert seen["useDLACore"] == "0" and seen["maxShapes"] == "image:4x3x16x16,input_ids:4x8"
         assert "stronglyTyped" in seen and "int8" not in seen
-        assert seen["timingCacheFile"].endswith(f"trtexec-jetson-agx-orin-cc8.7-trt{version}.cache")
+        # One timing cache for trtexec and the Python builder: same folder, same name for this GPU + TensorRT.
+        from edgemm.backends.tensorrt.builder import timing_cache_path
+
+        assert seen["timingCacheFile"] == str(timing_cache_path("8.7", "11.4.1.7", root=tmp_path / "cache"))
     # The bundle folder itself is untouched: the engine went to OUT.
     assert sorted(p.name for p in stage.iterdir()) == ["build.sh", "build_config.json", "model.onnx"]
     res = _run_build_sh(stage, fake, 90000, tmp_path / "x.plan", tmp_path)
@@ -256,3 +260,16 @@ def test_edgemm_build_refuses_an_onnxruntime_bundle(tmp_path, cli):
     _write_manifest(bundle, {"name": "onnxruntime", "model": "model.onnx"})
     res = cli("build", bundle)
     assert res.returncode == 2 and "there is no engine to build" in res.stderr
+
+
+def test_timing_cache_folder_is_shared_with_build_sh(monkeypatch, tmp_path):
+    # Old code: the Python builder keyed its cache by GPU name in ~/.cache/edgemm/timing and ignored
+    # EDGEMM_TIMING_CACHE_DIR, while build.sh used another name: two caches for one device.
+    from edgemm.backends.tensorrt.builder import timing_cache_path, trtexec_version_code
+
+    assert trtexec_version_code("10.3.0.30") == 100300 and trtexec_version_code("11.4.1") == 110401
+    monkeypatch.setenv("EDGEMM_TIMING_CACHE_DIR", str(tmp_path / "shared"))
+    assert timing_cache_path("8.7", "10.3.0.30") == tmp_path / "shared" / "cc8.7-trt100300.cache"
+    monkeypatch.delenv("EDGEMM_TIMING_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert timing_cache_path("9.0", "10.16.1").parent == tmp_path / "xdg" / "edgemm" / "timing"

@@ -13,7 +13,6 @@ TensorRT is imported inside ``build_engine`` only. Version differences handled h
 from __future__ import annotations
 
 import os
-import re
 import time
 from pathlib import Path
 
@@ -28,18 +27,31 @@ from .options import SAME_CC_MIN_TRT, TensorRTOptions
 
 _LOG = logging.getLogger("edgemm")
 
-__all__ = ["build_engine", "timing_cache_path"]
+__all__ = ["build_engine", "timing_cache_path", "timing_cache_dir", "trtexec_version_code"]
 
 
-def timing_cache_path(gpu_name: str, compute_capability: str, trt_version: str,
-                      root: Path | None = None) -> Path:
-    """~/.cache/edgemm/timing/<gpu>-<cc>-trt<ver>.cache: timings are only valid for one GPU model and
-    one TensorRT version, so the key carries both (XDG_CACHE_HOME is honoured)."""
-    if root is None:
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = Path(base) / "edgemm" / "timing"
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower() or "gpu"
-    return root / f"{slug}-{compute_capability}-trt{trt_version}.cache"
+def timing_cache_dir() -> Path:
+    """EDGEMM_TIMING_CACHE_DIR, else $XDG_CACHE_HOME/edgemm/timing, else ~/.cache/edgemm/timing: the same
+    folder build.sh hands trtexec, so the Python builder and trtexec share one cache."""
+    explicit = os.environ.get("EDGEMM_TIMING_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgemm" / "timing"
+
+
+def trtexec_version_code(trt_version: str) -> int:
+    """10.3.0.30 -> 100300, the number trtexec prints as "[TensorRT v100300]" (samples/common/logging.h)."""
+    major, minor, patch = (version_tuple(trt_version) + (0, 0, 0))[:3]
+    return major * 10000 + minor * 100 + patch
+
+
+def timing_cache_path(compute_capability: str, trt_version: str, root: Path | None = None) -> Path:
+    """<timing_cache_dir>/cc<cc>-trt<MMmmpp>.cache, the name build.sh gives trtexec's --timingCacheFile.
+    Timings hold for one GPU and one TensorRT version; TensorRT itself rejects a cache from another device
+    (set_timing_cache with ignore_mismatch=False), and the builder then starts a fresh one."""
+    root = timing_cache_dir() if root is None else Path(root)
+    return root / f"cc{compute_capability}-trt{trtexec_version_code(trt_version)}.cache"
 
 
 def _write_atomic(path: Path, data) -> None:
@@ -122,7 +134,7 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
                                   fix=f"use TensorRT >= {need} or hardware_compatibility='none'")
         config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, level)
 
-    cache_file = timing_cache or timing_cache_path(dev["name"], dev["compute_capability"], trt_version)
+    cache_file = timing_cache or timing_cache_path(dev["compute_capability"], trt_version)
     cache_bytes = cache_file.read_bytes() if cache_file.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     # ignore_mismatch=False: a cache from another GPU/TensorRT is rejected instead of silently used.

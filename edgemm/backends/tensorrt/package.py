@@ -107,7 +107,8 @@ def package(onnx_path: Path, stage_dir: Path, target, options: TensorRTOptions, 
 
     commands = {}
     for major in build_majors(target, options):
-        cache = f"${{CACHE_DIR}}/trtexec-{target.name}-cc{target.compute_capability}-trt${{VERSION}}.cache"
+        # The name builder.timing_cache_path gives the Python builder: one cache per GPU and TensorRT version.
+        cache = f"${{CACHE_DIR}}/cc{target.compute_capability}-trt${{VERSION}}.cache"
         commands[major] = trtexec_command(ONNX_NAME, "${OUT}", options, major, timing_cache=cache)
     config = {
         "format": BUILD_CONFIG_FORMAT,
