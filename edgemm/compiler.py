@@ -18,10 +18,12 @@ import numpy as np
 
 from .config import CompileConfig
 from .bundle import STAGING_PREFIX
-from .data import Dataset, load_dataset, specs_from_dataset
+from .data import Dataset, hold_out, load_dataset, specs_from_dataset
 from .errors import EdgemmError, InputError, ParityError, first_line
 from .frontends import LoadedModel, LoadOptions, load_model
-from .iospec import (TensorSpec, apply_dynamic_axes, dynamic_batch_input, parse_dynamic_flag, parse_input_flag)
+from .iospec import (TensorSpec, apply_dynamic_axes, call_batch, dynamic_batch_input, parse_dynamic_flag,
+                     parse_input_flag)
+from .parity.thresholds import relax_flags
 
 log = logging.getLogger("edgemm")
 EXAMPLE_SIDECAR = "edgemm-example.json"   # written by `edgemm example`: names the zoo model and its metric
@@ -261,7 +263,9 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
     protect = {"MODEL": cfg.model, "--calib": cfg.calib, "--eval": cfg.eval, "--weights": cfg.weights}
     with BundleWriter(dest, force=cfg.force, protect=protect) as writer, _work_dir(writer) as work:
         fp32 = work / "fp32.onnx"
-        check_data = evald or calib
+        calib_arrays, judge, judged_on = _split_calib(calib, evald, cfg, specs)
+        held_out = judge.arrays if judge is not None else None
+        check_data = evald or judge or calib
         if loaded.is_torch:
             say(f"exporting to ONNX ({loaded.format})")
             from .export import export_onnx
@@ -277,10 +281,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             _copy_onnx_inline(loaded.onnx_path, fp32)
             export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
 
-        calib_arrays = None
-        if calib is not None:
-            calib_arrays = {s.name: calib.arrays[s.name][:cfg.calib_samples] for s in specs}
-        prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say)
+        prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out)
 
         backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
         if backend == "onnxruntime" and cfg.tune_threads:
@@ -298,23 +299,55 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             "backend": backend_section,
             "calibration": None if calib is None else {
                 "path": Path(cfg.calib).name, "sha256": calib.sha256,
-                "samples": min(calib.num_samples, cfg.calib_samples), "samples_available": calib.num_samples},
+                "samples": next(iter(calib_arrays.values())).shape[0], "samples_available": calib.num_samples,
+                "held_out": judged_on.get("range") if judged_on else None},
             "export": export_info,
             "prune": prune_info,
             "task": _find_task(loaded),
+            "output_heads": _output_heads(prec.path),
             "versions": versions(),
             "host": {"cpu": cpu_info()},
         }
         manifest = writer.write_manifest(manifest)
         report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say,
-                                original=unpruned if prune_info else None)
-        if report is not None and not report.get("passed", True) and evald is not None:
-            task_failed = any(f.startswith("task ") for f in report["failures"])
-            raise ParityError("bundle fails verification: " + "; ".join(report["failures"]), file=cfg.eval,
+                                original=unpruned if prune_info else None, judged_on=judged_on)
+        if report is not None and not report.get("passed", True):
+            # Whatever judged it (--eval, or calibration samples held out): a failing bundle is not written.
+            where = judged_on["description"] if judged_on else "synthetic inputs"
+            raise ParityError(f"bundle fails verification on {where}: " + "; ".join(report["failures"]),
+                              file=cfg.eval or cfg.calib or cfg.model,
                               fix="use a higher precision, more calibration data, or relax the thresholds ("
-                                  + ("--max-metric-drop" if task_failed else "--min-cosine") + ")")
+                                  + relax_flags(report["failures"]) + ")")
         writer.commit()
     return CompileResult(dest, manifest, report)
+
+
+def _split_calib(calib: Dataset | None, evald: Dataset | None, cfg: CompileConfig, specs):
+    """(calibration arrays, held-out Dataset or None, what judges the bundle): without --eval, compile
+    calibrates on part of --calib and judges on samples it did not calibrate on (edgemm.data.hold_out)."""
+    judged_on = None
+    if evald is not None:
+        judged_on = {"source": "--eval", "samples": evald.num_samples,
+                     "description": f"{evald.num_samples} samples of {Path(cfg.eval).name} (--eval)"}
+    if calib is None:
+        return None, None, judged_on
+    if evald is not None:
+        return {s.name: calib.arrays[s.name][:cfg.calib_samples] for s in specs}, None, judged_on
+    split = hold_out(calib.num_samples, cap=cfg.calib_samples, multiple=_batch_of(specs))
+    labels = calib.labels[split.judge] if calib.labels is not None else None
+    judge = Dataset(calib.path, {s.name: calib.arrays[s.name][split.judge] for s in specs}, labels, calib.sha256)
+    judged_on = {"source": "--calib", "samples": judge.num_samples, "range": [split.judge.start, split.judge.stop],
+                 "description": split.describe(Path(cfg.calib).name)}
+    return {s.name: calib.arrays[s.name][split.calibrate] for s in specs}, judge, judged_on
+
+
+def _output_heads(path: Path) -> dict[str, bool]:
+    """Which outputs a linear head or score function makes (parity.output_kinds): read by verify too."""
+    import onnx
+
+    from .parity.output_kinds import graph_score_outputs
+
+    return graph_score_outputs(onnx.load(str(path), load_external_data=False))
 
 
 def _exclude_patterns(cfg: CompileConfig) -> list[str]:
@@ -358,9 +391,10 @@ def _work_dir(writer):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_arrays, evald, loaded, say):
+def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_arrays, evald, loaded, say, *,
+                     held_out=None):
     """One precision everywhere, one per modality branch (--precision a=b,...), or the accuracy-aware
-    search (--accuracy-target)."""
+    search (--accuracy-target). ``held_out``: calibration samples kept for judging (no --eval)."""
     from .quant import PrecisionRequest, apply_precision
 
     out = work / "model.onnx"
@@ -372,15 +406,12 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
         goal = parse_accuracy_target(cfg.accuracy_target)
         if evald is not None:
             eval_feeds, labels = dict(evald.arrays), evald.labels
-        else:  # hold out the tail of the calibration set, so the search is not judged on what it calibrated on
-            n = next(iter(calib_arrays.values())).shape[0]
+        else:  # the held-out calibration samples, so the search is not judged on what it calibrated on
+            n = next(iter(calib_arrays.values())).shape[0] + next(iter(held_out.values())).shape[0]
             if n < 8:
                 raise InputError(f"only {n} calibration samples to search on", field="--accuracy-target",
                                  fix="pass --eval EVAL.npz (or at least 8 calibration samples)")
-            cut = max(n // 2, n - 64)
-            eval_feeds = {k: v[cut:] for k, v in calib_arrays.items()}
-            calib_arrays = {k: v[:cut] for k, v in calib_arrays.items()}
-            labels = None
+            eval_feeds, labels = held_out, None
         task = _find_task(loaded)
         metric = (task["metric"], task["outputs"]) if task else None
         return accuracy_aware(fp32, out, calib_arrays, eval_feeds, goal, target, labels=labels, metric=metric,
@@ -395,7 +426,8 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
                            int8_recipe=cfg.int8_recipe, log=say)
     return apply_precision(fp32, out, PrecisionRequest(
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
-        int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, exclude=_exclude_patterns(cfg), log=say))
+        int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, exclude=_exclude_patterns(cfg),
+        held_out=held_out, log=say))
 
 
 def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | None, cfg: CompileConfig, say):
@@ -519,7 +551,8 @@ def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileCo
 
 
 def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data: Dataset | None,
-                   cfg: CompileConfig, say, original: LoadedModel | None = None) -> dict | None:
+                   cfg: CompileConfig, say, original: LoadedModel | None = None,
+                   judged_on: dict | None = None) -> dict | None:
     """Bundle vs reference on the eval set (or the calibration set): the bundle's parity report.
 
     ``original``: the unpruned model of a pruned compile. The reference is then the pruned model (the
@@ -543,17 +576,21 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
         return report
     run, simulated = runner
     thresholds = with_overrides(defaults_for(manifest["precision"]["mode"]), min_cosine=cfg.min_cosine,
-                                max_metric_drop=cfg.max_metric_drop)
+                                min_top1_agreement=cfg.min_top1, max_metric_drop=cfg.max_metric_drop)
     if cfg.accuracy_target:
         # The search already held the bundle to the user's own target on this data; the per-precision
         # defaults would judge it by a bar the user did not ask for. The report still shows every figure.
         thresholds = with_overrides(thresholds, min_cosine=cfg.min_cosine if cfg.min_cosine is not None else -1.0,
                                     min_top1_agreement=0.0, max_metric_drop=float("inf"))
     task = manifest.get("task")
-    task_t = (task["metric"], task["outputs"]) if task else guess_task([o["name"] for o in manifest["outputs"]])
-    say(f"parity: bundle vs reference on {data.num_samples} samples from {data.path.name}")
+    heads = manifest.get("output_heads")
+    task_t = (task["metric"], task["outputs"]) if task else guess_task([o["name"] for o in manifest["outputs"]],
+                                                                         heads)
+    say(f"parity: bundle vs reference on {judged_on['description'] if judged_on else 'synthetic inputs'}")
     report = evaluate(run, ref.run, data, thresholds, output_names=[o["name"] for o in manifest["outputs"]],
-                      task=task_t if data.labels is not None else None)
+                      task=task_t if data.labels is not None else None, heads=heads, batch_size=call_batch(specs))
+    if judged_on:
+        report["judged_on"] = judged_on
     report["bundle"] = {"name": manifest["name"], "precision": manifest["precision"]["mode"],
                         "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
     if simulated:
@@ -577,8 +614,8 @@ def _vs_original(run, original: LoadedModel, specs, manifest: dict, data: Datase
 
     names = [o["name"] for o in manifest["outputs"]]
     ref = Reference(original, [s.name for s in specs], None if original.onnx_path else names)
-    got = evaluate(run, ref.run, data, thresholds, output_names=names,
-                   task=task_t if data.labels is not None else None)
+    got = evaluate(run, ref.run, data, thresholds, output_names=names, batch_size=call_batch(specs),
+                   task=task_t if data.labels is not None else None, heads=manifest.get("output_heads"))
     section = {"reference": "unpruned source model", "samples": got["samples"],
                "outputs": {n: {k: v for k, v in o.items() if k != "passed"} for n, o in got["outputs"].items()}}
     if "task" in got:

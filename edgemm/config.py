@@ -43,6 +43,7 @@ class CompileConfig:
     int8_recipe: str | None = None       # pin a CPU INT8 recipe by name, skipping the search
     exclude: list[str] = field(default_factory=list)      # nodes kept out of INT8/FP8: op:TYPE, module:GLOB, regex
     min_cosine: float | None = None      # accuracy bar for verification / recipe selection
+    min_top1: float | None = None        # top-1 agreement bar of class-score outputs (parity/output_kinds.py)
     max_metric_drop: float | None = None # task-metric drop allowed by --eval verification, points
     calib_samples: int = 256             # cap on calibration samples used
     prune: str | None = None             # "0.3" or "vision=0.3,text=0.2"
@@ -107,6 +108,8 @@ class CompileConfig:
             raise InputError(f"unknown exporter {self.exporter!r}", field="--exporter", fix="dynamo or torchscript")
         if self.max_metric_drop is not None and not (0 <= self.max_metric_drop <= 100):
             raise InputError("must be from 0 to 100 points", field="--max-metric-drop", fix="e.g. --max-metric-drop 1.0")
+        if self.min_top1 is not None and not (0.0 <= self.min_top1 <= 1.0):
+            raise InputError("must lie in [0, 1]", field="--min-top1", fix="e.g. --min-top1 0.95")
         if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
             raise InputError("must lie in [-1, 1]", field="--min-cosine", fix="e.g. --min-cosine 0.99")
         if self.opt_level not in OPT_LEVELS:

@@ -38,6 +38,40 @@ class Dataset:
         return {k: v[:n] for k, v in self.arrays.items()}
 
 
+HOLDOUT_MAX = 64   # samples held out for judging when no --eval is given
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Which samples calibrate and which judge: never the same ones (unless there is only one)."""
+    calibrate: slice
+    judge: slice
+    note: str = ""
+
+    def describe(self, source: str) -> str:
+        if self.note:
+            return self.note
+        return (f"{self.judge.stop - self.judge.start} held-out samples {self.judge.start}..{self.judge.stop - 1} "
+                f"of {source} (not used for calibration)")
+
+
+def hold_out(n: int, *, cap: int | None = None, max_judge: int = HOLDOUT_MAX, multiple: int = 1) -> Holdout:
+    """Split ``n`` samples: calibrate on the head (at most ``cap``), judge on up to ``max_judge`` samples
+    after it. Samples beyond ``cap`` are judged first; otherwise the tail is held out (at most half).
+    ``multiple``: a model's static batch (both parts stay whole batches). Used by compile's parity report,
+    the accuracy-aware search and the CPU INT8 recipe search."""
+    cap = n if cap is None else max(1, min(cap, n))
+    multiple = max(1, multiple)
+    spare = (n - cap) // multiple * multiple
+    if spare >= multiple:
+        k = min(spare, max(max_judge // multiple, 1) * multiple)
+        return Holdout(slice(0, cap), slice(cap, cap + k))
+    k = min(max_judge, n // 2) // multiple * multiple
+    if k < 1 or n - k < 1:
+        return Holdout(slice(0, n), slice(0, n), f"only {n} sample(s): judged on the calibration samples themselves")
+    return Holdout(slice(0, n - k), slice(n - k, n))
+
+
 def _npz_files(path: Path, role: str | None = None) -> list[Path]:
     # Regular files only: opening a FIFO (or reading a device) would block or never end.
     require_regular_file(path, field=role, allow_dir=True,

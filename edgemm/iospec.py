@@ -168,6 +168,19 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(name)
 
 
+def max_batch(specs) -> int | None:
+    """The largest batch the specs' ranges allow (the runtime refuses more); None when unbounded."""
+    bounds = [s.ranges[s.shape[0]].max for s in specs
+              if s.shape and isinstance(s.shape[0], str) and s.shape[0] in s.ranges]
+    return min(bounds) if bounds else None
+
+
+def call_batch(specs, preferred: int = 16) -> int:
+    """Samples per call when the user gave none: ``preferred``, lowered to the bundle's range."""
+    top = max_batch(specs)
+    return min(preferred, top) if top else preferred
+
+
 def check_array_against_spec(spec: TensorSpec, array: np.ndarray, *, where: str,
                              fix: str | None = None, enforce_ranges: bool = False) -> None:
     """Raise InputError naming the tensor when dtype or rank/static dims disagree."""
@@ -181,9 +194,11 @@ def check_array_against_spec(spec: TensorSpec, array: np.ndarray, *, where: str,
         if isinstance(want, int) and got != want:
             raise InputError(f"shape {list(array.shape)} but expected {describe_shape(spec.shape)} "
                              f"(axis {axis} must be {want})", file=where, field=spec.name, fix=fix)
-        # Ranges bind TensorRT optimization profiles; ONNX Runtime runs any size.
+        # Ranges are the bundle's contract: TensorRT profiles need them, and nothing outside was compiled for.
         if enforce_ranges and isinstance(want, str) and want in spec.ranges:
             r = spec.ranges[want]
             if not (r.min <= got <= r.max):
+                how = (f"pass at most {r.max} samples per call (--batch-size {r.max}), or recompile with "
+                       f"--max-batch {got}" if axis == 0 else "recompile with a wider --dynamic range")
                 raise InputError(f"axis {axis} ({want}) is {got}, outside the compiled range {r.min}..{r.max}",
-                                 file=where, field=spec.name, fix="recompile with a wider --dynamic range")
+                                 file=where, field=spec.name, fix=fix or how)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -9,6 +10,22 @@ import numpy as np
 from .errors import InputError, first_line
 from .frontends import LoadedModel
 from .model_outputs import flatten_outputs  # noqa: F401  (re-exported: prune/ imports it from here)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's intra-op thread count set to ``threads`` for the block (None: unchanged)."""
+    if not threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Reference:
@@ -59,10 +76,17 @@ class Reference:
         self.output_names = names
         return {n: t.detach().cpu().numpy() for n, t in zip(names, leaves)}
 
-    def callable_for(self, feeds: Mapping[str, np.ndarray]):
-        """A zero-argument callable for latency measurement (conversion done once, outside the timing)."""
+    def callable_for(self, feeds: Mapping[str, np.ndarray], *, threads: int | None = None):
+        """A zero-argument callable for latency measurement (conversion done once, outside the timing).
+        ``threads``: intra-op threads for an ONNX reference (a torch reference: see ``torch_threads``)."""
         if self._ort is not None:
             sess, f = self._ort, dict(feeds)
+            if threads:
+                import onnxruntime as ort
+
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads
+                sess = ort.InferenceSession(str(self.loaded.onnx_path), opts, providers=["CPUExecutionProvider"])
             return lambda: sess.run(None, f)
         import torch
 

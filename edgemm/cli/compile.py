@@ -41,6 +41,7 @@ from .options import verbose_option
               help="Keep nodes out of INT8/FP8: op:TYPE (op:Softmax), module:GLOB (module:text.encoder.*), "
                    "or a regex on whole node names ('/text/.*').")
 @click.option("--min-cosine", type=float, help="Accuracy bar for recipe search and verification.")
+@click.option("--min-top1", type=float, help="Least top-1 agreement of class-score outputs (0..1).")
 @click.option("--max-metric-drop", type=float,
               help="Task-metric drop (points) --eval verification allows (default per precision).")
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Most calibration samples used.")
@@ -65,7 +66,7 @@ from .options import verbose_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
-            output_names, static_batch, max_batch, exporter, int8_recipe, exclude, min_cosine, max_metric_drop, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
+            output_names, static_batch, max_batch, exporter, int8_recipe, exclude, min_cosine, min_top1, max_metric_drop, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
             opt_level, version_compatible, hardware_compatibility, force, no_thread_tuning, config_file, dump_config,
             as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
@@ -92,7 +93,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             calib=calib, eval=eval_, weights=weights, trust_pickle=trust_pickle,
                             inputs=list(inputs), dynamic=list(dynamic), output_names=output_names, dynamic_batch=not static_batch,
                             max_batch=max_batch, exporter=exporter, int8_recipe=int8_recipe, exclude=list(exclude),
-                            min_cosine=min_cosine, max_metric_drop=max_metric_drop,
+                            min_cosine=min_cosine, min_top1=min_top1, max_metric_drop=max_metric_drop,
                             calib_samples=calib_samples, dla=dla,
                             prune=prune_spec, recover=recover, recover_lr=recover_lr, sparsity=sparsity,
                             workspace_mb=workspace_mb, opt_level=opt_level,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..iospec import dynamic_batch_input
+from ..iospec import call_batch, dynamic_batch_input, max_batch
 from .options import signature_options, trust_options, verbose_option
 
 
@@ -15,7 +15,8 @@ from .options import signature_options, trust_options, verbose_option
 @click.argument("bundle", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="Inputs .npz: keys = input names, axis 0 = samples.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Where to write the outputs (.npz).")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per call.")
+@click.option("--batch-size", type=int, default=None,
+              help="Samples per call (default 32, or the bundle's largest batch if smaller).")
 @signature_options
 @verbose_option
 def command(bundle, data, output, batch_size, trusted_keys, require_signature):
@@ -27,12 +28,13 @@ def command(bundle, data, output, batch_size, trusted_keys, require_signature):
     from ..errors import InputError
     from ..outputs import output_file
 
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 32")
     out_path = Path(output)
     _check_output(out_path, bundle, data)  # before the run, which may be long
     b = runtime.load(bundle, **trust_options(trusted_keys, require_signature))
     ds = load_dataset(data, specs=b.inputs, allow_labels=True, role="--data")
+    batch_size = batch_size or call_batch(b.inputs, 32)
     chunks: dict[str, list] = {o.name: [] for o in b.outputs}
     sizes = []  # samples in each call
     for batch in ds.batches(batch_size):
@@ -50,7 +52,7 @@ def command(bundle, data, output, batch_size, trusted_keys, require_signature):
         for i, part in enumerate(parts):
             out[f"{spec.name}.{i}"] = part
         hint = (f"; use --batch-size {ds.num_samples} for one matrix over all samples"
-                if dynamic_batch_input(b.inputs) else "")
+                if dynamic_batch_input(b.inputs) and ds.num_samples <= (max_batch(b.inputs) or ds.num_samples) else "")
         click.echo(f"note: {spec.name} {list(spec.shape)} spans each call's batch: saved per call as "
                    f"{spec.name}.0 .. {spec.name}.{len(parts) - 1} (--batch-size {batch_size}){hint}", err=True)
     _check_output(out_path, bundle, data)  # again: it may have changed during the run

@@ -93,7 +93,7 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     else:
         from ..parity.verify import verify_bundle
 
-        report = verify_bundle(bundle, data, batch_size=batch_size or 16,
+        report = verify_bundle(bundle, data, batch_size=batch_size,
                                progress=None if as_json else lambda d, n: None, **common)
     duration = time.perf_counter() - start
 
@@ -122,7 +122,7 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     if not report["passed"]:
         pruned = report.get("reference_is_unpruned") and not report.get("baseline")
         fix = ("the bundle was pruned and --reference is the unpruned model: gate it against a --baseline, "
-               "or relax the thresholds (--max-metric-drop, --min-cosine, --min-top1-agreement)" if pruned else
+               "or relax the thresholds (--max-metric-drop, --min-cosine, --min-top1)" if pruned else
                "see report.md in the bundle; recompile at higher precision, relax thresholds, or "
                "re-record the baseline if the change is intended")
         raise ParityError("; ".join(report["failures"]), file=bundle, fix=fix)

@@ -616,7 +616,10 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
         batch_size = loaded.batch_size
         # The same anchor work as at recording time, whatever the bundle's size is now.
         width = int(((loaded.doc.get("latency") or {}).get("anchor") or {}).get("width") or width)
-    batch_size = batch_size or 16
+    if not batch_size:
+        from ..iospec import TensorSpec, call_batch
+
+        batch_size = call_batch([TensorSpec.from_dict(d) for d in manifest["inputs"]])
     recorder = Recorder(keep_reference=keep_reference)
     gated = loaded is not None or save is not None
     report = verify_bundle(bundle, data, reference=reference, weights=weights, trust_pickle=trust_pickle,

@@ -12,8 +12,11 @@ from typing import Mapping
 import numpy as np
 
 
-def is_logits(name: str, array: np.ndarray) -> bool:
-    return "logit" in name.lower() and array.ndim >= 2 and array.shape[-1] > 1 and array.dtype.kind == "f"
+def is_logits(array: np.ndarray, made_by_head: bool | None = None) -> bool:
+    """Class scores, whatever the output is called (parity/output_kinds.py): top-1 agreement applies."""
+    from .output_kinds import SCORES, value_kind
+
+    return value_kind(array, made_by_head) == SCORES
 
 
 def per_sample_cosine(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
@@ -57,8 +60,13 @@ class _Acc:
 
 
 class ParityAccumulator:
-    def __init__(self):
+    """``heads``: output name -> whether the graph makes it with a linear head (output_kinds); each
+    output's kind is decided once, on its first batch, and kept."""
+
+    def __init__(self, heads: Mapping[str, bool] | None = None):
         self._acc: dict[str, _Acc] = {}
+        self._heads = dict(heads or {})
+        self.kinds: dict[str, bool] = {}
 
     def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
         for name, ref in reference.items():
@@ -78,7 +86,9 @@ class ParityAccumulator:
                 acc.abs_sum += float(diff.sum())
                 acc.count += diff.size
             acc.cosines.append(per_sample_cosine(ref, got))
-            if is_logits(name, ref):
+            if name not in self.kinds:
+                self.kinds[name] = is_logits(ref, self._heads.get(name))
+            if self.kinds[name]:
                 acc.logits = True
                 acc.top1_hits += int((ref.argmax(-1) == got.argmax(-1)).sum())
                 acc.top1_total += int(np.prod(ref.shape[:-1]))

@@ -35,6 +35,17 @@ def defaults_for(precision: str) -> Thresholds:
     return DEFAULTS[parts[-1]]
 
 
+def relax_flags(failures) -> str:
+    """The flags (of compile and verify alike) that relax the given report failures."""
+    flags = []
+    for text in failures:
+        flag = ("--max-metric-drop" if text.startswith("task ") else "--min-top1" if "top-1" in text
+                else "--min-cosine" if "cosine" in text else None)
+        if flag and flag not in flags:
+            flags.append(flag)
+    return ", ".join(flags or ["--min-cosine"])
+
+
 def with_overrides(base: Thresholds, **overrides) -> Thresholds:
     clean = {k: v for k, v in overrides.items() if v is not None}
     for key, value in clean.items():

@@ -16,24 +16,46 @@ from .thresholds import Thresholds
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
-def guess_task(output_names: Sequence[str]) -> tuple[str, list[str]] | None:
-    """A task metric from output names, when no zoo entry or --metric says otherwise."""
+def guess_task(output_names: Sequence[str], heads: Mapping[str, bool] | None = None
+               ) -> tuple[str, list[str]] | None:
+    """A task metric for labelled data, when no zoo entry or --metric says otherwise: top-1 on the first
+    output a linear head makes (``heads``, parity/output_kinds.py; whatever it is called), else
+    image-to-text recall@1 for the CLIP convention's embedding outputs."""
     names = list(output_names)
+    scored = [n for n in names if (heads or {}).get(n)]
+    if scored:
+        return "top1", [scored[0]]
     if "image_embeds" in names and "text_embeds" in names:
         return "recall@1", ["image_embeds", "text_embeds"]
-    logits = [n for n in names if "logit" in n.lower() and "per_" not in n.lower()]
-    if logits:
-        return "top1", [logits[0]]
     return None
+
+
+def bundle_heads(bundle) -> dict[str, bool] | None:
+    """The manifest's output_heads; for bundles compiled before it was recorded, read from their ONNX."""
+    heads = bundle.manifest.get("output_heads")
+    if isinstance(heads, dict):
+        return {str(k): bool(v) for k, v in heads.items()}
+    rel = bundle.manifest.get("backend", {}).get("onnx") or bundle.manifest.get("backend", {}).get("model")
+    if not isinstance(rel, str) or not rel.endswith(".onnx") or not (Path(bundle.path) / rel).is_file():
+        return None
+    import onnx
+
+    from .output_kinds import graph_score_outputs
+
+    try:
+        return graph_score_outputs(onnx.load(str(Path(bundle.path) / rel), load_external_data=False))
+    except Exception:  # hash-checked already; an unreadable graph only loses the graph's verdict
+        return None
 
 
 def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, thresholds: Thresholds, *,
              output_names: Sequence[str], batch_size: int = 16, task: tuple[str, list[str]] | None = None,
              latency: dict[str, Callable[[], object]] | None = None, latency_iterations: int = 50,
-             warmup: int = 5, progress: Callable[[int, int], None] | None = None) -> dict:
+             warmup: int = 5, progress: Callable[[int, int], None] | None = None,
+             heads: Mapping[str, bool] | None = None) -> dict:
     if batch_size < 1:
         raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 16")
-    acc = ParityAccumulator()
+    acc = ParityAccumulator(heads)
     collected: dict[str, dict[str, list[np.ndarray]]] = {"bundle": {}, "reference": {}}
     task_outputs = task[1] if task and data.labels is not None else []
     for name in task_outputs:
@@ -70,6 +92,7 @@ def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, th
                           f"{thresholds.min_top1_agreement}")
         if p.exact_match is not None and p.exact_match < thresholds.min_exact_match:
             checks.append(f"output {name}: exact match {p.exact_match:.4f} < {thresholds.min_exact_match}")
+        entry["kind"] = "scores" if acc.kinds.get(name) else ("integer" if p.exact_match is not None else "features")
         entry["passed"] = not checks
         report["outputs"][name] = entry
         report["failures"].extend(checks)
@@ -153,12 +176,13 @@ def pruned_reference_note(manifest: dict) -> str | None:
     drop = f" (the compile measured {task['metric']} {task['before']:.2f} -> {task['after']:.2f})" if task else ""
     return ("this bundle was pruned: --reference (the unpruned source) differs from it by what pruning "
             f"changed{drop}; gate it against a --baseline saved from the bundle, or relax the thresholds "
-            "(--max-metric-drop, --min-cosine, --min-top1-agreement)")
+            "(--max-metric-drop, --min-cosine, --min-top1)")
 
 
 def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weights: str | None = None,
                   trust_pickle: bool = False, metric: str | None = None, metric_outputs=None,
-                  batch_size: int = 16, iterations: int = 50, write: bool = True, overrides: dict | None = None,
+                  batch_size: int | None = None, iterations: int = 50, write: bool = True,
+                  overrides: dict | None = None,
                   progress=None, instrument: Callable[[str, Callable], Callable] | None = None,
                   trusted_keys=None, require_signature: bool | None = None) -> dict:
     """The library behind `edgemm verify`: load the bundle (hash-checked) and the reference, evaluate.
@@ -170,6 +194,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     """
     from .. import runtime
     from ..data import load_dataset
+    from ..iospec import call_batch
     from .thresholds import defaults_for, with_overrides
 
     from ..runtime.signing import REPORTS_KEPT_NOTE, is_signed
@@ -183,10 +208,13 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
         check_report_places(bundle_path)  # fail now, not after the evaluation
     data = load_dataset(data_path, specs=bundle.inputs, allow_labels=True, role="--data")
     output_names = [o.name for o in bundle.outputs]
+    batch_size = batch_size or call_batch(bundle.inputs)   # 16, or less where the bundle's range ends
     thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))
-    task = _task_for(bundle.manifest, output_names, metric, metric_outputs)
+    heads = bundle_heads(bundle)
+    task = _task_for(bundle.manifest, output_names, metric, metric_outputs, heads)
     wrap = instrument or (lambda role, fn: fn)
-    ref_run = None
+    threads = _bundle_threads(bundle)
+    ref_run, torch_ref = None, False
     latency = {"bundle": _bundle_call(bundle, first_sample(data))}
     if reference:
         from ..frontends import LoadOptions, load_model
@@ -196,14 +224,21 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
         ref = Reference(loaded, [s.name for s in bundle.inputs],
                         None if loaded.onnx_path else [o.name for o in bundle.outputs], names_from="--reference")
         ref_run = wrap("reference", ref.run)
-        latency["reference"] = ref.callable_for(first_sample(data))
+        # Timed on the bundle's own thread count: a ratio of 1 thread vs all cores measures the settings.
+        latency["reference"] = ref.callable_for(first_sample(data), threads=threads)
+        torch_ref = loaded.is_torch
     latency = {name: wrap(f"{name}.latency", fn) for name, fn in latency.items()}
     if data.labels is None:
         task = None
-    report = evaluate(wrap("bundle", bundle.run), ref_run, data, thresholds, output_names=output_names,
-                      batch_size=batch_size,
-                      task=task, latency=latency if iterations else None, latency_iterations=iterations,
-                      progress=progress)
+    from ..reference import torch_threads
+
+    with torch_threads(threads if torch_ref else None):
+        report = evaluate(wrap("bundle", bundle.run), ref_run, data, thresholds, output_names=output_names,
+                          batch_size=batch_size,
+                          task=task, latency=latency if iterations else None, latency_iterations=iterations,
+                          progress=progress, heads=heads)
+    if "latency" in report:
+        report["latency"]["intra_op_threads"] = threads or "default (both)"
     report["bundle"] = {"name": bundle.manifest.get("name"), "path": str(bundle_path),
                         "precision": bundle.precision, "backend": bundle.backend,
                         "target": bundle.manifest["target"].get("name")}
@@ -221,18 +256,26 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     return report
 
 
+def _bundle_threads(bundle) -> int | None:
+    """The intra-op thread count an ONNX Runtime bundle runs with (recorded by compile), None for ORT's
+    default or another backend."""
+    backend = bundle.manifest.get("backend", {})
+    threads = backend.get("intra_op_threads") if backend.get("name") == "onnxruntime" else None
+    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+
+
 def _bundle_call(bundle, feeds):
     checked = bundle.check_feeds(feeds)
     return lambda: bundle.run(checked)
 
 
-def _task_for(manifest: dict, output_names, metric, metric_outputs):
+def _task_for(manifest: dict, output_names, metric, metric_outputs, heads=None):
     from .task_metrics import KNOWN_METRICS
 
     if metric and metric not in KNOWN_METRICS:
         raise InputError(f"unknown metric {metric!r}", field="--metric", fix=f"use one of {', '.join(KNOWN_METRICS)}")
     known = manifest.get("task") or {}
-    guessed = guess_task(output_names)
+    guessed = guess_task(output_names, heads)
     if metric:
         outs = metric_outputs or (known.get("outputs") if known.get("metric") == metric else None) or \
             (guessed[1] if guessed and guessed[0] == metric else None) or \

@@ -27,6 +27,7 @@ class PrecisionRequest:
     min_cosine: float | None = None
     dla: bool = False
     exclude: list[str] = field(default_factory=list)   # --exclude patterns (quant/exclusions.py)
+    held_out: dict[str, np.ndarray] | None = None      # samples to judge choices on, never calibrated on
     log: Callable[[str], None] = print
 
 
@@ -66,7 +67,7 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
                                              "selected_by": "user", "excluded_nodes": facts["excluded_nodes"]})
     kwargs = {} if req.min_cosine is None else {"min_cosine": req.min_cosine}
     selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log,
-                                       exclude=req.exclude, **kwargs)
+                                       exclude=req.exclude, held_out=req.held_out, **kwargs)
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
               "candidates": _jsonable(selection.table)}

@@ -169,8 +169,9 @@ class Evaluator:
     def __init__(self, reference: Runner, feeds: Mapping[str, np.ndarray], target: AccuracyTarget, *,
                  output_names: Sequence[str], labels: np.ndarray | None = None,
                  task: tuple[str, list[str]] | None = None, batch_size: int = 16, check_target: bool = True,
-                 confidence: float | None = 0.95):
+                 confidence: float | None = 0.95, heads: Mapping[str, bool] | None = None):
         n = next(iter(feeds.values())).shape[0]
+        self.heads = dict(heads or {})   # output -> made by a linear head (parity/output_kinds.py)
         self.batches = [{k: np.ascontiguousarray(v[i:i + batch_size]) for k, v in feeds.items()}
                         for i in range(0, n, batch_size)]
         self.target = target
@@ -213,7 +214,7 @@ class Evaluator:
                 self._cos_outputs[c] = outs
             elif c.metric == "top1-agreement":
                 outs = [c.output] if c.output else [o for o in self.float_outputs
-                                                     if is_logits(o, self.reference[0][o])]
+                                                     if is_logits(self.reference[0][o], self.heads.get(o))]
                 if not outs:
                     raise InputError("no logits output to compare argmax on", field="--accuracy-target",
                                      fix=f"name one: top1-agreement@OUTPUT>=0.99 (outputs: {', '.join(self.output_names)})")
@@ -236,7 +237,7 @@ class Evaluator:
             task = (task, None)
         if c.metric == "metric-drop":
             if task is None:
-                task = guess_task(self.output_names)
+                task = guess_task(self.output_names, self.heads)
             if task is None or not task[0]:
                 raise InputError("cannot tell the model's task metric", field="--accuracy-target",
                                  fix="use top1-drop or recall@1-drop, or pass the metric")
@@ -247,11 +248,12 @@ class Evaluator:
         elif task is not None and task[0] == wanted and task[1]:
             outs = list(task[1])
         else:
-            guessed = guess_task(self.output_names)
+            guessed = guess_task(self.output_names, self.heads)
             if guessed and guessed[0] == wanted:
                 outs = guessed[1]
             elif wanted == "top1":
-                outs = [o for o in self.float_outputs if is_logits(o, self.reference[0][o])][:1] or None
+                outs = [o for o in self.float_outputs
+                        if is_logits(self.reference[0][o], self.heads.get(o))][:1] or None
         if not outs:
             raise InputError(f"cannot tell which outputs {wanted} reads", field="--accuracy-target",
                              fix=f"name it: {c.metric}@OUTPUT (outputs: {', '.join(self.output_names)})")
@@ -626,9 +628,13 @@ def accuracy_aware(fp32_onnx, out_onnx, calib: Mapping[str, np.ndarray], eval_fe
                          file=fp32_onnx, fix="quantize a branch that holds MatMul/Conv layers")
 
     ref_runner = be.runner(be.reference_path) if backend_name == "onnxruntime" else _runner_of(_ort_session(fp32_onnx))
-    output_names = [o.name for o in onnx.load(str(fp32_onnx), load_external_data=False).graph.output]
+    from ..parity.output_kinds import graph_score_outputs
+
+    fp32_model = onnx.load(str(fp32_onnx), load_external_data=False)
+    output_names = [o.name for o in fp32_model.graph.output]
     evaluator = Evaluator(ref_runner, eval_feeds, target, output_names=output_names, labels=labels, task=metric,
-                          batch_size=batch_size, confidence=confidence)
+                          batch_size=batch_size, confidence=confidence, heads=graph_score_outputs(fp32_model))
+    del fp32_model
     sens_feeds = _sample(calib, sensitivity_samples)
     sensor = Evaluator(ref_runner, sens_feeds, target, output_names=output_names, batch_size=batch_size,
                        check_target=False)

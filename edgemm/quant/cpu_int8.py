@@ -558,13 +558,12 @@ class Selection:
 
 
 def _split_samples(feeds: list[dict], max_calib: int, max_eval: int) -> tuple[list[dict], list[dict], str]:
-    """Calibration feeds first, held-out evaluation feeds last; they overlap only with < 2 feeds."""
-    if len(feeds) < 2:
-        return feeds, feeds, "one calibration sample: accuracy measured on the calibration sample itself"
-    n_eval = min(max_eval, max(1, len(feeds) // 3))
-    held_out = feeds[-n_eval:]
-    calib = feeds[:len(feeds) - n_eval][:max_calib]
-    return calib, held_out, ""
+    """Calibration feeds first, held-out evaluation feeds last (edgemm.data.hold_out); they overlap
+    only with < 2 feeds."""
+    from ..data import hold_out
+
+    split = hold_out(len(feeds), max_judge=max_eval)
+    return feeds[split.calibrate][:max_calib], feeds[split.judge], split.note
 
 
 def _time_candidates(fp32_onnx: Path, models: Sequence[tuple[str, Path]], feed: dict,
@@ -618,11 +617,13 @@ def _dominated_by(recipe: Int8Recipe, passed: Iterable[Int8Recipe]) -> str | Non
 
 def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, *, min_cosine: float = 0.99,
                   candidates: Sequence[Int8Recipe] | None = None, log: Callable[[str], None] | None = None,
-                  max_calib_samples: int = 16, max_eval_samples: int = 16, timing_iterations: int = 30,
-                  time_budget_s: float = 90.0, exclude: Sequence[str] = ()) -> Selection:
+                  max_calib_samples: int = 16, max_eval_samples: int = 64, timing_iterations: int = 30,
+                  time_budget_s: float = 90.0, exclude: Sequence[str] = (),
+                  held_out: Mapping[str, np.ndarray] | None = None) -> Selection:
     """Build each candidate, keep those whose every output agrees with FP32 to ``min_cosine``, time them
     interleaved with FP32 and return the fastest. Raises ``ParityError`` if none is accurate enough.
 
+    ``held_out``: samples to pick on (never calibrated on); without it, the tail of ``calib`` is held out.
     Float outputs are scored by mean per-sample cosine, other outputs by the fraction of equal elements;
     both must reach ``min_cosine``. Guarded variants of a recipe that already passed are skipped (they
     only add FP32 nodes). Candidates not started within ``time_budget_s`` are reported "out of time".
@@ -640,7 +641,12 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
                          fix="rename the recipes")
     prep = _Prepared(Path(fp32_onnx), calib, workdir, exclude)
     try:
-        calib_feeds, eval_feeds, split_note = _split_samples(prep.feeds, max_calib_samples, max_eval_samples)
+        if held_out is not None:
+            calib_feeds, split_note = prep.feeds[:max_calib_samples], ""
+            eval_feeds = _split_feeds(_check_calib(held_out, prep.specs, "held-out samples"), prep.specs)
+            eval_feeds = eval_feeds[:max_eval_samples]
+        else:
+            calib_feeds, eval_feeds, split_note = _split_samples(prep.feeds, max_calib_samples, max_eval_samples)
         if split_note:
             say(f"warning: {split_note}")
         fp32_sess = cpu_session(prep.source, spinning=False)

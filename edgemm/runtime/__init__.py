@@ -29,7 +29,9 @@ class Bundle:
         self._session = session
         self.signature = signature  # the verified SignatureInfo, or None when no signature was checked
         self.inputs, self.outputs = parse_io(path, manifest)
-        self._enforce_ranges = manifest["backend"]["name"] == "tensorrt"
+        # The manifest's ranges are the bundle's contract on every backend (TensorRT's optimization
+        # profiles need them; ONNX Runtime would run any size, but only sizes in range were promised).
+        self._enforce_ranges = True
 
     @property
     def precision(self) -> str:

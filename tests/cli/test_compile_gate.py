@@ -1,0 +1,95 @@
+"""Compile never passes what verify fails: a failing parity report is a non-zero exit with no bundle, with
+or without --eval; without --eval the bundle is judged on calibration samples it was not calibrated on;
+top-1 agreement is checked for class-score outputs whatever they are called."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+
+def _report(bundle):
+    return json.loads((bundle / "report.json").read_text())
+
+
+def test_compile_exits_non_zero_when_its_own_report_fails(cli, tiny, tmp_path):
+    out = tmp_path / "out" / "strict"
+    out.parent.mkdir()
+    r = cli("compile", tiny["torchscript"], "--int8", "--int8-recipe", "static_u8s8_per_channel", "--calib",
+            tiny["calib"], "-o", out, "--min-cosine", "0.99999", "--no-thread-tuning")
+    assert r.returncode == 1, r.stdout + r.stderr
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1 and line.startswith(f"error: {tiny['calib']}:")
+    assert "held-out samples" in line and "--min-cosine" in line
+    assert not out.exists() and list(out.parent.iterdir()) == []     # nothing written, nothing left behind
+
+
+def test_without_eval_the_bundle_is_judged_on_held_out_calibration_samples(cli, tiny, tmp_path):
+    out = tmp_path / "held"
+    r = cli("compile", tiny["torchscript"], "--int8", "--int8-recipe", "dynamic_per_channel", "--calib",
+            tiny["calib"], "-o", out, "--calib-samples", "40", "--no-thread-tuning")
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    judged = _report(out)["judged_on"]
+    # 64 samples, 40 calibrate: the 24 after them judge, and nothing is both
+    assert manifest["calibration"]["samples"] == 40 and manifest["calibration"]["held_out"] == [40, 64]
+    assert judged["source"] == "--calib" and judged["samples"] == 24 and judged["range"] == [40, 64]
+    assert "held-out samples 40..63" in r.stdout
+    r = cli("compile", tiny["torchscript"], "--fp32", "--calib", tiny["calib"], "--eval", tiny["eval"],
+            "-o", tmp_path / "ev", "--no-thread-tuning")
+    assert r.returncode == 0, r.stderr
+    assert _report(tmp_path / "ev")["judged_on"]["source"] == "--eval"
+
+
+def test_top1_checked_for_a_logits_output_named_anything(cli, tiny, tmp_path):
+    """The tiny model's outputs renamed `foo` (a linear head: class scores) and `bar` (a mean-pooled
+    embedding): top-1 agreement for foo, cosine only for bar, in compile and in verify alike."""
+    out = tmp_path / "foo"
+    r = cli("compile", tiny["torchscript"], "--fp32", "--calib", tiny["calib"], "-o", out,
+            "--output-names", "foo,bar", "--no-thread-tuning")
+    assert r.returncode == 0, r.stderr
+    outputs = _report(out)["outputs"]
+    assert outputs["foo"]["top1_agreement"] == 1.0 and outputs["foo"]["kind"] == "scores"
+    assert "top1_agreement" not in outputs["bar"]
+    r = cli("verify", out, "--reference", tiny["torchscript"], "--data", tiny["eval"], "--json")
+    assert r.returncode == 0, r.stderr
+    verified = json.loads(r.stdout)["outputs"]
+    assert "top1_agreement" in verified["foo"] and "top1_agreement" not in verified["bar"]
+
+
+def test_output_kinds_follow_the_graph_and_values_not_names():
+    from edgemm.parity.metrics import ParityAccumulator
+    from edgemm.parity.output_kinds import value_kind
+
+    rng = np.random.default_rng(0)
+    scores = rng.standard_normal((8, 5)).astype(np.float32)
+    unit = scores / np.linalg.norm(scores, axis=1, keepdims=True)
+    assert value_kind(scores) == "scores" and value_kind(unit) == "embedding"
+    assert value_kind(scores, made_by_head=False) == "embedding"       # pooled features, by the graph
+    assert value_kind(scores[:, :1]) == "other" and value_kind(scores.astype(np.int64)) == "other"
+    acc = ParityAccumulator({"foo": True, "bar": False})
+    acc.add({"foo": scores, "bar": scores}, {"foo": scores, "bar": scores})
+    res = acc.result()
+    assert res["foo"].top1_agreement == 1.0 and res["bar"].top1_agreement is None
+
+
+def test_hold_out_never_judges_on_calibration_samples():
+    from edgemm.data import hold_out
+
+    s = hold_out(256)
+    assert (s.calibrate, s.judge) == (slice(0, 192), slice(192, 256))
+    s = hold_out(1000, cap=256)                   # beyond the cap: judged on samples never calibrated on
+    assert (s.calibrate, s.judge) == (slice(0, 256), slice(256, 320))
+    s = hold_out(12, multiple=4)                  # a static batch of 4: whole batches on both sides
+    assert (s.calibrate, s.judge) == (slice(0, 8), slice(8, 12))
+    s = hold_out(1)
+    assert s.note and s.judge == s.calibrate
+
+
+def test_failure_fix_names_the_flag_that_relaxes_it():
+    from edgemm.parity.thresholds import relax_flags
+
+    assert relax_flags(["output foo: top-1 agreement 0.9000 < 0.95"]) == "--min-top1"
+    assert relax_flags(["output a: mean cosine 0.98 < 0.99", "task top1: 80 vs reference 90 (drop 10 > 1)"]) \
+        == "--min-cosine, --max-metric-drop"
