@@ -455,7 +455,7 @@ def compare_to_baseline(baseline: Baseline, report: Mapping, manifest: Mapping,
         identical = _digest(now_batches) == entry["sha256"]
         res: dict = {"identical": identical}
         if golden is not None and name in golden:
-            acc = ParityAccumulator()
+            acc = ParityAccumulator(report.get("output_heads"))   # the verdict verify used (output_kinds)
             # Identical bytes: compare with themselves, so float16 storage rounding is not shown as error.
             for g, b in zip(now_batches if identical else golden[name], now_batches):
                 acc.add({name: g.astype(b.dtype) if g.dtype.kind == "f" else g}, {name: b})

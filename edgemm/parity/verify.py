@@ -237,6 +237,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
                           batch_size=batch_size,
                           task=task, latency=latency if iterations else None, latency_iterations=iterations,
                           progress=progress, heads=heads)
+    report["output_heads"] = heads
     if "latency" in report:
         report["latency"]["intra_op_threads"] = threads or "default (both)"
     report["bundle"] = {"name": bundle.manifest.get("name"), "path": str(bundle_path),
