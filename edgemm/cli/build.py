@@ -14,20 +14,28 @@ from .options import signature_options, trust_options, verbose_option
 @click.command(name="build")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--timing-cache", type=click.Path(path_type=Path),
-              help="Timing cache file (default ~/.cache/edgemm/timing/<gpu>-<cc>-trt<version>.cache).")
+              help="Timing cache file (default $EDGEMM_TIMING_CACHE_DIR or ~/.cache/edgemm/timing/"
+                   "cc<cc>-trt<MMmmpp>.cache, shared with build.sh).")
+@click.option("--from-engine", type=click.Path(path_type=Path),
+              help="Adopt an engine build.sh (trtexec) built on this device instead of building one.")
 @signature_options
 @verbose_option
-def command(bundle, timing_cache, trusted_keys, require_signature):
+def command(bundle, timing_cache, from_engine, trusted_keys, require_signature):
     """Build the TensorRT engine of BUNDLE here and record it in its manifest."""
-    from ..backends.tensorrt.package import finish_portable_bundle
+    from ..backends.tensorrt.package import adopt_engine, finish_portable_bundle
 
     if logging.getLogger("edgemm").isEnabledFor(logging.INFO):
         logging.getLogger("edgemm.tensorrt").setLevel(logging.DEBUG)
     from ..runtime.signing import SIGNATURE_NAME, is_signed
 
-    engine = finish_portable_bundle(bundle, timing_cache=timing_cache,
-                                    **trust_options(trusted_keys, require_signature))
-    click.echo(f"built {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
+    if from_engine is not None:
+        built = adopt_engine(bundle, from_engine, **trust_options(trusted_keys, require_signature))
+        click.echo(f"adopted {from_engine} (TensorRT {built['tensorrt_version']}, {built['gpu']}, "
+                   f"{built['smoke_ms']} ms per run on zero inputs)")
+    else:
+        engine = finish_portable_bundle(bundle, timing_cache=timing_cache,
+                                        **trust_options(trusted_keys, require_signature))
+        click.echo(f"built {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
     if is_signed(bundle):
         click.echo(f"note: {bundle / SIGNATURE_NAME} no longer covers the rebuilt manifest and engine: re-sign the "
                    f"bundle here (`edgemm sign {bundle} --key KEY --force`) before loading it with --trusted-key",

@@ -367,3 +367,53 @@ def test_version_compatible_engine_runs_through_the_named_lean_runtime(bundle, m
     Stack(version="10.2.0.19").install(monkeypatch)
     with pytest.raises(BundleError, match="newer than this machine's TensorRT 10.2.0.19"):
         TensorRTSession(bundle, _manifest(options=vc), lean_runtime=lean)
+
+
+def _portable_bundle(folder, options=None) -> None:
+    from edgemm.runtime.manifest import sha256_file, write_json_atomic
+
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"onnx")
+    (folder / "build.sh").write_text("#!/usr/bin/env bash\n")
+    manifest = _manifest(options=options)
+    manifest.update(precision={"mode": "fp16"}, target={"name": "jetson-orin-nx"})
+    manifest["backend"].update(portable=True, engine=None, built=None, onnx="model.onnx", build_script="build.sh")
+    manifest["files"] = {n: sha256_file(folder / n) for n in ("model.onnx", "build.sh")}
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def test_trtexec_engine_adopted_after_a_smoke_run(monkeypatch, tmp_path):
+    # Old code could not load what the bundle's own build.sh builds. The stand-in cannot prove that real
+    # TensorRT refuses another version's plan; it shows the order: load, smoke run, then write the bundle.
+    from edgemm import runtime
+    from edgemm.backends.tensorrt.package import adopt_engine
+
+    stack = Stack(version="10.3.0.30").install(monkeypatch)
+    bundle = tmp_path / "b"
+    _portable_bundle(bundle)
+    engine = tmp_path / "b.engine"
+    engine.write_bytes(ENGINE)
+    built = adopt_engine(bundle, engine, runs=3)
+    assert built["tensorrt_version"] == "10.3.0.30" and built["gpu"] == "Orin" and built["smoke_ms"] >= 0
+    assert built["engine_sha256"] == hashlib.sha256(ENGINE).hexdigest()
+    assert (bundle / "model.engine").read_bytes() == ENGINE and engine.read_bytes() == ENGINE
+    assert stack.names().count("execute_async_v3") == 4          # one warm-up + 3 timed
+    loaded = runtime.load(bundle)                                  # hashes verified, engine from the bundle
+    np.testing.assert_array_equal(loaded.run({"x": np.ones((1, 4), np.float32)})["y"], np.full((1, 4), 2.0))
+
+
+def test_engine_this_tensorrt_cannot_load_is_not_adopted(monkeypatch, tmp_path):
+    from edgemm.backends.tensorrt.package import adopt_engine
+    from edgemm.errors import InputError
+
+    stack = Stack().install(monkeypatch)
+    stack.trt.Runtime.deserialize_cuda_engine = lambda self, data: None
+    bundle = tmp_path / "b"
+    _portable_bundle(bundle)
+    before = (bundle / "manifest.json").read_bytes()
+    engine = tmp_path / "other.engine"
+    engine.write_bytes(b"plan of another TensorRT")
+    with pytest.raises(InputError, match="cannot load this engine") as err:
+        adopt_engine(bundle, engine)
+    assert "build.sh" in str(err.value)
+    assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "model.engine").exists()

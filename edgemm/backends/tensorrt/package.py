@@ -17,7 +17,7 @@ from ...errors import BundleError, DependencyError, InputError
 from .options import SAME_CC_MIN_TRT, TensorRTOptions
 from .trtexec import build_script, trtexec_command
 
-__all__ = ["package", "finish_portable_bundle", "check_options_for_target", "ONNX_NAME", "ENGINE_NAME",
+__all__ = ["package", "finish_portable_bundle", "adopt_engine", "check_options_for_target", "ONNX_NAME", "ENGINE_NAME",
            "BUILD_CONFIG_NAME", "BUILD_SCRIPT_NAME"]
 
 ONNX_NAME = "model.onnx"
@@ -250,3 +250,89 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     manifest["files"][engine_rel] = sha256_file(engine_path)
     write_json_atomic(bundle_dir / manifest_name, manifest)
     return engine_path
+
+
+# -- edgemm build --from-engine ---------------------------------------------------------------------
+
+def _smoke_feeds(manifest: dict, options: TensorRTOptions) -> dict:
+    """Zeros of each input's opt shape (symbolic dims without a profile: 1)."""
+    import numpy as np
+
+    feeds = {}
+    for spec in manifest.get("inputs") or []:
+        shape = options.profile_shapes.get(spec["name"], (None, None, None))[1]
+        if shape is None:
+            shape = tuple(d if isinstance(d, int) else 1 for d in spec["shape"])
+        feeds[spec["name"]] = np.zeros(shape, dtype=np.dtype(spec["dtype"]))
+    return feeds
+
+
+def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, require_signature: bool | None = None,
+                 runs: int = 10) -> dict:
+    """Record an engine built on this device by the bundle's build.sh (trtexec) as the bundle's engine.
+
+    The plan is deserialized by this machine's TensorRT, which loads only plans of its own version and
+    device (the check `trtexec --getPlanVersionOnly` would report, done by the loader itself); then a
+    smoke run with zero inputs is timed through edgemm's runtime from a scratch copy, and only then are
+    the engine and the manifest (version, GPU, DLA cores, sha256) written into the bundle, atomically.
+    ``engine_file`` is read once and never modified. Returns the ``backend.built`` record."""
+    import hashlib
+    import tempfile
+    import time
+
+    from ...runtime.atomic import write_bytes_atomic
+    from ...runtime.signing import verify_before_use
+    from ...runtime.tensorrt_session import TensorRTSession, _Capture, cuda_device, import_tensorrt, select_device
+
+    bundle_dir, engine_file = Path(bundle_dir), Path(engine_file)
+    manifest_name, _load, _sha, write_json_atomic = _manifest_io()
+    manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
+    source = str(bundle_dir / manifest_name)
+    backend = manifest["backend"]
+    if backend.get("name") != "tensorrt":
+        raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, it takes no TensorRT engine",
+                          file=source, field="backend.name", fix="adopt engines into TensorRT bundles only")
+    _onnx_rel, _onnx_path, engine_rel, engine_path, _script = _bundle_paths(bundle_dir, manifest, source)
+    if not engine_file.is_file():
+        raise InputError("no such engine file", file=engine_file, field="--from-engine",
+                         fix="pass the file build.sh wrote (its last line names it)")
+    options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
+    data = engine_file.read_bytes()
+    trt = import_tensorrt()
+    dev = cuda_device(0)
+    select_device(0)
+    log = _Capture(trt)
+    runtime = trt.Runtime(log.logger)
+    runtime.engine_host_code_allowed = False
+    if options.dla_core is not None:
+        runtime.DLA_core = int(options.dla_core)
+    if runtime.deserialize_cuda_engine(data) is None:
+        raise InputError(f"TensorRT {trt.__version__} on {dev['name']} cannot load this engine: {log.last_error}",
+                         file=engine_file, field="--from-engine",
+                         fix=f"rebuild it here with `bash {bundle_dir / BUILD_SCRIPT_NAME}` (same TensorRT as "
+                             f"the Python package), or run `edgemm build {bundle_dir}`")
+    digest = hashlib.sha256(data).hexdigest()
+    built = {"tensorrt_version": trt.__version__, "compute_capability": dev["compute_capability"],
+             "gpu": dev["name"], "integrated": bool(dev.get("integrated")),
+             "dla_cores": int(getattr(runtime, "num_DLA_cores", 0)), "adopted_from": engine_file.name,
+             "builder": "trtexec", "engine_bytes": len(data), "engine_sha256": digest}
+    trial = json.loads(json.dumps(manifest))
+    trial["backend"].update(portable=False, engine=engine_rel, built=built)
+    trial["files"][engine_rel] = digest
+    with tempfile.TemporaryDirectory(prefix=".edgemm-adopt-", dir=bundle_dir.parent) as tmp:
+        scratch = Path(tmp) / engine_rel
+        scratch.parent.mkdir(parents=True, exist_ok=True)
+        scratch.write_bytes(data)
+        session = TensorRTSession(Path(tmp), trial)
+        feeds = _smoke_feeds(manifest, options)
+        try:
+            session.run(feeds)   # the first call allocates; time the next ones
+            started = time.perf_counter()
+            for _ in range(max(1, runs)):
+                session.run(feeds)
+            built["smoke_ms"] = round((time.perf_counter() - started) * 1000 / max(1, runs), 3)
+        finally:
+            session.close()
+    write_bytes_atomic(engine_path, data, fsync=True)
+    write_json_atomic(bundle_dir / manifest_name, trial)
+    return built
