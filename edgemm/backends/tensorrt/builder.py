@@ -23,6 +23,7 @@ import logging
 from ...errors import DependencyError, EdgemmError, InputError
 from ...runtime.tensorrt_session import _Capture, cuda_device, import_tensorrt, select_device, version_tuple
 from ...targets import dla_precision_supported, dla_supported
+from .jetson import available_memory_mb, jetson_state, warn_if_unlocked
 from .options import SAME_CC_MIN_TRT, TensorRTOptions
 
 _LOG = logging.getLogger("edgemm")
@@ -76,6 +77,10 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
     trt_version = trt.__version__
     major = version_tuple(trt_version)[0]
     check_dla_build(trt_version, options)
+    jetson = jetson_state() if dev.get("integrated") else None
+    warn_if_unlocked(jetson, "building a TensorRT engine")
+    if jetson is not None:
+        _check_memory(onnx_path, options)
     log = _Capture(trt)
     builder = trt.Builder(log.logger)
     if builder is None:
@@ -170,10 +175,30 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
         "engine_sha256": digest,
         "timing_cache": str(cache_file),
     }
+    if jetson is not None:
+        built["jetson"] = jetson
     if placement is not None:
         placement["engine_layers"] = _inspected_layers(trt, log, serialized)
         built["dla_placement"] = placement
     return built
+
+
+def _check_memory(onnx_path: Path, options: TensorRTOptions) -> None:
+    """On a Jetson the builder shares DRAM with the CPU: refuse before parsing when the workspace plus
+    the model would not fit in what is available (an 8 GB Orin Nano otherwise swaps or gets OOM-killed)."""
+    available = available_memory_mb()
+    if available is None:
+        return
+    # The ONNX file and its external data (the bundle's engine, reports and build files are not loaded).
+    skip = (".engine", ".plan", ".json", ".sh", ".md", ".sig", ".cache")
+    model_mb = sum(p.stat().st_size for p in onnx_path.parent.iterdir()
+                   if p.is_file() and not p.name.endswith(skip)) >> 20
+    # Parsed weights, the builder's copies and the workspace: about twice the model plus the workspace.
+    need = 2 * model_mb + int(options.workspace_mb or 0)
+    if need > available:
+        raise DependencyError(f"building needs about {need} MiB (model {model_mb} MiB twice + workspace "
+                              f"{options.workspace_mb} MiB) but {available} MiB of memory is available",
+                              fix="close other programs, add swap, or recompile with a smaller --workspace-mb")
 
 
 def check_dla_build(trt_version: str, options: TensorRTOptions) -> None:
