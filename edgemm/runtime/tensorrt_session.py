@@ -174,6 +174,7 @@ class _ContextState:
         self.graph_exec = None
         self.graph_shapes = None
         self.graph_failed = False
+        self.profile = 0   # a new context starts on optimization profile 0
 
     def _alloc(self, nbytes: int) -> tuple[int, int]:
         cudart = self.cudart
@@ -322,6 +323,10 @@ class TensorRTSession:
             # submitted through cuDLA, outside what a CUDA stream capture records.
             _LOG.warning("CUDA graphs are not used with a DLA engine")
             self.cuda_graph = False
+        self._num_profiles = int(getattr(self._engine, "num_optimization_profiles", 1) or 1)
+        # Profiles constrain the dynamic inputs only (static ones have no min/max to compare).
+        self._dynamic_inputs = [n for n in self.input_names if any(d < 0 for d in self._engine.get_tensor_shape(n))] \
+            if self._num_profiles > 1 else []
         self.device = dev
         self.device_index = int(device)
         self.zero_copy = bool(dev.get("integrated"))
@@ -441,9 +446,40 @@ class TensorRTSession:
         finally:
             self._release(st)
 
+    def _pick_profile(self, shapes: Mapping[str, tuple]) -> int:
+        """The first optimization profile whose min..max holds every input shape (profiles are declared
+        latency first, e.g. batch 1 then batch 32)."""
+        for index in range(self._num_profiles):
+            fits = True
+            for name, shape in shapes.items():
+                lo, _opt, hi = self._engine.get_tensor_profile_shape(name, index)
+                if len(lo) != len(shape) or any(not (a <= d <= b) for a, d, b in zip(lo, shape, hi)):
+                    fits = False
+                    break
+            if fits:
+                return index
+        ranges = "; ".join(
+            f"profile {i}: " + ", ".join(f"{n} {list(self._engine.get_tensor_profile_shape(n, i)[0])}.."
+                                         f"{list(self._engine.get_tensor_profile_shape(n, i)[2])}" for n in shapes)
+            for i in range(self._num_profiles))
+        raise InputError(f"input shapes {({n: list(s) for n, s in shapes.items()})} fit no optimization profile "
+                         f"({ranges})", field="feeds", fix="recompile with a profile covering these shapes")
+
+    def _select_profile(self, st: _ContextState, shapes: Mapping[str, tuple]) -> None:
+        index = self._pick_profile(shapes)
+        if index != st.profile:
+            # IExecutionContext.set_optimization_profile_async: switch before setting input shapes.
+            if not st.context.set_optimization_profile_async(index, st.handle):
+                raise EdgemmError(f"TensorRT could not switch to optimization profile {index}: "
+                                  f"{self._log.last_error}")
+            st.profile = index
+            st.drop_graph()
+
     def _run(self, st: _ContextState, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         cudart = self._cudart
         ctx = st.context
+        if self._num_profiles > 1:
+            self._select_profile(st, {n: tuple(np.shape(feeds[n])) for n in self._dynamic_inputs})
         hosts = {}
         for name in self.input_names:
             arr = np.asarray(feeds[name])
@@ -451,7 +487,7 @@ class TensorRTSession:
                 raise InputError(f"dtype {arr.dtype}, the engine takes {self.dtypes[name]}", field=name,
                                  fix=f"cast it with .astype('{self.dtypes[name]}')")
             if not ctx.set_input_shape(name, tuple(arr.shape)):
-                lo, opt, hi = self._engine.get_tensor_profile_shape(name, 0)
+                lo, opt, hi = self._engine.get_tensor_profile_shape(name, st.profile)
                 raise InputError(f"shape {list(arr.shape)} is outside the engine's profile "
                                  f"min {list(lo)} / max {list(hi)}", field=name,
                                  fix="recompile with a wider --dynamic range")

@@ -25,7 +25,7 @@ from edgemm.errors import InputError
 # NVIDIA/TensorRT release/10.x and 11.x) and the 10.x -> 11.x trtexec migration page (precision flags removed).
 COMMON_FLAGS = {"onnx", "saveEngine", "skipInference", "minShapes", "optShapes", "maxShapes", "memPoolSize",
                 "builderOptimizationLevel", "timingCacheFile", "useDLACore", "allowGPUFallback", "sparsity",
-                "versionCompatible", "excludeLeanRuntime", "hardwareCompatibilityLevel", "stronglyTyped"}
+                "versionCompatible", "excludeLeanRuntime", "hardwareCompatibilityLevel", "stronglyTyped", "profile"}
 FLAGS = {10: COMMON_FLAGS | {"fp16", "bf16", "int8", "fp8", "best"}, 11: set(COMMON_FLAGS)}
 
 INPUTS = [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 16, 16], "ranges": {"batch": [1, 4, 8]}},
@@ -273,3 +273,23 @@ def test_timing_cache_folder_is_shared_with_build_sh(monkeypatch, tmp_path):
     monkeypatch.delenv("EDGEMM_TIMING_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert timing_cache_path("9.0", "10.16.1").parent == tmp_path / "xdg" / "edgemm" / "timing"
+
+
+def test_several_optimization_profiles_in_options_and_trtexec():
+    # Old code had one profile only: a batch-1 latency profile and a batch-32 throughput profile could not
+    # share an engine.
+    latency = {"image": ((1, 3, 16, 16),) * 3}
+    throughput = {"image": ((2, 3, 16, 16), (32, 3, 16, 16), (32, 3, 16, 16))}
+    opts = TensorRTOptions(precision="fp16", profile_shapes=latency, extra_profiles=(throughput,))
+    assert TensorRTOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts
+    cmd = trtexec_command("m.onnx", "m.engine", opts, 11)
+    tail = cmd[cmd.index("--profile=0"):]
+    assert tail[:8] == ["--profile=0", "--minShapes=image:1x3x16x16", "--optShapes=image:1x3x16x16",
+                        "--maxShapes=image:1x3x16x16", "--profile=1", "--minShapes=image:2x3x16x16",
+                        "--optShapes=image:32x3x16x16", "--maxShapes=image:32x3x16x16"]
+    single = trtexec_command("m.onnx", "m.engine", opts.with_(extra_profiles=()), 11)
+    assert not any(a.startswith("--profile") for a in single)
+    with pytest.raises(InputError, match="same dynamic inputs"):
+        TensorRTOptions(profile_shapes=latency, extra_profiles=({"other": latency["image"]},))
+    with pytest.raises(InputError, match="one static profile"):
+        TensorRTOptions(precision="fp16", dla_core=0, profile_shapes=latency, extra_profiles=(latency,))

@@ -186,3 +186,26 @@ def test_engine_written_from_the_plan_buffer_with_its_digest(monkeypatch, onnx_f
     assert (tmp_path / "e.plan").read_bytes() == PLAN
     assert built["engine_sha256"] == hashlib.sha256(PLAN).hexdigest() and built["engine_bytes"] == len(PLAN)
     assert (tmp_path / "t.cache").read_bytes() == b"cache"
+
+
+def test_builder_adds_one_optimization_profile_per_declared_profile(tmp_path):
+    # Cannot prove: that TensorRT accepts these shapes; shows profile i is added i-th with its own ranges.
+    from edgemm.backends.tensorrt.builder import _add_profile
+
+    added = []
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (lo, opt, hi)
+
+    network = types.SimpleNamespace(num_inputs=2, get_input=lambda i: [
+        types.SimpleNamespace(name="x", shape=(-1, 4)), types.SimpleNamespace(name="k", shape=(1, 4))][i])
+    builder = types.SimpleNamespace(create_optimization_profile=Profile)
+    config = types.SimpleNamespace(add_optimization_profile=added.append)
+    opts = TensorRTOptions(profile_shapes={"x": ((1, 4),) * 3},
+                           extra_profiles=({"x": ((2, 4), (32, 4), (32, 4))},))
+    _add_profile(None, builder, network, config, opts, tmp_path / "m.onnx")
+    assert [p.shapes for p in added] == [{"x": ((1, 4),) * 3}, {"x": ((2, 4), (32, 4), (32, 4))}]

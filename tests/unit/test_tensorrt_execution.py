@@ -36,7 +36,7 @@ class Stack:
 
     def __init__(self, *, version="10.3.0.30", name=b"Orin", integrated=False, dla_cores=0, gpus=2,
                  capture_ok=True, end_capture=Err.cudaSuccess, instantiate=Err.cudaSuccess, free=8 << 30,
-                 count_err=Err.cudaSuccess):
+                 count_err=Err.cudaSuccess, profiles=(((1, 4), (1, 4), (64, 4)),)):
         self.calls: list[tuple] = []
         self.memory: dict[int, ctypes.Array] = {}
         self.sticky = Err.cudaSuccess
@@ -128,6 +128,10 @@ class Stack:
             def get_tensor_shape(self, name):
                 return self.shapes["x"]
 
+            def set_optimization_profile_async(self, index, handle):
+                rec("set_optimization_profile_async", index, handle)
+                return True
+
             def set_tensor_address(self, name, ptr):
                 self.addr[name] = ptr
                 return True
@@ -145,6 +149,13 @@ class Stack:
         class Engine:
             num_io_tensors = 2
             device_memory_size_v2 = 1 << 30
+            num_optimization_profiles = len(profiles)
+
+            def get_tensor_shape(self, name):
+                return (-1, 4)
+
+            def get_tensor_profile_shape(self, name, index):
+                return [list(s) for s in profiles[index]]
 
             def get_tensor_name(self, i):
                 return ("x", "y")[i]
@@ -417,3 +428,21 @@ def test_engine_this_tensorrt_cannot_load_is_not_adopted(monkeypatch, tmp_path):
         adopt_engine(bundle, engine)
     assert "build.sh" in str(err.value)
     assert (bundle / "manifest.json").read_bytes() == before and not (bundle / "model.engine").exists()
+
+
+def test_each_call_runs_on_the_first_profile_that_holds_its_shapes(bundle, monkeypatch):
+    # Old code built one profile and always used profile 0. The stand-in cannot prove TensorRT's
+    # switching cost or that a real engine exposes its profiles like this.
+    stack = Stack(profiles=(((1, 4), (1, 4), (1, 4)), ((2, 4), (32, 4), (32, 4)))).install(monkeypatch)
+    sess = TensorRTSession(bundle, _manifest(), max_contexts=1, cuda_graph=True)
+    for batch in (1, 8, 8, 1):
+        x = np.ones((batch, 4), np.float32)
+        np.testing.assert_array_equal(sess.run({"x": x})[0], 2 * x)
+    switches = [c[2] for c in stack.calls if c[0] == "set_optimization_profile_async"]
+    assert switches == [1, 0]
+    # a profile switch drops the captured graph: capture again for the new shapes, never replay a stale one
+    assert stack.names().count("cudaStreamBeginCapture") == 3 and stack.names().count("cudaGraphLaunch") == 1
+    from edgemm.errors import InputError
+
+    with pytest.raises(InputError, match="fit no optimization profile .*profile 1: x \\[2, 4\\]..\\[32, 4\\]"):
+        sess.run({"x": np.ones((40, 4), np.float32)})

@@ -241,7 +241,8 @@ def _inspected_layers(trt, log, serialized) -> list | None:
 
 
 def _add_profile(trt, builder, network, config, options: TensorRTOptions, onnx_path: Path) -> None:
-    """One optimization profile covering every input with a dynamic (-1) dimension."""
+    """One optimization profile per entry of options.profiles, each covering every input with a dynamic
+    (-1) dimension; profile i gets index i in the engine (added in order)."""
     dynamic = []
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
@@ -249,16 +250,17 @@ def _add_profile(trt, builder, network, config, options: TensorRTOptions, onnx_p
             dynamic.append(tensor)
     if not dynamic:
         return
-    profile = builder.create_optimization_profile()
-    for tensor in dynamic:
-        shapes = options.profile_shapes.get(tensor.name)
-        if shapes is None:
-            raise InputError(f"input {tensor.name!r} has dynamic shape {list(tensor.shape)} but no min/opt/max "
-                             f"profile", file=onnx_path, field="backend.options.profile_shapes",
-                             fix=f"recompile with --dynamic {tensor.name}:AXIS=MIN:OPT:MAX")
-        lo, opt, hi = shapes
-        if len(lo) != len(tuple(tensor.shape)):
-            raise InputError(f"profile rank {len(lo)} differs from input rank {len(tuple(tensor.shape))}",
-                             file=onnx_path, field=f"profile_shapes[{tensor.name!r}]", fix="recompile the bundle")
-        profile.set_shape(tensor.name, lo, opt, hi)
-    config.add_optimization_profile(profile)
+    for index, shapes_by_name in enumerate(options.profiles or [{}]):
+        profile = builder.create_optimization_profile()
+        for tensor in dynamic:
+            shapes = shapes_by_name.get(tensor.name)
+            if shapes is None:
+                raise InputError(f"input {tensor.name!r} has dynamic shape {list(tensor.shape)} but no min/opt/max "
+                                 f"in profile {index}", file=onnx_path, field="backend.options.profile_shapes",
+                                 fix=f"recompile with --dynamic {tensor.name}:AXIS=MIN:OPT:MAX")
+            lo, opt, hi = shapes
+            if len(lo) != len(tuple(tensor.shape)):
+                raise InputError(f"profile rank {len(lo)} differs from input rank {len(tuple(tensor.shape))}",
+                                 file=onnx_path, field=f"profile_shapes[{tensor.name!r}]", fix="recompile the bundle")
+            profile.set_shape(tensor.name, lo, opt, hi)
+        config.add_optimization_profile(profile)

@@ -34,13 +34,25 @@ class TensorRTOptions:
     sparse_weights: bool = False
     strongly_typed: bool = True
     cuda_graph: bool = False
-    # input name -> (min, opt, max) shapes, for inputs with dynamic dimensions
+    # input name -> (min, opt, max) shapes, for inputs with dynamic dimensions (optimization profile 0)
     profile_shapes: dict[str, tuple[Shape, Shape, Shape]] = field(default_factory=dict)
+    # Further optimization profiles (1, 2, ...), same inputs as profile 0: e.g. batch 1 for latency in
+    # profile 0 and batch 32 for throughput in profile 1. The runtime picks, per call, the first profile
+    # whose ranges hold the input shapes.
+    extra_profiles: tuple[dict[str, tuple[Shape, Shape, Shape]], ...] = ()
 
     def __post_init__(self):
-        shapes = {str(k): tuple(tuple(int(d) for d in s) for s in v) for k, v in dict(self.profile_shapes).items()}
-        object.__setattr__(self, "profile_shapes", shapes)
+        def norm(profile):
+            return {str(k): tuple(tuple(int(d) for d in s) for s in v) for k, v in dict(profile).items()}
+
+        object.__setattr__(self, "profile_shapes", norm(self.profile_shapes))
+        object.__setattr__(self, "extra_profiles", tuple(norm(p) for p in self.extra_profiles))
         self.check()
+
+    @property
+    def profiles(self) -> list[dict[str, tuple[Shape, Shape, Shape]]]:
+        """All optimization profiles in index order (empty when no input is dynamic)."""
+        return [self.profile_shapes, *self.extra_profiles] if self.profile_shapes else []
 
     def check(self) -> None:
         if self.opt_level not in OPT_LEVELS:
@@ -66,7 +78,16 @@ class TensorRTOptions:
             if ranged:
                 raise InputError(f"input(s) {', '.join(ranged)} have a min/opt/max range, which DLA cannot run",
                                  field="--dla", fix="give --dynamic MIN:OPT:MAX with MIN = OPT = MAX for --dla")
-        for name, triple in self.profile_shapes.items():
+        if self.extra_profiles:
+            if self.dla_core is not None:
+                raise InputError("DLA engines take one static profile", field="extra_profiles",
+                                 fix="drop the extra profiles or --dla")
+            for i, extra in enumerate(self.extra_profiles, start=1):
+                if set(extra) != set(self.profile_shapes):
+                    raise InputError(f"profile {i} covers {sorted(extra)}, profile 0 covers "
+                                     f"{sorted(self.profile_shapes)}", field=f"extra_profiles[{i - 1}]",
+                                     fix="give every profile the same dynamic inputs")
+        for name, triple in [t for p in self.profiles or [self.profile_shapes] for t in p.items()]:
             if len(triple) != 3:
                 raise InputError("needs (min, opt, max) shapes", field=f"profile_shapes[{name!r}]")
             lo, opt, hi = triple
@@ -104,6 +125,7 @@ class TensorRTOptions:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["profile_shapes"] = {k: [list(s) for s in v] for k, v in self.profile_shapes.items()}
+        d["extra_profiles"] = [{k: [list(s) for s in v] for k, v in p.items()} for p in self.extra_profiles]
         return d
 
     @classmethod

@@ -2,7 +2,7 @@
 
 Flags were checked against trtexec's parser (samples/common/sampleOptions.cpp) in NVIDIA/TensorRT
 release/10.0 ... release/10.16 and 11.x (main):
-- valid in 10.x and 11.x: --onnx --saveEngine --skipInference --min/opt/maxShapes --memPoolSize
+- valid in 10.x and 11.x: --onnx --saveEngine --skipInference --min/opt/maxShapes --profile --memPoolSize
   --builderOptimizationLevel --timingCacheFile --useDLACore --allowGPUFallback --sparsity
   --versionCompatible --excludeLeanRuntime --hardwareCompatibilityLevel --stronglyTyped
 - --stronglyTyped: opt-in on 10.x; on 11.x a deprecated no-op (strong typing is always on), still accepted.
@@ -39,9 +39,14 @@ def trtexec_command(onnx_name: str, engine_name: str, options: TensorRTOptions, 
         cmd += [f"--{f.lower()}" for f in flags]
     else:
         cmd.append("--stronglyTyped")
-    if options.profile_shapes:
+    profiles = options.profiles
+    for index, profile in enumerate(profiles):
+        if len(profiles) > 1:
+            # Several profiles: each group of shape flags follows its --profile=N (trtexec >= 10.0,
+            # samples/common/sampleOptions.cpp getOptimizationProfiles).
+            cmd.append(f"--profile={index}")
         for i, which in enumerate(("minShapes", "optShapes", "maxShapes")):
-            cmd.append(f"--{which}=" + _shape_spec({n: s[i] for n, s in options.profile_shapes.items()}))
+            cmd.append(f"--{which}=" + _shape_spec({n: s[i] for n, s in profile.items()}))
     if options.workspace_mb:
         cmd.append(f"--memPoolSize=workspace:{int(options.workspace_mb)}")
     cmd.append(f"--builderOptimizationLevel={options.opt_level}")
