@@ -175,6 +175,14 @@ class _ContextState:
         self.graph_shapes = None
         self.graph_failed = False
         self.profile = 0   # a new context starts on optimization profile 0
+        self.allocator = None
+        self.allocated_outputs: set[str] = set()
+
+    def output_allocator(self, trt):
+        """This context's IOutputAllocator (made on first need: the class derives from TensorRT's)."""
+        if self.allocator is None:
+            self.allocator = _make_output_allocator(trt, self)
+        return self.allocator
 
     def _alloc(self, nbytes: int) -> tuple[int, int]:
         cudart = self.cudart
@@ -219,10 +227,35 @@ class _ContextState:
         for host, dev, _ in self.buffers.values():
             self._free(host, dev)
         self.buffers.clear()
+        self.allocator = None
         if self.stream is not None:
             self.cudart.cudaStreamDestroy(self.stream)
             self.stream = None
         self.context = None
+
+
+def _make_output_allocator(trt, state: "_ContextState"):
+    """An IOutputAllocator growing ``state``'s buffers for outputs whose shape depends on the data
+    (NonZero, NMS...): TensorRT asks for memory and reports the shape while it executes (TensorRT developer
+    guide, "Dynamically Shaped Output"; the same pattern as Polygraphy's TrtRunner)."""
+
+    class _OutputAllocator(trt.IOutputAllocator):
+        def __init__(self):
+            trt.IOutputAllocator.__init__(self)
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output(self, tensor_name, memory, size, alignment):
+            _host, dev = state.buffer(tensor_name, int(size))
+            return dev
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            # TensorRT >= 10 calls this one; reallocate_output is its deprecated synchronous form.
+            return self.reallocate_output(tensor_name, memory, size, alignment)
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(int(d) for d in shape)
+
+    return _OutputAllocator()
 
 
 def _host_view(ptr: int, shape, dtype: np.dtype) -> np.ndarray:
@@ -492,14 +525,20 @@ class TensorRTSession:
                                  f"min {list(lo)} / max {list(hi)}", field=name,
                                  fix="recompile with a wider --dynamic range")
             hosts[name] = arr
-        out_shapes = {}
+        out_shapes, dynamic_out = {}, []
         for name in self.output_names:
             shape = tuple(ctx.get_tensor_shape(name))
             if any(d < 0 for d in shape):
-                raise EdgemmError(f"output {name!r} has a data-dependent shape {list(shape)}, which edgemm's "
-                                  f"TensorRT runtime does not support", field=name,
-                                  fix="export the model with static output shapes, or use the onnxruntime backend")
-            out_shapes[name] = shape
+                dynamic_out.append(name)   # data-dependent: sized by the output allocator during execution
+            else:
+                out_shapes[name] = shape
+        if dynamic_out:
+            allocator = st.output_allocator(self._trt)
+            for name in dynamic_out:
+                if name not in st.allocated_outputs:
+                    if not ctx.set_output_allocator(name, allocator):
+                        raise EdgemmError(f"TensorRT refused an output allocator for {name!r}: {self._log.last_error}")
+                    st.allocated_outputs.add(name)
         views = {}
         for name, shape in [*((n, a.shape) for n, a in hosts.items()), *out_shapes.items()]:
             dtype = self.dtypes[name]
@@ -514,13 +553,27 @@ class TensorRTSession:
             if not st.zero_copy:
                 _check(cudart, cudart.cudaMemcpyAsync(dev, view.ctypes.data, view.nbytes, h2d, st.stream),
                        "cudaMemcpyAsync(host->device)")
-        self._execute(st, tuple((n, hosts[n].shape) for n in self.input_names))
+        self._execute(st, tuple((n, hosts[n].shape) for n in self.input_names), capturable=not dynamic_out)
         if not st.zero_copy:
-            for name in self.output_names:
+            for name in out_shapes:
                 view, dev = views[name]
                 _check(cudart, cudart.cudaMemcpyAsync(view.ctypes.data, dev, view.nbytes, d2h, st.stream),
                        "cudaMemcpyAsync(device->host)")
         _check(cudart, cudart.cudaStreamSynchronize(st.stream), "cudaStreamSynchronize")
+        if dynamic_out:
+            # Shapes are known only now (IOutputAllocator.notify_shape during execution); the data sits in
+            # the buffers the allocator handed TensorRT (as Polygraphy's TrtRunner reads them).
+            for name in dynamic_out:
+                shape = st.allocator.shapes.get(name)
+                if shape is None:
+                    raise EdgemmError(f"TensorRT reported no shape for the data-dependent output {name!r}")
+                host, dev, _cap = st.buffers[name]
+                view = _host_view(host, shape, self.dtypes[name])
+                if not st.zero_copy and view.nbytes:
+                    _check(cudart, cudart.cudaMemcpyAsync(view.ctypes.data, dev, view.nbytes, d2h, st.stream),
+                           "cudaMemcpyAsync(device->host)")
+                views[name] = (view, dev)
+            _check(cudart, cudart.cudaStreamSynchronize(st.stream), "cudaStreamSynchronize")
         # Copies: the pinned buffers are reused by the next call.
         return [views[n][0].copy() for n in self.output_names]
 
@@ -536,10 +589,11 @@ class TensorRTSession:
         st.graph_failed = True
         _LOG.warning("CUDA graph disabled for this context: %s; running the engine directly", why)
 
-    def _execute(self, st: _ContextState, shapes) -> None:
-        """Enqueue the engine; with CUDA graphs, replay a graph captured for these input shapes."""
+    def _execute(self, st: _ContextState, shapes, *, capturable: bool = True) -> None:
+        """Enqueue the engine; with CUDA graphs, replay a graph captured for these input shapes. Engines with
+        data-dependent output shapes are never captured (the allocator runs on the host mid-execution)."""
         cudart = self._cudart
-        if not self.cuda_graph or st.graph_failed:
+        if not self.cuda_graph or st.graph_failed or not capturable:
             self._enqueue(st)
             return
         if st.graph_exec is not None and st.graph_shapes == shapes:

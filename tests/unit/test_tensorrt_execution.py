@@ -36,7 +36,7 @@ class Stack:
 
     def __init__(self, *, version="10.3.0.30", name=b"Orin", integrated=False, dla_cores=0, gpus=2,
                  capture_ok=True, end_capture=Err.cudaSuccess, instantiate=Err.cudaSuccess, free=8 << 30,
-                 count_err=Err.cudaSuccess, profiles=(((1, 4), (1, 4), (64, 4)),)):
+                 count_err=Err.cudaSuccess, profiles=(((1, 4), (1, 4), (64, 4)),), data_dependent=False):
         self.calls: list[tuple] = []
         self.memory: dict[int, ctypes.Array] = {}
         self.sticky = Err.cudaSuccess
@@ -126,7 +126,14 @@ class Stack:
                 return True
 
             def get_tensor_shape(self, name):
+                if name == "y" and data_dependent:
+                    return (-1, 4)
                 return self.shapes["x"]
+
+            def set_output_allocator(self, name, allocator):
+                rec("set_output_allocator", name)
+                self.allocator = allocator
+                return True
 
             def set_optimization_profile_async(self, index, handle):
                 rec("set_optimization_profile_async", index, handle)
@@ -142,6 +149,12 @@ class Stack:
                     return False
                 n = int(np.prod(self.shapes["x"]))
                 x = np.frombuffer((ctypes.c_float * n).from_address(self.addr["x"]), dtype=np.float32)
+                if data_dependent:   # y = 2 * the rows of x whose first value is positive (like NonZero)
+                    rows = x.reshape(-1, 4)[x.reshape(-1, 4)[:, 0] > 0]
+                    ptr = self.allocator.reallocate_output_async("y", 0, max(rows.nbytes, 1), 256, handle)
+                    self.allocator.notify_shape("y", rows.shape)
+                    ctypes.memmove(ptr, (2 * rows).astype(np.float32).ctypes.data, rows.nbytes)
+                    return True
                 y = np.frombuffer((ctypes.c_float * n).from_address(self.addr["y"]), dtype=np.float32)
                 y[:] = 2 * x
                 return True
@@ -192,7 +205,12 @@ class Stack:
             def __init__(self):
                 pass
 
+        class IOutputAllocator:
+            def __init__(self):
+                pass
+
         self.trt = types.SimpleNamespace(__version__=version, Runtime=Runtime, ILogger=ILogger,
+                                         IOutputAllocator=IOutputAllocator,
                                          TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
                                          nptype=lambda t: np.float32)
 
@@ -446,3 +464,17 @@ def test_each_call_runs_on_the_first_profile_that_holds_its_shapes(bundle, monke
 
     with pytest.raises(InputError, match="fit no optimization profile .*profile 1: x \\[2, 4\\]..\\[32, 4\\]"):
         sess.run({"x": np.ones((40, 4), np.float32)})
+
+
+@pytest.mark.parametrize("integrated", [False, True])
+def test_data_dependent_outputs_come_through_an_output_allocator(bundle, monkeypatch, integrated):
+    # Old code refused any output whose shape TensorRT knows only after execution. The stand-in cannot
+    # prove how real TensorRT sizes or aligns such outputs; it shows allocation, shape and copy-out.
+    stack = Stack(data_dependent=True, integrated=integrated).install(monkeypatch)
+    sess = TensorRTSession(bundle, _manifest(), cuda_graph=True)
+    x = np.array([[1, 2, 3, 4], [-1, 0, 0, 0], [5, 6, 7, 8]], np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(sess.run({"x": x})[0], 2 * x[[0, 2]])
+    np.testing.assert_array_equal(sess.run({"x": -np.ones((2, 4), np.float32)})[0], np.zeros((0, 4), np.float32))
+    assert stack.names().count("set_output_allocator") == 1     # set once per context
+    assert "cudaStreamBeginCapture" not in stack.names()        # never captured
