@@ -18,9 +18,11 @@ from .options import signature_options, trust_options, verbose_option
                    "cc<cc>-trt<MMmmpp>.cache, shared with build.sh).")
 @click.option("--from-engine", type=click.Path(path_type=Path),
               help="Adopt an engine build.sh (trtexec) built on this device instead of building one.")
+@click.option("--refit", "refit_onnx", type=click.Path(path_type=Path),
+              help="Swap the weights of a refittable engine from this ONNX (same network), without a rebuild.")
 @signature_options
 @verbose_option
-def command(bundle, timing_cache, from_engine, trusted_keys, require_signature):
+def command(bundle, timing_cache, from_engine, refit_onnx, trusted_keys, require_signature):
     """Build the TensorRT engine of BUNDLE here and record it in its manifest."""
     from ..backends.tensorrt.package import adopt_engine, finish_portable_bundle
 
@@ -28,7 +30,17 @@ def command(bundle, timing_cache, from_engine, trusted_keys, require_signature):
         logging.getLogger("edgemm.tensorrt").setLevel(logging.DEBUG)
     from ..runtime.signing import SIGNATURE_NAME, is_signed
 
-    if from_engine is not None:
+    if from_engine is not None and refit_onnx is not None:
+        from ..errors import InputError
+
+        raise InputError("--from-engine and --refit cannot be combined", field="--refit",
+                         fix="adopt the engine first, then refit it")
+    if refit_onnx is not None:
+        from ..backends.tensorrt.refit import refit_bundle
+
+        refit_bundle(bundle, refit_onnx, **trust_options(trusted_keys, require_signature))
+        click.echo(f"refitted the engine of {bundle} with the weights of {refit_onnx}")
+    elif from_engine is not None:
         built = adopt_engine(bundle, from_engine, **trust_options(trusted_keys, require_signature))
         click.echo(f"adopted {from_engine} (TensorRT {built['tensorrt_version']}, {built['gpu']}, "
                    f"{built['smoke_ms']} ms per run on zero inputs)")

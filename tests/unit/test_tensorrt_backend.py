@@ -25,7 +25,7 @@ from edgemm.errors import InputError
 # NVIDIA/TensorRT release/10.x and 11.x) and the 10.x -> 11.x trtexec migration page (precision flags removed).
 COMMON_FLAGS = {"onnx", "saveEngine", "skipInference", "minShapes", "optShapes", "maxShapes", "memPoolSize",
                 "builderOptimizationLevel", "timingCacheFile", "useDLACore", "allowGPUFallback", "sparsity",
-                "versionCompatible", "excludeLeanRuntime", "hardwareCompatibilityLevel", "stronglyTyped", "profile"}
+                "versionCompatible", "excludeLeanRuntime", "hardwareCompatibilityLevel", "stronglyTyped", "profile", "refit"}
 FLAGS = {10: COMMON_FLAGS | {"fp16", "bf16", "int8", "fp8", "best"}, 11: set(COMMON_FLAGS)}
 
 INPUTS = [{"name": "image", "dtype": "float32", "shape": ["batch", 3, 16, 16], "ranges": {"batch": [1, 4, 8]}},
@@ -94,6 +94,15 @@ def test_dla_int8_on_tensorrt_10_refused_before_work():
 def test_sparse_weights_flag():
     opts = options_for_target(targets.load("a100"), "int8", sparse_weights=True)
     assert "--sparsity=enable" in trtexec_command("m.onnx", "m.engine", opts, 10)
+
+
+@pytest.mark.parametrize("major", [10, 11])
+def test_refittable_engines_use_the_documented_flag(major):
+    opts = options_for_target(targets.load("a100"), "fp16", refittable=True)
+    cmd = trtexec_command("m.onnx", "m.engine", opts, major)
+    assert "--refit" in cmd and _flags(cmd) <= FLAGS[major]
+    with pytest.raises(InputError, match="DLA engines cannot be refitted"):
+        TensorRTOptions(precision="fp16", dla_core=0, refittable=True)
 
 
 def test_options_round_trip_and_refusals():

@@ -50,7 +50,7 @@ def _stub(monkeypatch, version: str, *, dla_cores: int = 2, dla_layers=("conv",)
             pass
 
         def set_flag(self, flag):
-            self.flags.append(flag)
+            calls.append(("set_flag", flag))
 
         def can_run_on_DLA(self, layer):
             return layer.name in dla_layers
@@ -114,7 +114,7 @@ def _stub(monkeypatch, version: str, *, dla_cores: int = 2, dla_layers=("conv",)
     trt = types.SimpleNamespace(
         __version__=version, Builder=Builder, OnnxParser=OnnxParser, ILogger=ILogger, Runtime=Runtime,
         NetworkDefinitionCreationFlag=enum(STRONGLY_TYPED=0),
-        BuilderFlag=enum(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK"),
+        BuilderFlag=enum(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK", REFIT="REFIT"),
         MemoryPoolType=enum(WORKSPACE="WORKSPACE"), DeviceType=enum(DLA="DLA", GPU="GPU"),
         ProfilingVerbosity=enum(DETAILED="DETAILED"), LayerInformationFormat=enum(JSON="JSON"))
     props = types.SimpleNamespace(name=b"Orin\0", major=8, minor=7, integrated=1)
@@ -209,3 +209,10 @@ def test_builder_adds_one_optimization_profile_per_declared_profile(tmp_path):
                            extra_profiles=({"x": ((2, 4), (32, 4), (32, 4))},))
     _add_profile(None, builder, network, config, opts, tmp_path / "m.onnx")
     assert [p.shapes for p in added] == [{"x": ((1, 4),) * 3}, {"x": ((2, 4), (32, 4), (32, 4))}]
+
+
+def test_refittable_build_sets_the_refit_flag(monkeypatch, onnx_file, tmp_path):
+    calls = _stub(monkeypatch, "10.3.0")
+    build_engine(onnx_file, tmp_path / "e.plan", TensorRTOptions(precision="fp16", refittable=True),
+                 timing_cache=tmp_path / "t.cache")
+    assert ("set_flag", "REFIT") in calls

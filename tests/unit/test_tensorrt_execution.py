@@ -182,6 +182,10 @@ class Stack:
             def create_execution_context(self):
                 return Context()
 
+            def serialize(self):
+                rec("serialize")
+                return bytearray(stack.refitted_plan)
+
         class Runtime:
             num_DLA_cores = dla_cores
 
@@ -209,8 +213,31 @@ class Stack:
             def __init__(self):
                 pass
 
+        self.refitted_plan = b"refitted plan"
+        self.refit_ok = True
+
+        class Refitter:
+            def __init__(self, engine, logger):
+                rec("Refitter")
+
+            def refit_cuda_engine(self):
+                rec("refit_cuda_engine")
+                return stack.refit_ok
+
+            def get_missing_weights(self):
+                return ["fc.weight"]
+
+        class OnnxParserRefitter:
+            def __init__(self, refitter, logger):
+                pass
+
+            def refit_from_file(self, path):
+                rec("refit_from_file", path)
+                return True
+
         self.trt = types.SimpleNamespace(__version__=version, Runtime=Runtime, ILogger=ILogger,
-                                         IOutputAllocator=IOutputAllocator,
+                                         IOutputAllocator=IOutputAllocator, Refitter=Refitter,
+                                         OnnxParserRefitter=OnnxParserRefitter,
                                          TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPUT="out"),
                                          nptype=lambda t: np.float32)
 
@@ -478,3 +505,54 @@ def test_data_dependent_outputs_come_through_an_output_allocator(bundle, monkeyp
     np.testing.assert_array_equal(sess.run({"x": -np.ones((2, 4), np.float32)})[0], np.zeros((0, 4), np.float32))
     assert stack.names().count("set_output_allocator") == 1     # set once per context
     assert "cudaStreamBeginCapture" not in stack.names()        # never captured
+
+
+def _built_bundle(folder, options) -> None:
+    from edgemm.runtime.manifest import sha256_file, write_json_atomic
+
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"old onnx")
+    (folder / "model.engine").write_bytes(ENGINE)
+    manifest = _manifest(options=options)
+    manifest.update(precision={"mode": "fp16"}, target={"name": "jetson-orin-nx"})
+    manifest["backend"].update(portable=False, onnx="model.onnx")
+    manifest["files"] = {n: sha256_file(folder / n) for n in ("model.onnx", "model.engine")}
+    write_json_atomic(folder / "manifest.json", manifest)
+
+
+def test_refit_swaps_weights_and_records_the_new_engine_and_onnx(monkeypatch, tmp_path):
+    # New capability (old code had none). The stand-in cannot prove TensorRT accepts the new weights; it
+    # shows the Refitter/OnnxParserRefitter sequence and that the bundle stays verifiable afterwards.
+    from edgemm import runtime
+    from edgemm.backends.tensorrt.refit import refit_bundle
+
+    stack = Stack().install(monkeypatch)
+    bundle = tmp_path / "b"
+    _built_bundle(bundle, {"refittable": True, "precision": "fp16"})
+    new = tmp_path / "new.onnx"
+    new.write_bytes(b"new weights onnx")
+    refit_bundle(bundle, new)
+    assert ("refit_from_file", "MainThread", str(new)) in stack.calls
+    assert (bundle / "model.engine").read_bytes() == b"refitted plan"
+    assert (bundle / "model.onnx").read_bytes() == b"new weights onnx" and new.read_bytes() == b"new weights onnx"
+    runtime.load(bundle)        # every hash in the rewritten manifest matches
+
+
+def test_refit_refused_for_a_non_refittable_engine_or_a_failed_refit(monkeypatch, tmp_path):
+    from edgemm.backends.tensorrt.refit import refit_bundle
+    from edgemm.errors import EdgemmError
+
+    stack = Stack().install(monkeypatch)
+    new = tmp_path / "new.onnx"
+    new.write_bytes(b"w")
+    plain = tmp_path / "plain"
+    _built_bundle(plain, {"precision": "fp16"})
+    with pytest.raises(BundleError, match="not built refittable"):
+        refit_bundle(plain, new)
+    refittable = tmp_path / "r"
+    _built_bundle(refittable, {"refittable": True, "precision": "fp16"})
+    before = {p.name: p.read_bytes() for p in refittable.iterdir()}
+    stack.refit_ok = False
+    with pytest.raises(EdgemmError, match="missing weights: fc.weight"):
+        refit_bundle(refittable, new)
+    assert {p.name: p.read_bytes() for p in refittable.iterdir()} == before     # nothing written

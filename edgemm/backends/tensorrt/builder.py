@@ -128,6 +128,8 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if options.sparse_weights:
         config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if options.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)

@@ -32,6 +32,8 @@ class TensorRTOptions:
     version_compatible: bool = False
     hardware_compatibility: str = "none"
     sparse_weights: bool = False
+    # BuilderFlag.REFIT / trtexec --refit: weights can be swapped later (`edgemm build --refit NEW.onnx`).
+    refittable: bool = False
     strongly_typed: bool = True
     cuda_graph: bool = False
     # input name -> (min, opt, max) shapes, for inputs with dynamic dimensions (optimization profile 0)
@@ -72,6 +74,10 @@ class TensorRTOptions:
             if self.precision not in ("fp16", "int8"):
                 raise InputError(f"DLA runs fp16 or int8 only, not {self.precision}", field="--dla",
                                  fix="add --int8 or --fp16, or drop --dla")
+            if self.refittable:
+                # DLA loadables are compiled by the DLA compiler; TensorRT cannot refit their weights.
+                raise InputError("DLA engines cannot be refitted", field="refittable",
+                                 fix="drop refittable or --dla")
             # DLA needs min = opt = max; with a range TensorRT quietly runs the layers on the GPU
             # ("DLA Supported Layers and Restrictions": dynamic dimensions are not supported on DLA).
             ranged = sorted(n for n, (lo, opt, hi) in self.profile_shapes.items() if not lo == opt == hi)

@@ -3,7 +3,7 @@
 Flags were checked against trtexec's parser (samples/common/sampleOptions.cpp) in NVIDIA/TensorRT
 release/10.0 ... release/10.16 and 11.x (main):
 - valid in 10.x and 11.x: --onnx --saveEngine --skipInference --min/opt/maxShapes --profile --memPoolSize
-  --builderOptimizationLevel --timingCacheFile --useDLACore --allowGPUFallback --sparsity
+  --builderOptimizationLevel --timingCacheFile --useDLACore --allowGPUFallback --sparsity --refit
   --versionCompatible --excludeLeanRuntime --hardwareCompatibilityLevel --stronglyTyped
 - --stronglyTyped: opt-in on 10.x; on 11.x a deprecated no-op (strong typing is always on), still accepted.
 - 11.x removed --fp16 --bf16 --fp8 --int4 --best and --int8/--calib:
@@ -58,6 +58,8 @@ def trtexec_command(onnx_name: str, engine_name: str, options: TensorRTOptions, 
             cmd.append("--allowGPUFallback")
     if options.sparse_weights:
         cmd.append("--sparsity=enable")
+    if options.refittable:
+        cmd.append("--refit")
     if options.version_compatible:
         # Without --excludeLeanRuntime the plan embeds the lean runtime as host code, which edgemm's
         # runtime refuses to load (it never sets engine_host_code_allowed).
