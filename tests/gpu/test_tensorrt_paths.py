@@ -1,7 +1,8 @@
 """Every TensorRT path through the CLI on a machine with TensorRT, cuda-python and an NVIDIA GPU:
 FP16 / INT8 / FP8 engines of the tiny fused model (accuracy against the FP32 CPU bundle), DLA where the
 device and TensorRT have it, CUDA graphs, threads on device 1 where there is one, a portable bundle
-finished by `edgemm build`, and build.sh with the device's trtexec. Skipped elsewhere.
+finished by `edgemm build`, build.sh with the device's trtexec and its engine adopted by
+`edgemm build --from-engine`, two optimization profiles, refit. Skipped elsewhere.
 
 NOT RUN BY US: written without access to such a machine (see tests/gpu/run_on_device.sh)."""
 
@@ -147,34 +148,83 @@ def test_threads_on_device_1(cli, tiny, local_target, tmp_path):
     assert not errors, errors[0]
 
 
-def test_build_sh_with_the_device_trtexec(tmp_path):
-    trtexec = shutil.which("trtexec") or "/usr/src/tensorrt/bin/trtexec"
-    if not os.access(trtexec, os.X_OK):
-        pytest.skip("trtexec not found")
-    from edgemm.backends.tensorrt import options_for_target, package
-
+def _mlp(tmp_path: Path, weight: float = 1.0) -> Path:
+    """x[batch, 64] @ W[64, 32] with W = weight everywhere: easy to check, weights easy to swap."""
     onnx = pytest.importorskip("onnx")
-    inputs = [{"name": "x", "dtype": "float32", "shape": ["batch", 64], "ranges": {"batch": [1, 4, 16]}}]
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.ones((64, 32), np.float32)
+    w = np.full((64, 32), weight, np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 32])],
                               [numpy_helper.from_array(w, "W")])
-    src = tmp_path / "mlp.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    path = tmp_path / f"mlp-{weight}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+MLP_INPUTS = [{"name": "x", "dtype": "float32", "shape": ["batch", 64], "ranges": {"batch": [1, 4, 16]}}]
+
+
+def _mlp_bundle(tmp_path: Path, build_now: bool, **overrides) -> Path:
+    from edgemm.backends.tensorrt import options_for_target, package
+    from edgemm.runtime.manifest import sha256_file, write_json_atomic
+
     profile = tmp_path / "local.toml"
     profile.write_text(f'name = "local"\ndescription = "x"\nkind = "datacenter"\nbackend = "tensorrt"\n'
                        f'compute_capability = "{DEVICE["compute_capability"]}"\nprecisions = ["fp32", "fp16"]\n'
-                       f'default_precision = "fp16"\ndla_cores = 0\nmemory_mb = 16384\nworkspace_mb = 1024\n'
+                       f'default_precision = "fp32"\ndla_cores = 0\nmemory_mb = 16384\nworkspace_mb = 1024\n'
                        f'sparse_tensor_cores = false\ntensorrt_versions = ["{VERSION}"]\n')
     target = targets.load(str(profile))
-    bundle = tmp_path / "portable"
-    package(src, bundle, target, options_for_target(target, "fp16", inputs=inputs), build_now=False,
-            bundle_name="portable")
-    engine = tmp_path / "portable.engine"
+    bundle = tmp_path / "bundle"
+    backend = package(_mlp(tmp_path), bundle, target, options_for_target(target, "fp32", inputs=MLP_INPUTS,
+                                                                          **overrides),
+                      build_now=build_now, bundle_name="mlp", timing_cache=tmp_path / "t.cache")
+    files = {p.name: sha256_file(p) for p in bundle.iterdir() if p.is_file()}
+    write_json_atomic(bundle / "manifest.json", {
+        "format": "edgemm-bundle", "format_version": 1, "name": "mlp", "inputs": MLP_INPUTS,
+        "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 32]}], "precision": {"mode": "fp32"},
+        "target": {"name": "local"}, "backend": backend, "files": files})
+    return bundle
+
+
+def _trtexec() -> str:
+    trtexec = shutil.which("trtexec") or "/usr/src/tensorrt/bin/trtexec"
+    if not os.access(trtexec, os.X_OK):
+        pytest.skip("trtexec not found")
+    return trtexec
+
+
+def test_build_sh_engine_adopted_by_edgemm_build(tmp_path, cli):
+    trtexec = _trtexec()
+    bundle = _mlp_bundle(tmp_path, build_now=False)
+    engine = tmp_path / "mlp.engine"
     res = subprocess.run(["bash", str(bundle / "build.sh"), str(engine)], env=dict(os.environ, TRTEXEC=trtexec),
                          capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert engine.stat().st_size > 0
+    res = cli("build", bundle, "--from-engine", engine)
+    assert res.returncode == 0, res.stderr
+    x = np.ones((3, 64), np.float32)
+    np.testing.assert_allclose(runtime.load(bundle).run({"x": x})["y"], np.full((3, 32), 64.0), rtol=1e-3)
+
+
+def test_two_optimization_profiles_both_serve_calls(tmp_path):
+    latency = {"x": ((1, 64),) * 3}
+    throughput = {"x": ((2, 64), (16, 64), (16, 64))}
+    bundle = _mlp_bundle(tmp_path, build_now=True, profile_shapes=latency, extra_profiles=(throughput,))
+    from edgemm.backends.tensorrt import TensorRTOptions
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert len(TensorRTOptions.from_dict(manifest["backend"]["options"]).profiles) == 2
+    loaded = runtime.load(bundle)
+    for batch in (1, 12, 1, 16):
+        x = np.ones((batch, 64), np.float32)
+        np.testing.assert_allclose(loaded.run({"x": x})["y"], np.full((batch, 32), 64.0), rtol=1e-3)
+
+
+def test_refit_swaps_the_weights(tmp_path, cli):
+    bundle = _mlp_bundle(tmp_path, build_now=True, refittable=True)
+    res = cli("build", bundle, "--refit", _mlp(tmp_path, weight=2.0))
+    assert res.returncode == 0, res.stderr
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(runtime.load(bundle).run({"x": x})["y"], np.full((2, 32), 128.0), rtol=1e-3)
