@@ -72,24 +72,36 @@ def _reexport(module, loaded, example_feeds):
     # Export the way the program was exported (positional and keyword arguments as in its in_spec).
     convention = loaded.calling_convention(tensors)
     args, kwargs = convention.bind(tensors)
-    by_position = tuple(dynamic.get(n) for n in names[:len(args)])
-    by_keyword = {k: dynamic.get(k) for k in kwargs}
-    # An unflattened program's forward is forward(*args, **kwargs): dynamic shapes nest under those names.
+    shapes = {n: dynamic.get(n) for n in names}
     params = inspect.signature(module.forward).parameters
-    star = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
-    star2 = next((n for n, p in params.items() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
-    if star is not None:
-        shapes = {star: by_position}
-        if kwargs:
-            shapes[star2 or "kwargs"] = by_keyword
-    else:
-        shapes = {**dict(zip(names, by_position)), **by_keyword}
+    variadic = any(p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                   for p in params.values())
     try:
+        if variadic:
+            # An unflattened program's forward is forward(*args, **kwargs), and torch.export cannot match
+            # dynamic shapes to **kwargs ("Must provide a tree_name"): give it the program's own signature.
+            _name_forward(module, names[:len(args)], list(kwargs))
         return torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # torch.export raises many types
         first = first_line(exc, 200)
         raise InputError(f"cannot export the pruned program again ({first})", file=loaded.source, field="--prune",
                          fix="prune the model's factory (package.module:function --weights FILE) instead") from exc
+    finally:
+        module.__dict__.pop("forward", None)  # back to the class's forward
+
+
+def _name_forward(module, positional: list[str], keywords: list[str]) -> None:
+    """Give ``module.forward`` (variadic) named parameters: its positional inputs, then keyword-only ones.
+    (A ``__signature__`` on a pass-through function: no code is generated.)"""
+    inner = type(module).forward.__get__(module)
+
+    def forward(*args, **kwargs):
+        return inner(*args, **kwargs)
+
+    kinds = [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
+    kinds += [(n, inspect.Parameter.KEYWORD_ONLY) for n in keywords]
+    forward.__signature__ = inspect.Signature([inspect.Parameter(n, k) for n, k in kinds])
+    module.forward = forward
 
 
 def restore_leaf_layers(module) -> int:

@@ -76,3 +76,13 @@ def test_inspect_model_shows_signature_shapes_and_outputs(cli, keyword_only, tmp
     r = cli("inspect", f"{F}:optional_inputs")
     assert "forward(input_ids, attention_mask=None, position_ids=None, return_loss=False, " \
            "output_hidden_states=None, is_longer=None, **kwargs)" in r.stdout
+
+
+def test_keyword_exported_pt2_prunes_and_keeps_its_keyword_inputs(cli, keyword_only, tmp_path):
+    out = tmp_path / "b"
+    r = cli("compile", keyword_only["pt2_kw"], "--calib", keyword_only["calib"], "--prune", "0.3", "-o", out,
+            "--no-thread-tuning")
+    assert r.returncode == 0, r.stdout + r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["name"] for i in manifest["inputs"]] == ["image", "tokens"]
+    assert manifest["inputs"][0]["shape"][0] == "batch"
