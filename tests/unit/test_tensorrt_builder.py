@@ -88,6 +88,12 @@ def _stub(monkeypatch, version: str, *, dla_cores: int = 2, dla_layers=("conv",)
         def __init__(self, network, logger):
             calls.append("OnnxParser")
 
+        def set_flag(self, flag):
+            calls.append(("parser flag", flag))
+
+        def set_builder_config(self, config):
+            calls.append(("parser config", config.DLA_core))
+
         def parse_from_file(self, path):
             calls.append("parse")
             return True
@@ -116,7 +122,8 @@ def _stub(monkeypatch, version: str, *, dla_cores: int = 2, dla_layers=("conv",)
         NetworkDefinitionCreationFlag=enum(STRONGLY_TYPED=0),
         BuilderFlag=enum(FP16="FP16", INT8="INT8", GPU_FALLBACK="GPU_FALLBACK", REFIT="REFIT"),
         MemoryPoolType=enum(WORKSPACE="WORKSPACE"), DeviceType=enum(DLA="DLA", GPU="GPU"),
-        ProfilingVerbosity=enum(DETAILED="DETAILED"), LayerInformationFormat=enum(JSON="JSON"))
+        ProfilingVerbosity=enum(DETAILED="DETAILED"), LayerInformationFormat=enum(JSON="JSON"),
+        OnnxParserFlag=enum(REPORT_CAPABILITY_DLA="REPORT_CAPABILITY_DLA"))
     props = types.SimpleNamespace(name=b"Orin\0", major=8, minor=7, integrated=1)
 
     def set_device(i):
@@ -166,6 +173,9 @@ def test_dla_build_reports_per_layer_placement_and_selects_the_device(monkeypatc
     assert placement["dla_core"] == 1 and placement["layers"] == 2 and placement["gpu_layers"] == ["topk"]
     assert placement["engine_layers"] == [("{ForeignNode[conv]}", "ForeignNode"), ("topk", "TopK")]
     assert ("config", "profiling_verbosity", "DETAILED") in calls
+    # the parser validates nodes for DLA with the DLA core already set on the config it is given
+    assert calls.index(("parser flag", "REPORT_CAPABILITY_DLA")) < calls.index("parse")
+    assert ("parser config", 1) in calls
     assert built["tensorrt_version"] == "11.4.1.5" and built["dla_cores"] == 2 and built["integrated"] is True
 
 

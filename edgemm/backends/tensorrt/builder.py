@@ -92,13 +92,30 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
     if major < 11 and not weak:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
+    config = builder.create_builder_config()
+    if options.dla_core is not None:
+        if builder.num_DLA_cores <= options.dla_core:
+            raise DependencyError(f"this device has {builder.num_DLA_cores} DLA core(s), DLA core "
+                                  f"{options.dla_core} was requested",
+                                  fix="build on the Jetson module the bundle targets, or drop --dla")
+        # Set before parsing: the DLA parser flag below validates each node against this config.
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = int(options.dla_core)
+        if options.gpu_fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
     parser = trt.OnnxParser(network, log.logger)
+    dla_flag = getattr(getattr(trt, "OnnxParserFlag", None), "REPORT_CAPABILITY_DLA", None)
+    if options.dla_core is not None and dla_flag is not None and hasattr(parser, "set_builder_config"):
+        # Newer parsers validate every node for DLA when asked (OnnxParserFlag.REPORT_CAPABILITY_DLA, which
+        # needs the builder config: NVIDIA/TensorRT python/docstrings/parsers/pyOnnxDoc.h); older ones have
+        # no such flag and the per-layer can_run_on_DLA report below is all there is.
+        parser.set_flag(dla_flag)
+        parser.set_builder_config(config)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or log.last_error
         raise InputError(f"TensorRT {trt_version} cannot parse the ONNX model: {errors}", file=onnx_path,
                          fix="check the operators against TensorRT's ONNX support matrix")
 
-    config = builder.create_builder_config()
     if options.workspace_mb:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
     config.builder_optimization_level = int(options.opt_level)
@@ -108,14 +125,6 @@ def build_engine(onnx_path: Path, engine_path: Path, options: TensorRTOptions, *
 
     placement = None
     if options.dla_core is not None:
-        if builder.num_DLA_cores <= options.dla_core:
-            raise DependencyError(f"this device has {builder.num_DLA_cores} DLA core(s), DLA core "
-                                  f"{options.dla_core} was requested",
-                                  fix="build on the Jetson module the bundle targets, or drop --dla")
-        config.default_device_type = trt.DeviceType.DLA
-        config.DLA_core = int(options.dla_core)
-        if options.gpu_fallback:
-            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
         placement = dla_placement(trt, network, config)
         if placement["gpu_layers"] and not options.gpu_fallback:
             raise InputError(f"{len(placement['gpu_layers'])} layer(s) cannot run on DLA (first: "
