@@ -31,7 +31,8 @@ from .manifest import MANIFEST_NAME, safe_relpath
 
 _LOG = logging.getLogger("edgemm.tensorrt")
 
-__all__ = ["TensorRTSession", "import_tensorrt", "import_cudart", "cuda_device", "select_device", "version_tuple"]
+__all__ = ["TensorRTSession", "import_tensorrt", "import_cudart", "cuda_device", "select_device", "version_tuple",
+           "plan_version", "same_version"]
 
 _INSTALL_HINT = ("install the TensorRT Python package matching the device's TensorRT "
                  "(JetPack: python3-libnvinfer; x86/SBSA: pip install tensorrt) and cuda-python")
@@ -113,6 +114,22 @@ def version_tuple(text: str) -> tuple[int, ...]:
         digits = "".join(ch for ch in piece if ch.isdigit())
         parts.append(int(digits) if digits else 0)
     return tuple(parts)
+
+
+def plan_version(data: bytes) -> str | None:
+    """The TensorRT version a plan was built with, read from its header WITHOUT deserializing it: tag
+    "ftrt", serialization version 0, then major.minor.patch.build in bytes 24..27 (trtexec
+    --getPlanVersionOnly, samples/common/sampleEngines.cpp printPlanVersion). None for another layout."""
+    if len(data) < 28 or bytes(data[:4]) != b"ftrt" or int.from_bytes(bytes(data[4:8]), "little") != 0:
+        return None
+    return ".".join(str(b) for b in bytes(data[24:28]))
+
+
+def same_version(a: str, b: str) -> bool:
+    """Equal major.minor.patch, and equal build number where both give one (pip's tensorrt says "10.3.0")."""
+    pa, pb = [p.strip() for p in str(a).split(".")], [p.strip() for p in str(b).split(".")]
+    n = max(3, min(len(pa), len(pb)))
+    return (pa + ["0"] * 4)[:n] == (pb + ["0"] * 4)[:n]
 
 
 def _one_line(text: str) -> str:
@@ -311,6 +328,11 @@ class TensorRTSession:
         select_device(device)
         options = backend.get("options") or {}
         self._check_compatible(trt.__version__, dev, built, options, source)
+        header = plan_version(data)
+        if header is not None and not options.get("version_compatible") and not same_version(header, trt.__version__):
+            # The manifest says one thing, the plan's own header another: trust neither, load nothing.
+            raise BundleError(f"engine header says TensorRT {header} but this machine has TensorRT {trt.__version__}",
+                              file=engine_path, fix=f"rebuild it here with `edgemm build {self.bundle_dir}`")
 
         self._trt, self._cudart = trt, cudart
         self._log = _Capture(trt)

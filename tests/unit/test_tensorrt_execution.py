@@ -556,3 +556,48 @@ def test_refit_refused_for_a_non_refittable_engine_or_a_failed_refit(monkeypatch
     with pytest.raises(EdgemmError, match="missing weights: fc.weight"):
         refit_bundle(refittable, new)
     assert {p.name: p.read_bytes() for p in refittable.iterdir()} == before     # nothing written
+
+
+def _plan(version: tuple[int, int, int, int]) -> bytes:
+    # The header layout trtexec --getPlanVersionOnly reads (samples/common/sampleEngines.cpp); the rest of a
+    # real plan is not modelled.
+    return b"ftrt" + (0).to_bytes(4, "little") + bytes(16) + bytes(version) + b"rest of the plan"
+
+
+def test_plan_header_version_is_read_without_deserializing():
+    from edgemm.runtime.tensorrt_session import plan_version, same_version
+
+    assert plan_version(_plan((10, 3, 0, 30))) == "10.3.0.30"
+    assert plan_version(b"not a plan" * 4) is None and plan_version(b"ftrt") is None
+    assert same_version("10.3.0.30", "10.3.0") and not same_version("10.3.0.30", "10.3.0.26")
+    assert not same_version("10.3.0", "10.3.1")
+
+
+def test_engine_whose_header_disagrees_with_this_tensorrt_is_refused_before_deserializing(monkeypatch, tmp_path):
+    # A manifest claiming 10.3.0.30 over a plan whose header says 10.4: the header wins, nothing is loaded.
+    from edgemm.runtime.manifest import sha256_file
+
+    stack = Stack(version="10.3.0.30").install(monkeypatch)
+    (tmp_path / "model.engine").write_bytes(_plan((10, 4, 0, 26)))
+    manifest = _manifest()
+    manifest["files"]["model.engine"] = sha256_file(tmp_path / "model.engine")
+    with pytest.raises(BundleError, match="engine header says TensorRT 10.4.0.26"):
+        TensorRTSession(tmp_path, manifest)
+    assert "deserialize" not in stack.names()
+
+
+def test_adoption_reads_the_plan_version_before_loading(monkeypatch, tmp_path):
+    from edgemm.backends.tensorrt.package import adopt_engine
+    from edgemm.errors import InputError
+
+    stack = Stack(version="10.3.0.30").install(monkeypatch)
+    bundle = tmp_path / "b"
+    _portable_bundle(bundle)
+    other = tmp_path / "other.engine"
+    other.write_bytes(_plan((10, 7, 0, 23)))
+    with pytest.raises(InputError, match="built with TensorRT 10.7.0.23"):
+        adopt_engine(bundle, other)
+    assert "deserialize" not in stack.names()
+    same = tmp_path / "same.engine"
+    same.write_bytes(_plan((10, 3, 0, 30)))
+    assert adopt_engine(bundle, same, runs=1)["plan_version"] == "10.3.0.30"

@@ -282,7 +282,8 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
 
     from ...runtime.atomic import write_bytes_atomic
     from ...runtime.signing import verify_before_use
-    from ...runtime.tensorrt_session import TensorRTSession, _Capture, cuda_device, import_tensorrt, select_device
+    from ...runtime.tensorrt_session import (TensorRTSession, _Capture, cuda_device, import_tensorrt, plan_version,
+                                             same_version, select_device)
 
     bundle_dir, engine_file = Path(bundle_dir), Path(engine_file)
     manifest_name, _load, _sha, write_json_atomic = _manifest_io()
@@ -299,6 +300,12 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
     options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
     data = engine_file.read_bytes()
     trt = import_tensorrt()
+    header = plan_version(data)
+    if header is not None and not same_version(header, trt.__version__):
+        # Read from the plan header before anything deserializes it (trtexec --getPlanVersionOnly does the same).
+        raise InputError(f"engine was built with TensorRT {header}, this machine's Python package is TensorRT "
+                         f"{trt.__version__}", file=engine_file, field="--from-engine",
+                         fix=f"build it with the trtexec of TensorRT {trt.__version__}, or run `edgemm build {bundle_dir}`")
     dev = cuda_device(0)
     select_device(0)
     log = _Capture(trt)
@@ -315,7 +322,7 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
     built = {"tensorrt_version": trt.__version__, "compute_capability": dev["compute_capability"],
              "gpu": dev["name"], "integrated": bool(dev.get("integrated")),
              "dla_cores": int(getattr(runtime, "num_DLA_cores", 0)), "adopted_from": engine_file.name,
-             "builder": "trtexec", "engine_bytes": len(data), "engine_sha256": digest}
+             "builder": "trtexec", "plan_version": header, "engine_bytes": len(data), "engine_sha256": digest}
     trial = json.loads(json.dumps(manifest))
     trial["backend"].update(portable=False, engine=engine_rel, built=built)
     trial["files"][engine_rel] = digest
