@@ -350,7 +350,9 @@ class TensorRTSession:
                                   file=source, field="backend.options.dla_core",
                                   fix="run it on the Jetson module it was built for, or recompile without --dla")
             deserializer.DLA_core = core
-        # The bytes hashed above are the bytes deserialized: no second read of the file.
+        # The bytes hashed above are the bytes deserialized: no second read of the file. TensorRT 10's
+        # IStreamReader(V2) deserialization would read the file again after the hash check (a window to swap
+        # it), so the one verified in-memory copy is handed over instead.
         self._engine = deserializer.deserialize_cuda_engine(data)
         if self._engine is None:
             raise BundleError(f"TensorRT could not deserialize the engine: {self._log.last_error}",
