@@ -249,9 +249,9 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
     say(f"loading {cfg.model}")
     loaded = load_model(cfg.model, LoadOptions(weights=cfg.weights, trust_pickle=cfg.trust_pickle))
     specs = resolve_input_specs(loaded, cfg, calib)
-    for ds in (calib, evald):
-        if ds is not None:
-            load_dataset(ds.path, specs=specs, allow_labels=True)  # re-validate against the final specs
+    # Re-read against the final specs: validates them, and a model input named `labels` stays an input.
+    calib, evald = (load_dataset(ds.path, specs=specs, allow_labels=True, role=role) if ds is not None else None
+                    for ds, role in ((calib, "--calib"), (evald, "--eval")))
     prune_info, unpruned = None, loaded
     if cfg.prune or cfg.sparsity:
         loaded, prune_info = _prune_stage(loaded, specs, calib, evald, cfg, say)
@@ -267,6 +267,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
         held_out = judge.arrays if judge is not None else None
         check_data = evald or judge or calib
         if loaded.is_torch:
+            _check_token_ids_torch(loaded, specs, (calib, evald))
             say(f"exporting to ONNX ({loaded.format})")
             from .export import export_onnx
             exp = export_onnx(loaded, specs, sample_feeds(calib or evald, specs, 2),
@@ -281,6 +282,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             _copy_onnx_inline(loaded.onnx_path, fp32)
             export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
 
+        _check_token_ids(fp32, (calib, evald))
         prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out)
 
         backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
@@ -378,6 +380,44 @@ def _name_user_files(exc: EdgemmError, model: str) -> EdgemmError:
         return exc
     renamed = type(exc)(detail, file=file, field=exc.field, fix=fix)
     return renamed
+
+
+def _check_token_ids(onnx_path: Path, datasets) -> None:
+    """Every integer input that indexes an embedding holds ids within its table (data.check_token_ids)."""
+    import onnx
+
+    from .data import check_token_ids
+    from .onnx_graph import embedding_sizes
+
+    datasets = [d for d in datasets if d is not None]
+    if not datasets:
+        return
+    vocab = embedding_sizes(onnx.load(str(onnx_path), load_external_data=False))
+    for ds in datasets:
+        check_token_ids(ds, vocab)
+
+
+def _check_token_ids_torch(loaded, specs, datasets) -> None:
+    """Before the model runs (export runs it on the first samples): an integer input's ids must be below
+    the largest embedding table in the module, or no embedding can take them. The exact table each
+    input feeds is checked on the exported graph (_check_token_ids)."""
+    module = loaded.module
+    modules = getattr(module, "modules", None)
+    if modules is None:
+        return
+    rows = []
+    for m in modules():
+        if type(m).__name__ == "Embedding" or getattr(m, "original_name", None) == "Embedding":
+            weight = getattr(m, "weight", None)
+            if weight is not None and getattr(weight, "ndim", 0) == 2:
+                rows.append(int(weight.shape[0]))
+    if not rows:
+        return
+    from .data import check_token_ids
+
+    integer = {s.name: max(rows) for s in specs if s.dtype.startswith(("int", "uint"))}
+    for ds in (d for d in datasets if d is not None):
+        check_token_ids(ds, integer, largest=True)
 
 
 @contextlib.contextmanager

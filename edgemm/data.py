@@ -4,6 +4,8 @@ axis 0 = samples. Evaluation files may also carry ``labels``. Loaded with ``allo
 
 from __future__ import annotations
 
+import math
+import os
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -95,6 +97,72 @@ def _npz_files(path: Path, role: str | None = None) -> list[Path]:
     return [path]
 
 
+_DEFLATE_MAX_RATIO = 1100   # deflate cannot shrink data by more than ~1032:1; a bigger claim is forged
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _read_npy_header(f):
+    """(shape, fortran_order, dtype) of an .npy stream, read with numpy's own header parser (it reads
+    at most the header, never the data)."""
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        return npy.read_array_header_1_0(f)
+    if version == (2, 0):
+        return npy.read_array_header_2_0(f)
+    return npy._read_array_header(f, version)  # 3.0 (utf-8 names): no public reader
+
+
+def check_npz_sizes(path: Path, *, fix: str = "write it with numpy.savez(path, **{input_name: array})") -> None:
+    """Before numpy allocates anything: every member's .npy header must declare exactly as many bytes as
+    the member holds, no member may claim a compression ratio deflate cannot reach, and all arrays
+    together must fit in this machine's memory. numpy allocates what a header declares before reading,
+    so a 2 MB file declaring 2.4 GB would otherwise be a memory bomb."""
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.compress_type != zipfile.ZIP_STORED and \
+                        info.file_size > _DEFLATE_MAX_RATIO * max(info.compress_size, 1) + 4096:
+                    raise InputError(f"member claims {info.file_size} bytes from {info.compress_size} compressed, "
+                                     f"more than deflate can produce (forged sizes)", file=path, field=key, fix=fix)
+                with zf.open(info) as f:
+                    if f.read(6) != b"\x93NUMPY":
+                        continue  # not an .npy member: _read_npz names it
+                with zf.open(info) as f:
+                    try:
+                        shape, _, dtype = _read_npy_header(f)
+                    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
+                        raise InputError(f"unreadable .npy header ({str(exc)[:200]})", file=path, field=key,
+                                         fix=fix) from exc
+                    header = f.tell()
+                if dtype.hasobject:
+                    continue  # refused by numpy itself (allow_pickle=False), with a clear message
+                declared = dtype.itemsize * math.prod(int(d) for d in shape)
+                held = info.file_size - header
+                if declared != held:
+                    raise InputError(f"declares shape {tuple(shape)} {dtype} ({declared} bytes) but holds {held} "
+                                     f"bytes of data", file=path, field=key, fix=fix)
+                total += declared
+    except InputError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, RuntimeError, ValueError):
+        return  # not a readable zip: _read_npz reports it, naming the failure
+    memory = _physical_memory()
+    if memory and total > memory:
+        raise InputError(f"its arrays need {total / 2**30:.1f} GiB, more than this machine's "
+                         f"{memory / 2**30:.1f} GiB of memory", file=path,
+                         fix="split the data into several smaller files, or use fewer samples")
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         magic = f.read(6)
@@ -102,6 +170,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not (magic.startswith(b"PK") or magic.startswith(b"\x93NUMPY")):
         raise InputError("not a readable .npz file (no zip/npy header)", file=path,
                          fix="write it with numpy.savez(path, **{input_name: array})")
+    if magic.startswith(b"PK"):
+        check_npz_sizes(path)
     key = None  # the member being read, to name it in errors
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -164,7 +234,9 @@ def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_label
                 raise InputError(f"shape/dtype differs across files ({first.shape}/{first.dtype} vs "
                                  f"{p.shape}/{p.dtype})", file=path, field=k, fix="make every file agree")
         arrays[k] = np.concatenate(parts, axis=0) if len(parts) > 1 else first
-    labels = arrays.pop(LABELS_KEY, None) if allow_labels else None
+    # `labels` holds labels only when the model has no input of that name (then it is the input's data)
+    labels_is_input = specs is not None and any(s.name == LABELS_KEY for s in specs)
+    labels = arrays.pop(LABELS_KEY, None) if allow_labels and not labels_is_input else None
     where = str(files[0]) if len(files) == 1 else str(path)
     _validate(arrays, labels, specs, where)
     return Dataset(path, arrays, labels, _hash_files(files))
@@ -221,3 +293,22 @@ def _validate(arrays: dict[str, np.ndarray], labels, specs, where: str) -> None:
 def specs_from_dataset(ds: Dataset) -> list[TensorSpec]:
     """Input specs from data: per-sample shape + a batch dim. Order = order in the file."""
     return [TensorSpec(k, str(v.dtype), (1,) + tuple(v.shape[1:])) for k, v in ds.arrays.items()]
+
+
+def check_token_ids(dataset: "Dataset", vocab: dict[str, int], *, largest: bool = False) -> None:
+    """Token ids must index a row of the embedding they feed: an id < 0 or >= its rows makes torch raise
+    mid-export and ONNX Runtime fail every calibration run (which would read as "no recipe is accurate
+    enough"). ``vocab``: input name -> rows (``onnx_graph.embedding_sizes``); ``largest``: the rows are
+    only the largest table of the model (which one an input feeds is not known yet)."""
+    for name, rows in vocab.items():
+        array = dataset.arrays.get(name)
+        if array is None or array.dtype.kind not in "iu" or not array.size:
+            continue
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high >= rows:
+            bad = low if low < 0 else high
+            table = (f"every embedding table of the model (the largest has {rows} rows)" if largest
+                     else f"the model's embedding table of {rows} rows")
+            raise InputError(f"token id {bad} is outside {table}; ids must be 0..{rows - 1}",
+                             file=dataset.path, field=name,
+                             fix="tokenize with the model's own vocabulary, or pass the matching model")

@@ -33,8 +33,11 @@ class EdgemmError(Exception):
         text = where + self.detail
         if self.fix:
             text += f" (fix: {self.fix})"
-        # One line, always: messages may embed multi-line library errors.
-        return " ".join(text.split())
+        # One line, always: messages may embed multi-line library errors, and names from input files
+        # may hold terminal escapes or other controls (shown escaped, never sent to the terminal).
+        from .display import printable
+
+        return printable(" ".join(text.split()))
 
 
 class InputError(EdgemmError):
@@ -67,3 +70,40 @@ def first_line(exc: BaseException, limit: int | None = 300, default: str | None 
     text = lines[0] if lines else (type(exc).__name__ if default is None else default)
     return text[:limit] if limit is not None else text
 
+
+
+class StorageError(InputError):
+    """The disk refused a write (full, quota, read-only, I/O error): not the model's or the data's fault."""
+
+
+_STORAGE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exceeded",
+                   "EROFS": "the file system is read-only", "EIO": "an I/O error occurred", "EFBIG": "a file is too large"}
+# Libraries (ONNX Runtime, protobuf, torch) wrap OS errors in their own types; their text keeps strerror.
+_STORAGE_TEXTS = {"no space left on device": "the disk is full", "disk quota exceeded": "the disk quota is exceeded",
+                  "read-only file system": "the file system is read-only", "input/output error": "an I/O error occurred"}
+
+
+def storage_error(exc: BaseException) -> StorageError | None:
+    """A StorageError when ``exc`` (or what it was raised from) is a failed write to the disk, else None.
+    Code that treats a failure as a result ("this recipe does not apply") must re-raise these: a full
+    disk is not an inaccurate recipe."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageError):
+            return exc
+        what = None
+        if isinstance(exc, OSError) and exc.errno is not None:
+            what = next((text for name, text in _STORAGE_ERRNOS.items()
+                         if getattr(errno, name, None) == exc.errno), None)
+        if what is None:
+            lowered = str(exc).lower()
+            what = next((text for key, text in _STORAGE_TEXTS.items() if key in lowered), None)
+        if what is not None:
+            where = getattr(exc, "filename", None)
+            return StorageError(f"{what} ({first_line(exc, 200)})", file=where,
+                                fix="free space (or fix the disk) where the output and TMPDIR live, then rerun")
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, ParityError, first_line
+from .errors import InputError, ParityError, first_line, storage_error
 from .frontends import LoadedModel
 from .iospec import TensorSpec, dynamic_batch_input
 from .model_outputs import name_output_dims, name_outputs
@@ -150,6 +150,8 @@ def export_onnx(loaded: LoadedModel, specs: Sequence[TensorSpec], example: Mappi
             exporter = name
             break
         except Exception as exc:  # exporters raise many types; we report them all below
+            if (disk := storage_error(exc)) is not None:
+                raise disk from exc
             first = _export_failure(exc)
             errors.append(f"{name}: {first[:300]}")
             notes.append(f"{name} exporter failed: {first[:200]}")

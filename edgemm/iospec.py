@@ -7,6 +7,7 @@ optimization profiles.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence, Union
@@ -105,7 +106,14 @@ def parse_input_flag(text: str) -> TensorSpec:
     shape = () if m["shape"] == "scalar" else tuple(int(x) for x in m["shape"].split("x"))
     if any(d == 0 for d in shape):
         raise InputError(f"zero-sized dimension in {text!r}", field="--input", fix="use sizes >= 1")
+    if len(shape) > MAX_RANK or math.prod(shape) > MAX_SAMPLE_ELEMENTS:  # dummy inputs of this shape get made
+        raise InputError(f"shape of {text!r} is larger than any model input ({MAX_RANK} axes, "
+                         f"{MAX_SAMPLE_ELEMENTS} elements at most)", field="--input", fix="check the sizes")
     return TensorSpec(m["name"], dtype, shape)
+
+
+MAX_RANK = 32
+MAX_SAMPLE_ELEMENTS = 1 << 31
 
 
 _DYNAMIC_RE = re.compile(r"^(?P<name>[^:=]+):(?P<axis>[0-9]+)=(?P<min>[0-9]+):(?P<opt>[0-9]+):(?P<max>[0-9]+)$")

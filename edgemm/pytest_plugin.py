@@ -112,6 +112,9 @@ def assert_gate_passed(report: Mapping) -> None:
         raise GateFailure(format_failure(report))
 
 
+_BASELINE_OWNERS = pytest.StashKey[dict]()
+
+
 class Gate:
     """The ``edgemm_gate`` fixture: verify a bundle against the test's baseline (or record it)."""
 
@@ -135,6 +138,7 @@ class Gate:
         from .parity.baseline import run_gate
 
         path = self.baseline_path(name)
+        self._claim(path, name)
         common = dict(reference=reference, iterations=iterations, batch_size=batch_size, metric=metric,
                       metric_outputs=metric_outputs, tolerances=tolerances, write=False)
         if not self.update and not path.is_file():
@@ -156,6 +160,19 @@ class Gate:
         self._record_properties(report)
         assert_gate_passed(report)
         return report
+
+    def _claim(self, path: Path, name: str | None) -> None:
+        """Two tests must not share a baseline file by accident: test_gate[a/b] and test_gate[a-b] both
+        sanitize to test_gate-a-b, and tests of one name in two modules map to one file. An explicit
+        ``name=`` shared on purpose is allowed; anything else fails the second test, naming both."""
+        __tracebackhide__ = True
+        owners = self._node.config.stash.setdefault(_BASELINE_OWNERS, {})
+        key = f"name={name}" if name else self._node.nodeid
+        owner = owners.setdefault(path.resolve(), key)
+        if owner != key:
+            pytest.fail(f"edgemm: baseline file {path} is already used by {owner}; this test ({key}) would "
+                        f"{'overwrite' if self.update else 'be gated against'} it (fix: pass a distinct "
+                        f"name=... to edgemm_gate.check)", pytrace=False)
 
     def _record_properties(self, report: Mapping) -> None:
         """Key numbers as user properties, so pytest's own --junitxml carries them."""

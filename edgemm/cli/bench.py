@@ -23,6 +23,7 @@ from .options import signature_options, trust_options, verbose_option
 def command(bundles, reference, data, batch, iterations, warmup, as_json, trusted_keys, require_signature):
     """Time BUNDLES (the first is the baseline of the ratios)."""
     from .. import runtime
+    from ..display import printable
     from ..errors import InputError
     from ..parity.latency import measure_interleaved
 
@@ -32,7 +33,13 @@ def command(bundles, reference, data, batch, iterations, warmup, as_json, truste
     trust = trust_options(trusted_keys, require_signature)
     loaded = [runtime.load(b, **trust) for b in bundles]
     first = loaded[0]
+    _check_batch(first, bundles[0], batch)
     feeds = _feeds(first, data, batch)
+    ran = _batch_of(feeds, batch)
+    if ran != batch:
+        click.echo(f"note: {bundles[0]} runs batches of {ran} only (static batch); timed at batch {ran}, "
+                   f"not --batch {batch}", err=True)
+        batch = ran
     for b, path in zip(loaded[1:], bundles[1:]):
         if [(s.name, s.dtype) for s in b.inputs] != [(s.name, s.dtype) for s in first.inputs]:
             raise InputError("takes different inputs than the first bundle", file=path, field="inputs",
@@ -58,11 +65,47 @@ def command(bundles, reference, data, batch, iterations, warmup, as_json, truste
         return 0
     click.echo(f"{'candidate':60s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'p50 ratio':>10s}")
     for r in rows:
-        click.echo(f"{r['name'][:60]:60s} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} {r['p99_ms']:9.3f} "
+        click.echo(f"{printable(r['name'])[:60]:60s} {r['p50_ms']:9.3f} {r['p90_ms']:9.3f} {r['p99_ms']:9.3f} "
                    f"{r['p50_ratio_to_first']:10.3f}")
     click.echo(f"(batch {batch}, {iterations} interleaved iterations after {warmup} warm-up; ratios are the "
                "figures to trust on a noisy machine)")
     return 0
+
+
+def _check_batch(bundle, path, batch: int) -> None:
+    """Refuse a --batch the bundle cannot run (beyond its batch range) or whose inputs alone would not
+    fit in a quarter of this machine's memory, before anything is allocated."""
+    import math
+    import os
+
+    from ..errors import InputError
+
+    for spec in bundle.inputs:
+        dim = spec.shape[0] if spec.shape else None
+        if isinstance(dim, str) and dim in spec.ranges and batch > spec.ranges[dim].max:
+            raise InputError(f"{batch} is beyond the batch range of {spec.name} ({spec.ranges[dim].min}.."
+                             f"{spec.ranges[dim].max}) in {path}", field="--batch",
+                             fix=f"pass --batch {spec.ranges[dim].max} or less")
+    need = sum(math.prod(spec.concrete_shape(batch)) * _itemsize(spec.dtype) for spec in bundle.inputs)
+    try:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        budget = 4 << 30
+    if need > budget:
+        raise InputError(f"{batch} needs {need / 2**30:.1f} GiB of inputs per call, more than a quarter of this "
+                         f"machine's memory", field="--batch", fix="pass a smaller --batch")
+
+
+def _itemsize(dtype: str) -> int:
+    import numpy as np
+
+    return np.dtype(dtype).itemsize
+
+
+def _batch_of(feeds, requested: int) -> int:
+    """The batch the timed call really runs (axis 0 of the inputs; a static-batch bundle keeps its own)."""
+    sizes = {v.shape[0] for v in feeds.values() if getattr(v, "ndim", 0) >= 1}
+    return sizes.pop() if len(sizes) == 1 else requested
 
 
 def _feeds(bundle, data, batch):

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import CompileConfig
-from .options import verbose_option
+from .options import FINITE_FLOAT, verbose_option
 
 
 @click.command("compile")
@@ -40,14 +40,14 @@ from .options import verbose_option
 @click.option("--exclude", multiple=True, metavar="PATTERN[,PATTERN]",
               help="Keep nodes out of INT8/FP8: op:TYPE (op:Softmax), module:GLOB (module:text.encoder.*), "
                    "or a regex on whole node names ('/text/.*').")
-@click.option("--min-cosine", type=float, help="Accuracy bar for recipe search and verification.")
-@click.option("--min-top1", type=float, help="Least top-1 agreement of class-score outputs (0..1).")
-@click.option("--max-metric-drop", type=float,
+@click.option("--min-cosine", type=FINITE_FLOAT, help="Accuracy bar for recipe search and verification.")
+@click.option("--min-top1", type=FINITE_FLOAT, help="Least top-1 agreement of class-score outputs (0..1).")
+@click.option("--max-metric-drop", type=FINITE_FLOAT,
               help="Task-metric drop (points) --eval verification allows (default per precision).")
 @click.option("--calib-samples", type=int, default=256, show_default=True, help="Most calibration samples used.")
 @click.option("--prune", "prune_spec", help="Structured pruning ratio, or per branch: vision=0.3,text=0.2.")
 @click.option("--recover", type=int, default=0, help="Distillation steps after pruning (on --calib, no labels).")
-@click.option("--recover-lr", type=float, default=1e-3, show_default=True,
+@click.option("--recover-lr", type=FINITE_FLOAT, default=1e-3, show_default=True,
               help="Recovery learning rate (1e-4 suits pretrained towers).")
 @click.option("--sparsity", type=click.Choice(["2:4"]), help="2:4 weight sparsity (TensorRT sparse tensor cores).")
 @click.option("--dla", is_flag=True, help="Run on a DLA core with GPU fallback (Orin NX / AGX Orin).")

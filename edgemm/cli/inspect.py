@@ -168,10 +168,10 @@ def command(target, as_json, data, trusted_keys, require_signature):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return 0
-    click.echo(f"{info['kind']}: {info['path']}")
+    _echo(f"{info['kind']}: {info['path']}")
     for key in ("name", "format", "forward", "precision", "recipe", "target", "parameters", "created"):
         if info.get(key) is not None:
-            click.echo(f"  {key}: {info[key]}")
+            _echo(f"  {key}: {info[key]}")
     if isinstance(info.get("backend"), dict):
         backend = info["backend"]
         extra = ""
@@ -179,20 +179,20 @@ def command(target, as_json, data, trusted_keys, require_signature):
             extra = " (1 intra-op thread: measured faster at compile)"
         if backend.get("disabled_optimizers"):
             extra += f" (ORT optimizers off: {', '.join(map(str, backend['disabled_optimizers']))})"
-        click.echo(f"  backend: {backend.get('name')}{extra}")
+        _echo(f"  backend: {backend.get('name')}{extra}")
     for io in ("inputs", "outputs"):
         for t in info.get(io, []):
             shape = "x".join(str(d) for d in t["shape"]) if "shape" in t else "? (pass --data to see shapes)"
             shape = shape or "scalar"
-            click.echo(f"  {io[:-1]} {t['name']}: {shape} {t.get('dtype', '')}")
+            _echo(f"  {io[:-1]} {t['name']}: {shape} {t.get('dtype', '')}")
     if "signature" in info:
-        click.echo(f"  signature: {_describe_signature(info['signature'])}")
+        _echo(f"  signature: {_describe_signature(info['signature'])}")
     if "total_bytes" in info:
-        click.echo(f"  size: {info['total_bytes'] / 1e6:.2f} MB")
+        _echo(f"  size: {info['total_bytes'] / 1e6:.2f} MB")
     for rel, size in info.get("files", {}).items():
-        click.echo(f"    {rel}: {size / 1e6:.2f} MB")
+        _echo(f"    {rel}: {size / 1e6:.2f} MB")
     if info.get("ops"):
-        click.echo(f"  ops ({sum(info['ops'].values())}): " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
+        _echo(f"  ops ({sum(info['ops'].values())}): " + ", ".join(f"{k} {v}" for k, v in info["ops"].items()))
     return 0
 
 
@@ -204,3 +204,10 @@ def _describe_signature(sig: dict) -> str:
     if sig.get("verified"):
         return f"{key}, verified with {sig['trusted_key']} ({sig['files']} files)"
     return f"{key}, not checked (pass --trusted-key KEY.pub to verify it)"
+
+
+def _echo(line: str) -> None:
+    """One line of the human-readable view: names from the file shown with controls escaped."""
+    from ..display import printable
+
+    click.echo(printable(line))

@@ -10,7 +10,7 @@ import traceback
 
 import click
 
-from ..errors import EdgemmError, first_line
+from ..errors import EdgemmError, first_line, storage_error
 
 COMMANDS = {
     "compile": ("edgemm.cli.compile", "Compile a model into a verified bundle."),
@@ -93,7 +93,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         return 130
-    except Exception as exc:  # a bug in edgemm, not the user's input
+    except Exception as exc:  # a bug in edgemm, not the user's input (unless the disk refused a write)
+        disk = storage_error(exc)
+        if disk is not None:
+            if verbose:
+                traceback.print_exc()
+            click.echo(f"error: {disk}", err=True)
+            return disk.exit_code
         first = first_line(exc, default="")
         if verbose:  # the traceback is right above: no hint to rerun
             traceback.print_exc()

@@ -18,13 +18,35 @@ verbose_option = click.option("--verbose", "-v", is_flag=True, expose_value=Fals
                               is_eager=True, help="Show details and full tracebacks on error.")
 
 
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and inf: a NaN threshold compares False with everything, so
+    ``--max-metric-drop nan`` would pass any drop."""
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE_FLOAT = FiniteFloat()
+
+
 def threshold_options(f):
     """Pass/fail bars; unset ones default by precision (edgemm.parity.thresholds)."""
-    f = click.option("--max-metric-drop", type=float, default=None,
+    f = click.option("--max-metric-drop", type=FINITE_FLOAT, default=None,
                      help="Largest allowed task-metric drop, in points.")(f)
-    f = click.option("--min-top1", "min_top1_agreement", type=float, default=None,
+    f = click.option("--min-top1", "min_top1_agreement", type=FINITE_FLOAT, default=None,
                      help="Least top-1 agreement of logits outputs (0..1).")(f)
-    f = click.option("--min-cosine", type=float, default=None,
+    f = click.option("--min-cosine", type=FINITE_FLOAT, default=None,
                      help="Least mean cosine similarity of every float output.")(f)
     return f
 

@@ -26,6 +26,7 @@ def command(bundle, data, output, batch_size, trusted_keys, require_signature):
     from .. import runtime
     from ..data import load_dataset
     from ..errors import InputError
+    from ..display import printable
     from ..outputs import output_file
 
     if batch_size is not None and batch_size < 1:
@@ -53,12 +54,13 @@ def command(bundle, data, output, batch_size, trusted_keys, require_signature):
             out[f"{spec.name}.{i}"] = part
         hint = (f"; use --batch-size {ds.num_samples} for one matrix over all samples"
                 if dynamic_batch_input(b.inputs) and ds.num_samples <= (max_batch(b.inputs) or ds.num_samples) else "")
-        click.echo(f"note: {spec.name} {list(spec.shape)} spans each call's batch: saved per call as "
-                   f"{spec.name}.0 .. {spec.name}.{len(parts) - 1} (--batch-size {batch_size}){hint}", err=True)
+        click.echo(printable(f"note: {spec.name} {list(spec.shape)} spans each call's batch: saved per call as "
+                             f"{spec.name}.0 .. {spec.name}.{len(parts) - 1} (--batch-size {batch_size}){hint}"),
+                   err=True)
     _check_output(out_path, bundle, data)  # again: it may have changed during the run
     with output_file(out_path, field="-o") as f:
         np.savez(f, **out)
-    click.echo(f"wrote {out_path}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items()))
+    click.echo(printable(f"wrote {out_path}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in out.items())))
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..outputs import write_output_text
-from .options import signature_options, threshold_options, trust_options, verbose_option
+from .options import FINITE_FLOAT, signature_options, threshold_options, trust_options, verbose_option
 
 
 def gate_options(f):
@@ -21,15 +21,15 @@ def gate_options(f):
                      help="Record this run as a baseline .json (+ golden outputs .npz beside it)."),
         click.option("--golden", type=click.Choice(["float16", "float32", "none"]), default="float16",
                      show_default=True, help="How --save-baseline stores golden outputs (none: digests + stats)."),
-        click.option("--baseline-min-cosine", type=float, help="Least mean cosine vs the golden outputs "
+        click.option("--baseline-min-cosine", type=FINITE_FLOAT, help="Least mean cosine vs the golden outputs "
                                                                "[default: the precision's --min-cosine]."),
-        click.option("--baseline-min-top1", "baseline_min_top1", type=float,
+        click.option("--baseline-min-top1", "baseline_min_top1", type=FINITE_FLOAT,
                      help="Least top-1 agreement with the golden logits."),
-        click.option("--baseline-max-abs-rel", type=float,
+        click.option("--baseline-max-abs-rel", type=FINITE_FLOAT,
                      help="Largest |now - golden| as a fraction of max |golden| [default: 0.01 fp32 .. 0.1 fp8]."),
-        click.option("--baseline-max-metric-drop", type=float,
+        click.option("--baseline-max-metric-drop", type=FINITE_FLOAT,
                      help="Largest task-metric drop vs the baseline, points."),
-        click.option("--latency-tolerance", type=float, default=1.5, show_default=True,
+        click.option("--latency-tolerance", type=FINITE_FLOAT, default=1.5, show_default=True,
                      help="Fail when the bundle/anchor latency ratio (1 thread, p10) grows beyond this "
                           "factor of the baseline's."),
         click.option("--latency-any-host", is_flag=True,

@@ -13,6 +13,7 @@ There is no public torch API for a safe load, hence this hand-written check.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import operator
@@ -60,7 +61,85 @@ def expression_is_plain(text: str) -> bool:
         return False
     if re.search(r"\)\s*\(", bare):              # calling the result of an expression
         return False
-    return all(name[0].isupper() or name in _EXPR_LOWER_CALLS for name in _CALLED_NAME.findall(bare))
+    if not all(name[0].isupper() or name in _EXPR_LOWER_CALLS for name in _CALLED_NAME.findall(bare)):
+        return False
+    return _cheap_to_evaluate(text)
+
+
+# Evaluating a plain expression can still be a bomb: Integer(10)**Integer(10)**Integer(8) or
+# Pow(Integer(10), Integer(10**18)) computes a number of 10^8.. digits, 'a'*10**10 allocates 10 GB,
+# factorial(Integer(10**7)) runs for hours. Shape arithmetic needs none of that: sympy's srepr writes
+# powers as Pow(base, small exponent), and sizes fit in 64 bits.
+_MAX_INT = 1 << 63
+_MAX_EXPONENT = 64
+_MAX_FACTORIAL = 20
+_AST_OPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Not, ast.Invert,
+            ast.And, ast.Or, ast.BitAnd, ast.BitOr, ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+
+
+def _literal_int(node) -> int | None:
+    """The integer a node spells directly (5, -5, Integer(5), Integer(-5)), else None."""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _literal_int(node.operand)
+        return None if inner is None else -inner
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer" \
+            and len(node.args) == 1 and not node.keywords:
+        return _literal_int(node.args[0])
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    return None
+
+
+def _cheap_to_evaluate(text: str) -> bool:
+    """Parsed (never run) with Python's own parser: only names, numbers within 64 bits, quoted symbol
+    names as call arguments, arithmetic without ``**``/shifts, Pow with a literal exponent of at most 64
+    (not nested in another Pow's base) and factorial of at most 20."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return False
+    try:
+        nodes = list(ast.walk(tree))
+    except RecursionError:
+        return False
+    string_args = set()
+    for node in nodes:
+        if isinstance(node, ast.Call):
+            string_args.update(id(a) for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+            string_args.update(id(k.value) for k in node.keywords)
+            name = node.func.id if isinstance(node.func, ast.Name) else None
+            if name == "Pow":
+                exponent = _literal_int(node.args[1]) if len(node.args) == 2 else None
+                if exponent is None or abs(exponent) > _MAX_EXPONENT:
+                    return False
+                # Pow(Pow(Pow(Integer(10), 64), 64), 64)...: each level multiplies the digits by 64
+                if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "Pow"
+                       for n in ast.walk(node.args[0])):
+                    return False
+            if name == "factorial":
+                value = _literal_int(node.args[0]) if len(node.args) == 1 else None
+                if value is not None and value > _MAX_FACTORIAL:
+                    return False
+                if value is None and not (node.args and isinstance(node.args[0], (ast.Name, ast.Call))):
+                    return False
+    for node in nodes:
+        if isinstance(node, (ast.Expression, ast.Call, ast.Name, ast.Load, ast.keyword, ast.BinOp, ast.UnaryOp,
+                             ast.BoolOp, ast.Compare) + _AST_OPS):
+            continue
+        if isinstance(node, ast.Constant):
+            value = node.value
+            if isinstance(value, bool) or value is None:
+                continue
+            if isinstance(value, str):
+                if id(node) not in string_args:  # a string in arithmetic: 'a' * 10**10
+                    return False
+                continue
+            if isinstance(value, int) and abs(value) <= _MAX_INT:
+                continue
+            if isinstance(value, float) and math.isfinite(value):
+                continue
+        return False  # **, <<, >>, subscripts, attributes, lambdas, huge or complex numbers, ...
+    return True
 
 
 def _allowed_functions() -> set:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,8 +20,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import InputError
+from ..data import check_npz_sizes
+from ..display import md_code, md_text
+from ..errors import InputError, first_line
 from ..outputs import check_output_file, output_file, write_output_text
+from .baseline_schema import validate_baseline
+from .thresholds import require_finite
 
 FORMAT = "edgemm-baseline"
 FORMAT_VERSION = 1
@@ -87,6 +92,8 @@ class GateTolerances:
             if key not in flags:
                 raise InputError(f"unknown tolerance {key!r}", field="tolerances",
                                  fix=f"use one of {', '.join(flags)}")
+            if key != "latency_any_host":
+                require_finite(value, flags[key])
             if key in ("min_cosine", "min_top1_agreement", "min_exact_match") and not -1.0 <= value <= 1.0:
                 raise InputError(f"{value} is outside [-1, 1]", field=flags[key], fix="e.g. 0.999")
             if key in ("max_metric_drop", "max_abs_rel") and value < 0:
@@ -392,14 +399,20 @@ class Baseline:
             raise InputError("golden outputs do not match their baseline .json (sha256 differs)", file=npz,
                              field="golden.sha256", fix="keep the .json and .npz from the same --save-baseline run")
         out: dict[str, list[np.ndarray]] = {}
+        check_npz_sizes(npz, fix="re-record with --save-baseline")
         try:
             with np.load(npz, allow_pickle=False) as z:
                 for j, (name, entry) in enumerate(self.doc["outputs"].items()):
                     if entry.get("golden_dtype") is None:
                         continue
                     out[name] = [z[f"o{j}_b{i}"] for i in range(len(entry["batch_shapes"]))]
-        except (ValueError, KeyError, OSError) as exc:
-            raise InputError(f"cannot read golden outputs ({exc})", file=npz,
+                    for i, (array, shape) in enumerate(zip(out[name], entry["batch_shapes"])):
+                        if not isinstance(array, np.ndarray) or list(array.shape) != shape:
+                            raise InputError(f"golden batch {i} of {name!r} does not have the shape {shape} its "
+                                             f"baseline records", file=npz, field=f"o{j}_b{i}",
+                                             fix="re-record with --save-baseline")
+        except (ValueError, KeyError, OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputError(f"cannot read golden outputs ({first_line(exc, 200)})", file=npz,
                              fix="re-record with --save-baseline") from exc
         return out
 
@@ -409,10 +422,16 @@ def load_baseline(path) -> Baseline:
     if not path.is_file():
         raise InputError("no such baseline", file=path, field="--baseline",
                          fix="record one first: edgemm verify BUNDLE --data EVAL --save-baseline " + str(path))
+    if path.stat().st_size > MAX_BASELINE_BYTES:
+        raise InputError(f"is larger than {MAX_BASELINE_BYTES >> 20} MiB; not a baseline", file=path,
+                         field="--baseline", fix="pass a file written by --save-baseline")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"invalid JSON ({exc})", file=path, fix="re-record with --save-baseline") from exc
+    except (ValueError, RecursionError) as exc:  # NaN/Infinity, an integer beyond Python's digit limit, nesting
+        raise InputError(f"cannot be parsed ({type(exc).__name__}: {first_line(exc, 200)})", file=path,
+                         fix="re-record with --save-baseline") from exc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise InputError("not an edgemm baseline", file=path, field="format",
                          fix="pass a file written by --save-baseline")
@@ -423,7 +442,15 @@ def load_baseline(path) -> Baseline:
     for key, kind in (("context", dict), ("data", dict), ("outputs", dict), ("golden", dict)):
         if not isinstance(doc.get(key), kind):
             raise InputError("missing or malformed", file=path, field=key, fix="re-record with --save-baseline")
+    validate_baseline(doc, path, golden_modes=GOLDEN_MODES, anchor_width_range=ANCHOR_WIDTH_RANGE)
     return Baseline(path, doc)
+
+
+MAX_BASELINE_BYTES = 64 << 20
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number a baseline may hold")
 
 
 # --------------------------------------------------------------------------------------- comparing
@@ -673,7 +700,7 @@ def render_gate_markdown(report: Mapping) -> str:
     if not gate:
         return ""
     lines = [f"## Baseline gate: {'PASS' if gate['passed'] else 'FAIL'}", "",
-             f"Against `{gate['file']}` (recorded {gate.get('created')}).", "",
+             f"Against `{md_code(gate['file'])}` (recorded {md_text(gate.get('created'))}).", "",
              "| output | vs golden | mean cosine | max abs err (limit) | top-1 / exact | pass |",
              "|---|---|---|---|---|---|"]
     for name, o in gate["outputs"].items():
@@ -682,11 +709,11 @@ def render_gate_markdown(report: Mapping) -> str:
         cos = f"{o['mean_cosine']:.6f}" if o.get("mean_cosine") is not None else "–"
         mae = (f"{o['max_abs_error']:.4g} ({o['max_abs_limit']:.3g})" if "max_abs_limit" in o else "–")
         agree = o.get("top1_agreement", o.get("exact_match"))
-        lines.append(f"| {name} | {how} | {cos} | {mae} | {'–' if agree is None else f'{agree:.4f}'} | "
+        lines.append(f"| {md_text(name)} | {how} | {cos} | {mae} | {'–' if agree is None else f'{agree:.4f}'} | "
                      f"{'yes' if o.get('passed') else '**NO**'} |")
     task = gate.get("task")
     if task:
-        lines += ["", f"Task **{task['metric']}**: {task['now']:.2f} (baseline {task['baseline']:.2f}, "
+        lines += ["", f"Task **{md_text(task['metric'])}**: {task['now']:.2f} (baseline {task['baseline']:.2f}, "
                       f"drop {task['drop']:.2f} points) {'ok' if task['passed'] else '**FAIL**'}"]
     lat = gate.get("latency") or {}
     if "change" in lat:
@@ -696,10 +723,10 @@ def render_gate_markdown(report: Mapping) -> str:
                       f"(baseline {lat['baseline_bundle_ms']:.3f} ms, on its own machine)"]
 
     if gate["failures"]:
-        lines += ["", "Failures:", *[f"- {f}" for f in gate["failures"]]]
+        lines += ["", "Failures:", *[f"- {md_text(f)}" for f in gate["failures"]]]
     for title, items in (("Notes", gate.get("notes")), ("Changed since the baseline", gate.get("changes"))):
         if items:
-            lines += ["", f"{title}:", *[f"- {i}" for i in items]]
+            lines += ["", f"{title}:", *[f"- {md_text(i)}" for i in items]]
     return "\n".join(lines) + "\n"
 
 
@@ -709,11 +736,11 @@ def render_pr_summary(report: Mapping) -> str:
 
     meta = report.get("bundle") or {}
     ok = report.get("passed")
-    head = (f"### {'✅' if ok else '❌'} edgemm gate {'passed' if ok else 'FAILED'}: `{meta.get('name')}` "
-            f"({meta.get('precision')}, {meta.get('backend')}, target {meta.get('target')})")
+    head = (f"### {'✅' if ok else '❌'} edgemm gate {'passed' if ok else 'FAILED'}: `{md_code(meta.get('name'))}` "
+            f"({md_text(meta.get('precision'))}, {md_text(meta.get('backend'))}, target {md_text(meta.get('target'))})")
     lines = [head, ""]
     if report.get("failures"):
-        lines += [*[f"- {f}" for f in report["failures"]], ""]
+        lines += [*[f"- {md_text(f)}" for f in report["failures"]], ""]
     gate = report.get("baseline")
     if gate:
         lat = gate.get("latency") or {}
@@ -721,14 +748,14 @@ def render_pr_summary(report: Mapping) -> str:
                 "within tolerance of the baseline"]
         if gate.get("task"):
             t = gate["task"]
-            bits.append(f"{t['metric']} {t['now']:.2f} (baseline {t['baseline']:.2f})")
+            bits.append(f"{md_text(t['metric'])} {t['now']:.2f} (baseline {t['baseline']:.2f})")
         if "change" in lat:
             bits.append(f"latency {lat['change']:.2f}x the baseline ratio (tolerance {lat['tolerance']}x)")
         elif lat.get("skipped"):
             bits.append(f"latency not gated ({lat['skipped']})")
         lines += ["; ".join(bits) + ".", ""]
     if report.get("baseline_saved"):
-        lines += [f"Baseline recorded: `{report['baseline_saved']}`.", ""]
+        lines += [f"Baseline recorded: `{md_code(report['baseline_saved'])}`.", ""]
     details = render_markdown(report) + ("\n" + render_gate_markdown(report) if gate else "")
     lines += ["<details><summary>Full report</summary>", "", details, "</details>"]
     return "\n".join(lines) + "\n"

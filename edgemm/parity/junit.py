@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
+from ..display import xml_text
 from ..outputs import write_output_text
 
 
@@ -84,6 +85,10 @@ def render_junit(report: Mapping, *, duration_s: float = 0.0, system_out: str | 
             ET.SubElement(el, "skipped", message=str(case["skipped"]))
     if system_out:
         ET.SubElement(suite, "system-out").text = system_out
+    for el in root.iter():  # names from the bundle may hold characters XML 1.0 cannot carry
+        if el.text:
+            el.text = xml_text(el.text)
+        el.attrib = {k: xml_text(v) for k, v in el.attrib.items()}
     ET.indent(root)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 

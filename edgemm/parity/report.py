@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..display import md_code, md_text
+
 
 def _fmt(value, digits=6):
     if value is None:
@@ -22,8 +24,9 @@ def render_markdown(report: dict) -> str:
     lines = [f"# edgemm parity report: {status}", ""]
     meta = report.get("bundle", {})
     if meta:
-        lines.append(f"Bundle `{meta.get('name')}` · precision **{meta.get('precision')}** · backend "
-                     f"{meta.get('backend')} · target {meta.get('target')} · {report.get('samples')} samples")
+        lines.append(f"Bundle `{md_code(meta.get('name'))}` · precision **{md_text(meta.get('precision'))}** · "
+                     f"backend {md_text(meta.get('backend'))} · target {md_text(meta.get('target'))} · "
+                     f"{report.get('samples')} samples")
         lines.append("")
     if report.get("simulated"):
         lines += [f"> Simulated: {report['simulated']}", ""]
@@ -31,7 +34,7 @@ def render_markdown(report: dict) -> str:
               "|---|---|---|---|---|---|"]
     for name, o in report.get("outputs", {}).items():
         top1 = o.get("top1_agreement", o.get("exact_match"))
-        lines.append(f"| {name} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
+        lines.append(f"| {md_text(name)} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
                      f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} | {'yes' if o.get('passed') else 'NO'} |")
     task = report.get("task")
     if task:
@@ -47,11 +50,11 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {_label(report, who)} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} |")
         if "p50_ratio" in lat:
             lines.append(f"\np50 ratio bundle / reference: **{lat['p50_ratio']:.3f}** (measured side by side)")
-    lines += [f"\n> Note: {note}" for note in report.get("notes", [])]
+    lines += [f"\n> Note: {md_text(note)}" for note in report.get("notes", [])]
     lines += _vs_original_section(report.get("vs_original"))
     lines += _prune_section(report.get("prune"))
     if report.get("failures"):
-        lines += ["", "## Failures", *[f"- {f}" for f in report["failures"]]]
+        lines += ["", "## Failures", *[f"- {md_text(f)}" for f in report["failures"]]]
     return "\n".join(lines) + "\n"
 
 
@@ -65,7 +68,7 @@ def _vs_original_section(section: dict | None) -> list[str]:
              "| output | mean cosine | min cosine | max abs err | top-1 agree |", "|---|---|---|---|---|"]
     for name, o in section.get("outputs", {}).items():
         top1 = o.get("top1_agreement", o.get("exact_match"))
-        lines.append(f"| {name} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
+        lines.append(f"| {md_text(name)} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
                      f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} |")
     task = section.get("task")
     if task and "reference" in task:
@@ -85,7 +88,7 @@ def _prune_section(comparison: dict | None) -> list[str]:
         lines += [f"| branch | params | FLOPs | torch CPU ms (batch {lat.get('batch', '?')}) |", "|---|---|---|---|"]
         for name, b in branches.items():
             ms = (f"{b['ms_before']:.2f} -> {b['ms_after']:.2f}" if b.get("ms_before") is not None else "–")
-            lines.append(f"| {name} | {b['params_before']:,} -> {b['params_after']:,} | "
+            lines.append(f"| {md_text(name)} | {b['params_before']:,} -> {b['params_after']:,} | "
                          f"{b['flops_before']:,} -> {b['flops_after']:,} | {ms} |")
         if lat:
             lines.append(f"| whole model | | | {lat['total_ms_before']:.2f} -> {lat['total_ms_after']:.2f} |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError
@@ -46,9 +47,23 @@ def relax_flags(failures) -> str:
     return ", ".join(flags or ["--min-cosine"])
 
 
+def require_finite(value, field: str) -> float:
+    """A threshold must be a real, finite number: NaN compares False with everything, so a NaN bar would
+    pass any drop (``drop > nan`` is never true) and an infinite one turns a check off unseen."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{value!r} is not a finite number", field=field,
+                         fix="pass a number such as 0.99 (cosine) or 1.0 (points)")
+    return float(value)
+
+
+_FLAGS = {"min_cosine": "--min-cosine", "min_top1_agreement": "--min-top1", "max_metric_drop": "--max-metric-drop",
+          "min_exact_match": "min_exact_match"}
+
+
 def with_overrides(base: Thresholds, **overrides) -> Thresholds:
     clean = {k: v for k, v in overrides.items() if v is not None}
     for key, value in clean.items():
+        require_finite(value, _FLAGS.get(key, key))
         if key in ("min_cosine", "min_top1_agreement", "min_exact_match") and not (-1.0 <= value <= 1.0):
             raise InputError(f"{value} is outside [-1, 1]", field="--" + key.replace("_", "-"),
                              fix="e.g. 0.99")

@@ -38,7 +38,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ParityError
+from ..errors import InputError, ParityError, storage_error
 
 # Ops whose output counts as a "weighted" layer when looking for final projections.
 _WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiHeadAttention", "LSTM",
@@ -676,6 +676,8 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
             except InputError:
                 raise
             except Exception as exc:  # a recipe ORT cannot apply to this graph is a result, not a crash
+                if (disk := storage_error(exc)) is not None:
+                    raise disk from exc
                 row.note = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
                 row.build_s = round(time.perf_counter() - t0, 2)
                 say(f"  {recipe.name}: failed ({row.note})")

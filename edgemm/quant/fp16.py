@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import DependencyError, InputError
+from ..errors import DependencyError, InputError, storage_error
 
 __all__ = ["to_fp16"]
 
@@ -145,6 +145,8 @@ def to_fp16(fp32_onnx: Path, out_onnx: Path, *, keep_io_types: bool = True, for_
         except DependencyError:
             raise
         except Exception as exc:  # noqa: BLE001 - AutoCast failures vary; fall back and record why
+            if (disk := storage_error(exc)) is not None:
+                raise disk from exc
             if low_precision == "bf16":
                 raise InputError(f"modelopt AutoCast failed ({' '.join(str(exc).split())[:200]})",
                                  file=fp32_onnx, fix="use --fp16") from exc

@@ -28,7 +28,7 @@ from typing import Mapping
 import numpy as np
 
 from ..capture import captured_output
-from ..errors import DependencyError, EdgemmError, InputError, first_line
+from ..errors import DependencyError, EdgemmError, InputError, first_line, storage_error
 from .exclusions import anchored, unquantizable_nodes
 
 __all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES"]
@@ -285,6 +285,8 @@ def _run_modelopt(quantize, src: Path, dst: Path, mode: str, data, method: str, 
             )
             error = None
         except Exception as exc:  # modelopt and ORT raise many types; reported as one line by the caller
+            if (disk := storage_error(exc)) is not None:
+                raise disk from exc
             error = exc
     if output.text:
         log.info("modelopt %s quantization output (%s calibration):\n%s", mode, method, output.text)

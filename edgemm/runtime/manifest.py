@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import stat
 from pathlib import Path, PurePosixPath
@@ -166,7 +167,71 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
         if value is not None and not isinstance(value, kind):
             raise BundleError(f"must be a {kind.__name__}, not {type(value).__name__}", file=path,
                               field=f"backend.{key}", fix="recompile the bundle")
+    _check_sections(manifest, path)
     return manifest
+
+
+# The optional sections verify and the reports read, field by field: (type, required). "number" is a finite
+# int or float, "count" an int >= 0; a dict value is a nested section, a 1-tuple (spec,) a map of names to it.
+_NUMBER_OR_NULL = ("number", False)
+_PRUNE_SPEC = {
+    "comparison": ({
+        "branches": (({"params_before": ("number", True), "params_after": ("number", True),
+                       "flops_before": ("number", True), "flops_after": ("number", True),
+                       "ms_before": _NUMBER_OR_NULL, "ms_after": _NUMBER_OR_NULL},), False),
+        "latency": ({"batch": ("count", False), "total_ms_before": ("number", True),
+                     "total_ms_after": ("number", True)}, False),
+        "onnx_latency": ({"note": ("str", False), "device": ("str", False),
+                          "batches": (({"ms_before": ("number", True), "ms_after": ("number", True),
+                                        "ratio": ("number", True)},), False)}, False),
+        "task": ({"metric": ("str", True), "samples": ("count", True), "before": ("number", True),
+                  "after": ("number", True), "drop": ("number", True)}, False),
+    }, False),
+}
+
+
+def _check_value(value, spec, field: str, path: Path) -> None:
+    def bad(what: str) -> BundleError:
+        return BundleError(what, file=path, field=field, fix="recompile the bundle; never edit a manifest by hand")
+
+    if isinstance(spec, tuple):  # a map of names to entries of spec[0]
+        if not isinstance(value, dict):
+            raise bad(f"must be an object, not {type(value).__name__}")
+        for key, item in value.items():
+            _check_value(item, spec[0], f"{field}.{key}", path)
+    elif isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise bad(f"must be an object, not {type(value).__name__}")
+        for key, (kind, required) in spec.items():
+            if value.get(key) is None:
+                if required:
+                    raise bad(f"{key!r} is missing")
+                continue
+            _check_value(value[key], kind, f"{field}.{key}", path)
+    elif spec == "str":
+        if not isinstance(value, str):
+            raise bad(f"must be a string, not {type(value).__name__}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (spec == "count" and (not isinstance(value, int) or value < 0)):
+            raise bad(f"must be {'a count' if spec == 'count' else 'a finite number'}, not {str(value)[:40]!r}")
+
+
+def _check_sections(manifest: dict, path: Path) -> None:
+    """``task`` and ``prune`` checked in depth (verify and the reports read them), naming the field."""
+    task = manifest.get("task")
+    if task is not None:
+        if not isinstance(task, dict) or not isinstance(task.get("metric"), str):
+            raise BundleError("must be an object with a metric name", file=path, field="task",
+                              fix="recompile the bundle; never edit a manifest by hand")
+        names = {o.get("name") for o in manifest["outputs"] if isinstance(o, dict)}
+        outs = task.get("outputs")
+        if not isinstance(outs, list) or not outs or not all(isinstance(o, str) and o in names for o in outs):
+            raise BundleError(f"must list outputs of the bundle, not {str(outs)[:60]}", file=path,
+                              field="task.outputs", fix="recompile the bundle; never edit a manifest by hand")
+    prune = manifest.get("prune")
+    if prune is not None:
+        _check_value(prune, _PRUNE_SPEC, "prune", path)
 
 
 def verify_files(bundle_dir: os.PathLike, manifest: dict) -> None:

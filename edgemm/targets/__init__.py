@@ -176,6 +176,10 @@ def names() -> list[str]:
     return sorted(p.name[:-5] for p in _profiles_dir().iterdir() if p.name.endswith(".toml"))
 
 
+# Sizes a profile may state: the workspace is handed to TensorRT's builder, so it must be a real size.
+_INT_BOUNDS = {"dla_cores": (0, 8), "memory_mb": (1, 1 << 24), "workspace_mb": (1, 1 << 24)}
+
+
 def _parse(data: dict, source: str) -> TargetProfile:
     def bad(field: str, detail: str) -> InputError:
         return InputError(detail, file=source, field=field, fix="fix the profile file (see edgemm/targets/profiles)")
@@ -192,6 +196,12 @@ def _parse(data: dict, source: str) -> TargetProfile:
     for key, value in data.items():
         if not isinstance(value, types[key]) or (types[key] is int and isinstance(value, bool)):
             raise bad(key, f"must be {types[key].__name__}, got {type(value).__name__}")
+        if key in _INT_BOUNDS and not _INT_BOUNDS[key][0] <= value <= _INT_BOUNDS[key][1]:
+            raise bad(key, f"must be from {_INT_BOUNDS[key][0]} to {_INT_BOUNDS[key][1]}, not {str(value)[:40]}")
+        if types[key] is list and not all(isinstance(v, str) and len(v) <= 64 for v in value):
+            raise bad(key, "must be a list of short strings")
+        if types[key] is str and len(value) > 4096:
+            raise bad(key, "is longer than 4096 characters")
     profile = TargetProfile(
         name=data["name"], description=data["description"], kind=data["kind"], backend=data["backend"],
         compute_capability=data.get("compute_capability"), precisions=tuple(data["precisions"]),
@@ -255,12 +265,21 @@ def _check_consistency(p: TargetProfile, bad) -> None:
 _CACHE: dict[str, TargetProfile] = {}
 
 
+MAX_PROFILE_BYTES = 1 << 20   # shipped profiles are ~1 KiB
+
+
 def _load_file(path, source: str) -> TargetProfile:
     try:
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise InputError(f"is larger than {MAX_PROFILE_BYTES >> 10} KiB; not a target profile", file=source,
+                             fix="pass a TOML profile like those in edgemm/targets/profiles")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InputError(f"cannot read target profile ({exc})", file=source,
                          fix="pass a valid TOML profile") from exc
+    except (ValueError, RecursionError) as exc:  # an integer beyond Python's digit limit; nesting too deep
+        raise InputError(f"cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})", file=source,
+                         fix="pass a TOML profile like those in edgemm/targets/profiles") from exc
     return _parse(data, source)
 
 

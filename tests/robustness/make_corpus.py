@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import struct
 import sys
@@ -751,6 +752,192 @@ OUTPUT_SPECS = [
 ]
 
 
+# ---------------------------------------- resource bombs and wrong verdicts (issue 14, classes 6 and 7)
+
+def _pt2_bomb(name: str, expr: str):
+    """A .pt2 whose first symbolic size is an expression that is plain arithmetic but a bomb to evaluate."""
+    def build(good, work):
+        model = work / "model.pt2"
+
+        def edit(doc):
+            values = doc["graph_module"]["graph"]["tensor_values"]
+            first_input = next(v for v in values.values() if v["sizes"] and "as_expr" in v["sizes"][0])
+            first_input["sizes"][0] = {"as_expr": {"expr_str": expr, "hint": {"as_int": 2}}}
+        _pt2_json(good, model, edit)
+        return compile_case(f"pt2-bomb-{name}", work, model, file=model, field=None,
+                            expect="SecurityError: evaluating the expression would hang or exhaust memory")
+    return Spec(f"pt2-bomb-{name}", build, "bombs")
+
+
+def _forged_npy(declared_shape: tuple, held: int, dtype=np.float32) -> bytes:
+    """An .npy member whose header declares ``declared_shape`` but which holds ``held`` bytes of data."""
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                  "shape": declared_shape})
+    return header.getvalue() + bytes(held)
+
+
+def _npz_with(path: Path, arrays: dict, forged: dict[str, bytes], compress=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compress) as zf:
+        for key, value in arrays.items():
+            buf = __import__("io").BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(value))
+            zf.writestr(f"{key}.npy", buf.getvalue())
+        for key, raw in forged.items():
+            zf.writestr(f"{key}.npy", raw)
+    return path
+
+
+def _calib_forged_header(good, work):
+    d = good_feeds(good)
+    d.pop("image")
+    return _npz_with(work / "calib.npz", d, {"image": _forged_npy((600_000_000,), 4096)}), "image"
+
+
+def _calib_forged_sizes(good, work):
+    """A deflated member whose zip header claims far more than deflate can produce from its bytes."""
+    path = _npz_with(work / "calib.npz", good_feeds(good), {}, compress=zipfile.ZIP_DEFLATED)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("image.npy")
+    for offset in (info.header_offset + 22,):  # local header: uncompressed size
+        data[offset:offset + 4] = struct.pack("<I", 0xFFFFFFF0)
+    pos = 0
+    while (pos := data.find(b"PK\x01\x02", pos)) != -1:  # central directory entries: uncompressed size at +24
+        name_len = struct.unpack("<H", data[pos + 28:pos + 30])[0]
+        if data[pos + 46:pos + 46 + name_len] == b"image.npy":
+            data[pos + 24:pos + 28] = struct.pack("<I", 0xFFFFFFF0)
+        pos += 4
+    path.write_bytes(bytes(data))
+    return path, "image"
+
+
+def _calib_token_id(value: int, *, key: str = "input_ids"):
+    def make(good, work):
+        d = good_feeds(good, 8)
+        d[key] = d[key].copy()
+        d[key][3, 2] = value
+        return save_npz(work / "calib.npz", d), key
+    return make
+
+
+def _run_forged_header(good, work):
+    bundle = copy_bundle(good, work)
+    d = good_feeds(good)
+    d.pop("image")
+    data = _npz_with(work / "data.npz", d, {"image": _forged_npy((1 << 40,), 64)})
+    return run_case("run-forged-npy-header", work, bundle, data, file=data, field="image",
+                    expect="InputError: declared size checked against what the file holds, before reading")
+
+
+def _target_toml(name: str, make_text: Callable[[str], str], field: str | None):
+    def build(good, work):
+        from edgemm.targets import _profiles_dir
+
+        shipped = _profiles_dir().joinpath("jetson-orin-nano.toml").read_text(encoding="utf-8")
+        target = work / "target.toml"
+        target.write_text(make_text(shipped), encoding="utf-8")
+        return compile_case(f"target-{name}", work, good.onnx, file=target, field=field,
+                            extra=("--target", str(target)), expect="InputError")
+    return Spec(f"target-{name}", build, "bombs")
+
+
+def _baseline_doc(good: Good) -> dict:
+    """A well-formed baseline for the good bundle (what --save-baseline writes), to be broken field by field."""
+    manifest = json.loads((good.bundle / "manifest.json").read_text())
+    return {"format": "edgemm-baseline", "format_version": 1, "created": "2026-01-01T00:00:00+00:00",
+            "context": {"backend": manifest["backend"]["name"], "target": manifest["target"]["name"],
+                        "precision": manifest["precision"]["mode"], "bundle": {}, "host": {}},
+            "data": {"path": "data.npz", "sha256": None, "samples": 4, "batch_size": 16},
+            "outputs": {o["name"]: {"dtype": "<f4", "batch_shapes": [[4, 5]], "sha256": "0" * 64,
+                                    "stats": {"mean": 0.0, "std": 1.0, "abs_max": 1.0}, "golden_dtype": None,
+                                    "golden_error": 0.0} for o in manifest["outputs"]},
+            "golden": {"mode": "none", "sha256": None},
+            "task": None,
+            "latency": {"anchor": {"name": "ort-gemv-tanh-8-v1", "width": 64}, "percentile": 10, "ratio": 1.0,
+                        "bundle_p10_ms": 1.0},
+            "reference_parity": {}}
+
+
+def _baseline(name: str, edit: Callable[[dict], None], field: str | None, *, raw: Callable[[str], str] | None = None):
+    """verify --baseline b.json, where b.json is a baseline broken by ``edit`` (or its text by ``raw``)."""
+    def build(good, work):
+        bundle = copy_bundle(good, work)
+        data = save_npz(work / "data.npz", good_feeds(good))
+        doc = _baseline_doc(good)
+        edit(doc)
+        text = json.dumps(doc, indent=2)
+        baseline = work / "b.json"
+        baseline.write_text(raw(text) if raw else text)
+        return Case(f"baseline-{name}", ["verify", str(bundle), "--data", str(data), "--baseline", str(baseline),
+                                         "--no-write"], str(baseline), field, work, expect="InputError")
+    return Spec(f"baseline-{name}", build, "verdicts")
+
+
+def _set(path: str, value):
+    def edit(doc):
+        *parents, last = path.split(".")
+        node = doc
+        for key in parents:
+            node = node[key] if not isinstance(node, list) else node[int(key)]
+        node[last] = value
+    return edit
+
+
+def _manifest_section(name: str, edit: Callable[[dict], None], field: str):
+    def tamper(b, good, work):
+        edit_manifest(b, edit)
+        return str(b / "manifest.json"), field
+    return _bundle(name, tamper, "BundleError: the section is checked in depth, naming the field")
+
+
+_BRANCH = {"params_before": 10, "params_after": 5, "flops_before": 10, "flops_after": 5, "ms_before": 1.0,
+           "ms_after": 0.5}
+
+DATA_SPECS = [
+    _pt2_bomb("power-chain", "Integer(10)**Integer(10)**Integer(8)"),
+    _pt2_bomb("pow-huge-exponent", "Pow(Integer(10), Integer(100000000000))"),
+    _pt2_bomb("nested-pow", "Pow(Pow(Pow(Pow(Integer(10), Integer(64)), Integer(64)), Integer(64)), Integer(64))"),
+    _pt2_bomb("string-repeat", "Add(Symbol('s0', integer=True), 'a'*10000000000)"),
+    _pt2_bomb("factorial", "factorial(Integer(100000000))"),
+    _pt2_bomb("left-shift", "Integer(1) << Integer(100000000000)"),
+    _pt2_bomb("huge-integer", "Integer(" + "9" * 4000 + ")"),
+    _calib("forged-npy-header-2gb", _calib_forged_header),
+    _calib("forged-zip-sizes", _calib_forged_sizes),
+    Spec("run-forged-npy-header", _run_forged_header, "bombs"),
+    _target_toml("nested-100k-deep", lambda t: t + "\nx = " + "[" * 100_000 + "]" * 100_000 + "\n", None),
+    _target_toml("5000-digit-integer", lambda t: re.sub(r"memory_mb = \d+", "memory_mb = " + "9" * 5000, t), None),
+    _target_toml("huge-workspace", lambda t: re.sub(r"workspace_mb = \d+", "workspace_mb = 99999999999999", t),
+                 "workspace_mb"),
+    _baseline("anchor-width-huge", _set("latency.anchor.width", 10 ** 9), "latency.anchor.width"),
+    _baseline("task-value-nan", _set("task", {"metric": "top1", "outputs": ["logits"], "value": 0.0}), None,
+              raw=lambda t: t.replace('"value": 0.0', '"value": NaN')),
+    _baseline("ratio-infinity", lambda d: None, None, raw=lambda t: t.replace('"ratio": 1.0', '"ratio": Infinity')),
+    _baseline("batch-size-string", _set("data.batch_size", "16"), "data.batch_size"),
+    _baseline("output-entry-not-object", _set("outputs.logits", ["not", "an", "entry"]), "outputs.logits"),
+    _baseline("batch-shapes-nested", _set("outputs.logits.batch_shapes", [[[4], 5]]), "outputs.logits.batch_shapes"),
+    _baseline("golden-mode-unknown", _set("golden.mode", "bfloat8"), "golden.mode"),
+    _baseline("task-outputs-not-list", _set("task", {"metric": "top1", "outputs": "logits", "value": 1.0}),
+              "task.outputs"),
+    _baseline("stats-string", _set("outputs.logits.stats", {"abs_max": "1e999"}), "outputs.logits.stats.abs_max"),
+    _manifest_section("task-names-no-output", _set("task", {"metric": "top1", "outputs": ["nope"]}), "task.outputs"),
+    _manifest_section("task-not-object", _set("task", "top1"), "task"),
+    _manifest_section("prune-params-string",
+                      _set("prune", {"comparison": {"branches": {"text": dict(_BRANCH, params_before="x")}}}),
+                      "prune.comparison.branches.text.params_before"),
+    _manifest_section("prune-task-drop-nan",
+                      _set("prune", {"comparison": {"task": {"metric": "top1", "samples": 4, "before": 1.0,
+                                                             "after": 1.0, "drop": float("nan")}}}),
+                      "prune.comparison.task.drop"),
+    _calib("token-id-beyond-vocab", _calib_token_id(50)),
+    _calib("token-id-far-beyond-vocab-torchscript", _calib_token_id(10 ** 9), model="pt"),
+    _calib("token-id-negative", _calib_token_id(-3)),
+    _calib("eval-token-id-beyond-vocab", _calib_token_id(1000), flag="--eval"),
+]
+
+
 # ------------------------------------------------------------------------------------------ corpus
 
 SPECS: list[Spec] = [
@@ -821,6 +1008,7 @@ SPECS: list[Spec] = [
     _run_data("nan", _d_nan),
     _run_data("batch-mismatch", _d_batch_mismatch),
     *OUTPUT_SPECS,
+    *DATA_SPECS,
 ]
 
 assert len({s.name for s in SPECS}) == len(SPECS), "case names must be unique"

@@ -131,3 +131,21 @@ def test_entry_point_names_the_plugin_when_installed():
     if not eps:
         pytest.skip("the pytest11 entry point is not installed in this environment (pyproject not re-installed)")
     assert [(ep.name, ep.value) for ep in eps] == [("edgemm", "edgemm.pytest_plugin")]
+
+
+def test_two_test_ids_mapping_to_one_baseline_file_fail_clearly(pytester, bundles, monkeypatch):
+    """test_gate[a/b] and test_gate[a-b] both sanitize to test_gate-a-b.json: the second must not overwrite
+    (or be gated against) the first's baseline; an explicit shared name= stays allowed."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pytester.makepyfile(test_clash=f"""
+        import pytest
+
+        @pytest.mark.parametrize("variant", ["a/b", "a-b"])
+        def test_gate(edgemm_gate, variant):
+            edgemm_gate.check({str(bundles['original'])!r}, {str(bundles['eval'])!r}, iterations=0)
+    """)
+    result = run(pytester, "--edgemm-update-baselines")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*baseline file *test_gate-a-b.json is already used by *test_gate?a/b?*"
+                                 "would overwrite it*"])
+    assert sorted(p.name for p in (pytester.path / "baselines").glob("*.json")) == ["test_gate-a-b.json"]
