@@ -415,7 +415,12 @@ def _check_token_ids_torch(loaded, specs, datasets) -> None:
         return
     from .data import check_token_ids
 
-    integer = {s.name: max(rows) for s in specs if s.dtype.startswith(("int", "uint"))}
+    from .modality import input_modality, is_mask
+
+    # Only integer inputs that are text (token ids), never masks or uint8 images: those may hold values
+    # above every table's size legitimately.
+    integer = {s.name: max(rows) for s in specs if s.dtype.startswith(("int", "uint"))
+               and not is_mask(s.name, s.dtype) and input_modality(s.name, s.dtype, s.shape) == "text"}
     for ds in (d for d in datasets if d is not None):
         check_token_ids(ds, integer, largest=True)
 
