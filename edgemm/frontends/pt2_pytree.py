@@ -32,16 +32,21 @@ def required_types(path: Path) -> set[str]:
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if n.endswith("models/model.json")]
             docs = [zf.read(n) for n in names]
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError):
+    except Exception:  # noqa: BLE001 - a damaged archive: torch's loader (after the CRC check) reports it
         return set()
     found: set[str] = set()
     for raw in docs:
         try:
             graph = json.loads(raw).get("graph_module", {})
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # torch's own loader reports a damaged file
             continue
-        for entry in graph.get("module_call_graph") or []:
-            signature = (entry or {}).get("signature") or {}
+        if not isinstance(graph, dict):
+            continue
+        entries = graph.get("module_call_graph")
+        for entry in entries if isinstance(entries, list) else []:
+            signature = entry.get("signature") if isinstance(entry, dict) else None
+            if not isinstance(signature, dict):
+                continue
             for key in ("in_spec", "out_spec"):
                 spec = signature.get(key)
                 if isinstance(spec, str):
@@ -56,15 +61,16 @@ def register_types(path: Path) -> list[str]:
 
     imported = []
     for name in sorted(required_types(path)):
+        shown = name if len(name) <= 120 else name[:120] + "..."
         if name in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
             continue
         module_name, _, cls_name = name.rpartition(".")
         package = module_name.split(".")[0]
         if package not in KNOWN_PACKAGES or not _DOTTED.match(name):
-            raise InputError(f"its outputs/inputs use the type {name} which edgemm does not load from an archive",
-                             file=path, field="out_spec",
-                             fix=f"return tensors, tuples or dicts from forward() (or a dataclass registered with "
-                                 f"torch.utils._pytree), or compile the model's factory {package}.module:function")
+            raise InputError(f"its inputs/outputs use the type {shown}, which edgemm does not import for an archive "
+                             f"(only types of {', '.join(sorted(KNOWN_PACKAGES))})", file=path, field="out_spec",
+                             fix="return tensors, tuples or dicts from forward() and export again, or compile the "
+                                 "model's factory (package.module:function)")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
@@ -94,7 +100,7 @@ def _parse_spec(text: str):
     """A serialized tree spec is ``[protocol, {"type", "context", "children_spec"}]`` as JSON."""
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return doc[1] if isinstance(doc, list) and len(doc) == 2 else None
 
@@ -105,5 +111,6 @@ def _collect(node, found: set[str], depth: int = 0) -> None:
     name = node.get("type")
     if isinstance(name, str) and name:
         found.add(name)
-    for child in node.get("children_spec") or []:
+    children = node.get("children_spec")
+    for child in children if isinstance(children, list) else []:
         _collect(child, found, depth + 1)
