@@ -51,6 +51,7 @@ class Cell:
     detail: str = ""  # first error line, or the n/a reason, or a short pass note
     commands: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    commit: str = ""  # the edgemm commit the cell ran on (a partial re-run leaves other cells as they were)
 
     @property
     def key(self) -> str:
@@ -175,6 +176,7 @@ class Runner:
         else:
             cell = self._run_mode(name, saved, mode)
         cell.seconds = round(time.time() - start, 1)
+        cell.commit = _commit()
         if saved.notes and cell.status == "pass":
             cell.detail = "; ".join(filter(None, [cell.detail, *saved.notes]))
         self.results[key] = cell
@@ -348,6 +350,8 @@ def detail_doc(cells: dict[str, Cell]) -> str:
     out += ["", "## Summary", "", "| model | format | " + " | ".join(MODES) + " |", "|---|---|" + "---|" * len(MODES)]
     for name, fmt, row in _rows(cells):
         out.append(f"| {name} | {fmt} | " + " | ".join(_MARK[c.status] if c else "–" for c in row) + " |")
+    commits = sorted({cell.commit for cell in cells.values() if cell.commit})
+    out += ["", "Cells ran on commits " + ", ".join(commits) + " (per cell in compat-matrix.json)."] if commits else []
     out += ["", "## Failing cells", ""]
     failing = [cell for k, cell in sorted(cells.items()) if cell.status == "fail"]
     for cell in failing:

@@ -45,6 +45,8 @@ def probe(name: str, fmt: str, path: str, weights: str | None = None) -> str:
             attempt(io.BytesIO())
             return "ok"
         except Exception as exc:  # torch's own failure is the finding
+            while exc.__cause__ is not None:  # torch.onnx wraps torch.export's reason ("step 1/3 ...")
+                exc = exc.__cause__
             errors.append(f"{label}: {first_line(exc)}")
     return "torch: " + "; ".join(errors)
 
