@@ -201,7 +201,7 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
             shutil.copyfile(p, target)
         shutil.copyfile(fp32_onnx, src)
         dst = work / "model.quant.onnx"
-        auto = unquantizable_nodes(src, data, work) if auto_exclude else {}
+        auto = _auto_exclusions(fp32_onnx, src, data, work) if auto_exclude else {}
         exclude = list(exclude_nodes or []) + anchored(auto)
         error, output = _run_modelopt(quantize, src, dst, mode, data, method, exclude, op_types_to_exclude,
                                       high_precision, external, target_dla)
@@ -260,6 +260,26 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
                   "FP8 E4M3 Q/DQ for TensorRT on compute capability >= 8.9; ONNX Runtime CPU cannot run it, so "
                   "accuracy measured on a CPU is simulated"),
     }
+
+
+_AUTO_CACHE: dict = {}   # the accuracy search quantizes one model many times: probe it once
+
+
+def _auto_exclusions(fp32_onnx: Path, copy: Path, data: Mapping[str, np.ndarray], work: Path) -> dict[str, str]:
+    """exclusions.unquantizable_nodes of ``copy`` (a private copy of ``fp32_onnx``), cached per source file
+    and calibration data."""
+    import hashlib
+
+    stat = fp32_onnx.stat()
+    digest = hashlib.sha256()
+    for name in sorted(data):
+        digest.update(name.encode() + str(data[name].shape).encode() + data[name].tobytes())
+    key = (str(fp32_onnx.resolve()), stat.st_size, stat.st_mtime_ns, digest.hexdigest())
+    if key not in _AUTO_CACHE:
+        if len(_AUTO_CACHE) >= 4:
+            _AUTO_CACHE.pop(next(iter(_AUTO_CACHE)))
+        _AUTO_CACHE[key] = unquantizable_nodes(copy, data, work)
+    return dict(_AUTO_CACHE[key])
 
 
 def _run_modelopt(quantize, src: Path, dst: Path, mode: str, data, method: str, exclude: list[str],
