@@ -86,7 +86,7 @@ def test_int8_qdq_writes_nothing_to_stdout_or_stderr(tmp_path, capfd, caplog, cl
     assert out.is_file() and recipe["qdq"]["quantize_linear"] > 0
     # --verbose shows modelopt's output through the "edgemm" logger; modelopt's own records stay off root.
     logged = [r.getMessage() for r in caplog.records if r.name == "edgemm"]
-    assert any(m.startswith("modelopt int8 quantization output:") for m in logged)
+    assert any(m.startswith("modelopt int8 quantization output (entropy calibration):") for m in logged)
     assert not [r for r in caplog.records if r.name.startswith("modelopt")]
     assert logging.getLogger("modelopt").propagate is True   # restored
     # modelopt's console handler (re-made during the call) no longer points at the capture buffer.
