@@ -30,6 +30,11 @@ def command(bundle, timing_cache, from_engine, refit_onnx, trusted_keys, require
         logging.getLogger("edgemm.tensorrt").setLevel(logging.DEBUG)
     from ..runtime.signing import SIGNATURE_NAME, is_signed
 
+    if timing_cache is not None:  # written after the build: never a file of the bundle or an input
+        from ..outputs import check_output_file
+
+        check_output_file(timing_cache, field="--timing-cache",
+                          inputs={"BUNDLE": bundle, "--from-engine": from_engine, "--refit": refit_onnx})
     if from_engine is not None and refit_onnx is not None:
         from ..errors import InputError
 

@@ -747,6 +747,9 @@ OUTPUT_SPECS = [
                      lambda w, b, d: w / "r.txt", "--junit")),
     _outputs("verify-junit-under-a-file",
              _verify(lambda w, b, d: ["--junit", d / "edgemm.xml"], lambda w, b, d: d / "edgemm.xml", "--junit")),
+    _outputs("build-timing-cache-is-bundle-model",
+             lambda g, w, b, d: (["build", b, "--timing-cache", b / "model.onnx"], b / "model.onnx",
+                                 "--timing-cache")),
     _outputs("verify-save-baseline-is-folder",
              _verify(lambda w, b, d: ["--save-baseline", b], lambda w, b, d: b, "--save-baseline")),
 ]
