@@ -26,7 +26,9 @@ from .options import FINITE_FLOAT, verbose_option
 @click.option("--eval", "eval_", type=click.Path(), help="Evaluation .npz: verify the bundle at the end.")
 @click.option("--target", default="cpu", show_default=True, help="Target device profile (see `edgemm targets`).")
 @click.option("--weights", type=click.Path(), help="Weights for a package.module:function factory.")
-@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a full nn.Module (runs code from the file).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Trust the model file's code: unpickle a full nn.Module, run TorchScript/.pt2 operators beyond "
+                   "pure tensor math (file I/O, Python calls). Never read from --config.")
 @click.option("--input", "inputs", multiple=True, help="NAME:SHAPE:DTYPE, e.g. image:1x3x224x224:float32.")
 @click.option("--dynamic", multiple=True, help="NAME:AXIS=MIN:OPT:MAX, e.g. input_ids:1=1:77:128.")
 @click.option("--output-names", help="Comma-separated names for the model's outputs, in order.")

@@ -47,7 +47,8 @@ def gate_options(f):
 @click.option("--reference", type=click.Path(),
               help="The source model (.pt, .pt2, .onnx, package.module:fn); optional with --baseline.")
 @click.option("--weights", type=click.Path(), help="Weights for a factory reference.")
-@click.option("--trust-pickle", is_flag=True, help="Allow unpickling a full nn.Module reference.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Trust the reference's code: unpickle a full nn.Module, run operators beyond pure tensor math.")
 @click.option("--data", required=True, type=click.Path(), help="Eval .npz (labels under `labels`).")
 @click.option("--metric", type=click.Choice(["top1", "recall@1"]), help="Task metric (default from the bundle).")
 @click.option("--metric-outputs", help="Comma-separated outputs the metric reads.")

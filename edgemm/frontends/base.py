@@ -19,7 +19,8 @@ log = logging.getLogger("edgemm")
 @dataclass
 class LoadOptions:
     weights: str | None = None          # for factories: .safetensors or a state_dict .pt
-    trust_pickle: bool = False          # allow unpickling a full nn.Module (runs code from the file)
+    trust_pickle: bool = False          # run the file's code: unpickle a full nn.Module, and let TorchScript /
+                                        # .pt2 programs call operators outside op_policy's allow-list
 
 
 @dataclass

@@ -262,19 +262,36 @@ class _Constructs(nn.Module):
         return x + t.float().sum()
 
 
+class _Branches(nn.Module):
+    """torch.cond: the hostile node hides in a branch's subgraph."""
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 1e30, lambda t: t.sin(), lambda t: t.cos(), (x,))
+
+
+def _first_node(graph: dict) -> dict:
+    return graph["nodes"][0]
+
+
+def _first_branch_node(graph: dict) -> dict:
+    cond = next(n for n in graph["nodes"] if n["target"] == "torch.ops.higher_order.cond")
+    branch = next(i["arg"]["as_graph"] for i in cond["inputs"] if "as_graph" in i["arg"])
+    return branch["graph"]["nodes"][0]
+
+
 def _pt2_retarget(name: str, edit: Callable[[dict, Path, Path], None], *, mentions=("--trust-pickle",),
-                  field: str = "node "):
+                  field: str = "node ", program: type = _Constructs, pick: Callable[[dict], dict] = _first_node):
     def build(work: Path, good) -> Hostile:
         victim, sentinel = _plant(work)
         plain = work / "plain.pt2"
-        torch.export.save(torch.export.export(_Constructs(), (torch.zeros(2, 4),)), str(plain))
+        torch.export.save(torch.export.export(program(), (torch.zeros(2, 4),)), str(plain))
         model = work / "model.pt2"
         with zipfile.ZipFile(plain) as zf:
             members = {i.filename: zf.read(i.filename) for i in zf.infolist()}
         plain.unlink()
         doc_name = next(n for n in members if n.endswith("models/model.json"))
         doc = json.loads(members[doc_name])
-        edit(doc["graph_module"]["graph"]["nodes"][0], victim, sentinel)
+        edit(pick(doc["graph_module"]["graph"]), victim, sentinel)
         members[doc_name] = json.dumps(doc).encode()
         with zipfile.ZipFile(model, "w", zipfile.ZIP_STORED) as zf:
             for member_name, data in members.items():
@@ -434,6 +451,8 @@ CASES: list[tuple[str, Callable[[Path, Any], Hostile]]] = [
     # 1. .pt2 programs reaching files, Python or native code
     _pt2_retarget("pt2-from-file-shared-write", _from_file(True), mentions=("aten.from_file", "--trust-pickle")),
     _pt2_retarget("pt2-from-file-read", _from_file(False)),
+    _pt2_retarget("pt2-from-file-in-cond-branch", _from_file(True), program=_Branches, pick=_first_branch_node,
+                  mentions=("aten.from_file",)),
     _pt2_retarget("pt2-aten-save", _target("torch.ops.aten.save.default", lambda v, s: [
         {"name": "item", "arg": {"as_tensor": {"name": "x"}}, "kind": 1},
         {"name": "filename", "arg": {"as_string": str(s)}, "kind": 1}])),
