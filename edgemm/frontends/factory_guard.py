@@ -23,7 +23,7 @@ _FIX = "name your own function that builds and returns the torch.nn.Module"
 def check_module_name(module_name: str, spec: str) -> None:
     """Before importing: the standard library holds no model factories (and importing some of it, such as
     ``antigravity`` or ``this``, already does something)."""
-    if _is_stdlib_name(module_name):
+    if _is_stdlib_module(module_name):
         raise SecurityError(f"{spec} names the Python standard library, which holds no model factories",
                             field="MODEL", fix=_FIX)
 
@@ -41,7 +41,7 @@ def check_factory(obj, spec: str) -> None:
         raise SecurityError(f"{spec} is a {type(obj).__name__}, not a Python function that builds a model",
                             field="MODEL", fix=_FIX)
     origin = getattr(obj, "__module__", None) or ""
-    if _is_stdlib_name(origin) or _in_stdlib_folder(obj):
+    if _is_stdlib_module(origin) or _in_stdlib_folder(obj):
         raise SecurityError(f"{spec} is {origin}.{getattr(obj, '__qualname__', '?')} from the Python standard "
                             f"library, not a model factory", field="MODEL", fix=_FIX)
 
@@ -70,13 +70,32 @@ def _is_stdlib_name(module_name: str) -> bool:
     return top in sys.stdlib_module_names or top in sys.builtin_module_names
 
 
+def _is_stdlib_module(module_name: str) -> bool:
+    """A standard-library name that resolves to the standard library (a user's own ``test.py`` may shadow
+    one). Locating a top-level module runs none of its code."""
+    import importlib.util
+
+    top = module_name.split(".", 1)[0]
+    if not _is_stdlib_name(top):
+        return False
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return True
+    origin = getattr(spec, "origin", None)
+    return spec is None or origin in (None, "built-in", "frozen") or _in_stdlib_path(origin)
+
+
 def _in_stdlib_folder(obj) -> bool:
     try:
         source = inspect.getsourcefile(obj) or inspect.getfile(obj)
     except (TypeError, OSError):
         return False
-    folders = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib")}
-    site = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    return _in_stdlib_path(source)
+
+
+def _in_stdlib_path(source: str) -> bool:
+    paths = sysconfig.get_paths()
     path = Path(source).resolve()
-    inside = lambda roots: any(path.is_relative_to(Path(r).resolve()) for r in roots)  # noqa: E731
-    return inside(folders) and not inside(site)  # site-packages may live under the stdlib folder
+    inside = lambda keys: any(path.is_relative_to(Path(paths[k]).resolve()) for k in keys)  # noqa: E731
+    return inside(("stdlib", "platstdlib")) and not inside(("purelib", "platlib"))  # site-packages may sit inside

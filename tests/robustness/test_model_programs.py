@@ -294,3 +294,20 @@ def test_every_side_effect_shaped_aten_operator_was_reviewed():
             unreviewed.add(name)
     assert not unreviewed, sorted(unreviewed)
     assert set(ATEN_SIDE_EFFECTS) <= {s.name for s in torch._C._jit_get_all_schemas()}
+
+
+def test_a_user_module_that_shadows_a_stdlib_name_is_still_a_factory(tmp_path, monkeypatch):
+    """The standard-library refusal follows where a name resolves, not the name alone."""
+    from edgemm.frontends import load_model
+
+    assert "colorsys" in sys.stdlib_module_names
+    (tmp_path / "colorsys.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(4, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    saved = sys.modules.pop("colorsys", None)
+    try:
+        assert isinstance(load_model("colorsys:build").module, torch.nn.Linear)
+    finally:
+        sys.modules.pop("colorsys", None)
+        if saved is not None:
+            sys.modules["colorsys"] = saved
+    assert not (tmp_path / "__pycache__").exists()  # importing the user's module writes nothing beside it
