@@ -13,7 +13,8 @@ A cell passes when the compile exits 0 and its check holds:
 - fp32, int8: ``edgemm verify`` of the CPU bundle against the torch model on held-out eval data exits 0;
 - int8-orin: INT8 for ``jetson-orin-nx`` gives a portable TensorRT bundle whose ONNX carries INT8 Q/DQ;
 - fp8-h100: FP8 for ``h100`` gives a bundle whose ONNX carries FP8 (E4M3) Q/DQ;
-- branch: ``--precision <tower>=int8,<other>=fp32,fusion=fp32`` without ``--branch`` hints, then verify;
+- branch: ``--precision <tower>=int8,<other>=fp32,fusion=fp32`` without ``--branch`` hints (early fusion:
+  ``<tower>=int8,default=fp32``), then verify;
 - prune: ``--prune 0.3`` compiles and the bundle's outputs (names, dtypes, shapes) equal the unpruned
   FP32 bundle's.
 A cell is n/a when torch cannot save the model in that format, or when torch's own ONNX exporters fail
@@ -263,7 +264,11 @@ class Runner:
 
 
 def _branch_policy(case) -> str:
+    """The first tower in INT8, the rest FP32. Early fusion has no tower past its embeddings for the
+    second modality (tokens enter the shared encoder at once), so only the first is named there."""
     first, *rest = case.modalities
+    if case.fusion == "early":
+        return f"{first}=int8,default=fp32"
     return ",".join([f"{first}=int8", *(f"{m}=fp32" for m in rest), "fusion=fp32"])
 
 
