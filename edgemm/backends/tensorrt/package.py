@@ -203,6 +203,22 @@ def _bundle_paths(bundle_dir: Path, manifest: dict, source: str) -> tuple[str, P
     return onnx_rel, onnx_path, engine_rel, engine_path, script_rel
 
 
+def _verified_tensorrt_bundle(bundle_dir: Path, trusted_keys, require_signature, *, what: str,
+                              fix: str) -> tuple[dict, str, dict]:
+    """The bundle's signature and files checked (as ``edgemm.runtime.load`` does) before anything reads
+    it, and its backend section: (manifest, manifest path for errors, backend). A bundle for another
+    backend is refused with ``what`` (why it cannot be used here) and ``fix``."""
+    from ...runtime.signing import verify_before_use
+
+    manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
+    source = str(bundle_dir / _manifest_io()[0])
+    backend = manifest["backend"]
+    if backend.get("name") != "tensorrt":
+        raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, {what}", file=source,
+                          field="backend.name", fix=fix)
+    return manifest, source, backend
+
+
 def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None, trusted_keys=None,
                            require_signature: bool | None = None) -> Path:
     """Build (or rebuild) the engine of a TensorRT bundle here; record it in the manifest.
@@ -210,16 +226,11 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     The bundle's signature (with ``trusted_keys``, as for ``edgemm.runtime.load``) and files are verified
     first; the engine goes to a temporary file, is renamed into place, then the manifest (backend.engine,
     backend.built, files) is rewritten atomically (so a signature no longer matches: re-sign after)."""
-    from ...runtime.signing import verify_before_use
-
     bundle_dir = Path(bundle_dir)
     manifest_name, load_manifest, sha256_file, write_json_atomic = _manifest_io()
-    manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
-    source = str(bundle_dir / manifest_name)
-    backend = manifest["backend"]
-    if backend.get("name") != "tensorrt":
-        raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, there is no engine to build",
-                          file=source, field="backend.name", fix="only TensorRT bundles need `edgemm build`")
+    manifest, source, backend = _verified_tensorrt_bundle(
+        bundle_dir, trusted_keys, require_signature, what="there is no engine to build",
+        fix="only TensorRT bundles need `edgemm build`")
     onnx_rel, onnx_path, engine_rel, engine_path, script_rel = _bundle_paths(bundle_dir, manifest, source)
     options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
 
@@ -281,18 +292,14 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
     import time
 
     from ...runtime.atomic import write_bytes_atomic
-    from ...runtime.signing import verify_before_use
     from ...runtime.tensorrt_session import (TensorRTSession, _Capture, cuda_device, import_tensorrt, plan_version,
                                              same_version, select_device)
 
     bundle_dir, engine_file = Path(bundle_dir), Path(engine_file)
     manifest_name, _load, _sha, write_json_atomic = _manifest_io()
-    manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
-    source = str(bundle_dir / manifest_name)
-    backend = manifest["backend"]
-    if backend.get("name") != "tensorrt":
-        raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, it takes no TensorRT engine",
-                          file=source, field="backend.name", fix="adopt engines into TensorRT bundles only")
+    manifest, source, backend = _verified_tensorrt_bundle(
+        bundle_dir, trusted_keys, require_signature, what="it takes no TensorRT engine",
+        fix="adopt engines into TensorRT bundles only")
     _onnx_rel, _onnx_path, engine_rel, engine_path, _script = _bundle_paths(bundle_dir, manifest, source)
     if not engine_file.is_file():
         raise InputError("no such engine file", file=engine_file, field="--from-engine",
