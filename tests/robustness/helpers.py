@@ -42,6 +42,16 @@ def tree_snapshot(folder: Path) -> dict[str, str]:
     return snap
 
 
+def single_error_line(proc) -> str:
+    """The one error line of a refused command: non-zero exit, no traceback, nothing else on stderr."""
+    everything = proc.stdout + proc.stderr
+    assert proc.returncode != 0, everything
+    assert "Traceback" not in everything
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
 def error_lines(stderr: str) -> list[str]:
     """stderr minus `edgemm compile`'s progress lines (indented by two spaces, printed before the
     failure); what remains must be the single error line."""

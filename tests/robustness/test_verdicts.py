@@ -17,16 +17,15 @@ import numpy as np
 import pytest
 
 from edgemm.errors import InputError, StorageError
-from tests.robustness.helpers import cli_env, edgemm_cmd, error_lines, run_edgemm, tree_snapshot
+from tests.robustness.helpers import cli_env, edgemm_cmd, error_lines, run_edgemm, single_error_line, tree_snapshot
 from tests.robustness.make_corpus import copy_bundle, edit_manifest, good_feeds, rehash, save_npz
 
 
 def _refused(proc, starts: str):
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = error_lines(proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith(starts), proc.stderr
-    return lines[0]
+    line = single_error_line(proc)
+    assert line.startswith(starts), proc.stderr
+    return line
 
 
 @pytest.fixture
