@@ -1,0 +1,255 @@
+"""A Triton Inference Server model configuration (config.pbtxt) from a bundle's manifest.
+
+The configuration is built as plain data (``ModelConfig`` field names, the schema in Triton's
+model_config.proto) and written in protobuf text format by ``to_pbtxt``. Hand-written on purpose: the
+exporter must run where only the runtime is installed (no protobuf / tritonclient); the tests parse every
+flavor's output with tritonclient's ``model_config_pb2`` to hold it to the real schema.
+Standard library only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError
+from ..iospec import TensorSpec
+
+FLAVORS = ("edgemm", "native")
+KINDS = ("cpu", "gpu")
+# numpy dtype names (what manifests record) -> Triton data types (model_config.proto DataType)
+TRITON_TYPES = {
+    "bool": "TYPE_BOOL", "uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16", "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64", "int8": "TYPE_INT8", "int16": "TYPE_INT16", "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32", "float64": "TYPE_FP64",
+    "bfloat16": "TYPE_BF16",
+}
+PYTHON_MODEL_FILE = "model.py"
+BUNDLE_FOLDER = "bundle"          # the bundle's copy inside <model>/<version>/ (edgemm flavor)
+ONNX_MODEL_FILE = "model.onnx"    # the ONNX Runtime backend's default file name
+PLAN_MODEL_FILE = "model.plan"    # the TensorRT backend's default file name
+
+
+class Enum(str):
+    """A protobuf enum value: written bare (TYPE_FP32), not quoted."""
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """What the user chose for the served model (the CLI's flags)."""
+    flavor: str = "edgemm"
+    max_batch: int | None = None          # lower the bundle's batch bound
+    instances: int = 1
+    kind: str | None = None               # cpu | gpu; None: where the bundle's runtime runs
+    preferred_batch: tuple[int, ...] = ()
+    max_queue_delay_us: int = 0
+    require_signature: bool = False       # the served model loads only with a trusted signature
+    notes: list = field(default_factory=list, compare=False)
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How requests may be batched: ``max_batch`` > 0 when axis 0 of every input and output is one
+    symbolic batch dim found nowhere else; ``reason`` says why not otherwise."""
+    dim: str | None
+    max_batch: int
+    reason: str = ""
+
+
+def _fail(what: str, field_: str, fix: str, source) -> InputError:
+    return InputError(what, file=source, field=field_, fix=fix)
+
+
+def find_batching(inputs: list[TensorSpec], outputs: list[TensorSpec]) -> Batching:
+    """Triton batches requests along axis 0 and splits the outputs back along axis 0, so it may only
+    batch when every input and output starts with the same symbolic dim and no tensor has it on another
+    axis: an output spanning the batch twice (a [batch, batch] similarity) mixes requests."""
+    first = [s.shape[0] if s.shape else None for s in inputs]
+    dim = first[0]
+    if not isinstance(dim, str) or any(d != dim for d in first):
+        return Batching(None, 0, "the inputs do not share a symbolic batch axis 0")
+    for spec in inputs + outputs:
+        if not spec.shape or spec.shape[0] != dim:
+            return Batching(None, 0, f"{spec.name!r} has no {dim!r} axis 0")
+        if dim in spec.shape[1:]:
+            return Batching(None, 0, f"{spec.name!r} spans {dim!r} on more than one axis "
+                                     f"({list(spec.shape)}), so batched requests would mix")
+    lows = [s.ranges[dim].min for s in inputs if dim in s.ranges]
+    highs = [s.ranges[dim].max for s in inputs if dim in s.ranges]
+    if not highs:
+        return Batching(None, 0, f"the manifest gives no range for {dim!r}")
+    if max(lows) > 1:
+        return Batching(None, 0, f"{dim!r} must be at least {max(lows)}, and Triton sends single requests")
+    return Batching(dim, min(highs))
+
+
+def _dims(spec: TensorSpec, skip_batch: bool) -> list[int]:
+    shape = spec.shape[1:] if skip_batch else spec.shape
+    return [d if isinstance(d, int) else -1 for d in shape]
+
+
+def _tensor(spec: TensorSpec, skip_batch: bool, source, key: str) -> dict:
+    dtype = TRITON_TYPES.get(spec.dtype)
+    if dtype is None:
+        raise _fail(f"dtype {spec.dtype!r} has no Triton type", f"{key}.{spec.name}", "recompile the bundle",
+                    source)
+    dims = _dims(spec, skip_batch)
+    entry = {"name": spec.name, "data_type": Enum(dtype), "dims": dims}
+    if not dims:  # a scalar per request: Triton wants dims [1] reshaped to []
+        entry.update(dims=[1], reshape={"shape": []})
+    return entry
+
+
+def _bundle_device(manifest: dict) -> str:
+    return "gpu" if manifest["backend"]["name"] == "tensorrt" else "cpu"
+
+
+def check_options(options: TritonOptions) -> None:
+    """Flag values wrong whatever the bundle (one line each)."""
+    if options.flavor not in FLAVORS:
+        raise _fail(f"unknown flavor {options.flavor!r}", "--flavor", f"use one of {', '.join(FLAVORS)}", None)
+    if options.kind is not None and options.kind not in KINDS:
+        raise _fail(f"unknown kind {options.kind!r}", "--kind", "use cpu or gpu", None)
+    if not isinstance(options.instances, int) or not 1 <= options.instances <= 256:
+        raise _fail(f"{options.instances!r} instances", "--instances", "use 1 to 256", None)
+    if options.max_batch is not None and not 1 <= options.max_batch <= 1 << 20:
+        raise _fail(f"{options.max_batch!r} is not a batch size", "--max-batch", "use a size >= 1", None)
+    if not 0 <= options.max_queue_delay_us <= 60_000_000:
+        raise _fail(f"{options.max_queue_delay_us!r} µs", "--max-queue-delay-us", "use 0 to 60000000", None)
+    if any(b < 1 for b in options.preferred_batch):
+        raise _fail("preferred batch sizes must be >= 1", "--preferred-batch", "e.g. --preferred-batch 4", None)
+
+
+def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: list[TensorSpec],
+                 options: TritonOptions, *, source: Path | str | None = None) -> dict:
+    """The ModelConfig (as data) serving one bundle under ``name``. ``options.notes`` collects what the
+    user should know (batching off, settings a backend ignores)."""
+    check_options(options)
+    batching = find_batching(inputs, outputs)
+    max_batch = batching.max_batch
+    if options.max_batch is not None:
+        if not max_batch:
+            raise _fail(f"requests to this bundle cannot be batched ({batching.reason})", "--max-batch",
+                        "leave --max-batch out", source)
+        if options.max_batch > max_batch:
+            raise _fail(f"{options.max_batch} is above the bundle's batch bound {max_batch}", "--max-batch",
+                        f"use at most {max_batch}, or recompile with a larger range", source)
+        max_batch = options.max_batch
+    if not max_batch:
+        if options.preferred_batch or options.max_queue_delay_us:
+            raise _fail(f"requests to this bundle cannot be batched ({batching.reason})",
+                        "--preferred-batch" if options.preferred_batch else "--max-queue-delay-us",
+                        "leave the batching flags out", source)
+        options.notes.append(f"{name}: max_batch_size 0, requests are not batched together: {batching.reason}")
+    too_big = [b for b in options.preferred_batch if b > max_batch]
+    if too_big:
+        raise _fail(f"{too_big[0]} is above max_batch_size {max_batch}", "--preferred-batch",
+                    f"use sizes up to {max_batch}", source)
+
+    device = _bundle_device(manifest)
+    kind = options.kind or device
+    if options.flavor == "edgemm" and kind != device:
+        raise _fail(f"this bundle's runtime runs on the {device.upper()}, not the {kind.upper()}", "--kind",
+                    f"use --kind {device}, or --flavor native", source)
+    if manifest["backend"]["name"] == "tensorrt" and kind != "gpu":
+        raise _fail("a TensorRT engine runs on the GPU only", "--kind", "use --kind gpu", source)
+
+    batched = max_batch > 0
+    config: dict = {"name": name}
+    config.update(_flavor_fields(manifest, options, source))
+    config["max_batch_size"] = max_batch
+    config["version_policy"] = {"latest": {"num_versions": 1}}
+    config["input"] = [_tensor(s, batched, source, "inputs") for s in inputs]
+    config["output"] = [_tensor(s, batched, source, "outputs") for s in outputs]
+    if batched:
+        dyn: dict = {}
+        if options.preferred_batch:
+            dyn["preferred_batch_size"] = sorted(set(options.preferred_batch))
+        dyn["max_queue_delay_microseconds"] = options.max_queue_delay_us
+        config["dynamic_batching"] = dyn
+    group: dict = {"count": options.instances, "kind": Enum(f"KIND_{kind.upper()}")}
+    profiles = _trt_profiles(manifest) if options.flavor == "native" else 0
+    if profiles > 1:
+        group["profile"] = [str(i) for i in range(profiles)]
+    config["instance_group"] = [group]
+    params = dict(config.pop("parameters", {}))
+    if options.flavor == "edgemm":
+        params["edgemm.require_signature"] = "true" if options.require_signature else "false"
+    if params:
+        config["parameters"] = [{"key": k, "value": {"string_value": v}} for k, v in params.items()]
+    return config
+
+
+def _flavor_fields(manifest: dict, options: TritonOptions, source) -> dict:
+    backend = manifest["backend"]
+    if options.flavor == "edgemm":
+        return {"backend": "python", "default_model_filename": PYTHON_MODEL_FILE}
+    if backend["name"] == "onnxruntime":
+        fields: dict = {"platform": "onnxruntime_onnx", "default_model_filename": ONNX_MODEL_FILE}
+        params = {}
+        threads = backend.get("intra_op_threads")
+        if isinstance(threads, int) and threads > 0:
+            params["intra_op_thread_count"] = str(threads)
+        disabled = backend.get("disabled_optimizers") or []
+        if disabled:
+            # ONNX Runtime's session key; Triton's ORT backend passes only the options its README lists.
+            params["edgemm.disabled_optimizers"] = ";".join(map(str, disabled))
+            options.notes.append(f"{manifest['name']}: the bundle disables ORT optimizers "
+                                 f"({', '.join(map(str, disabled))}); Triton's ONNX Runtime backend cannot, so "
+                                 f"the native model may run slower (--flavor edgemm applies them)")
+        if params:
+            fields["parameters"] = params
+        return fields
+    if backend["name"] == "tensorrt":
+        if backend.get("portable") or not backend.get("engine"):
+            raise _fail("is a portable TensorRT bundle with no engine yet", "backend.engine",
+                        "run `edgemm build BUNDLE` on the device first, or use --flavor edgemm", source)
+        built = backend.get("built") or {}
+        cc = built.get("compute_capability") or backend.get("compute_capability")
+        fields = {"platform": "tensorrt_plan", "default_model_filename": PLAN_MODEL_FILE}
+        if cc:
+            fields["cc_model_filenames"] = [{"key": str(cc), "value": PLAN_MODEL_FILE}]
+        return fields
+    raise _fail(f"backend {backend['name']!r} has no Triton platform", "backend.name", "use --flavor edgemm",
+                source)
+
+
+def _trt_profiles(manifest: dict) -> int:
+    if manifest["backend"]["name"] != "tensorrt":
+        return 0
+    profiles = (manifest["backend"].get("options") or {}).get("profiles")
+    return len(profiles) if isinstance(profiles, list) and profiles else 1
+
+
+def to_pbtxt(message: dict, indent: int = 0) -> str:
+    """Protobuf text format for a message given as data: str -> quoted string, Enum -> bare name,
+    bool/int -> literal, dict -> nested message, list of scalars -> [a, b], list of dicts -> repeated
+    message (also how map fields are written: entries with key and value)."""
+    pad = "  " * indent
+    lines = []
+    for key, value in message.items():
+        if isinstance(value, dict):
+            lines.append(f"{pad}{key} {{\n{to_pbtxt(value, indent + 1)}{pad}}}")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                lines.append(f"{pad}{key} {{\n{to_pbtxt(item, indent + 1)}{pad}}}")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [{', '.join(_scalar(v) for v in value)}]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return "".join(line + "\n" for line in lines)
+
+
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _scalar(value) -> str:
+    if isinstance(value, Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + "".join(_ESCAPES.get(c, c if ord(c) >= 32 else f"\\{ord(c):03o}") for c in value) + '"'
+    raise TypeError(f"cannot write {type(value).__name__} in text format")
