@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import precision as precision_table
 from .config import CompileConfig
 from .bundle import STAGING_PREFIX
 from .data import Dataset, hold_out, load_dataset, specs_from_dataset
@@ -681,7 +682,7 @@ def _bundle_runner(stage: Path, manifest: dict):
     onnx_rel = manifest["backend"].get("onnx")
     if not onnx_rel:
         return None
-    if "fp8" in str(manifest["precision"]["mode"]):
+    if precision_table.parse(manifest["precision"]).includes("fp8"):
         from .quant.fp8_sim import SIMULATED_NOTE, make_runner
 
         return make_runner(stage / onnx_rel), SIMULATED_NOTE

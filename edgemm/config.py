@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import InputError, SecurityError
+from .precision import QUANTIZED, UNIFORM, check_name
 
-PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+PRECISIONS = UNIFORM   # what a whole model can be built in (edgemm/precision.py)
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_cc")
 OPT_LEVELS = range(0, 6)   # TensorRT builder optimization levels (the CLI's --opt-level 0..5)
 # Keys that switch on trust in an input's code. Trust comes only from the person at the command line
@@ -60,9 +61,7 @@ class CompileConfig:
     tune_threads: bool = True            # CPU bundles: record 1 intra-op thread when measured faster
 
     def validate(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise InputError(f"unknown precision {self.precision!r}", field="precision",
-                             fix=f"use one of {', '.join(PRECISIONS)}")
+        check_name(self.precision, allowed=PRECISIONS)
         # The target's refusals first: "this device has no FP8" answers a request that could never run,
         # whatever --calib says.
         from . import targets
@@ -73,8 +72,7 @@ class CompileConfig:
             from .prune.sparsity import check_sparsity_target
 
             check_sparsity_target(target, self.sparsity)
-        quantized = self.precision in ("int8", "fp8") or any(
-            q in (self.precision_policy or "") for q in ("int8", "fp8"))
+        quantized = self.precision in QUANTIZED or bool(self._policy_precisions() & set(QUANTIZED))
         if quantized and not self.calib:
             raise InputError(f"--{self.precision} needs calibration data; edgemm never calibrates on random data",
                              field="--calib", fix="pass --calib data.npz (keys = input names, axis 0 = samples)")
@@ -82,11 +80,11 @@ class CompileConfig:
             from .quant.exclusions import parse_exclude
 
             parse_exclude(self.exclude)
-            if self.precision not in ("int8", "fp8") or self.precision_policy or self.accuracy_target:
+            if self.precision not in QUANTIZED or self.precision_policy or self.accuracy_target:
                 raise InputError("keeps nodes out of a uniform INT8/FP8 quantization", field="--exclude",
                                  fix="use it with --int8 or --fp8 (not with --precision A=B,... or "
                                      "--accuracy-target, which choose the float nodes themselves)")
-        if self.accuracy_target and self.precision not in ("int8", "fp8") and not self.precision_policy:
+        if self.accuracy_target and self.precision not in QUANTIZED and not self.precision_policy:
             raise InputError("needs a quantized precision to fall back from", field="--accuracy-target",
                              fix="add --int8 (or --fp8 on FP8 targets)")
         if (self.prune or self.sparsity) and not self.calib:
@@ -124,6 +122,12 @@ class CompileConfig:
 
             check_destination(self.output, force=self.force, protect={
                 "MODEL": self.model, "--calib": self.calib, "--eval": self.eval, "--weights": self.weights})
+
+    def _policy_precisions(self) -> set[str]:
+        """The precisions ``precision_policy`` names (its values; parsed for real by quant/mixed.py)."""
+        if not isinstance(self.precision_policy, str):
+            return set()
+        return {item.partition("=")[2].strip().lower() for item in self.precision_policy.split(",")}
 
     def to_dict(self) -> dict:
         return asdict(self)

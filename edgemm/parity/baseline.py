@@ -55,8 +55,6 @@ _ANCHOR_ONNX = (
     "EhIKBxIFd2lkdGgKBxIFd2lkdGhiGAoBeRITChEIARINCgIIAQoHEgV3aWR0aEIECgAQEQ=="
 )
 FLOAT16_MAX = 60000.0  # beyond this a float16 golden would overflow (65504) or lose too much
-# Largest allowed |now - golden| as a fraction of max |golden|, by precision (lowest precision wins).
-MAX_ABS_REL = {"fp32": 0.01, "fp16": 0.02, "int8": 0.05, "fp8": 0.1}
 
 
 # --------------------------------------------------------------------------------------- tolerances
@@ -75,11 +73,10 @@ class GateTolerances:
 
     @classmethod
     def for_precision(cls, precision: str, **overrides) -> "GateTolerances":
-        from .thresholds import _ORDER, defaults_for
+        from ..precision import parse
 
-        bars = defaults_for(precision)
-        lowest = ([p for p in _ORDER if p in str(precision)] or ["fp32"])[-1]
-        base = cls(bars.min_cosine, bars.min_top1_agreement, bars.max_metric_drop, MAX_ABS_REL[lowest])
+        bars = parse(precision).spec   # a mixed bundle: its lowest precision's bars
+        base = cls(bars.min_cosine, bars.min_top1_agreement, bars.max_metric_drop, bars.max_abs_rel)
         return base.with_overrides(**overrides)
 
     def with_overrides(self, **overrides) -> "GateTolerances":
@@ -130,7 +127,7 @@ def bundle_context(manifest: Mapping) -> dict:
     return {
         "backend": manifest["backend"]["name"],
         "target": (manifest.get("target") or {}).get("name"),
-        "precision": str((manifest.get("precision") or {}).get("mode")),
+        "precision": _precision_label(manifest.get("precision") or {}),
         "bundle": {"name": manifest.get("name"), "files_sha256": hashlib.sha256(files).hexdigest(),
                    "source_sha256": (manifest.get("source") or {}).get("sha256")},
         "compiled_with": manifest.get("versions") or {},
@@ -139,11 +136,26 @@ def bundle_context(manifest: Mapping) -> dict:
     }
 
 
+def _precision_label(value) -> str | None:
+    """One text per precision, whichever form recorded it (a manifest section, "mixed:fp32+int8"; both
+    name the same mixed build), so a baseline recorded before the structured mode still matches."""
+    from ..precision import parse
+
+    if value is None:
+        return None
+    try:
+        return parse(value).label
+    except InputError:   # not a precision this edgemm knows: compared as written
+        return str(value.get("mode") if isinstance(value, Mapping) else value)
+
+
 def check_context(recorded: Mapping, now: Mapping, baseline_path: Path) -> tuple[list[str], bool]:
     """Refuse a baseline from another backend/target/precision. Returns (changes worth reporting,
     same_host), where same_host says whether latency ratios from both runs can be compared."""
     for key in ("backend", "target", "precision"):
-        if recorded.get(key) != now.get(key):
+        same = (_precision_label(recorded.get(key)) == _precision_label(now.get(key)) if key == "precision"
+                else recorded.get(key) == now.get(key))
+        if not same:
             raise InputError(f"baseline was recorded for {key} {recorded.get(key)!r}, this bundle is "
                              f"{now.get(key)!r}", file=baseline_path, field=f"context.{key}",
                              fix="compare against a baseline recorded for this backend/target/precision, or "
@@ -632,7 +644,7 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
                                       "--weights": weights})
         if golden not in GOLDEN_MODES:
             raise InputError(f"unknown golden mode {golden!r}", field="--golden", fix=f"use {', '.join(GOLDEN_MODES)}")
-    tol = GateTolerances.for_precision(str(manifest["precision"].get("mode")), **(tolerances or {}))
+    tol = GateTolerances.for_precision(manifest["precision"], **(tolerances or {}))
     width = anchor_width(Path(bundle), manifest)
     if loaded is not None:
         check_context(loaded.context, bundle_context(manifest), loaded.path)  # refuse early, before the work

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from .. import precision as precision_table
 from ..errors import InputError
 
 
@@ -19,21 +20,15 @@ class Thresholds:
         return asdict(self)
 
 
-DEFAULTS = {
-    "fp32": Thresholds(0.9999, 0.99, 0.5),
-    "fp16": Thresholds(0.999, 0.98, 1.0),
-    "int8": Thresholds(0.99, 0.95, 1.0),
-    "fp8": Thresholds(0.98, 0.90, 2.0),
-}
-_ORDER = ["fp32", "fp16", "int8", "fp8"]
+# One bar set per precision, from the one table (edgemm/precision.py).
+DEFAULTS = {name: Thresholds(s.min_cosine, s.min_top1_agreement, s.max_metric_drop)
+            for name, s in precision_table.TABLE.items()}
 
 
-def defaults_for(precision: str) -> Thresholds:
-    """Mixed precision (e.g. "mixed:int8+fp16") takes the bar of its lowest precision."""
-    parts = [p for p in _ORDER if p in str(precision)]
-    if not parts:
-        return DEFAULTS["fp32"]
-    return DEFAULTS[parts[-1]]
+def defaults_for(precision) -> Thresholds:
+    """The bars of ``precision`` (a name, a manifest precision section, "mixed:fp32+int8" or a
+    ``Precision``); a mixed build takes the bar of its lowest precision."""
+    return DEFAULTS[precision_table.parse(precision).lowest]
 
 
 def relax_flags(failures) -> str:

@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from .. import precision as precision_table
 from ..errors import InputError
 from . import PrecisionResult
 from .branches import BRANCHES, COMPUTE_OPS, FUSION, BranchMap, find_branches, parse_branch_overrides
@@ -33,9 +34,8 @@ from .exclusions import anchored as _anchored
 __all__ = ["POLICY_PRECISIONS", "parse_precision_policy", "resolve_policy", "apply_mixed", "OrtInt8Builder",
            "mixed_mode_name", "normalize_for_ort"]
 
-POLICY_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-_QUANTIZED = ("int8", "fp8")
-_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2, "int8": 3, "fp8": 4}
+POLICY_PRECISIONS = precision_table.ORDER   # a branch may take any known precision
+_QUANTIZED = precision_table.QUANTIZED
 DEFAULT_KEY = "default"
 # The plain CPU recipe the mixed and accuracy-aware modes start from: cpu_int8 measured it the fastest
 # (dynamic MatMul, per-channel weights, Conv as static QLinearConv); its outlier guards are replaced here
@@ -76,10 +76,8 @@ def parse_precision_policy(text: str) -> dict[str, str]:
 
 
 def mixed_mode_name(precisions: Sequence[str]) -> str:
-    """Manifest mode: ``mixed:fp32+int8`` (thresholds.defaults_for takes the lowest precision's bar);
-    a single precision is named plainly."""
-    unique = sorted(set(precisions), key=lambda p: _ORDER[p])
-    return unique[0] if len(unique) == 1 else "mixed:" + "+".join(unique)
+    """Text label ``mixed:fp32+int8`` (``precision.Precision.label``); a single precision is named plainly."""
+    return precision_table.Precision.of(precisions).label
 
 
 def _backend_and_target(backend, target):

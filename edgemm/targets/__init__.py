@@ -20,13 +20,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from .. import precision as precision_table
 from ..errors import InputError
 
 __all__ = ["TargetProfile", "load", "all_targets", "names", "PRECISIONS", "FP8_MIN_CC", "dla_supported",
            "dla_precision_supported", "version_parts"]
 
-# Precision modes edgemm knows, lowest risk first.
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+# Precision modes edgemm knows, lowest expected error first (the one table: edgemm/precision.py).
+PRECISIONS = precision_table.ORDER
 KINDS = ("cpu", "jetson", "datacenter")
 BACKENDS = ("onnxruntime", "tensorrt")
 # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell incl. Thor. Orin (8.7) and A100 (8.0) have none.
@@ -109,9 +110,7 @@ class TargetProfile:
     # -- the checks compile runs before any work -----------------------------------------------
     def validate(self, precision: str, *, dla: bool | int = False, sparsity: str | bool | None = None) -> None:
         """Raise a one-line InputError when this target cannot serve the request."""
-        if precision not in PRECISIONS:
-            raise InputError(f"unknown precision {precision!r}", field="precision",
-                             fix=f"use one of {', '.join(PRECISIONS)}")
+        precision_table.check_name(precision)
         if precision not in self.precisions:
             raise InputError(f"target {self.name} does not support {precision} "
                              f"(supports: {', '.join(self.precisions)})", field="--target",
