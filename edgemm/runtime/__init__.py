@@ -13,11 +13,11 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BundleError, EdgemmError, InputError
-from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape
+from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape, dynamic_batch_input
 from . import signing
 from .manifest import MANIFEST_NAME, load_manifest
 
-__all__ = ["load", "Bundle"]
+__all__ = ["load", "Bundle", "MonitoredBundle"]
 
 
 class Bundle:
@@ -86,8 +86,49 @@ class Bundle:
                               file=self.path / MANIFEST_NAME, field="outputs", fix="recompile the bundle")
         return {spec.name: out for spec, out in zip(self.outputs, outputs)}
 
+    monitor = None  # a MonitoredBundle's Monitor; a plain Bundle is not monitored
+
+    def stats(self) -> dict:
+        raise InputError("this bundle is not monitored", field="monitor",
+                         fix="load it with edgemm.runtime.load(path, monitor=True)")
+
+    metrics_text = reset_stats = stats
+
     def __repr__(self) -> str:
-        return f"Bundle({str(self.path)!r}, backend={self.backend}, precision={self.precision})"
+        return f"{type(self).__name__}({str(self.path)!r}, backend={self.backend}, precision={self.precision})"
+
+
+class MonitoredBundle(Bundle):
+    """A Bundle whose ``run`` is measured (edgemm.runtime.monitor): calls, errors, batch sizes, latency
+    and, against the manifest's calibration_profile, out-of-range, non-finite and unknown-token counts.
+    A separate class, so that an unmonitored Bundle's ``run`` carries no monitoring code at all."""
+
+    def __init__(self, path: Path, manifest: dict, session, signature=None, **monitor_options):
+        super().__init__(path, manifest, session, signature)
+        from .monitor import Monitor
+
+        self.monitor = Monitor([s.name for s in self.inputs], manifest, bundle_name=str(manifest.get("name", "")),
+                               **monitor_options)
+        self._batch_input = dynamic_batch_input(self.inputs) or self.inputs[0].name
+        self._plain_run = super().run
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .monitor import timed_run
+
+        return timed_run(self.monitor, self._plain_run, feeds, self._batch_input)
+
+    def stats(self) -> dict:
+        """Calls, errors, batch sizes, latency percentiles and per-input drift figures (a fresh dict)."""
+        return self.monitor.stats()
+
+    def metrics_text(self) -> str:
+        """stats() in the Prometheus text exposition format (edgemm.runtime.metrics_text)."""
+        from .metrics_text import render
+
+        return render(self.monitor.stats(), self.monitor.latency_histogram())
+
+    def reset_stats(self) -> None:
+        self.monitor.reset()
 
 
 def parse_io(path: Path, manifest: dict) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -127,6 +168,7 @@ def _open_session(path: Path, manifest: dict, **kwargs):
 
 
 def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None = None,
+         monitor: bool = False, on_drift=None, max_out_of_range: float | None = None, window: int | None = None,
          **session_options) -> Bundle:
     """Verify the signature (when trusted keys are given), every file's hash against the manifest, then
     open the backend session.
@@ -134,7 +176,21 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     ``trusted_keys``: public key files or PEM bytes (default: EDGEMM_TRUSTED_KEYS); with any, the
     bundle must carry a signature (bundle.sig) made by one of them over every file. ``require_signature``
     defaults to "whenever a key is trusted"; True without keys is refused. Nothing inside the bundle
-    can switch the check off."""
+    can switch the check off.
+
+    ``monitor=True`` returns a MonitoredBundle (``stats()``, ``metrics_text()``, ``reset_stats()``);
+    ``on_drift(event)`` is then called once per ``window`` calls (default 1000) in which an input's
+    out-of-range (or unknown-token) fraction passed ``max_out_of_range`` (default 0.01) or a value was
+    NaN/Inf. See edgemm/runtime/monitor.py."""
+    monitor_options = {k: v for k, v in (("on_drift", on_drift), ("max_out_of_range", max_out_of_range),
+                                         ("window", window)) if v is not None}
+    if monitor_options and not monitor:
+        raise InputError(f"{', '.join(monitor_options)} given without monitor=True", field="monitor",
+                         fix="pass monitor=True, or drop the monitoring options")
+    if monitor:
+        from .monitor import check_options
+
+        check_options(**monitor_options)
     path = Path(path)
     # The signature, then the hashes, before the manifest is trusted or a backend reads a byte (the
     # sequence of signing.verify_before_use, spelled out so that load_manifest is this module's).
@@ -151,4 +207,6 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
             raise
         # Backend errors (missing TensorRT, no engine, ...) are about this bundle: say which one.
         raise type(exc)(exc.detail, file=path / MANIFEST_NAME, field=exc.field or "backend", fix=exc.fix) from exc
+    if monitor:
+        return MonitoredBundle(path, manifest, session, signed, **monitor_options)
     return Bundle(path, manifest, session, signed)
