@@ -307,7 +307,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             "export": export_info,
             "prune": prune_info,
             "task": _find_task(loaded),
-            "output_heads": _output_heads(prec.path),
+            "output_heads": _output_heads(fp32),  # the FP32 graph: the model's own structure
             "versions": versions(),
             "host": {"cpu": cpu_info()},
         }
