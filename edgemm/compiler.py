@@ -24,6 +24,7 @@ from .errors import EdgemmError, InputError, ParityError, first_line
 from .frontends import LoadedModel, LoadOptions, load_model
 from .iospec import (TensorSpec, apply_dynamic_axes, call_batch, dynamic_batch_input, parse_dynamic_flag,
                      parse_input_flag)
+from .onnx_io import copy_inline, cpu_session, graph_outputs, load_graph
 from .parity.thresholds import relax_flags
 
 log = logging.getLogger("edgemm")
@@ -147,38 +148,6 @@ def sample_feeds(data: Dataset | None, specs, n: int) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v) for k, v in feeds.items()}
 
 
-def _onnx_io(path: Path) -> list[dict]:
-    import onnx
-
-    from .frontends.onnx_file import ONNX_DTYPES
-
-    model = onnx.load(str(path), load_external_data=False)
-    outs = []
-    for value in model.graph.output:
-        t = value.type.tensor_type
-        shape = []
-        for axis, d in enumerate(t.shape.dim):
-            shape.append(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or f"dim{axis}"))
-        outs.append({"name": value.name, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape})
-    return outs
-
-
-def _copy_onnx_inline(src: Path, dst: Path) -> None:
-    """Bundles hold one self-contained file: external data (already path-checked) is pulled inline."""
-    import onnx
-
-    try:
-        model = onnx.load(str(src), load_external_data=True)
-    except (ValueError, OSError, MemoryError, OverflowError) as exc:
-        # onnx checks offset/length against the data file only now (ValueError); a length that fits the
-        # file but not in memory is a MemoryError. The first line names the tensor.
-        detail = first_line(exc)
-        raise InputError(f"cannot read its external data ({detail})", file=src, field="external data",
-                         fix="re-export the model, or copy its external data files whole next to the .onnx "
-                             "file") from exc
-    onnx.save(model, str(dst))
-
-
 def _output_names(cfg: CompileConfig, loaded: LoadedModel) -> list[str] | None:
     """--output-names, else the zoo example's names; otherwise dict keys or output_<i>."""
     if cfg.output_names:
@@ -280,7 +249,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
                 prune_info["comparison"]["onnx_latency"] = _onnx_prune_latency(
                     unpruned, fp32, work, specs, calib, check_data, cfg, say)
         else:
-            _copy_onnx_inline(loaded.onnx_path, fp32)
+            copy_inline(loaded.onnx_path, fp32)
             export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
 
         _check_token_ids(fp32, (calib, evald))
@@ -294,7 +263,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             "source": {"path": Path(loaded.source).name if loaded.format != "factory" else loaded.source,
                        "format": loaded.format, "sha256": loaded.sha256, "notes": loaded.notes},
             "inputs": [s.to_dict() for s in specs],
-            "outputs": _onnx_io(prec.path),
+            "outputs": graph_outputs(prec.path),
             "precision": {"mode": prec.mode, "recipe": prec.recipe, "notes": prec.notes,
                           "simulated_accuracy": prec.simulated, "exclusions": _exclusions(cfg, prec)},
             "target": {"name": target.name, "kind": target.kind, "backend": target.backend,
@@ -346,11 +315,9 @@ def _split_calib(calib: Dataset | None, evald: Dataset | None, cfg: CompileConfi
 
 def _output_heads(path: Path) -> dict[str, bool]:
     """Which outputs a linear head or score function makes (parity.output_kinds): read by verify too."""
-    import onnx
-
     from .parity.output_kinds import graph_score_outputs
 
-    return graph_score_outputs(onnx.load(str(path), load_external_data=False))
+    return graph_score_outputs(load_graph(path))
 
 
 def _exclude_patterns(cfg: CompileConfig) -> list[str]:
@@ -385,15 +352,13 @@ def _name_user_files(exc: EdgemmError, model: str) -> EdgemmError:
 
 def _check_token_ids(onnx_path: Path, datasets) -> None:
     """Every integer input that indexes an embedding holds ids within its table (data.check_token_ids)."""
-    import onnx
-
     from .data import check_token_ids
     from .onnx_graph import embedding_sizes
 
     datasets = [d for d in datasets if d is not None]
     if not datasets:
         return
-    vocab = embedding_sizes(onnx.load(str(onnx_path), load_external_data=False))
+    vocab = embedding_sizes(load_graph(onnx_path))
     for ds in datasets:
         check_token_ids(ds, vocab)
 
@@ -686,10 +651,8 @@ def _bundle_runner(stage: Path, manifest: dict):
         from .quant.fp8_sim import SIMULATED_NOTE, make_runner
 
         return make_runner(stage / onnx_rel), SIMULATED_NOTE
-    import onnxruntime as ort
-
     try:
-        sess = ort.InferenceSession(str(stage / onnx_rel), providers=["CPUExecutionProvider"])
+        sess = cpu_session(stage / onnx_rel)
     except Exception:  # ORT cannot run some TensorRT-only Q/DQ patterns
         return None
     names = [o["name"] for o in manifest["outputs"]]

@@ -298,9 +298,9 @@ def _slim(model, notes: list[str]):
 
 def check_fp32_parity(onnx_path: Path, reference: Reference, feeds: Mapping[str, np.ndarray], *,
                       source: str) -> dict[str, OutputParity]:
-    import onnxruntime as ort
+    from .onnx_io import cpu_session
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     got = dict(zip(names, sess.run(names, dict(feeds))))
     ref = reference.run(feeds)

@@ -42,10 +42,10 @@ class Reference:
         self.rename = list(output_names) if output_names else None
         self._ort = None
         if not loaded.is_torch:
-            import onnxruntime as ort
+            from .onnx_io import cpu_session
 
             try:
-                self._ort = ort.InferenceSession(str(loaded.onnx_path), providers=["CPUExecutionProvider"])
+                self._ort = cpu_session(loaded.onnx_path)
             except Exception as exc:  # ORT raises its own exception types for graphs it cannot run
                 first = first_line(exc)
                 raise InputError(f"ONNX Runtime cannot load the model ({first})", file=loaded.source,
@@ -82,11 +82,9 @@ class Reference:
         if self._ort is not None:
             sess, f = self._ort, dict(feeds)
             if threads:
-                import onnxruntime as ort
+                from .onnx_io import cpu_session
 
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = threads
-                sess = ort.InferenceSession(str(self.loaded.onnx_path), opts, providers=["CPUExecutionProvider"])
+                sess = cpu_session(self.loaded.onnx_path, intra_op_threads=threads)
             return lambda: sess.run(None, f)
         import torch
 

@@ -76,9 +76,9 @@ def inspect_model(spec: str, data: str | None = None) -> dict:
     if loaded.signature is not None:
         info["forward"] = describe_forward(loaded.signature)
     if loaded.onnx_path is not None:
-        from ..compiler import _onnx_io
+        from ..onnx_io import graph_outputs
 
-        info["outputs"] = _onnx_io(loaded.onnx_path)
+        info["outputs"] = graph_outputs(loaded.onnx_path)
     elif specs is not None:
         info["outputs"] = _torch_outputs(loaded, specs, data)
     if fmt != "factory":

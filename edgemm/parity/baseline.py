@@ -199,12 +199,9 @@ def anchor_workload(width: int) -> Callable[[], object]:
     """The fixed anchor, seeded, single-threaded, as a zero-argument callable (one batch-1 inference)."""
     import base64
 
-    import onnxruntime as ort
+    from ..onnx_io import cpu_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(base64.b64decode(_ANCHOR_ONNX), opts, providers=["CPUExecutionProvider"])
+    session = cpu_session(base64.b64decode(_ANCHOR_ONNX), intra_op_threads=1, inter_op_threads=1)
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((1, width), dtype=np.float32)}
     for i in range(ANCHOR_DEPTH):

@@ -72,7 +72,7 @@ def onnx_latency(before: Path, after: Path, feeds_by_batch: Mapping[int, Mapping
     channel cuts (the dual-encoder's .pt2 read 0.96x in torch at batch 8). One intra-op thread on both, so
     the ratio reflects the graphs and not how a shared host schedules two thread pools."""
     from ..parity.latency import measure_interleaved_within
-    from ..quant.cpu_int8 import cpu_session
+    from ..onnx_io import cpu_session
 
     sessions = {label: cpu_session(path, spinning=False, intra_op_threads=1)
                 for label, path in (("before", before), ("after", after))}

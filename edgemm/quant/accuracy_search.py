@@ -38,6 +38,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, ParityError
+from ..onnx_io import cpu_session
 from . import PrecisionResult
 
 __all__ = ["Condition", "AccuracyTarget", "TargetCheck", "parse_accuracy_target", "accuracy_aware",
@@ -423,16 +424,8 @@ def _drop_dead_qdq(graph) -> None:
 # Backends: how a candidate is built and run
 
 def _ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
     # Same as the bundle runtime: no idle spinning, which would steal cores from interleaved timings.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return cpu_session(path, spinning=False, intra_op_threads=threads or 0)
 
 
 def _runner_of(session) -> Runner:

@@ -39,6 +39,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError, ParityError, storage_error
+from ..onnx_io import cpu_session, is_large, save_onnx
 
 # Ops whose output counts as a "weighted" layer when looking for final projections.
 _WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiHeadAttention", "LSTM",
@@ -47,8 +48,6 @@ _WEIGHTED_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiH
 _NORMALIZATION_OPS = {"LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
                       "SkipSimplifiedLayerNormalization", "RMSNormalization", "GroupNormalization",
                       "InstanceNormalization", "BatchNormalization", "EmbedLayerNormalization"}
-# ONNX files above this size are written with external data (protobuf's 2 GB limit).
-_EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 @dataclass(frozen=True)
@@ -212,38 +211,6 @@ def quiet_ort_quantizer_logs():
         logger.setLevel(level)
 
 
-def cpu_session(path: Path, *, spinning: bool = True, disabled_optimizers: Sequence[str] = (),
-                intra_op_threads: int = 0):
-    """An ORT CPU session with all graph optimizations (less ``disabled_optimizers``), as the runtime
-    would open it; ``intra_op_threads`` 0 is ORT's default."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = intra_op_threads
-    so.log_severity_level = 3
-    if not spinning:
-        # Idle-spinning pools of the other interleaved sessions steal the cores (measured ~3x on 2 cores).
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(disabled_optimizers) or None)
-
-
-def _is_large(model) -> bool:
-    try:
-        return model.ByteSize() > _EXTERNAL_DATA_BYTES
-    except ValueError:  # protobuf refuses to size messages over 2 GB
-        return True
-
-
-def _save(model, path: Path) -> None:
-    import onnx
-
-    large = _is_large(model)
-    onnx.save(model, str(path), save_as_external_data=large,
-              location=(path.name + ".data") if large else None)
-
-
 class _StagedOutput:
     """A private folder next to ``dst`` to write into; ``commit`` moves the model (and data file) in place.
 
@@ -293,9 +260,9 @@ class _Prepared:
         self.user_keep = set(resolve_exclude(model, exclude))   # --exclude, on the source graph's names
         self.calib = _check_calib(calib, self.specs, self.source)
         self.feeds = _split_feeds(self.calib, self.specs)
-        self.large = _is_large(model)
+        self.large = is_large(model)
         self.normalized = self.workdir / "fp32_normalized.onnx"
-        _save(normalize_gemm(model), self.normalized)
+        save_onnx(normalize_gemm(model), self.normalized)
         self._fused: Path | None = None
         self._ratios: dict[Path, dict[str, float]] = {}
 
@@ -344,7 +311,7 @@ class _Prepared:
         for tensor in sorted(set(targets.values()) - present):
             model.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
         augmented = self.workdir / "fp32_activation_probe.onnx"
-        _save(model, augmented)
+        save_onnx(model, augmented)
         del model
         try:
             sess = cpu_session(augmented)

@@ -176,7 +176,7 @@ def sentinel_range_nodes(model, calib: Mapping[str, np.ndarray], workdir: Path) 
     from onnx import TensorProto
 
     from ..onnx_graph import graph_inputs
-    from .cpu_int8 import _save, cpu_session
+    from ..onnx_io import cpu_session, save_onnx
 
     inferred = model
     float_types = {TensorProto.FLOAT, TensorProto.FLOAT16}
@@ -187,7 +187,7 @@ def sentinel_range_nodes(model, calib: Mapping[str, np.ndarray], workdir: Path) 
     probe.CopyFrom(inferred)
     probe.graph.output.extend(watched)
     path = Path(workdir) / "sentinel_probe.onnx"
-    _save(probe, path)
+    save_onnx(probe, path)
     del probe
     inputs = graph_inputs(model)
     float_inputs = {n for n, (elem, _) in inputs.items() if elem in float_types}

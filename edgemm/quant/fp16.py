@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,24 +20,11 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import DependencyError, InputError, storage_error
+from ..onnx_io import is_large, save_onnx
 
 __all__ = ["to_fp16"]
 
 _DATA_MAX = 512.0   # AutoCast's default: activations beyond this stay FP32
-_EXTERNAL_DATA_BYTES = 1_500_000_000
-
-
-def _save(model, out_onnx: Path) -> None:
-    import onnx
-
-    out_onnx.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_onnx.with_name(f".{out_onnx.name}.tmp-{os.getpid()}")
-    big = model.ByteSize() > _EXTERNAL_DATA_BYTES
-    onnx.save_model(model, str(tmp), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=f"{out_onnx.name}.data" if big else None)
-    os.replace(tmp, out_onnx)
-
-
 def _summary(model) -> dict:
     from collections import Counter
 
@@ -80,7 +66,7 @@ def _type_error(model) -> str | None:
     """Strict ONNX type inference: a converter that mixed float16 and float32 inputs is caught here."""
     import onnx
 
-    if model.ByteSize() > _EXTERNAL_DATA_BYTES:
+    if is_large(model):
         return None  # in-memory inference cannot take protobufs near 2 GiB; ONNX Runtime still checks at load
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
@@ -195,6 +181,6 @@ def to_fp16(fp32_onnx: Path, out_onnx: Path, *, keep_io_types: bool = True, for_
         if problem:
             raise InputError(f"FP16 conversion produced an invalid graph ({problem})", file=fp32_onnx,
                              fix="compile with --fp32, or report the model")
-    _save(model, out_onnx)
+    save_onnx(model, out_onnx)
     recipe["graph"] = _summary(model)
     return recipe

@@ -301,7 +301,8 @@ class Fp8Simulator:
 
     def __init__(self, qdq_onnx, *, threads: int | None = None):
         import onnx
-        import onnxruntime as ort
+
+        from ..onnx_io import cpu_session
 
         path = Path(qdq_onnx)
         if not path.is_file():
@@ -311,12 +312,8 @@ class Fp8Simulator:
         if not (stats.weight_pairs or stats.activation_pairs or stats.dequantize_only):
             raise InputError("the model holds no float8 Q/DQ nodes", file=path, fix="pass an FP8 (--fp8) model")
         self.stats = stats
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self._session = ort.InferenceSession(rewritten.SerializeToString(), options,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = cpu_session(rewritten.SerializeToString(), intra_op_threads=threads or 0)
         except Exception as exc:  # ORT's errors vary by op; report them in one line
             raise EdgemmError(f"ONNX Runtime cannot run the simulated FP8 graph ({' '.join(str(exc).split())[:300]})",
                               file=path, fix="report this model to edgemm") from exc

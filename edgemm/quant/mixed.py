@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import precision as precision_table
 from ..errors import InputError
+from ..onnx_io import save_onnx
 from . import PrecisionResult
 from .branches import BRANCHES, COMPUTE_OPS, FUSION, BranchMap, find_branches, parse_branch_overrides
 from .exclusions import anchored as _anchored
@@ -155,17 +156,7 @@ def normalize_for_ort(fp32_onnx: Path, out: Path) -> None:
             if base in meta and not len(node.metadata_props):
                 for p in meta[base]:
                     node.metadata_props.add(key=p.key, value=p.value)
-    _save_atomic(model, out)
-
-
-def _save_atomic(model, out: Path) -> None:
-    import onnx
-
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    big = model.ByteSize() > 1_800_000_000
-    onnx.save(model, str(tmp), save_as_external_data=big, location=f"{out.name}.data" if big else None)
-    os.replace(tmp, out)
+    save_onnx(model, out)
 
 
 class OrtInt8Builder:
@@ -349,7 +340,7 @@ def _build_tensorrt(fp32_onnx: Path, out: Path, table: dict, branches: BranchMap
             shutil.copyfile(fp32_onnx, out)
             return {"recipe": {"tool": "none"}}
         model = _autocast(fp32_onnx, low[0], fp32_nodes, calib)
-        _save_atomic(model, out)
+        save_onnx(model, out)
         return {"recipe": {"tool": "modelopt.onnx.autocast.convert_to_mixed_precision",
                            "low_precision": low[0], "fp32_nodes": len(fp32_nodes)}}
     excluded = [n for b, p in rest.items() for n in branches.nodes(b)]
@@ -360,7 +351,7 @@ def _build_tensorrt(fp32_onnx: Path, out: Path, table: dict, branches: BranchMap
         # Quantized + FP16 + FP32 branches: Q/DQ with FP32 elsewhere, then AutoCast everything but the FP32
         # branches (AutoCast keeps Q/DQ nodes as they are).
         model = _autocast(out, low[0], fp32_nodes, calib)
-        _save_atomic(model, out)
+        save_onnx(model, out)
         recipe["autocast"] = {"low_precision": low[0], "fp32_nodes": len(fp32_nodes)}
         notes.append(f"unquantized branches: {', '.join(b for b, p in rest.items() if p != 'fp32')} in {low[0]} "
                      f"(AutoCast), {', '.join(fp32_branches)} in fp32")

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..capture import captured_output
 from ..errors import DependencyError, EdgemmError, InputError, first_line, storage_error
+from ..onnx_io import EXTERNAL_DATA_BYTES, save_onnx  # modelopt must write big models as external data
 from .exclusions import anchored, unquantizable_nodes
 
 __all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES"]
@@ -38,8 +39,6 @@ log = logging.getLogger("edgemm")
 # ONNX element type of the zero point / quantized tensor for each mode.
 QDQ_DTYPES = {"int8": "INT8", "fp8": "FLOAT8E4M3FN"}
 _HIGH_PRECISION = ("fp16", "bf16", "fp32")
-# Above this size modelopt must write weights as external data (protobuf's 2 GiB limit).
-_EXTERNAL_DATA_BYTES = 1_500_000_000
 
 
 def _import_modelopt():
@@ -189,7 +188,7 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
     method = calibration_method or "entropy"   # modelopt's default for int8 and fp8
 
     extra_files = _external_files(model, fp32_onnx.parent)
-    external = fp32_onnx.stat().st_size + sum(p.stat().st_size for p in extra_files) > _EXTERNAL_DATA_BYTES
+    external = fp32_onnx.stat().st_size + sum(p.stat().st_size for p in extra_files) > EXTERNAL_DATA_BYTES
     out_onnx.parent.mkdir(parents=True, exist_ok=True)
     # modelopt writes intermediate files next to its input: work on a copy in a private folder.
     with tempfile.TemporaryDirectory(prefix=".edgemm-qdq-", dir=out_onnx.parent) as tmp:
@@ -345,11 +344,9 @@ def _move_model(src: Path, dst: Path, external: bool) -> None:
     """Put the quantized model in place atomically; big models keep external data under the final name."""
     import onnx
 
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     if external:
-        model = onnx.load(str(src), load_external_data=True)
-        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{dst.name}.data")
-    else:
-        shutil.copyfile(src, tmp)
+        save_onnx(onnx.load(str(src), load_external_data=True), dst, external=True)
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    shutil.copyfile(src, tmp)
     os.replace(tmp, dst)

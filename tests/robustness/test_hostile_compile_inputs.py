@@ -348,7 +348,7 @@ def _onnx_with_external_data(folder: Path, length: int, offset: int = 0) -> Path
 
 @pytest.mark.parametrize("length, offset", [(10 ** 15, 0), (64, 8), (4, 100)])
 def test_external_data_beyond_its_file_is_an_input_error(tmp_path, length, offset):
-    from edgemm.compiler import _copy_onnx_inline
+    from edgemm.onnx_io import copy_inline
     from edgemm.frontends import load_model
 
     path = _onnx_with_external_data(tmp_path / "m", length, offset)
@@ -356,7 +356,7 @@ def test_external_data_beyond_its_file_is_an_input_error(tmp_path, length, offse
         load_model(str(path))
     assert "initializer 'w'" in str(info.value)
     with pytest.raises(InputError, match="external data") as info:  # the compiler's own copy, as a backstop
-        _copy_onnx_inline(path, tmp_path / "copy.onnx")
+        copy_inline(path, tmp_path / "copy.onnx")
     assert str(path) in str(info.value) and not (tmp_path / "copy.onnx").exists()
 
 
@@ -368,12 +368,12 @@ def test_cli_external_data_beyond_its_file(tmp_path):
 
 
 def test_external_data_still_loads_when_it_fits(tmp_path):
-    from edgemm.compiler import _copy_onnx_inline
+    from edgemm.onnx_io import copy_inline
     from edgemm.frontends import load_model
 
     path = _onnx_with_external_data(tmp_path / "m", 64)
     assert load_model(str(path)).input_names == ["x"]
-    _copy_onnx_inline(path, tmp_path / "copy.onnx")
+    copy_inline(path, tmp_path / "copy.onnx")
     assert (tmp_path / "copy.onnx").stat().st_size > 64
 
 

@@ -28,7 +28,7 @@ def tune_intra_op_threads(model_path: Path, feeds: Mapping[str, np.ndarray], *,
     import os
 
     from ...parity.latency import measure_interleaved_within
-    from ...quant.cpu_int8 import cpu_session
+    from ...onnx_io import cpu_session
 
     if (os.cpu_count() or 1) < 2:
         return {"intra_op_threads": 0, "note": "one CPU core: nothing to choose"}
