@@ -253,6 +253,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
 
         _check_token_ids(fp32, (calib, evald))
+        profile = _calibration_profile(fp32, calib_arrays, specs)
         prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out)
 
         backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
@@ -273,6 +274,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
                 "path": Path(cfg.calib).name, "sha256": calib.sha256,
                 "samples": next(iter(calib_arrays.values())).shape[0], "samples_available": calib.num_samples,
                 "held_out": judged_on.get("range") if judged_on else None},
+            "calibration_profile": profile,
             "export": export_info,
             "prune": prune_info,
             "task": _find_task(loaded),
@@ -518,6 +520,17 @@ def _onnx_prune_latency(unpruned: LoadedModel, pruned_fp32: Path, work: Path, sp
         shutil.rmtree(before.parent, ignore_errors=True)
     say(f"  {onnx_summary(result)}")
     return result
+
+
+def _calibration_profile(fp32: Path, calib_arrays, specs) -> dict | None:
+    """What the calibration samples look like, for the runtime's drift monitor (edgemm.calibration_profile)."""
+    if not calib_arrays:
+        return None
+    from .calibration_profile import build_profile
+
+    static = dynamic_batch_input(specs) is None
+    return build_profile(fp32, calib_arrays, _batch_of(specs) if static else call_batch(specs, 32),
+                         static_batch=static)
 
 
 def _batch_of(specs) -> int:

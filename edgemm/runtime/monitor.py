@@ -37,7 +37,8 @@ __all__ = ["Monitor", "LatencyHistogram", "InputProbe", "probes_from_profile", "
 log = logging.getLogger(__name__)
 
 PROFILE_KEY = "calibration_profile"
-NO_PROFILE = "unknown (the bundle has no calibration_profile; recompile it with this edgemm to record one)"
+NO_PROFILE = ("unknown (the bundle has no calibration_profile: compiled without --calib or by an older edgemm; "
+              "recompile with --calib to record one)")
 DEFAULT_WINDOW = 1000          # calls per drift window
 DEFAULT_MAX_OUT_OF_RANGE = 0.01
 

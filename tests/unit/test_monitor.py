@@ -137,3 +137,103 @@ def test_old_bundle_without_profile_reports_latency_and_says_drift_is_unknown(ti
     assert s["calls"] == 1 and s["drift"].startswith("unknown")
     assert s["inputs"]["image"]["out_of_range_fraction"] is None
     assert "edgemm_drift_known" in b.metrics_text()
+
+
+# ---- drift against the calibration profile -------------------------------------------------------------
+
+def test_compile_records_a_calibration_profile(tiny_bundle, tiny):
+    from edgemm.data import load_dataset
+
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    profile = manifest["calibration_profile"]
+    n = manifest["calibration"]["samples"]
+    calib = load_dataset(tiny["calib"]).arrays
+    image, ids = calib["image"][:n], calib["input_ids"][:n]  # the samples that calibrated (the rest judged)
+    assert profile["samples"] == n
+    img = profile["inputs"]["image"]
+    assert (img["min"], img["max"]) == (float(image.min()), float(image.max()))
+    assert img["nonfinite"] == 0 and img["kind"] == "float"
+    assert img["percentiles"]["p50"] == pytest.approx(float(np.median(image)), abs=1e-4)
+    tok = profile["inputs"]["input_ids"]
+    assert tok["kind"] == "tokens" and tok["vocab_size"] == 50  # the embedding table's rows, from the graph
+    assert tok["distinct"] == len(np.unique(ids)) and tok["vocab_coverage"] == pytest.approx(len(np.unique(ids)) / 50)
+    assert tok["zero_fraction"] == pytest.approx(float((ids == 0).mean()))
+    assert set(profile["outputs"]) == {o["name"] for o in manifest["outputs"]}
+    assert all(o["nonfinite"] == 0 and o["min"] <= o["max"] for o in profile["outputs"].values())
+
+
+def _fraction(bundle, data, field="out_of_range_fraction"):
+    bundle.reset_stats()
+    try:
+        bundle.run(data)
+    except InputError:
+        pass
+    return {name: f[field] for name, f in bundle.stats()["inputs"].items()}
+
+
+def test_in_distribution_data_is_near_zero_and_shifts_are_flagged(tiny_bundle):
+    b = runtime.load(tiny_bundle, monitor=True)
+    fresh = feeds(16, seed=99)  # same distribution as calibration, other samples
+    assert max(_fraction(b, fresh).values()) < 0.005
+    low, high = b.stats()["inputs"]["image"]["range"]
+    for shifted, at_least in ((fresh["image"] * 3, 0.1), (fresh["image"] + 5, 0.8)):
+        got = _fraction(b, dict(fresh, image=shifted))
+        assert got["image"] == pytest.approx(float(((shifted < low) | (shifted > high)).mean()))
+        assert got["image"] > at_least and got["input_ids"] == 0
+
+
+def test_nan_and_unknown_tokens_are_counted_even_when_the_call_is_refused(tiny_bundle):
+    b = runtime.load(tiny_bundle, monitor=True)
+    nan = feeds(2)
+    nan["image"][0, 0, :2, :2] = np.nan  # 4 NaN values
+    nan["image"][1, 0, 0, 0] = np.inf
+    assert _fraction(b, nan, "nonfinite")["image"] == 5
+    s = b.stats()
+    assert s["errors"] == 1 and s["inputs"]["image"]["out_of_range"] >= 5  # NaN is in no calibrated range
+    oov = feeds(2)
+    oov["input_ids"][:, :4] = 50 + np.arange(4)  # the table has 50 rows: half of the ids index none
+    assert _fraction(b, oov, "unknown_token_fraction")["input_ids"] == pytest.approx(0.5)
+    assert b.stats()["inputs"]["input_ids"]["out_of_range_fraction"] == pytest.approx(0.5)
+
+
+def test_callback_fires_once_per_window_past_the_bound(tiny_bundle):
+    events = []
+    b = runtime.load(tiny_bundle, monitor=True, on_drift=events.append, max_out_of_range=0.01, window=5)
+    fresh = feeds(2, seed=5)
+    for _ in range(10):
+        b.run(fresh)
+    assert events == []  # in distribution: no alert
+    shifted = dict(fresh, image=fresh["image"] + 5)
+    for _ in range(12):  # windows 3 and 4 drifted; window 5 is still open
+        b.run(shifted)
+    assert len(events) == 2
+    event = events[0]
+    assert set(event["inputs"]) == {"image"} and event["window_calls"] == 5
+    assert event["inputs"]["image"]["out_of_range_fraction"] > 0.8 and event["max_out_of_range"] == 0.01
+    assert b.stats()["drift_windows"] == 2
+
+
+def test_failing_callback_does_not_fail_inference(tiny_bundle):
+    def boom(event):
+        raise RuntimeError("pager down")
+
+    b = runtime.load(tiny_bundle, monitor=True, on_drift=boom, window=1)
+    data = feeds(1)
+    data["image"] = data["image"] + 5
+    assert set(b.run(data)) == {o.name for o in b.outputs}
+    assert b.stats()["callback_errors"] == 1
+
+
+def test_prometheus_text_carries_drift(tiny_bundle):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    b = runtime.load(tiny_bundle, monitor=True)
+    data = feeds(2)
+    data["image"] = data["image"] + 5
+    b.run(data)
+    got = {(s.name, s.labels.get("input")): s.value
+           for f in text_string_to_metric_families(b.metrics_text()) for s in f.samples}
+    assert got[("edgemm_input_out_of_range_fraction", "image")] == pytest.approx(
+        b.stats()["inputs"]["image"]["out_of_range_fraction"])
+    assert got[("edgemm_input_unknown_token_fraction", "input_ids")] == 0
+    assert got[("edgemm_drift_known", None)] == 1
