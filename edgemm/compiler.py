@@ -265,7 +265,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
                        "format": loaded.format, "sha256": loaded.sha256, "notes": loaded.notes},
             "inputs": [s.to_dict() for s in specs],
             "outputs": graph_outputs(prec.path),
-            "precision": {"mode": prec.mode, "recipe": prec.recipe, "notes": prec.notes,
+            "precision": {**prec.precision.to_manifest(), "recipe": prec.recipe, "notes": prec.notes,
                           "simulated_accuracy": prec.simulated, "exclusions": _exclusions(cfg, prec)},
             "target": {"name": target.name, "kind": target.kind, "backend": target.backend,
                        "compute_capability": target.compute_capability},
@@ -599,7 +599,7 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
         write_reports(stage, report)
         return report
     run, simulated = runner
-    thresholds = with_overrides(defaults_for(manifest["precision"]["mode"]), min_cosine=cfg.min_cosine,
+    thresholds = with_overrides(defaults_for(manifest["precision"]), min_cosine=cfg.min_cosine,
                                 min_top1_agreement=cfg.min_top1, max_metric_drop=cfg.max_metric_drop)
     if cfg.accuracy_target:
         # The search already held the bundle to the user's own target on this data; the per-precision
@@ -615,7 +615,7 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
                       task=task_t if data.labels is not None else None, heads=heads, batch_size=call_batch(specs))
     if judged_on:
         report["judged_on"] = judged_on
-    report["bundle"] = {"name": manifest["name"], "precision": manifest["precision"]["mode"],
+    report["bundle"] = {"name": manifest["name"], "precision": precision_table.parse(manifest["precision"]).label,
                         "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
     if simulated:
         report["simulated"] = simulated

@@ -24,7 +24,7 @@ from typing import Iterable, Mapping
 from .errors import InputError
 
 __all__ = ["PrecisionSpec", "TABLE", "ORDER", "NAMES", "UNIFORM", "QUANTIZED", "Precision", "spec",
-           "check_name", "parse"]
+           "check_name", "parse", "label_of"]
 
 
 @dataclass(frozen=True)
@@ -175,3 +175,16 @@ def _known(name, field: str) -> str:
         raise InputError(f"unknown precision {name!r}", field=field,
                          fix=f"known precisions: {', '.join(ORDER)}; recompile the bundle with this edgemm")
     return name
+
+
+def label_of(value) -> str | None:
+    """``parse(value).label`` for display and for comparing recorded precisions (a baseline of an older
+    bundle holds "mixed:fp32+int8", a newer manifest the structured section: the same label). A value
+    this edgemm does not know is shown as written, never raised on: the checks that depend on it
+    (thresholds, tolerances) call ``parse`` and refuse it there."""
+    if value is None:
+        return None
+    try:
+        return parse(value).label
+    except InputError:
+        return str(value.get("mode") if isinstance(value, Mapping) else value)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..config import CompileConfig
+from ..precision import label_of
 from .options import FINITE_FLOAT, verbose_option
 
 
@@ -122,7 +123,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
 def _print_summary(result) -> None:
     m = result.manifest
     click.echo(f"bundle: {result.bundle}")
-    click.echo(f"  precision {m['precision']['mode']} ({m['precision']['recipe'].get('name') or m['precision']['recipe'].get('tool')}) · "
+    click.echo(f"  precision {label_of(m['precision'])} ({m['precision']['recipe'].get('name') or m['precision']['recipe'].get('tool')}) · "
                f"backend {m['backend']['name']} · target {m['target']['name']}")
     r = result.report or {}
     if r.get("skipped"):

@@ -25,6 +25,7 @@ def onnx_op_counts(path: Path) -> dict[str, int] | None:
 
 def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None = None) -> dict:
     from ..errors import BundleError
+    from ..precision import label_of
     from ..runtime import parse_io, signing
     from ..runtime.manifest import MANIFEST_NAME, safe_relpath
 
@@ -38,7 +39,7 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
                           fix="recompile the bundle")
     files = {rel: (path / rel).stat().st_size for rel in manifest["files"]}
     info = {"kind": "bundle", "path": str(path), "name": manifest["name"], "inputs": manifest["inputs"],
-            "outputs": manifest["outputs"], "precision": manifest["precision"].get("mode"),
+            "outputs": manifest["outputs"], "precision": label_of(manifest["precision"]),
             "recipe": recipe.get("name"),
             "target": manifest["target"].get("name"), "backend": manifest["backend"],
             "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source"),

@@ -23,6 +23,7 @@ import numpy as np
 from ..data import check_npz_sizes
 from ..display import md_code, md_text
 from ..errors import InputError, first_line
+from ..precision import label_of, parse as parse_precision
 from ..outputs import check_output_file, output_file, write_output_text
 from .baseline_schema import validate_baseline
 from .thresholds import require_finite
@@ -73,9 +74,7 @@ class GateTolerances:
 
     @classmethod
     def for_precision(cls, precision: str, **overrides) -> "GateTolerances":
-        from ..precision import parse
-
-        bars = parse(precision).spec   # a mixed bundle: its lowest precision's bars
+        bars = parse_precision(precision).spec   # a mixed bundle: its lowest precision's bars
         base = cls(bars.min_cosine, bars.min_top1_agreement, bars.max_metric_drop, bars.max_abs_rel)
         return base.with_overrides(**overrides)
 
@@ -127,7 +126,7 @@ def bundle_context(manifest: Mapping) -> dict:
     return {
         "backend": manifest["backend"]["name"],
         "target": (manifest.get("target") or {}).get("name"),
-        "precision": _precision_label(manifest.get("precision") or {}),
+        "precision": label_of(manifest.get("precision") or {}),
         "bundle": {"name": manifest.get("name"), "files_sha256": hashlib.sha256(files).hexdigest(),
                    "source_sha256": (manifest.get("source") or {}).get("sha256")},
         "compiled_with": manifest.get("versions") or {},
@@ -136,24 +135,12 @@ def bundle_context(manifest: Mapping) -> dict:
     }
 
 
-def _precision_label(value) -> str | None:
-    """One text per precision, whichever form recorded it (a manifest section, "mixed:fp32+int8"; both
-    name the same mixed build), so a baseline recorded before the structured mode still matches."""
-    from ..precision import parse
-
-    if value is None:
-        return None
-    try:
-        return parse(value).label
-    except InputError:   # not a precision this edgemm knows: compared as written
-        return str(value.get("mode") if isinstance(value, Mapping) else value)
-
-
 def check_context(recorded: Mapping, now: Mapping, baseline_path: Path) -> tuple[list[str], bool]:
     """Refuse a baseline from another backend/target/precision. Returns (changes worth reporting,
     same_host), where same_host says whether latency ratios from both runs can be compared."""
     for key in ("backend", "target", "precision"):
-        same = (_precision_label(recorded.get(key)) == _precision_label(now.get(key)) if key == "precision"
+        # Precision by label: a baseline of an older bundle holds "mixed:fp32+int8", the manifest now a section.
+        same = (label_of(recorded.get(key)) == label_of(now.get(key)) if key == "precision"
                 else recorded.get(key) == now.get(key))
         if not same:
             raise InputError(f"baseline was recorded for {key} {recorded.get(key)!r}, this bundle is "

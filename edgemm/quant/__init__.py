@@ -34,10 +34,18 @@ class PrecisionRequest:
 @dataclass
 class PrecisionResult:
     path: Path
-    mode: str
+    mode: str                    # "int8", or the label of a mixed build ("mixed:fp32+int8", precision.py)
     recipe: dict
     notes: list[str] = field(default_factory=list)
     simulated: bool = False      # the artefact cannot run here; accuracy is estimated
+    per_branch: dict[str, str] | None = None   # branch -> built precision (per-branch builds)
+
+    @property
+    def precision(self):
+        """The structured value the manifest stores (``precision.Precision.to_manifest``)."""
+        from ..precision import Precision, parse
+
+        return Precision(parse(self.mode).parts, self.per_branch)
 
 
 def _fp32(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:

@@ -785,7 +785,8 @@ def accuracy_aware(fp32_onnx, out_onnx, calib: Mapping[str, np.ndarray], eval_fe
         + (f"; p50 {latency['ratio_vs_fp32']:.3f}x FP32" if latency else ""))
     shutil.rmtree(workdir / "int8", ignore_errors=True)
     _remove(full_path)
-    return PrecisionResult(out_onnx, mixed_mode_name(precisions), recipe, notes=notes, simulated=be.simulated)
+    return PrecisionResult(out_onnx, mixed_mode_name(precisions), recipe, notes=notes, simulated=be.simulated,
+                           per_branch={b: v["precision"] for b, v in branch_table.items()} if branch_table else None)
 
 
 def _remove(path: Path) -> None:

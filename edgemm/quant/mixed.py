@@ -307,7 +307,8 @@ def apply_mixed(fp32_onnx, out_onnx, policy: Mapping[str, str] | str, calib: Map
     mode = mixed_mode_name([v["precision"] for v in table.values()])
     recipe = {"name": "mixed", "policy": dict(policy), "branches": table, "branches_found_by": summary["found_by"],
               **({"branch_overrides": overrides} if overrides else {}), **details.get("recipe", {})}
-    return PrecisionResult(out_onnx, mode, recipe, notes=notes, simulated="fp8" in quantized)
+    return PrecisionResult(out_onnx, mode, recipe, notes=notes, simulated="fp8" in quantized,
+                           per_branch={b: v["precision"] for b, v in table.items()})
 
 
 def _build_ort(source: Path, out: Path, table: dict, branches: BranchMap, calib, work: Path,

@@ -35,7 +35,10 @@ class Bundle:
 
     @property
     def precision(self) -> str:
-        return str(self.manifest["precision"].get("mode"))
+        """"int8", or "mixed:fp32+int8" for a mixed build (the manifest holds the structured value)."""
+        from ..precision import label_of
+
+        return label_of(self.manifest["precision"])
 
     @property
     def backend(self) -> str:

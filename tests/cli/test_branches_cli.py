@@ -59,7 +59,11 @@ def test_per_branch_precision_on_a_wrapped_model_without_hints(cli, tmp_path, mo
     res = cli("compile", f"{MODULE}:build", "--precision", "vision=int8,text=fp32", "--calib", tmp_path / "calib.npz",
               "--eval", tmp_path / "eval.npz", "-o", bundle, "--no-thread-tuning", env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
-    recipe = json.loads((bundle / "manifest.json").read_text())["precision"]["recipe"]
+    section = json.loads((bundle / "manifest.json").read_text())["precision"]
+    # The mode is a structured value (edgemm/precision.py), not the "mixed:fp32+int8" text of older bundles.
+    assert section["mode"] == "mixed" and section["precisions"] == ["fp32", "int8"]
+    assert section["per_branch"] == {"vision": "int8", "text": "fp32", "fusion": "fp32"}
+    recipe = section["recipe"]
     table = recipe["branches"]
     assert table["vision"]["precision"] == "int8" and table["text"]["precision"] == "fp32"
     assert table["vision"]["inputs"] == ["image"] and table["text"]["inputs"] == ["input_ids"]

@@ -83,3 +83,24 @@ def test_config_reads_quantized_precisions_from_the_table(tmp_path):
             CompileConfig(model="m.onnx", precision_policy=policy).validate()
     with pytest.raises(InputError, match="unknown precision 'bf17'"):
         CompileConfig(model="m.onnx", precision="bf17").validate()
+
+
+def test_a_baseline_of_an_older_mixed_bundle_still_matches(tmp_path):
+    from edgemm.parity.baseline import check_context
+
+    recorded = {"backend": "onnxruntime", "target": "cpu", "precision": "mixed:fp32+int8"}
+    now = {"backend": "onnxruntime", "target": "cpu",
+           "precision": precision.label_of({"mode": "mixed", "precisions": ["int8", "fp32"], "recipe": {}})}
+    check_context(recorded, now, tmp_path / "baseline.json")          # same build: no refusal
+    with pytest.raises(InputError, match="precision"):
+        check_context(recorded, {**now, "precision": precision.label_of({"mode": "int8"})}, tmp_path / "b.json")
+
+
+def test_bundle_precision_reads_old_and_new_manifests():
+    from edgemm.runtime import Bundle
+
+    for section in ({"mode": "mixed:fp32+int8"}, {"mode": "mixed", "precisions": ["fp32", "int8"]}):
+        bundle = Bundle.__new__(Bundle)
+        bundle.manifest = {"precision": section}
+        assert bundle.precision == "mixed:fp32+int8"
+        assert defaults_for(bundle.manifest["precision"]) == DEFAULTS["int8"]
