@@ -209,8 +209,9 @@ def _hash_files(files: Sequence[Path]) -> str:
 
 
 def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_labels: bool = True,
-                 role: str = "--calib") -> Dataset:
-    """Read and validate. With ``specs``, keys must match the inputs exactly (plus optional labels)."""
+                 role: str = "--calib", allow_nonfinite: bool = False) -> Dataset:
+    """Read and validate. With ``specs``, keys must match the inputs exactly (plus optional labels).
+    ``allow_nonfinite``: keep NaN/Inf values (only `edgemm monitor`, which counts them, wants that)."""
     path = Path(path)
     files = _npz_files(path, role)
     merged: dict[str, list[np.ndarray]] = {}
@@ -238,11 +239,11 @@ def load_dataset(path, *, specs: Sequence[TensorSpec] | None = None, allow_label
     labels_is_input = specs is not None and any(s.name == LABELS_KEY for s in specs)
     labels = arrays.pop(LABELS_KEY, None) if allow_labels and not labels_is_input else None
     where = str(files[0]) if len(files) == 1 else str(path)
-    _validate(arrays, labels, specs, where)
+    _validate(arrays, labels, specs, where, allow_nonfinite=allow_nonfinite)
     return Dataset(path, arrays, labels, _hash_files(files))
 
 
-def _validate(arrays: dict[str, np.ndarray], labels, specs, where: str) -> None:
+def _validate(arrays: dict[str, np.ndarray], labels, specs, where: str, *, allow_nonfinite: bool = False) -> None:
     if not arrays:
         raise InputError("holds no model inputs", file=where, fix="save one array per model input name")
     for k, v in arrays.items():
@@ -255,7 +256,7 @@ def _validate(arrays: dict[str, np.ndarray], labels, specs, where: str) -> None:
         if v.dtype.kind not in "fiub":
             raise InputError(f"dtype {v.dtype} is not numeric", file=where, field=k,
                              fix="save numeric arrays (float32, int64, ...)")
-        if v.dtype.kind == "f" and not np.isfinite(v).all():
+        if not allow_nonfinite and v.dtype.kind == "f" and not np.isfinite(v).all():
             bad = int((~np.isfinite(v)).sum())
             raise InputError(f"contains {bad} NaN/Inf value(s)", file=where, field=k,
                              fix="drop or repair those samples")

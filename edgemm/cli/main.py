@@ -21,6 +21,7 @@ COMMANDS = {
     "targets": ("edgemm.cli.targets", "List target device profiles."),
     "build": ("edgemm.cli.build", "Finish a portable TensorRT bundle into an engine on the device."),
     "bench": ("edgemm.cli.bench", "Benchmark a bundle against FP32 and torch, side by side."),
+    "monitor": ("edgemm.cli.monitor", "Check data against a bundle's calibration profile (drift, NaN, latency)."),
     "sign": ("edgemm.cli.sign", "Sign a bundle (model-signing), or make a key pair for it."),
 }
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["Monitor", "LatencyHistogram", "InputProbe", "probes_from_profile", "PROFILE_KEY"]
+__all__ = ["Monitor", "LatencyHistogram", "InputProbe", "probes_from_profile", "probes_from_entries", "PROFILE_KEY"]
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +131,15 @@ def probes_from_profile(input_names, manifest: Mapping) -> tuple[list[InputProbe
     """One probe per input, from the manifest's calibration_profile; (probes, whether a profile exists).
     A malformed entry is ignored for that input (monitoring must never stop a bundle from loading)."""
     profile = manifest.get(PROFILE_KEY)
-    entries = profile.get("inputs") if isinstance(profile, dict) else None
+    return probes_from_entries(input_names, profile.get("inputs") if isinstance(profile, dict) else None)
+
+
+def probes_from_entries(names, entries) -> tuple[list[InputProbe], bool]:
+    """Probes from a profile's ``inputs`` (or ``outputs``) map; (probes, whether the map exists)."""
     if not isinstance(entries, dict):
-        return [InputProbe(name) for name in input_names], False
+        return [InputProbe(name) for name in names], False
     probes = []
-    for name in input_names:
+    for name in names:
         entry = entries.get(name)
         low = high = vocab = None
         if isinstance(entry, dict):
