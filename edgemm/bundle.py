@@ -197,7 +197,10 @@ class BundleWriter:
 
     ``protect`` maps flags to input paths (model, --calib, ...) that the destination must not be or
     contain. An existing destination is only replaced with ``force``, and only when it is an empty folder
-    or an edgemm bundle (see ``replace_refusal``)."""
+    or an edgemm bundle (see ``replace_refusal``). Subclasses writing other folders (a Triton model
+    repository) set ``MARKER``, the file written last, and ``refusal``, what --force may replace."""
+
+    MARKER = MANIFEST_NAME
 
     def __init__(self, destination: Path, *, force: bool = False, protect: Mapping[str, object] | None = None):
         self.given = Path(destination)
@@ -217,8 +220,11 @@ class BundleWriter:
     def _exists(self) -> bool:
         return os.path.lexists(self.destination)
 
+    def refusal(self, destination: Path) -> str | None:
+        return replace_refusal(destination)
+
     def _check_replaceable(self) -> None:
-        reason = replace_refusal(self.destination)
+        reason = self.refusal(self.destination)
         if reason is not None:
             raise InputError(reason, file=self.given, field="-o", fix=_NOT_REPLACED)
 
@@ -304,9 +310,8 @@ class BundleWriter:
 
     def commit(self) -> Path:
         """Swap the staged folder into place (the old bundle, if any, is moved aside first)."""
-        for f in (self.stage / MANIFEST_NAME,):
-            if not f.is_file():
-                raise RuntimeError("commit() before write_manifest()")
+        if not (self.stage / self.MARKER).is_file():
+            raise RuntimeError(f"commit() before {self.MARKER} was written")
         _fsync_tree(self.stage)
         os.chmod(self.stage, 0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         old = None

@@ -23,6 +23,8 @@ COMMANDS = {
     "bench": ("edgemm.cli.bench", "Benchmark a bundle against FP32 and torch, side by side."),
     "monitor": ("edgemm.cli.monitor", "Check data against a bundle's calibration profile (drift, NaN, latency)."),
     "sign": ("edgemm.cli.sign", "Sign a bundle (model-signing), or make a key pair for it."),
+    "export": ("edgemm.cli.export", "Export bundles as a Triton Inference Server model repository."),
+    "serve": ("edgemm.cli.serve", "Serve a bundle with a local Triton server on loopback (try-out)."),
 }
 
 

@@ -121,30 +121,32 @@ def check_options(options: TritonOptions) -> None:
 
 
 def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 options: TritonOptions, *, source: Path | str | None = None) -> dict:
+                 options: TritonOptions, *, source: Path | str | None = None, lenient: bool = False) -> dict:
     """The ModelConfig (as data) serving one bundle under ``name``. ``options.notes`` collects what the
-    user should know (batching off, settings a backend ignores)."""
+    user should know (batching off, settings a backend ignores). Batching flags for a bundle that cannot
+    batch are refused, or only noted with ``lenient`` (several bundles share the flags; the caller then
+    refuses them when no bundle batches)."""
     check_options(options)
     batching = find_batching(inputs, outputs)
     max_batch = batching.max_batch
-    if options.max_batch is not None:
-        if not max_batch:
-            raise _fail(f"requests to this bundle cannot be batched ({batching.reason})", "--max-batch",
-                        "leave --max-batch out", source)
-        if options.max_batch > max_batch:
-            raise _fail(f"{options.max_batch} is above the bundle's batch bound {max_batch}", "--max-batch",
-                        f"use at most {max_batch}, or recompile with a larger range", source)
-        max_batch = options.max_batch
+    flags = [f for f, given in (("--max-batch", options.max_batch is not None),
+                                ("--preferred-batch", bool(options.preferred_batch)),
+                                ("--max-queue-delay-us", bool(options.max_queue_delay_us))) if given]
     if not max_batch:
-        if options.preferred_batch or options.max_queue_delay_us:
-            raise _fail(f"requests to this bundle cannot be batched ({batching.reason})",
-                        "--preferred-batch" if options.preferred_batch else "--max-queue-delay-us",
+        if flags and not lenient:
+            raise _fail(f"requests to this bundle cannot be batched ({batching.reason})", flags[0],
                         "leave the batching flags out", source)
         options.notes.append(f"{name}: max_batch_size 0, requests are not batched together: {batching.reason}")
-    too_big = [b for b in options.preferred_batch if b > max_batch]
-    if too_big:
-        raise _fail(f"{too_big[0]} is above max_batch_size {max_batch}", "--preferred-batch",
-                    f"use sizes up to {max_batch}", source)
+    else:
+        if options.max_batch is not None:
+            if options.max_batch > max_batch:
+                raise _fail(f"{options.max_batch} is above the bundle's batch bound {max_batch}", "--max-batch",
+                            f"use at most {max_batch}, or recompile with a larger range", source)
+            max_batch = options.max_batch
+        too_big = [b for b in options.preferred_batch if b > max_batch]
+        if too_big:
+            raise _fail(f"{too_big[0]} is above max_batch_size {max_batch}", "--preferred-batch",
+                        f"use sizes up to {max_batch}", source)
 
     device = _bundle_device(manifest)
     kind = options.kind or device
@@ -185,7 +187,11 @@ def _flavor_fields(manifest: dict, options: TritonOptions, source) -> dict:
     if options.flavor == "edgemm":
         return {"backend": "python", "default_model_filename": PYTHON_MODEL_FILE}
     if backend["name"] == "onnxruntime":
-        fields: dict = {"platform": "onnxruntime_onnx", "default_model_filename": ONNX_MODEL_FILE}
+        model = backend.get("model") or ONNX_MODEL_FILE
+        if not isinstance(model, str) or "/" in model:
+            raise _fail(f"model {model!r} is not at the bundle's top level", "backend.model", "use --flavor edgemm",
+                        source)
+        fields: dict = {"platform": "onnxruntime_onnx", "default_model_filename": model}
         params = {}
         threads = backend.get("intra_op_threads")
         if isinstance(threads, int) and threads > 0:

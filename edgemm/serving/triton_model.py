@@ -1,0 +1,94 @@
+"""Triton python-backend model serving one edgemm bundle with ``edgemm.runtime``.
+
+`edgemm export triton` copies this file unchanged to ``<repository>/<model>/<version>/model.py``; the
+bundle sits beside it in ``bundle/``. At load the runtime checks every file's sha256 (and the signature,
+with trusted keys from ``EDGEMM_TRUSTED_KEYS`` in the server's environment; config parameter
+``edgemm.require_signature`` makes one mandatory): a bundle changed after export is refused and the model
+is not ready. ``execute`` runs the requests Triton's dynamic batcher hands over as few bundle calls as
+their shapes allow, and splits the outputs back per request."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by Triton's python backend stub
+
+BUNDLE_FOLDER = "bundle"
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import edgemm.runtime as rt
+
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        require = params.get("edgemm.require_signature") == "true"
+        bundle_dir = Path(args["model_repository"]) / args["model_version"] / BUNDLE_FOLDER
+        # None: the runtime's default (a signature is required whenever a key is trusted)
+        self.bundle = rt.load(bundle_dir, require_signature=True if require else None)
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.input_names = [s.name for s in self.bundle.inputs]
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        feeds = {}
+        for i, request in enumerate(requests):
+            try:
+                feeds[i] = {name: _array(pb_utils.get_input_tensor_by_name(request, name))
+                            for name in self.input_names}
+            except Exception as exc:  # a missing input: this request fails, the others run
+                responses[i] = _error(f"bad request: {exc}")
+        groups = self._groups(feeds) if self.batched else [[i] for i in feeds]
+        for members in groups:
+            try:
+                outs = self._run([feeds[i] for i in members])
+            except Exception as exc:  # edgemm's one-line errors (shapes, ranges, NaN) go back to the client
+                for i in members:
+                    responses[i] = _error(str(exc))
+                continue
+            for i, out in zip(members, outs):
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[_tensor(name, value) for name, value in out.items()])
+        return responses
+
+    def _groups(self, feeds: dict) -> list[list[int]]:
+        """Requests whose inputs agree on every axis but the batch run as one call (a sequence length
+        may differ between requests)."""
+        groups: dict = {}
+        for i, request in feeds.items():
+            key = tuple((name, request[name].shape[1:], request[name].dtype.str) for name in self.input_names)
+            groups.setdefault(key, []).append(i)
+        return list(groups.values())
+
+    def _run(self, requests: list[dict]) -> list[dict]:
+        if len(requests) == 1:
+            return [self.bundle.run(requests[0])]
+        joined = {name: np.concatenate([r[name] for r in requests]) for name in self.input_names}
+        out = self.bundle.run(joined)
+        sizes = [len(r[self.input_names[0]]) for r in requests]
+        cuts = np.cumsum(sizes)[:-1]
+        split = {name: np.split(value, cuts) for name, value in out.items()}
+        return [{name: parts[k] for name, parts in split.items()} for k in range(len(requests))]
+
+    def finalize(self):
+        self.bundle = None
+
+
+def _array(tensor) -> np.ndarray:
+    """An input tensor as numpy, through DLPack (see _tensor); copied, as the stub's buffer is reused."""
+    if tensor is None:
+        raise ValueError("an input is missing")
+    return np.array(np.from_dlpack(tensor), copy=True)
+
+
+def _tensor(name: str, value: np.ndarray):
+    """An output tensor handed over through DLPack: the stub of Triton 2.51 reads numpy arrays through
+    numpy 1.x's array descriptor layout and, under numpy 2, sends outputs with no bytes (shape right,
+    data empty). DLPack is the array's own exchange protocol, the same under both."""
+    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(value))
+
+
+def _error(message: str):
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))

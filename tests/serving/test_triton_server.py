@@ -1,0 +1,248 @@
+"""Bundles exported as a Triton model repository, served by a real tritonserver (2.51, python backend,
+from the nvidia-pytriton wheel) on 127.0.0.1: outputs equal edgemm.runtime's, the dynamic batcher forms
+batches, metrics count the requests, a bundle changed after export is refused at load, and the CLI's
+export and serve work end to end. Skipped with the reason when no tritonserver is installed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import edgemm.runtime as rt
+from edgemm.serving import TritonOptions, TritonServer, export_triton, find_tritonserver
+from tests.conftest import ROOT
+
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
+pytestmark = pytest.mark.skipif(find_tritonserver() is None,
+                                reason="no tritonserver here (pip install --no-deps nvidia-pytriton)")
+
+REQUEST_TIMEOUT_S = 60  # every request is bounded: a stuck server fails the test, never hangs it
+
+
+def client(server):
+    return httpclient.InferenceServerClient(server.http_url, connection_timeout=REQUEST_TIMEOUT_S,
+                                            network_timeout=REQUEST_TIMEOUT_S)
+
+
+def infer(server, model, feeds, outputs):
+    inputs = []
+    for name, value in feeds.items():
+        tensor = httpclient.InferInput(name, list(value.shape), httpclient.np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        inputs.append(tensor)
+    connection = client(server)
+    try:
+        result = connection.infer(model, inputs)
+    finally:
+        connection.close()  # an open keep-alive connection holds the server's shutdown for its exit timeout
+    return {name: result.as_numpy(name) for name in outputs}
+
+
+def samples(bundle, data, start, count):
+    return {s.name: np.ascontiguousarray(data[s.name][start:start + count]) for s in bundle.inputs}
+
+
+def metric(server, name, model):
+    pattern = re.compile(rf'^{name}{{model="{re.escape(model)}",version="1"}} (\S+)$', re.M)
+    found = pattern.search(server.metrics())
+    return float(found.group(1)) if found else None
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tiny_bundle, tmp_path_factory):
+    return export_triton([tiny_bundle], tmp_path_factory.mktemp("repo") / "repository",
+                         TritonOptions(max_queue_delay_us=1000), say=lambda m: None)
+
+
+def test_served_outputs_equal_the_runtime_and_metrics_count(tiny_repo, tiny_bundle, tiny, tmp_path):
+    """The cheap real-server check (default tier): batch 1 and batch 3 bit-exact, stats and metrics."""
+    bundle = rt.load(tiny_bundle)
+    data = np.load(tiny["eval"])
+    outputs = [s.name for s in bundle.outputs]
+    name = tiny_bundle.name
+    with TritonServer(tiny_repo, workdir=tmp_path / "work") as server:
+        assert server.ready(name)
+        sent = 0
+        for start, count in ((0, 1), (1, 3), (4, 1)):
+            feeds = samples(bundle, data, start, count)
+            got = infer(server, name, feeds, outputs)
+            sent += 1
+            expected = bundle.run(feeds)
+            for key in outputs:  # one request at a time: the server ran exactly this batch, as we do
+                assert got[key].dtype == expected[key].dtype and np.array_equal(got[key], expected[key]), key
+        stats = server.statistics(name)
+        assert stats["inference_count"] == 5 and stats["execution_count"] == 3
+        assert metric(server, "nv_inference_request_success", name) == sent
+        # a request the bundle refuses (batch above nothing, wrong dtype) comes back as an error, one line
+        bad = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in samples(bundle, data, 0, 1).items()}
+        with pytest.raises(Exception, match="(?i)data_type|dtype|FP64"):
+            infer(server, name, bad, outputs)
+        assert metric(server, "nv_inference_request_success", name) == sent
+
+
+def test_bundle_changed_after_export_is_refused_at_load(tiny_repo, tiny_bundle, tmp_path):
+    import shutil
+
+    repo = tmp_path / "repository"
+    shutil.copytree(tiny_repo, repo)
+    name = tiny_bundle.name
+    model = repo / name / "1" / "bundle" / "model.onnx"
+    raw = bytearray(model.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    model.write_bytes(bytes(raw))
+    with TritonServer(repo, workdir=tmp_path / "work", exit_on_error=False) as server:
+        state = {m["name"]: m for m in server.models()}[name]
+        assert state["state"] == "UNAVAILABLE" and "does not match its sha256" in state.get("reason", "")
+        assert not server.ready(name)
+
+
+# ---- the zoo, FP32 and INT8, under concurrent load (slow: compiles three bundles, serves ~300 requests)
+
+def _zoo_bundle(cli, folder, name, *flags):
+    ex = folder / f"{name}-data"
+    if not ex.exists():
+        res = cli("example", name, "-o", ex)
+        assert res.returncode == 0, res.stderr
+    out = folder / f"{name}-{'int8' if flags else 'fp32'}"
+    res = cli("compile", ex / "model.pt2", "--calib", ex / "calib.npz", "-o", out, *flags)
+    assert res.returncode == 0, res.stderr
+    return out, ex / "eval.npz"
+
+
+@pytest.fixture(scope="module")
+def zoo_bundles(tmp_path_factory):
+    from tests.conftest import run_cli
+
+    folder = tmp_path_factory.mktemp("zoo")
+    return {"vqa-fp32": _zoo_bundle(run_cli, folder, "cross-attention"),
+            "vqa-int8": _zoo_bundle(run_cli, folder, "cross-attention", "--int8"),
+            "clip-int8": _zoo_bundle(run_cli, folder, "dual-encoder", "--int8")}
+
+
+@pytest.mark.slow
+def test_zoo_bundles_under_concurrent_mixed_batches(zoo_bundles, tmp_path):
+    """FP32 and INT8 bundles in one repository; 16 clients send batch 1..4 requests at once. Batchable
+    bundles: the dynamic batcher must form batches (executions < inferences), every answer matches the
+    runtime (to float rounding: a row's result may depend on its batch's size in ONNX Runtime's kernels)
+    and is bit-exact for the bundle that is never batched (the [batch, batch] similarity of the CLIP-style
+    model); metrics count every request."""
+    sources = [path for path, _ in zoo_bundles.values()]
+    repo = export_triton(sources, tmp_path / "repository", TritonOptions(max_queue_delay_us=20000, instances=1),
+                         say=lambda m: None)
+    config = (repo / "clip-int8" / "config.pbtxt").read_text()
+    assert "max_batch_size: 0" in config and "dynamic_batching" not in config
+    rng = np.random.default_rng(0)
+    jobs = []
+    for model, (path, data_path) in zoo_bundles.items():
+        bundle, data = rt.load(path), np.load(data_path)
+        for _ in range(48):
+            count = int(rng.integers(1, 5))
+            start = int(rng.integers(0, len(data["image"]) - count))
+            jobs.append((model, bundle, samples(bundle, data, start, count)))
+    rng.shuffle(jobs)
+
+    with TritonServer(repo, workdir=tmp_path / "work") as server:
+        def send(job):
+            model, bundle, feeds = job
+            return infer(server, model, feeds, [s.name for s in bundle.outputs])
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(send, jobs, timeout=600))
+        for (model, bundle, feeds), got in zip(jobs, answers):
+            expected = bundle.run(feeds)
+            for key, value in expected.items():
+                assert got[key].shape == value.shape and got[key].dtype == value.dtype, (model, key)
+                if model == "clip-int8":
+                    assert np.array_equal(got[key], value), (model, key)
+                else:
+                    np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=f"{model} {key}")
+        for model in zoo_bundles:
+            stats = server.statistics(model)
+            sent = sum(1 for job in jobs if job[0] == model)
+            assert metric(server, "nv_inference_request_success", model) == sent
+            assert stats["inference_count"] == sum(len(next(iter(j[2].values()))) for j in jobs if j[0] == model)
+            if model != "clip-int8":
+                assert stats["execution_count"] < sent, (model, stats["execution_count"], sent)  # batches formed
+                assert any(b["batch_size"] > 1 for b in stats["batch_stats"]), model
+            else:
+                assert stats["execution_count"] == sent
+
+
+# ---- the CLI: export, then serve until SIGTERM
+
+def test_cli_export_refusals_and_force(cli, tiny_bundle, tmp_path):
+    repo = tmp_path / "repository"
+    res = cli("export", "triton", tiny_bundle, "-o", repo, "--preferred-batch", "4", "--max-queue-delay-us", "500")
+    assert res.returncode == 0, res.stderr
+    info = json.loads((repo / "edgemm-triton.json").read_text())
+    assert list(info["models"]) == [tiny_bundle.name]
+    assert (repo / tiny_bundle.name / "1" / "model.py").read_bytes() == \
+        (ROOT / "edgemm" / "serving" / "triton_model.py").read_bytes()   # copied, not generated
+    before = (repo / tiny_bundle.name / "config.pbtxt").read_text()
+    res = cli("export", "triton", tiny_bundle, "-o", repo)
+    assert res.returncode == 2 and "already exists" in res.stderr and "Traceback" not in res.stderr
+    assert (repo / tiny_bundle.name / "config.pbtxt").read_text() == before
+    res = cli("export", "triton", tiny_bundle, "-o", repo, "--max-batch", "8", "--force")
+    assert res.returncode == 0, res.stderr
+    assert "max_batch_size: 8" in (repo / tiny_bundle.name / "config.pbtxt").read_text()
+    # --force replaces only what this command wrote
+    (repo / "notes.txt").write_text("mine")
+    res = cli("export", "triton", tiny_bundle, "-o", repo, "--force")
+    assert res.returncode == 2 and "notes.txt" in res.stderr and (repo / "notes.txt").exists()
+    other = tmp_path / "data"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    res = cli("export", "triton", tiny_bundle, "-o", other, "--force")
+    assert res.returncode == 2 and (other / "keep.txt").read_text() == "x"
+    # inside the bundle, or over it
+    for target in (tiny_bundle / "repo", tiny_bundle):
+        res = cli("export", "triton", tiny_bundle, "-o", target, "--force")
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    rt.load(tiny_bundle)  # untouched
+    res = cli("export", "triton", tiny_bundle, "-o", tmp_path / "r2", "--max-batch", "65")
+    assert res.returncode == 2 and "--max-batch" in res.stderr and not (tmp_path / "r2").exists()
+
+
+def test_cli_serve_until_sigterm(tiny_bundle, tiny, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", "from edgemm.cli.main import entry; entry()", "serve",
+                             str(tiny_bundle)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(line.startswith("(Ctrl-C") for line in lines):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        url = next(line.split()[1] for line in lines if line.strip().startswith("http "))
+        host = url.split("/")[2]
+        assert host.startswith("127.0.0.1:")
+        bundle = rt.load(tiny_bundle)
+        feeds = samples(bundle, np.load(tiny["eval"]), 0, 2)
+        c = httpclient.InferenceServerClient(host, network_timeout=REQUEST_TIMEOUT_S)
+        inputs = []
+        for name, value in feeds.items():
+            t = httpclient.InferInput(name, list(value.shape), httpclient.np_to_triton_dtype(value.dtype))
+            t.set_data_from_numpy(value)
+            inputs.append(t)
+        got = c.infer(tiny_bundle.name, inputs)
+        c.close()
+        for key, value in bundle.run(feeds).items():
+            assert np.array_equal(got.as_numpy(key), value)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert not list(tmp_path.glob("edgemm-serve-*"))  # its temporary repository is gone
+    with pytest.raises(Exception):
+        httpclient.InferenceServerClient(host, connection_timeout=2, network_timeout=2).is_server_live()
