@@ -22,8 +22,8 @@ try:
 except ImportError:  # no flock (Windows): staging folders are never swept, only left behind
     fcntl = None
 from .paths import is_within
-from .runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, MAX_MANIFEST_BYTES, UNHASHED, sha256_file,
-                               write_json_atomic)
+from .runtime.manifest import (FORMAT, MANIFEST_NAME, MAX_MANIFEST_BYTES, UNHASHED, Manifest, manifest_document,
+                               sha256_file, write_json_atomic)
 
 STAGING_PREFIX = ".edgemm-staging-"
 LOCK_SUFFIX = ".lock"
@@ -301,12 +301,15 @@ class BundleWriter:
                 files[rel] = sha256_file(path)
         return files
 
-    def write_manifest(self, manifest: dict) -> dict:
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest}
-        manifest["files"] = self.hashes()
-        write_json_atomic(self.stage / MANIFEST_NAME, manifest)
-        return manifest
+    def write_manifest(self, manifest: dict) -> Manifest:
+        """Write the staged bundle's manifest (format, version, creation time and file hashes added) after
+        validating it as a reader will; returns the typed ``Manifest``."""
+        document = manifest_document({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                      **manifest, "files": self.hashes()})
+        document = json.loads(json.dumps(document))   # exactly what a reader will parse (tuples -> lists)
+        typed = Manifest.from_dict(document, source=self.stage / MANIFEST_NAME)
+        write_json_atomic(self.stage / MANIFEST_NAME, document)
+        return typed
 
     def commit(self) -> Path:
         """Swap the staged folder into place (the old bundle, if any, is moved aside first)."""

@@ -1,20 +1,24 @@
-"""The bundle manifest: schema, hashing and verification. Standard library only (runs on devices)."""
+"""The bundle manifest: a typed, versioned ``Manifest`` validated once on load, hashing and verification.
+Standard library only (runs on devices)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Mapping
 
 from ..errors import BundleError
 from .atomic import create_temp_beside, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "edgemm-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # the history is written above Manifest below
 REQUIRED_KEYS = ("format", "format_version", "name", "inputs", "outputs", "precision", "target", "backend",
                  "files")
 # Files a bundle may hold that are not covered by hashes (they are derived from the others or are
@@ -120,8 +124,8 @@ def _read_manifest_text(path: Path, bundle_dir: Path) -> str:
                           fix="recompile the bundle") from exc
 
 
-def read_manifest(bundle_dir: os.PathLike) -> dict:
-    """Parse and structurally validate manifest.json (no hash check)."""
+def read_manifest(bundle_dir: os.PathLike) -> "Manifest":
+    """Parse manifest.json and validate it once, into a typed ``Manifest`` (no hash check)."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_NAME
     if not bundle_dir.is_dir():
@@ -129,7 +133,7 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
                           fix="pass the folder `edgemm compile` wrote (e.g. engines/<name>)")
     text = _read_manifest_text(path, bundle_dir)
     try:
-        manifest = json.loads(text)
+        document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BundleError(f"invalid JSON ({exc.msg})", file=path, field=f"line {exc.lineno} column {exc.colno}",
                           fix="recompile the bundle") from exc
@@ -137,8 +141,195 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
         # ValueError: an integer longer than Python's digit limit; RecursionError: deep nesting
         raise BundleError(f"cannot be parsed ({type(exc).__name__}: {str(exc)[:200]})", file=path,
                           fix="recompile the bundle") from exc
-    if not isinstance(manifest, dict):
+    return Manifest.from_dict(document, source=path)
+
+
+# -- the typed manifest ------------------------------------------------------------------------------------
+#
+# Format versions (a reader reads every version up to FORMAT_VERSION; tests/unit/fixtures/ keeps a v1 one):
+#   1  the first bundles: the core sections below; unknown top-level keys were ignored.
+#   2  adds "requires": the names of sections a reader must understand to run the bundle (a split
+#      pipeline, CPU variants with ISA requirements). A v1 reader would silently ignore such a section
+#      and run the bundle wrongly; the version bump makes it refuse instead, and a v2 reader refuses a
+#      bundle whose required section it does not know ("upgrade edgemm").
+#
+# Adding a section (calibration_profile, pipeline, variants, ...): write a torch-free parser
+# ``parse(value, bad) -> typed object`` that raises ``bad(what, field)`` on a malformed value, and call
+# ``register_section(name, parse, critical=...)`` in a module the readers import (for a section the
+# runtime needs, a module under edgemm/runtime/ that edgemm.runtime imports). ``critical=True`` when a
+# reader that ignored the section would run the bundle wrongly: the writer then lists it in "requires".
+# Read it back with ``manifest.section(name)`` (the parsed object). A section nobody registered is kept
+# as is and written back unchanged by ``to_dict()`` (refit/build rewrite manifests they do not fully know).
+
+
+@dataclass(frozen=True)
+class SectionType:
+    name: str
+    parse: Callable[[Any, Callable[..., BundleError]], Any]
+    critical: bool = False
+
+
+_SECTIONS: dict[str, SectionType] = {}
+
+
+def register_section(name: str, parse: Callable[[Any, Callable[..., BundleError]], Any], *,
+                     critical: bool = False) -> None:
+    """Declare a named optional manifest section (see the note above). Registering a name twice with
+    another parser is a programming error (two owners of one section)."""
+    if name in CORE_KEYS:
+        raise ValueError(f"{name!r} is a core manifest key, not an extension section")
+    known = _SECTIONS.get(name)
+    if known is not None and (known.parse is not parse or known.critical != critical):
+        raise ValueError(f"manifest section {name!r} is already registered")
+    _SECTIONS[name] = SectionType(name, parse, critical)
+
+
+def registered_sections() -> dict[str, SectionType]:
+    return dict(_SECTIONS)
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    path: str | None = None
+    format: str | None = None
+    sha256: str | None = None
+    notes: tuple = ()
+
+
+@dataclass(frozen=True)
+class PrecisionInfo:
+    """``mode`` as written: a string ("int8", "mixed:fp32+int8") in the bundles of today; the precision
+    module (edgemm.precision) owns its vocabulary. ``label`` is the one-word form the reports show."""
+    mode: Any
+    recipe: Mapping = field(default_factory=dict)
+    notes: tuple = ()
+    simulated_accuracy: Any = None
+    exclusions: Any = None
+
+    @property
+    def label(self) -> str:
+        return str(self.mode)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str | None = None
+    kind: str | None = None
+    backend: str | None = None
+    compute_capability: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """The fields every session reads, typed; backend-specific ones (TensorRT's portable, build_config,
+    ...) through ``get``. ``section`` is the backend object as written."""
+    name: str
+    model: str | None = None
+    onnx: str | None = None
+    engine: str | None = None
+    built: Mapping | None = None
+    options: Mapping | None = None
+    providers: tuple | None = None
+    build_script: str | None = None
+    disabled_optimizers: tuple | None = None
+    section: Mapping = field(default_factory=dict, repr=False, compare=False)
+
+    def get(self, key: str, default=None):
+        return self.section.get(key, default)
+
+    @property
+    def model_file(self) -> str | None:
+        """The ONNX file the bundle runs or builds from (ORT bundles name it ``model``, TensorRT ``onnx``)."""
+        return self.onnx or self.model
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    metric: str
+    outputs: tuple[str, ...]
+
+
+# The top-level keys this module types; anything else is a named section (registered or kept as is).
+CORE_KEYS = frozenset(REQUIRED_KEYS) | {"created", "requires", "source", "calibration", "export", "prune", "task",
+                                        "output_heads", "versions", "host"}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A bundle's manifest, validated once on load (``from_dict``). Read its fields as attributes; write
+    one with ``to_dict()`` (the document as read: unknown sections and the format version preserved)."""
+    format_version: int
+    name: str
+    inputs: tuple[Mapping, ...]       # TensorSpec dicts (edgemm.runtime.parse_io turns them into specs)
+    outputs: tuple[Mapping, ...]
+    precision: PrecisionInfo
+    target: TargetInfo
+    backend: BackendInfo
+    files: Mapping[str, str]
+    created: str | None = None
+    requires: tuple[str, ...] = ()
+    source: SourceInfo | None = None
+    task: TaskInfo | None = None
+    calibration: Mapping | None = None
+    export: Mapping | None = None
+    prune: Mapping | None = None
+    output_heads: Any = None
+    versions: Mapping = field(default_factory=dict)
+    host: Mapping = field(default_factory=dict)
+    sections: Mapping[str, Any] = field(default_factory=dict)   # other named sections, as written
+    _document: dict = field(default_factory=dict, repr=False, compare=False)
+    _parsed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [d["name"] for d in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [d["name"] for d in self.outputs]
+
+    def section(self, name: str, default=None):
+        """A named section: the parsed object when its type is registered, else the value as written."""
+        if name not in self.sections:
+            return default
+        kind = _SECTIONS.get(name)
+        if kind is None:
+            return self.sections[name]
+        if name not in self._parsed:   # registered after this manifest was read
+            self._parsed[name] = _parse_section(kind, self.sections[name], None)
+        return self._parsed[name]
+
+    def to_dict(self) -> dict:
+        """The document (a deep copy): what ``write_json_atomic`` writes back."""
+        return copy.deepcopy(self._document)
+
+    # Transitional: mapping-style reads (manifest["backend"]) for code not yet moved to the attributes.
+    # (copies, so that no caller edits the validated document in place: edit ``to_dict()`` instead)
+    def __getitem__(self, key: str):
+        return copy.deepcopy(self._document[key])
+
+    def get(self, key: str, default=None):
+        return copy.deepcopy(self._document.get(key, default))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._document
+
+    @classmethod
+    def from_dict(cls, document: Any, *, source: os.PathLike | str = MANIFEST_NAME) -> "Manifest":
+        return _parse_manifest(document, Path(source))
+
+
+def _parse_section(kind: SectionType, value: Any, path: Path | None) -> Any:
+    def bad(what: str, field: str | None = None) -> BundleError:
+        return BundleError(what, file=path, field=f"{kind.name}.{field}" if field else kind.name,
+                           fix="recompile the bundle; never edit a manifest by hand")
+    return kind.parse(value, bad)
+
+
+def _parse_manifest(document: Any, path: Path) -> Manifest:
+    if not isinstance(document, dict):
         raise BundleError("top level is not an object", file=path, fix="recompile the bundle")
+    manifest = document
     for key in REQUIRED_KEYS:
         if key not in manifest:
             raise BundleError("missing key", file=path, field=key, fix="recompile the bundle")
@@ -168,7 +359,80 @@ def read_manifest(bundle_dir: os.PathLike) -> dict:
             raise BundleError(f"must be a {kind.__name__}, not {type(value).__name__}", file=path,
                               field=f"backend.{key}", fix="recompile the bundle")
     _check_sections(manifest, path)
-    return manifest
+    requires = _check_requires(manifest, version, path)
+    sections = {k: v for k, v in manifest.items() if k not in CORE_KEYS}
+    parsed = {name: _parse_section(_SECTIONS[name], value, path) for name, value in sections.items()
+              if name in _SECTIONS}
+    document = copy.deepcopy(manifest)
+    return _build(document, version, requires, sections, parsed)
+
+
+def _optional_str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _build(doc: dict, version: int, requires: tuple, sections: dict, parsed: dict) -> Manifest:
+    """The typed view of a validated document (the checks above made every field safe to read)."""
+    backend, precision, target = doc["backend"], doc["precision"], doc["target"]
+    source = doc.get("source") if isinstance(doc.get("source"), dict) else None
+    notes = precision.get("notes")
+    task = doc.get("task")
+    return Manifest(
+        format_version=version, name=doc["name"], inputs=tuple(doc["inputs"]), outputs=tuple(doc["outputs"]),
+        precision=PrecisionInfo(
+            mode=precision.get("mode"), recipe=precision.get("recipe") if isinstance(precision.get("recipe"), dict)
+            else {}, notes=tuple(notes) if isinstance(notes, list) else (),
+            simulated_accuracy=precision.get("simulated_accuracy"), exclusions=precision.get("exclusions")),
+        target=TargetInfo(**{k: _optional_str(target.get(k)) for k in ("name", "kind", "backend")},
+                          compute_capability=target.get("compute_capability")),
+        backend=BackendInfo(
+            name=backend["name"], model=backend.get("model"), onnx=backend.get("onnx"), engine=backend.get("engine"),
+            built=backend.get("built"), options=backend.get("options"),
+            providers=None if backend.get("providers") is None else tuple(backend["providers"]),
+            build_script=backend.get("build_script"),
+            disabled_optimizers=None if backend.get("disabled_optimizers") is None
+            else tuple(backend["disabled_optimizers"]), section=backend),
+        files=doc["files"], created=_optional_str(doc.get("created")), requires=requires,
+        source=None if source is None else SourceInfo(
+            path=_optional_str(source.get("path")), format=_optional_str(source.get("format")),
+            sha256=_optional_str(source.get("sha256")),
+            notes=tuple(source["notes"]) if isinstance(source.get("notes"), list) else ()),
+        task=None if task is None else TaskInfo(task["metric"], tuple(task["outputs"])),
+        calibration=doc.get("calibration") if isinstance(doc.get("calibration"), dict) else None,
+        export=doc.get("export") if isinstance(doc.get("export"), dict) else None,
+        prune=doc.get("prune"), output_heads=doc.get("output_heads"),
+        versions=doc.get("versions") if isinstance(doc.get("versions"), dict) else {},
+        host=doc.get("host") if isinstance(doc.get("host"), dict) else {},
+        sections={k: doc[k] for k in sections}, _document=doc, _parsed=dict(parsed))
+
+
+def _check_requires(manifest: dict, version: int, path: Path) -> tuple[str, ...]:
+    """v2's "requires": every named section must be present and understood by this edgemm."""
+    requires = manifest.get("requires")
+    if requires is None:
+        return ()
+    if version < 2 or not isinstance(requires, list) or not all(isinstance(r, str) for r in requires):
+        raise BundleError("must be a list of section names (format_version 2 and later)", file=path,
+                          field="requires", fix="recompile the bundle; never edit a manifest by hand")
+    for name in requires:
+        if name not in manifest:
+            raise BundleError(f"names section {name!r}, which the manifest does not have", file=path,
+                              field="requires", fix="recompile the bundle")
+        if name not in CORE_KEYS and name not in _SECTIONS:
+            raise BundleError(f"the bundle needs manifest section {name!r}, which this edgemm does not know",
+                              file=path, field=name, fix="upgrade edgemm to run this bundle")
+    return tuple(requires)
+
+
+def manifest_document(manifest: dict) -> dict:
+    """A manifest being written: the format, version and "requires" (the critical sections it holds) added
+    in front, then validated as a reader will (a writer bug fails the compile, not the device)."""
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION,
+           **{k: v for k, v in manifest.items() if k not in ("format", "format_version", "requires")}}
+    critical = sorted(k for k in doc if k in _SECTIONS and _SECTIONS[k].critical)
+    if critical:
+        doc["requires"] = critical
+    return doc
 
 
 # The optional sections verify and the reports read, field by field: (type, required). "number" is a finite
@@ -234,7 +498,7 @@ def _check_sections(manifest: dict, path: Path) -> None:
         _check_value(prune, _PRUNE_SPEC, "prune", path)
 
 
-def verify_files(bundle_dir: os.PathLike, manifest: dict) -> None:
+def verify_files(bundle_dir: os.PathLike, manifest: "Manifest") -> None:
     """Every listed file exists with its hash; no unlisted file sits in the bundle."""
     bundle_dir = Path(bundle_dir)
     source = str(bundle_dir / MANIFEST_NAME)
@@ -261,7 +525,7 @@ def verify_files(bundle_dir: os.PathLike, manifest: dict) -> None:
                               field="files", fix="remove it, or recompile the bundle")
 
 
-def load_manifest(bundle_dir: os.PathLike, *, verify: bool = True) -> dict:
+def load_manifest(bundle_dir: os.PathLike, *, verify: bool = True) -> Manifest:
     manifest = read_manifest(bundle_dir)
     if verify:
         verify_files(bundle_dir, manifest)

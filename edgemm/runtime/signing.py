@@ -417,7 +417,7 @@ def _files_differ(bundle_dir: Path, info: SignatureInfo) -> SecurityError:
     return SecurityError("the files changed while the signature was checked", file=bundle_dir, fix=fix)
 
 
-def bind_manifest(bundle_dir: os.PathLike, manifest: dict, info: SignatureInfo) -> None:
+def bind_manifest(bundle_dir: os.PathLike, manifest, info: SignatureInfo) -> None:
     """The manifest the runtime parsed must be the signed one, and its files the signed files: so the
     hashes the backend's bytes are checked against (the manifest's) are the signed hashes."""
     bundle_dir = Path(bundle_dir)
@@ -430,7 +430,7 @@ def bind_manifest(bundle_dir: os.PathLike, manifest: dict, info: SignatureInfo) 
     if hashlib.sha256(text).hexdigest() != info.digests.get(MANIFEST_NAME):
         raise SecurityError("is not the signed manifest (changed while loading)", file=source, fix=fix)
     try:
-        same = json.loads(text) == manifest
+        same = json.loads(text) == manifest.to_dict()
     except (ValueError, RecursionError):
         same = False
     if not same:

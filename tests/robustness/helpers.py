@@ -56,3 +56,11 @@ def error_lines(stderr: str) -> list[str]:
     """stderr minus `edgemm compile`'s progress lines (indented by two spaces, printed before the
     failure); what remains must be the single error line."""
     return [line for line in stderr.splitlines() if line.strip() and not line.startswith("  ")]
+
+
+def manifest_body(name: str) -> dict:
+    """The smallest manifest BundleWriter.write_manifest accepts (it validates as a reader will), for the
+    tests of the writer's commit protocol: one model.onnx on ONNX Runtime."""
+    spec = {"name": "x", "dtype": "float32", "shape": [1]}
+    return {"name": name, "inputs": [spec], "outputs": [dict(spec, name="y")], "precision": {"mode": "fp32"},
+            "target": {"name": "cpu"}, "backend": {"name": "onnxruntime", "model": "model.onnx"}}

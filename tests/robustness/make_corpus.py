@@ -514,7 +514,9 @@ def _t_manifest_deep(b, good, work):
 
 
 def _t_manifest_huge_int(b, good, work):
-    text = (b / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 1' + "0" * 6000)
+    text = re.sub(r'"format_version": (\d+)', lambda m: f'"format_version": {m[1]}' + "0" * 6000,
+                  (b / "manifest.json").read_text(), count=1)
+    assert "0" * 6000 in text, "the manifest's format_version was not found"
     (b / "manifest.json").write_text(text)
     return str(b / "manifest.json"), None
 

@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 
-import pytest
 from pathlib import Path
 
+import pytest
+
 from edgemm.bundle import STAGING_PREFIX, BundleWriter, sweep_stale_staging
+from tests.robustness.helpers import manifest_body
 
 
 def test_failed_write_removes_the_folders_it_made(tmp_path):
@@ -82,11 +84,12 @@ def test_two_concurrent_writers_keep_their_staging_and_both_commit(tmp_path):
         "import sys, time\n"
         "from pathlib import Path\n"
         "from edgemm.bundle import BundleWriter\n"
+        "from tests.robustness.helpers import manifest_body\n"
         "with BundleWriter(Path(sys.argv[1])) as w:\n"
         "    (w.stage / 'model.onnx').write_bytes(b'x')\n"
         "    print(w.stage.name, flush=True)\n"
         "    sys.stdin.read()\n"
-        "    w.write_manifest({'name': 'a'})\n"
+        "    w.write_manifest(manifest_body('a'))\n"
         "    w.commit()\n")
     from tests.robustness.helpers import cli_env
     first = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "a")], stdin=subprocess.PIPE,
@@ -96,7 +99,7 @@ def test_two_concurrent_writers_keep_their_staging_and_both_commit(tmp_path):
         with BundleWriter(tmp_path / "b") as writer:  # its __enter__ sweeps the parent
             assert (tmp_path / stage / "model.onnx").is_file()
             (writer.stage / "model.onnx").write_bytes(b"y")
-            writer.write_manifest({"name": "b"})
+            writer.write_manifest(manifest_body("b"))
             writer.commit()
     finally:
         first.communicate("")
@@ -114,6 +117,6 @@ def test_killed_writer_is_swept_by_the_next(tmp_path):
     assert any(p.name.startswith(STAGING_PREFIX) for p in tmp_path.iterdir())
     with BundleWriter(tmp_path / "b") as writer:
         (writer.stage / "model.onnx").write_bytes(b"y")
-        writer.write_manifest({"name": "b"})
+        writer.write_manifest(manifest_body("b"))
         writer.commit()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

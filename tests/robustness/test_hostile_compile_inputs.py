@@ -20,7 +20,7 @@ import pytest
 from edgemm.bundle import STAGING_PREFIX, BundleWriter
 from edgemm.config import CompileConfig
 from edgemm.errors import EdgemmError, InputError
-from tests.robustness.helpers import cli_env, error_lines, run_edgemm, tree_snapshot
+from tests.robustness.helpers import cli_env, error_lines, manifest_body, run_edgemm, tree_snapshot
 
 
 def _one_line_error(res, rc=2) -> str:
@@ -52,7 +52,7 @@ def _fake_bundle(folder: Path, name: str = "old") -> Path:
 
 def _stage_bundle(writer: BundleWriter, name: str) -> None:
     (writer.stage / "model.onnx").write_bytes(name.encode())
-    writer.write_manifest({"name": name})
+    writer.write_manifest(manifest_body(name))
 
 
 def _leftovers(parent: Path) -> list[str]:

@@ -211,7 +211,7 @@ def test_model_and_manifest_replaced_consistently_are_refused(signed, keys, back
     model = onnx.load(str(signed / "model.onnx"))
     model.graph.node.append(helper.make_node("Identity", ["logits"], ["logits_copy"]))
     onnx.save(model, str(signed / "model.onnx"))
-    manifest = read_manifest(signed)
+    manifest = read_manifest(signed).to_dict()
     manifest["files"]["model.onnx"] = sha256_file(signed / "model.onnx")
     write_json_atomic(signed / "manifest.json", manifest)
     _refused(signed, backend_calls, "differs from the signed bundle", trusted_keys=[keys["pub"]])
@@ -315,9 +315,9 @@ def test_a_manifest_swapped_after_the_signature_check_is_refused(signed, keys, b
     real = manifest_module.load_manifest
 
     def swapped(path, *, verify=True):
-        m = real(path, verify=verify)
-        m["files"] = dict(m["files"], **{"model.onnx": "0" * 64})
-        return m
+        doc = real(path, verify=verify).to_dict()
+        doc["files"] = dict(doc["files"], **{"model.onnx": "0" * 64})
+        return manifest_module.Manifest.from_dict(doc)
 
     monkeypatch.setattr(rt, "load_manifest", swapped)
     _refused(signed, backend_calls, "is not the signed manifest", trusted_keys=[keys["pub"]])

@@ -257,9 +257,10 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     # build_engine writes the engine atomically (a locked temp file, renamed into place only when whole)
     built = build_engine(onnx_path, engine_path, options, timing_cache=timing_cache)
     built["tensorrt_version"] = built.get("tensorrt_version") or trt.__version__
-    backend.update(portable=False, engine=engine_rel, built=built)
-    manifest["files"][engine_rel] = sha256_file(engine_path)
-    write_json_atomic(bundle_dir / manifest_name, manifest)
+    document = manifest.to_dict()   # the manifest as read (its version and unknown sections kept)
+    document["backend"].update(portable=False, engine=engine_rel, built=built)
+    document["files"][engine_rel] = sha256_file(engine_path)
+    write_json_atomic(bundle_dir / manifest_name, document)
     return engine_path
 
 
@@ -292,6 +293,7 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
     import time
 
     from ...runtime.atomic import write_bytes_atomic
+    from ...runtime.manifest import Manifest
     from ...runtime.tensorrt_session import (TensorRTSession, _Capture, cuda_device, import_tensorrt, plan_version,
                                              same_version, select_device)
 
@@ -330,14 +332,14 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
              "gpu": dev["name"], "integrated": bool(dev.get("integrated")),
              "dla_cores": int(getattr(runtime, "num_DLA_cores", 0)), "adopted_from": engine_file.name,
              "builder": "trtexec", "plan_version": header, "engine_bytes": len(data), "engine_sha256": digest}
-    trial = json.loads(json.dumps(manifest))
+    trial = manifest.to_dict()
     trial["backend"].update(portable=False, engine=engine_rel, built=built)
     trial["files"][engine_rel] = digest
     with tempfile.TemporaryDirectory(prefix=".edgemm-adopt-", dir=bundle_dir.parent) as tmp:
         scratch = Path(tmp) / engine_rel
         scratch.parent.mkdir(parents=True, exist_ok=True)
         scratch.write_bytes(data)
-        session = TensorRTSession(Path(tmp), trial)
+        session = TensorRTSession(Path(tmp), Manifest.from_dict(trial, source=scratch.parent / manifest_name))
         feeds = _smoke_feeds(manifest, options)
         try:
             session.run(feeds)   # the first call allocates; time the next ones

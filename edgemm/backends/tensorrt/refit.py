@@ -72,9 +72,10 @@ def refit_bundle(bundle_dir: Path, new_onnx: Path, *, trusted_keys=None, require
     onnx_bytes = new_onnx.read_bytes()
     write_bytes_atomic(engine_path, view, fsync=True)
     write_bytes_atomic(onnx_path, onnx_bytes, fsync=True)   # a later rebuild uses the new weights too
-    manifest["files"][engine_rel] = hashlib.sha256(view).hexdigest()
-    manifest["files"][onnx_rel] = hashlib.sha256(onnx_bytes).hexdigest()
-    built["refitted_from_sha256"] = manifest["files"][onnx_rel]
-    backend["built"] = built
-    write_json_atomic(bundle_dir / manifest_name, manifest)
+    document = manifest.to_dict()   # the manifest as read (its version and unknown sections kept)
+    document["files"][engine_rel] = hashlib.sha256(view).hexdigest()
+    document["files"][onnx_rel] = hashlib.sha256(onnx_bytes).hexdigest()
+    built["refitted_from_sha256"] = document["files"][onnx_rel]
+    document["backend"]["built"] = built
+    write_json_atomic(bundle_dir / manifest_name, document)
     return built
