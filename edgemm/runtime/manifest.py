@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
+from .. import precision as precision_vocabulary
 from ..errors import BundleError
 from .atomic import create_temp_beside, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
 
@@ -151,7 +152,8 @@ def read_manifest(bundle_dir: os.PathLike) -> "Manifest":
 #   2  adds "requires": the names of sections a reader must understand to run the bundle (a split
 #      pipeline, CPU variants with ISA requirements). A v1 reader would silently ignore such a section
 #      and run the bundle wrongly; the version bump makes it refuse instead, and a v2 reader refuses a
-#      bundle whose required section it does not know ("upgrade edgemm").
+#      bundle whose required section it does not know ("upgrade edgemm"). precision.mode of a mixed build
+#      is "mixed" with precisions/per_branch beside it (edgemm.precision), no longer "mixed:fp32+int8".
 #
 # Adding a section (calibration_profile, pipeline, variants, ...): write a torch-free parser
 # ``parse(value, bad) -> typed object`` that raises ``bad(what, field)`` on a malformed value, and call
@@ -198,17 +200,24 @@ class SourceInfo:
 
 @dataclass(frozen=True)
 class PrecisionInfo:
-    """``mode`` as written: a string ("int8", "mixed:fp32+int8") in the bundles of today; the precision
-    module (edgemm.precision) owns its vocabulary. ``label`` is the one-word form the reports show."""
+    """The precision section. ``mode`` as written: "int8", or (format 2) "mixed" with ``precisions`` and
+    ``per_branch`` beside it; format-1 bundles wrote "mixed:fp32+int8". edgemm.precision owns the
+    vocabulary: ``label`` is its one word for reports, ``value`` its ``Precision`` (raises on a mode this
+    edgemm does not know; the runtime never needs it)."""
     mode: Any
     recipe: Mapping = field(default_factory=dict)
     notes: tuple = ()
     simulated_accuracy: Any = None
     exclusions: Any = None
+    section: Mapping = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def label(self) -> str:
-        return str(self.mode)
+        return str(precision_vocabulary.label_of(dict(self.section)))
+
+    @property
+    def value(self) -> "precision_vocabulary.Precision":
+        return precision_vocabulary.parse(dict(self.section))
 
 
 @dataclass(frozen=True)
@@ -382,7 +391,8 @@ def _build(doc: dict, version: int, requires: tuple, sections: dict, parsed: dic
         precision=PrecisionInfo(
             mode=precision.get("mode"), recipe=precision.get("recipe") if isinstance(precision.get("recipe"), dict)
             else {}, notes=tuple(notes) if isinstance(notes, list) else (),
-            simulated_accuracy=precision.get("simulated_accuracy"), exclusions=precision.get("exclusions")),
+            simulated_accuracy=precision.get("simulated_accuracy"), exclusions=precision.get("exclusions"),
+            section=precision),
         target=TargetInfo(**{k: _optional_str(target.get(k)) for k in ("name", "kind", "backend")},
                           compute_capability=target.get("compute_capability")),
         backend=BackendInfo(

@@ -93,3 +93,13 @@ def test_a_compiled_bundle_is_written_at_the_current_format(tiny_bundle):
     assert "requires" not in doc   # nothing critical in a plain bundle: a reader needs nothing new
     manifest = mf.load_manifest(tiny_bundle)
     assert manifest.to_dict() == doc and manifest.target.name == doc["target"]["name"]
+
+
+def test_precision_reads_the_old_text_form_and_the_structured_one(v1_copy):
+    _edit(v1_copy, lambda d: d["precision"].update(mode="mixed:fp32+int8"))
+    old = mf.load_manifest(v1_copy).precision
+    _edit(v1_copy, lambda d: d["precision"].update(mode="mixed", precisions=["fp32", "int8"],
+                                                     per_branch={"vision": "int8", "text": "fp32"}))
+    new = mf.load_manifest(v1_copy).precision
+    assert old.label == new.label == "mixed:fp32+int8"
+    assert new.value.per_branch == {"vision": "int8", "text": "fp32"} and old.value.parts == ("fp32", "int8")
