@@ -93,11 +93,9 @@ def output_sample_count(available: int, batch: int, static: bool) -> int:
 
 def profile_outputs(onnx_path: Path, arrays: dict[str, np.ndarray], batch: int, n: int) -> dict:
     """The FP32 model's outputs on the first ``n`` calibration samples, ``batch`` per call."""
-    import onnxruntime as ort
+    from .onnx_io import cpu_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(onnx_path, spinning=False)
     names = [o.name for o in sess.get_outputs()]
     parts: dict[str, list] = {name: [] for name in names}
     for start in range(0, n, batch):
@@ -117,11 +115,10 @@ def profile_outputs(onnx_path: Path, arrays: dict[str, np.ndarray], batch: int, 
 def build_profile(fp32_onnx: Path, arrays: dict[str, np.ndarray], batch: int, *, static_batch: bool = False) -> dict:
     """The manifest's ``calibration_profile`` for the calibration ``arrays`` (input name -> samples);
     ``batch``: samples per call of the FP32 model (its fixed batch when ``static_batch``)."""
-    import onnx
-
     from .onnx_graph import embedding_sizes
+    from .onnx_io import load_graph
 
-    vocab = embedding_sizes(onnx.load(str(fp32_onnx), load_external_data=False))
+    vocab = embedding_sizes(load_graph(fp32_onnx))
     profile = {"version": PROFILE_VERSION, "samples": int(next(iter(arrays.values())).shape[0]),
                "inputs": profile_inputs(arrays, vocab)}
     n_out = output_sample_count(profile["samples"], batch, static_batch)
