@@ -35,6 +35,7 @@ import numpy as np
 from ..signature import call_module
 from ..errors import InputError, ParityError, first_line
 from .branches import branch_of, find_branches
+from .dep_budget import Budget, all_groups, walk_failure
 from .fastpath import mha_fastpath_off
 from .heads import attention_layers, find_attention, head_scores, kept_attention, remove_heads
 from .importance import ActivationStats, group_importance
@@ -144,6 +145,9 @@ def prune(module, example_feeds: Mapping[str, np.ndarray], calib: Mapping[str, n
             stages[failed.stage] = False
             what = {"heads": "attention heads kept", "width": "residual width kept"}[failed.stage]
             notes.append(f"{what}: pruning them broke the model ({failed.error.detail})")
+    for reason, count in skipped.items():
+        if "group left whole" in reason:
+            notes.append(f"{count} channel group(s): {reason}")
     if stages["heads"] and any(ratios.values()):
         kept = kept_attention(module, {site["path"] for site in head_report["sites"]})
         if kept:
@@ -345,7 +349,12 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
     plans: list[_GroupPlan] = []
     skipped: dict[str, int] = {}
     roots = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    for group in graph.get_all_groups(root_module_types=roots):
+    budget = Budget().watch(graph)
+
+    def walk_failed(_module, reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    for group in all_groups(graph, roots, budget, walk_failed):
         root = group[0].dep.target.module
         path = graph._module2name.get(root, "")
         reason = _unsafe_reason(group, attention, in_fns, tp, nn, width)
@@ -372,9 +381,16 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
     plans = plans[:limit]
 
     # Zero the removed channels' consumer weights in the reference copy (original coordinates) ...
-    for plan in plans if masked is not None else []:
+    for plan in list(plans) if masked is not None else []:
         fn = graph.get_pruner_of_module(plan.root).prune_out_channels
-        for item in graph.get_pruning_group(plan.root, fn, plan.drop):
+        try:
+            with budget.group():
+                group = graph.get_pruning_group(plan.root, fn, plan.drop)
+        except Exception as exc:  # noqa: BLE001 - as in all_groups: the group stays whole
+            walk_failed(plan.root, walk_failure(exc))
+            plans.remove(plan)
+            continue
+        for item in group:
             if item.dep.handler in in_fns:
                 target = masked.get_submodule(graph._module2name[item.dep.target.module])
                 with _no_grad():
@@ -383,7 +399,12 @@ def _prune_groups(student, masked, names, feeds, branches, ratios, stats, round_
     report = []
     for plan in plans:
         fn = graph.get_pruner_of_module(plan.root).prune_out_channels
-        group = graph.get_pruning_group(plan.root, fn, plan.drop)
+        try:
+            with budget.group():
+                group = graph.get_pruning_group(plan.root, fn, plan.drop)
+        except Exception as exc:  # noqa: BLE001 - re-derived after earlier removals: may walk differently
+            walk_failed(plan.root, walk_failure(exc))
+            continue
         if not graph.check_pruning_group(group):
             skipped["would empty a layer"] = skipped.get("would empty a layer", 0) + 1
             continue

@@ -53,7 +53,9 @@ SLOW_SAMPLE = [("early_fusion_transformer", "pt2-kw", "branch"), ("early_fusion_
                ("early_fusion_transformer", "pt2-kw", "int8-orin"), ("timesformer_text", "pt2-kw", "fp8-h100"),
                ("vit_distilbert_xattn", "pt2-kw", "branch"), ("vit_distilbert_xattn", "pt2", "int8"),
                ("wav2vec2_text", "pt2-kw", "int8"), ("wav2vec2_text", "pt2-kw", "prune"),
-               ("kwonly_xattn", "pt2-kw", "int8")]
+               ("kwonly_xattn", "pt2-kw", "int8"),
+               # torch-pruning's dependency walk looped (> 9 min) / raised on these: bounded, group left whole
+               ("kwonly_xattn", "pt2-kw", "prune"), ("conv_gru", "pt2-kw", "prune")]
 
 
 @pytest.mark.slow
