@@ -254,11 +254,13 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
 
         _check_token_ids(fp32, (calib, evald))
         profile = _calibration_profile(fp32, calib_arrays, specs)
-        prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out)
+        prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out,
+                                batches=timing_batches(specs))
 
         backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
         if backend == "onnxruntime" and cfg.tune_threads:
             _tune_threads(backend_section, writer.stage, sample_feeds(check_data, specs, _batch_of(specs)), say)
+        variants = _package_variants(prec, backend_section, writer.stage) if prec.variants else None
         manifest = {
             "name": name,
             "source": {"path": Path(loaded.source).name if loaded.format != "factory" else loaded.source,
@@ -282,6 +284,8 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             "versions": versions(),
             "host": {"cpu": cpu_info()},
         }
+        if variants:
+            manifest["variants"] = variants
         manifest = writer.write_manifest(manifest)
         report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say,
                                 original=unpruned if prune_info else None, judged_on=judged_on)
@@ -404,8 +408,19 @@ def _work_dir(writer):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def timing_batches(specs) -> tuple[int, ...]:
+    """The batch sizes choices are timed at: the fixed batch, or 1 and 8 within the declared batch range
+    (the winner changes with batch: issue #20)."""
+    first = specs[0] if specs else None
+    if first is None or not first.shape or isinstance(first.shape[0], int):
+        return (_batch_of(specs),)
+    rng = first.ranges.get(first.shape[0])
+    low, high = (rng.min, rng.max) if rng is not None else (1, 8)
+    return tuple(sorted({max(low, 1), max(min(8, high), 1)}))
+
+
 def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_arrays, evald, loaded, say, *,
-                     held_out=None):
+                     held_out=None, batches=(1,)):
     """One precision everywhere, one per modality branch (--precision a=b,...), or the accuracy-aware
     search (--accuracy-target). ``held_out``: calibration samples kept for judging (no --eval)."""
     from .quant import PrecisionRequest, apply_precision
@@ -440,7 +455,7 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
     return apply_precision(fp32, out, PrecisionRequest(
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
         int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, exclude=_exclude_patterns(cfg),
-        held_out=held_out, log=say))
+        held_out=held_out, batches=tuple(batches), cpu_engines=cfg.cpu_engines, log=say))
 
 
 def _prune_stage(loaded: LoadedModel, specs, calib: Dataset, evald: Dataset | None, cfg: CompileConfig, say):
@@ -560,6 +575,25 @@ def _branch_overrides(cfg: CompileConfig):
     from .quant.branches import parse_branch_overrides
 
     return parse_branch_overrides(cfg.branch)
+
+
+def _package_variants(prec, fallback_section: dict, stage: Path) -> list[dict]:
+    """The CPU engine search's faster variants written into the bundle, fastest first, then the ORT model
+    (the fallback, which the top-level ``backend`` section also names)."""
+    from .backends import openvino as ovb
+    from .quant.cpu_engines import fallback_variant
+
+    out = []
+    for variant in prec.variants:
+        section = ovb.save_variant(variant["model"], stage, variant["name"], variant["inference_precision"])
+        out.append({k: v for k, v in variant.items() if k not in ("model", "inference_precision")} |
+                   {"backend": section})
+    table = prec.recipe["engines"]["table"]
+    row = next(r for r in table if r["name"] == "onnxruntime-int8")
+    from .quant.cpu_engines import EngineRow
+
+    out.append(fallback_variant(EngineRow(**row), fallback_section))
+    return out
 
 
 def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs, recipe,

@@ -59,6 +59,7 @@ class CompileConfig:
     cuda_graph: bool = False             # TensorRT runtime: replay CUDA graphs
     force: bool = False                  # replace an existing bundle
     tune_threads: bool = True            # CPU bundles: record 1 intra-op thread when measured faster
+    cpu_engines: str = "auto"            # CPU --int8: "auto" also measures OpenVINO (when installed), "onnxruntime" not
 
     def validate(self) -> None:
         check_name(self.precision, allowed=PRECISIONS)
@@ -110,6 +111,8 @@ class CompileConfig:
             raise InputError("must lie in [0, 1]", field="--min-top1", fix="e.g. --min-top1 0.95")
         if self.min_cosine is not None and not (-1.0 <= self.min_cosine <= 1.0):
             raise InputError("must lie in [-1, 1]", field="--min-cosine", fix="e.g. --min-cosine 0.99")
+        if self.cpu_engines not in ("auto", "onnxruntime"):
+            raise InputError(f"unknown value {self.cpu_engines!r}", field="--cpu-engines", fix="auto or onnxruntime")
         if self.opt_level not in OPT_LEVELS:
             raise InputError(f"must be 0..5, not {self.opt_level!r}", field="--opt-level", fix="e.g. --opt-level 3")
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:

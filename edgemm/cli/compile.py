@@ -63,6 +63,9 @@ from .options import FINITE_FLOAT, verbose_option
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--no-thread-tuning", is_flag=True,
               help="Do not time 1 vs default ORT threads (CPU bundles); keep ORT's default.")
+@click.option("--cpu-engines", type=click.Choice(["auto", "onnxruntime"]), default="auto", show_default=True,
+              help="CPU --int8: also measure OpenVINO FP32/BF16/INT8 on this host and carry the faster ones as "
+                   "variants (auto, when edgemm[openvino] is installed), or ONNX Runtime only.")
 @click.option("--config", "config_file", type=click.Path(),
               help="Load the whole config from a JSON file (trust only from --trust-pickle beside it).")
 @click.option("--dump-config", is_flag=True, help="Print the config as JSON and exit.")
@@ -70,7 +73,7 @@ from .options import FINITE_FLOAT, verbose_option
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
             output_names, static_batch, max_batch, exporter, int8_recipe, exclude, min_cosine, min_top1, max_metric_drop, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
-            opt_level, version_compatible, hardware_compatibility, force, no_thread_tuning, config_file, dump_config,
+            opt_level, version_compatible, hardware_compatibility, force, no_thread_tuning, cpu_engines, config_file, dump_config,
             as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
     from ..errors import InputError
@@ -102,7 +105,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             workspace_mb=workspace_mb, opt_level=opt_level,
                             version_compatible=version_compatible,
                             hardware_compatibility=hardware_compatibility, force=force,
-                            tune_threads=not no_thread_tuning)
+                            tune_threads=not no_thread_tuning, cpu_engines=cpu_engines)
     cfg.validate()
     if dump_config:
         click.echo(json.dumps(cfg.to_file_dict(), indent=2))

@@ -28,6 +28,8 @@ class PrecisionRequest:
     dla: bool = False
     exclude: list[str] = field(default_factory=list)   # --exclude patterns (quant/exclusions.py)
     held_out: dict[str, np.ndarray] | None = None      # samples to judge choices on, never calibrated on
+    batches: tuple[int, ...] = (1,)                     # batch sizes the bundle declares, for timing choices
+    cpu_engines: str = "auto"                           # "auto": OpenVINO candidates too, when installed
     log: Callable[[str], None] = print
 
 
@@ -46,6 +48,8 @@ class PrecisionResult:
         from ..precision import Precision, parse
 
         return Precision(parse(self.mode).parts, self.per_branch)
+    # CPU engine search (quant/cpu_engines.py): faster variants to carry beside this one, fastest first
+    variants: list = field(default_factory=list)
 
 
 def _fp32(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
@@ -76,16 +80,36 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
     kwargs = {} if req.min_cosine is None else {"min_cosine": req.min_cosine}
     selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log,
                                        exclude=req.exclude, held_out=req.held_out, **kwargs)
+    engines = None
+    if req.cpu_engines == "auto":
+        from ..backends import openvino as ovb
+
+        if ovb.available():
+            from .cpu_engines import engine_search_for
+
+            engines = engine_search_for(fp32_onnx, selection, req.calib, req.held_out, batches=req.batches,
+                                        min_cosine=selection.min_cosine, exclude=req.exclude, log=req.log)
+        else:
+            req.log("CPU engine search: ONNX Runtime only (pip install 'edgemm[openvino]' to also measure "
+                    "OpenVINO FP32/BF16/INT8 on this host)")
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
               "candidates": _jsonable(selection.table)}
+    if engines is not None:
+        recipe["engines"] = {"batches": engines.batches, "seconds": engines.seconds,
+                             "table": _jsonable(engines.table)}
     notes = []
     chosen = next((r for r in recipe["candidates"] if r.get("status") == "selected"), {})
     if (chosen.get("p50_ratio") or 0) > 0.95:
         # Small models are bound by per-op overhead, not arithmetic: INT8 may buy size, not speed.
         notes.append(f"INT8 measured {chosen['p50_ratio']:.2f}x FP32 latency on this CPU (no speed-up for this "
                      "model); the bundle is smaller, but prefer --fp32 if latency is what matters")
-    return PrecisionResult(out, "int8", recipe, notes=notes)
+    if engines is not None and engines.variants:
+        best = engines.variants[0]
+        notes.append(f"CPU engine search: {best['name']} runs {best['measured']['score']:.2f}x ORT FP32 here "
+                     f"(ORT INT8 {next(r.score for r in engines.table if r.name == 'onnxruntime-int8'):.2f}x); "
+                     f"the bundle carries {len(engines.variants) + 1} variants and the runtime picks by host ISA")
+    return PrecisionResult(out, "int8", recipe, notes=notes, variants=engines.variants if engines else [])
 
 
 def _qdq_trt(mode: str):

@@ -6,28 +6,34 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ..errors import BundleError, EdgemmError, InputError
+from ..errors import BundleError, DependencyError, EdgemmError, InputError
 from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape, dynamic_batch_input
 from . import signing
 from .manifest import MANIFEST_NAME, load_manifest
 
 __all__ = ["load", "Bundle", "MonitoredBundle"]
+log = logging.getLogger("edgemm")
 
 
 class Bundle:
     """A loaded, hash-verified bundle. ``run`` is safe to call from several threads."""
 
-    def __init__(self, path: Path, manifest: dict, session, signature=None):
+    def __init__(self, path: Path, manifest: dict, session, signature=None, variant=None):
         self.path = path
         self.manifest = manifest
         self._session = session
         self.signature = signature  # the verified SignatureInfo, or None when no signature was checked
+        # The variant this host runs (runtime/variants.py; None for single-variant bundles): its name,
+        # why it was chosen, and a warning when the host lacks the ISA features it was measured with.
+        self.variant = variant.name if variant else None
+        self.variant_choice = variant
         self.inputs, self.outputs = parse_io(path, manifest)
         # The manifest's ranges are the bundle's contract on every backend (TensorRT's optimization
         # profiles need them; ONNX Runtime would run any size, but only sizes in range were promised).
@@ -42,7 +48,8 @@ class Bundle:
 
     @property
     def backend(self) -> str:
-        return self.manifest["backend"]["name"]
+        """The backend that runs this bundle here (the chosen variant's, for a multi-variant bundle)."""
+        return getattr(self._session, "backend", None) or self.manifest["backend"]["name"]
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(feeds, Mapping):
@@ -158,8 +165,35 @@ def parse_io(path: Path, manifest: dict) -> tuple[list[TensorSpec], list[TensorS
     return specs["inputs"], specs["outputs"]
 
 
+def _choose_variant(path: Path, manifest: dict, wanted: str | None):
+    """(manifest as the chosen variant's session sees it, Choice) for a multi-variant CPU bundle."""
+    from ..hostinfo import host_isa
+    from .variants import choose_variant
+
+    source = path / MANIFEST_NAME
+    try:
+        choice = choose_variant(manifest["variants"], host_isa(), wanted=wanted)
+    except KeyError:
+        names = ", ".join(v["name"] for v in manifest["variants"])
+        raise InputError(f"the bundle has no variant {wanted!r}", file=source, field="variant",
+                         fix=f"use one of {names}") from None
+    except LookupError as exc:
+        raise DependencyError(f"no variant of this bundle can run here: {exc}", file=source, field="variants",
+                              fix="pip install the backend a variant needs (e.g. 'edgemm[openvino]')") from None
+    log.info("bundle %s: running variant %s (%s)", path.name, choice.name, choice.reason)
+    for skipped in choice.skipped:
+        log.info("bundle %s: skipped variant %s", path.name, skipped)
+    if choice.warning:
+        log.warning("bundle %s: %s", path.name, choice.warning)
+    return {**manifest, "backend": manifest["variants"][choice.index]["backend"]}, choice
+
+
 def _open_session(path: Path, manifest: dict, **kwargs):
     backend = manifest["backend"]["name"]
+    if backend == "openvino":
+        from .openvino_session import OpenVinoSession  # imports openvino lazily, inside
+        kwargs.pop("providers", None)
+        return OpenVinoSession(path, manifest, **kwargs)
     if backend == "onnxruntime":
         from .ort_session import OrtSession
         return OrtSession(path, manifest, **kwargs)
@@ -170,7 +204,7 @@ def _open_session(path: Path, manifest: dict, **kwargs):
                       fix="use a bundle made for onnxruntime or tensorrt, or upgrade edgemm")
 
 
-def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None = None,
+def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None = None, variant: str | None = None,
          monitor: bool = False, on_drift=None, max_out_of_range: float | None = None, window: int | None = None,
          **session_options) -> Bundle:
     """Verify the signature (when trusted keys are given), every file's hash against the manifest, then
@@ -184,7 +218,11 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     ``monitor=True`` returns a MonitoredBundle (``stats()``, ``metrics_text()``, ``reset_stats()``);
     ``on_drift(event)`` is then called once per ``window`` calls (default 1000) in which an input's
     out-of-range (or unknown-token) fraction passed ``max_out_of_range`` (default 0.01) or a value was
-    NaN/Inf. See edgemm/runtime/monitor.py."""
+    NaN/Inf. See edgemm/runtime/monitor.py.
+
+    A bundle with several ``variants`` (portable CPU bundles) runs the fastest one this host's ISA and
+    installed packages support (``bundle.variant`` says which, and the "edgemm" logger why); ``variant``
+    names one to run instead."""
     monitor_options = {k: v for k, v in (("on_drift", on_drift), ("max_out_of_range", max_out_of_range),
                                          ("window", window)) if v is not None}
     if monitor_options and not monitor:
@@ -203,13 +241,21 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     if signed is not None:
         signing.bind_manifest(path, manifest, signed)
     parse_io(path, manifest)  # before any backend reads a model file
+    choice = None
+    session_manifest = manifest
+    if manifest.get("variants"):
+        session_manifest, choice = _choose_variant(path, manifest, variant)
+    elif variant is not None:
+        raise InputError("the bundle has a single variant", file=path / MANIFEST_NAME, field="variant",
+                         fix="leave variant out")
     try:
-        session = _open_session(path, manifest, **session_options)
+        session = _open_session(path, session_manifest, **session_options)
     except EdgemmError as exc:
         if exc.file is not None:
             raise
         # Backend errors (missing TensorRT, no engine, ...) are about this bundle: say which one.
         raise type(exc)(exc.detail, file=path / MANIFEST_NAME, field=exc.field or "backend", fix=exc.fix) from exc
-    if monitor:
-        return MonitoredBundle(path, manifest, session, signed, **monitor_options)
-    return Bundle(path, manifest, session, signed)
+    bundle = (MonitoredBundle(path, manifest, session, signed, **monitor_options) if monitor
+              else Bundle(path, manifest, session, signed))
+    bundle.variant, bundle.variant_choice = (choice.name, choice) if choice else (None, None)
+    return bundle

@@ -28,7 +28,7 @@ REQUIRED_KEYS = ("format", "format_version", "name", "inputs", "outputs", "preci
 UNHASHED = frozenset({MANIFEST_NAME, "report.json", "report.md", "report.html", "bundle.sig"})
 # Types of the backend fields the sessions read (checked here once, so no session trips over them).
 BACKEND_FIELD_TYPES = {"model": str, "onnx": str, "engine": str, "built": dict, "options": dict, "providers": list,
-                       "build_script": str, "disabled_optimizers": list}
+                       "build_script": str, "disabled_optimizers": list, "weights": str, "inference_precision": str}
 MAX_MANIFEST_BYTES = 16 << 20   # real manifests are a few KiB; refuse to parse anything huge
 
 
@@ -362,11 +362,8 @@ def _parse_manifest(document: Any, path: Path) -> Manifest:
             raise BundleError("must be an object", file=path, field=key, fix="recompile the bundle")
     if not isinstance(manifest["backend"].get("name"), str):
         raise BundleError("missing backend name", file=path, field="backend.name", fix="recompile the bundle")
-    for key, kind in BACKEND_FIELD_TYPES.items():
-        value = manifest["backend"].get(key)
-        if value is not None and not isinstance(value, kind):
-            raise BundleError(f"must be a {kind.__name__}, not {type(value).__name__}", file=path,
-                              field=f"backend.{key}", fix="recompile the bundle")
+    _check_backend(manifest["backend"], "backend", path)
+    _check_variants(manifest, path)
     _check_sections(manifest, path)
     requires = _check_requires(manifest, version, path)
     sections = {k: v for k, v in manifest.items() if k not in CORE_KEYS}
@@ -443,6 +440,39 @@ def manifest_document(manifest: dict) -> dict:
     if critical:
         doc["requires"] = critical
     return doc
+
+
+def _check_backend(section: dict, field: str, path: Path) -> None:
+    if not isinstance(section.get("name"), str):
+        raise BundleError("missing backend name", file=path, field=f"{field}.name", fix="recompile the bundle")
+    for key, kind in BACKEND_FIELD_TYPES.items():
+        value = section.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise BundleError(f"must be a {kind.__name__}, not {type(value).__name__}", file=path,
+                              field=f"{field}.{key}", fix="recompile the bundle")
+
+
+def _check_variants(manifest: dict, path: Path) -> None:
+    """``variants`` (portable CPU bundles, runtime/variants.py): a list of {name, backend, requires_any}
+    whose backend sections pass the same checks as the top-level one."""
+    variants = manifest.get("variants")
+    if variants is None:
+        return
+    if not isinstance(variants, list) or not variants:
+        raise BundleError("must be a non-empty list", file=path, field="variants", fix="recompile the bundle")
+    names = set()
+    for i, variant in enumerate(variants):
+        field = f"variants[{i}]"
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or variant["name"] in names:
+            raise BundleError("must be an object with a unique name", file=path, field=field, fix="recompile the bundle")
+        names.add(variant["name"])
+        if not isinstance(variant.get("backend"), dict):
+            raise BundleError("must be an object", file=path, field=f"{field}.backend", fix="recompile the bundle")
+        _check_backend(variant["backend"], f"{field}.backend", path)
+        need = variant.get("requires_any", [])
+        if not isinstance(need, list) or not all(isinstance(f, str) for f in need):
+            raise BundleError("must be a list of ISA feature names", file=path, field=f"{field}.requires_any",
+                              fix="recompile the bundle")
 
 
 # The optional sections verify and the reports read, field by field: (type, required). "number" is a finite

@@ -1,0 +1,309 @@
+"""The CPU target's engine search: ONNX Runtime INT8 (cpu_int8.select_recipe's pick) against OpenVINO FP32,
+BF16, NNCF INT8 and INT8 with BF16 islands, on the compiling host, at the batch sizes the bundle declares.
+
+Why: the fastest faithful CPU deployment depends on the host's ISA (issue #20, MiniLM-fused seq 128): on an
+AMX Xeon OpenVINO's BF16 ran 0.22-0.48x edgemm's FP32 ORT bundle where ORT INT8 ran 0.40-0.47x; on this
+session's AMD EPYC (AVX512-BF16 + VNNI, no AMX) OpenVINO BF16 ran 0.57x and NNCF INT8 0.41x at batch 1.
+Candidates are built only where the ISA gives them a reason to exist (BF16 needs AMX-BF16 or AVX512-BF16),
+judged by the same bar as the INT8 recipes (every output's mean cosine vs FP32 on held-out samples),
+timed interleaved with the FP32 ORT model per batch size, and ranked by the geometric mean of their p50
+ratios. The bundle carries the winner, any faster candidate that serves hosts the winner's features do
+not, and always the ORT INT8 model as the fallback (runtime/variants.py picks on the device).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..hostinfo import INT8_DOT
+
+X86_BF16 = ("amx_bf16", "avx512_bf16")
+# Features every shipping CPU with the key also has: a host that has the key runs what these need.
+# (AMX parts are Sapphire Rapids and later: AVX512-BF16 and VNNI too; AVX512-BF16 parts, Cooper Lake and
+# Zen 4/5, have AVX512-VNNI.) Used to skip variants whose hosts an earlier variant already serves.
+IMPLIED = {"amx_bf16": {"amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni"},
+           "amx_int8": {"amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni"},
+           "avx512_bf16": {"avx512_vnni"}, "i8mm": {"asimddp"}, "bf16": {"asimddp"}}
+MAX_OPENVINO_VARIANTS = 3   # bundle size: each carries the weights again
+GUARD_OUTLIER_RATIO = 50.0   # the guarded NNCF candidate keeps these MatMuls float, as cpu_int8's guarded rung
+
+
+@dataclass
+class EngineRow:
+    name: str
+    engine: str
+    precision: str
+    requires_any: list[str]
+    status: str = "failed"   # "selected" | "carried" | "ok" | "inaccurate" | "failed" | "reference"
+    min_cosine: float | None = None
+    agreement: dict = field(default_factory=dict)
+    p50_ms: dict = field(default_factory=dict)      # batch -> ms
+    p50_ratio: dict = field(default_factory=dict)   # batch -> p50 / ORT FP32 p50, same run
+    score: float | None = None                      # geometric mean of p50_ratio
+    build_s: float | None = None
+    ignored_nodes: int = 0
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EngineChoice:
+    table: list[EngineRow]
+    variants: list[dict]       # fastest first; OpenVINO ones carry "model" (an openvino.Model), no fallback
+    batches: list[int]
+    seconds: float
+
+
+def _requirements(engine: str, precision: str) -> list[str]:
+    if "bf16" in precision:
+        return list(X86_BF16)
+    if "int8" in precision:
+        return sorted(INT8_DOT)
+    return []
+
+
+def _serves_new_hosts(need: Sequence[str], carried: Sequence[Sequence[str]]) -> bool:
+    """Whether some host runs ``need`` at speed but none of the ``carried`` requirement lists."""
+    if any(not c for c in carried):
+        return False
+    hosts = [{f} | IMPLIED.get(f, set()) for f in need] if need else [set()]
+    return any(all(not (set(c) & host) for c in carried) for host in hosts)
+
+
+def _feeds_at(arrays: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    n = next(iter(arrays.values())).shape[0]
+    reps = -(-batch // n)
+    return {k: np.ascontiguousarray(np.concatenate([v] * reps)[:batch]) for k, v in arrays.items()}
+
+
+def _stack(feeds: Sequence[dict]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+
+
+def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, calib_feeds: Sequence[dict],
+                   eval_feeds: Sequence[dict], *, batches: Sequence[int], min_cosine: float, isa: frozenset[str],
+                   ignored: Sequence[str] = (), log: Callable[[str], None] = print,
+                   timing_budget_s: float = 8.0) -> EngineChoice:
+    """Build the OpenVINO candidates this host's ISA supports, check them against FP32 on ``eval_feeds``,
+    time them with ORT FP32 and ORT INT8 (``ort_int8_session``: cpu_session kwargs) at each batch size."""
+    from ..backends import openvino as ovb
+    from ..parity.latency import measure_interleaved_within
+    from ..onnx_io import cpu_session
+    from .cpu_int8 import _run_all, output_agreement
+
+    started = time.perf_counter()
+    fp32_sess = cpu_session(fp32_onnx, spinning=False)
+    names = [o.name for o in fp32_sess.get_outputs()]
+    reference = _run_all(fp32_sess, eval_feeds)
+    base = ovb.read_onnx(fp32_onnx)
+    import onnx
+
+    onnx_graph = onnx.load(str(fp32_onnx), load_external_data=False)
+
+    rows: list[EngineRow] = []
+    runners: dict[str, Callable] = {}   # name -> feed -> None (timed)
+    models: dict[str, tuple[object, str]] = {}   # name -> (openvino.Model, inference precision)
+
+    def judge(row: EngineRow, outputs) -> None:
+        for name, ref, got in zip(names, reference, outputs):
+            metric, value = output_agreement(ref, got)
+            row.agreement[name] = {"metric": metric, "value": round(value, 6)}
+        row.min_cosine = min(v["value"] for v in row.agreement.values())
+        row.status = "ok" if row.min_cosine >= min_cosine else "inaccurate"
+
+    ort_row = EngineRow("onnxruntime-int8", "onnxruntime", "int8", _requirements("onnxruntime", "int8"))
+    ort_sess = cpu_session(ort_int8, spinning=False, **ort_int8_session)
+    judge(ort_row, _run_all(ort_sess, eval_feeds))
+    ort_row.status = "ok"  # select_recipe held it to the bar already (same samples)
+    rows.append(ort_row)
+    runners[ort_row.name] = lambda feed, s=ort_sess: s.run(None, feed)
+
+    has_bf16 = bool(set(X86_BF16) & isa)
+    plan = [("openvino-fp32", "fp32", "f32", None)]
+    if has_bf16:
+        plan.append(("openvino-bf16", "bf16", "bf16", None))
+    plan.append(("openvino-int8", "int8", "f32", "plain"))
+    if has_bf16:
+        plan.append(("openvino-int8-bf16", "int8+bf16", "bf16", "plain"))
+    int8_models: dict[str, object] = {}
+
+    def build_int8(kind: str):
+        if kind in int8_models:
+            return int8_models[kind]
+        keep = set(ignored)
+        if kind == "guarded":
+            keep |= set(_sensitive_nodes(fp32_onnx, calib_feeds))
+        names = ovb.openvino_names(onnx_graph, keep)
+        int8_models[kind] = (ovb.quantize_int8(base, calib_feeds, ignored=names), len(keep))
+        return int8_models[kind]
+
+    index = 0
+    while index < len(plan):
+        name, precision, hint, int8_kind = plan[index]
+        index += 1
+        row = EngineRow(name, "openvino", precision, _requirements("openvino", precision))
+        rows.append(row)
+        t0 = time.perf_counter()
+        try:
+            model, row.ignored_nodes = build_int8(int8_kind) if int8_kind else (base, 0)
+            compiled = ovb.compile_for_timing(model, hint)
+            request = compiled.create_infer_request()
+            outputs = [[np.array(r) for r in request.infer(f).to_tuple()] for f in eval_feeds]
+            judge(row, [np.concatenate([o[i] for o in outputs]) for i in range(len(names))])
+        except Exception as exc:  # a candidate OpenVINO cannot build or run is a result, not a crash
+            row.note = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            log(f"  {name}: failed ({row.note})")
+            continue
+        finally:
+            row.build_s = round(time.perf_counter() - t0, 2)
+        log(f"  {name}: min cosine {row.min_cosine:.5f} (built in {row.build_s:.1f} s)"
+            f"{'' if row.status == 'ok' else ' - below min cosine'}")
+        if row.status == "inaccurate" and int8_kind == "plain" and not any(p[3] == "guarded" for p in plan):
+            # Like cpu_int8's guarded rung: the outlier-heavy MatMuls and output projections kept float.
+            plan.append(("openvino-int8-guarded", "int8", "f32", "guarded"))
+            if has_bf16:
+                plan.append(("openvino-int8-bf16-guarded", "int8+bf16", "bf16", "guarded"))
+        if row.status == "ok":
+            runners[name] = lambda feed, r=request: r.infer(feed)
+            models[name] = (model, hint)
+
+    fp32_row = EngineRow("onnxruntime-fp32", "onnxruntime", "fp32", [], status="reference", min_cosine=1.0)
+    rows.insert(0, fp32_row)
+    runners_with_ref = {"onnxruntime-fp32": lambda feed: fp32_sess.run(None, feed), **runners}
+    held = _stack(eval_feeds)
+    for batch in batches:
+        feed = _feeds_at(held, batch)
+        fns = {n: (lambda fn=fn: fn(feed)) for n, fn in runners_with_ref.items()}
+        stats = measure_interleaved_within(fns, budget_s=timing_budget_s, max_iterations=30, min_iterations=5)
+        ref_ms = stats["onnxruntime-fp32"].p50_ms
+        for row in rows:
+            if row.name in stats:
+                row.p50_ms[str(batch)] = round(stats[row.name].p50_ms, 3)
+                row.p50_ratio[str(batch)] = round(stats[row.name].p50_ms / ref_ms, 4)
+    for row in rows:
+        if row.p50_ratio and row.status != "reference":
+            row.score = round(math.exp(sum(math.log(r) for r in row.p50_ratio.values()) / len(row.p50_ratio)), 4)
+
+    ranked = sorted((r for r in rows if r.status == "ok" and r.score is not None), key=lambda r: r.score)
+    variants: list[dict] = []
+    carried: list[list[str]] = []
+    for row in ranked:
+        if row.name == ort_row.name:
+            break  # the fallback is always carried (last); nothing slower than it is worth the bytes
+        if len(variants) >= MAX_OPENVINO_VARIANTS or not _serves_new_hosts(row.requires_any, carried):
+            continue
+        model, hint = models[row.name]
+        variants.append({"name": row.name, "engine": "openvino", "precision": row.precision,
+                         "requires_any": row.requires_any, "inference_precision": hint, "model": model,
+                         "measured": _measured(row)})
+        carried.append(row.requires_any)
+        row.status = "carried"
+    if ranked:
+        ranked[0].status = "selected"
+    log(format_table(rows, batches))
+    return EngineChoice(rows, variants, list(batches), round(time.perf_counter() - started, 2))
+
+
+def _measured(row: EngineRow) -> dict:
+    return {"p50_ratio": dict(row.p50_ratio), "score": row.score, "min_cosine": row.min_cosine}
+
+
+def fallback_variant(row: EngineRow, backend_section: dict) -> dict:
+    return {"name": row.name, "engine": row.engine, "precision": row.precision, "requires_any": row.requires_any,
+            "backend": backend_section, "measured": _measured(row)}
+
+
+def output_projections(model) -> list[str]:
+    """The weighted nodes (constant weight) nearest each graph output, looking through weight-free ops and
+    activation x activation MatMuls (a similarity head), stopping at normalisations: the embedding and
+    class projections. (cpu_int8._final_projections stops at the first MatMul, a similarity head's.)"""
+    from .cpu_int8 import _NORMALIZATION_OPS
+
+    producer = {out: node for node in model.graph.node for out in node.output}
+    constants = {i.name for i in model.graph.initializer}
+    constants.update(out for node in model.graph.node if node.op_type == "Constant" for out in node.output)
+    found, seen = set(), set()
+    frontier = [o.name for o in model.graph.output]
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or id(node) in seen or node.op_type in _NORMALIZATION_OPS:
+            continue
+        seen.add(id(node))
+        if node.op_type in ("MatMul", "Gemm", "Conv") and any(i in constants for i in node.input[1:2]):
+            if node.name:
+                found.add(node.name)
+            continue
+        frontier.extend(i for i in node.input if i and i not in constants)
+    return sorted(found)
+
+
+def _sensitive_nodes(fp32_onnx: Path, calib_feeds: Sequence[dict]) -> list[str]:
+    """What INT8 hurts, judged as cpu_int8's guarded rung does: MatMuls whose input max|x|/rms exceeds 50
+    (BERT's outlier channels) and the projections feeding the outputs (embeddings, class heads)."""
+    import tempfile
+
+    from .cpu_int8 import _final_projections, _Prepared
+
+    calib = _stack(calib_feeds[:4])
+    with tempfile.TemporaryDirectory(prefix=".edgemm-sensitive-", dir=Path(fp32_onnx).parent) as work:
+        prep = _Prepared(Path(fp32_onnx), calib, Path(work))
+        try:
+            ratios = prep.outlier_ratios(prep.source, prep.feeds[:4])
+        finally:
+            prep.cleanup()
+    import onnx
+
+    heads = output_projections(onnx.load(str(fp32_onnx), load_external_data=False))
+    return sorted({n for n, r in ratios.items() if r > GUARD_OUTLIER_RATIO} | set(heads)
+                  | set(_final_projections(fp32_onnx)))
+
+
+def format_table(rows: Sequence[EngineRow], batches: Sequence[int]) -> str:
+    """The candidate table as the compile log and report.md show it."""
+    head = "| candidate | needs one of | " + " | ".join(f"p50/FP32 b{b}" for b in batches) + \
+        " | min cosine | build s | status |"
+    lines = ["CPU engine candidates (p50 ratio to ONNX Runtime FP32, same run):", head,
+             "|" + "---|" * (len(batches) + 5)]
+    for r in rows:
+        ratios = " | ".join(f"{r.p50_ratio[str(b)]:.3f}" if str(b) in r.p50_ratio else "–" for b in batches)
+        need = ", ".join(r.requires_any) if r.requires_any else "–"
+        cos = f"{r.min_cosine:.5f}" if r.min_cosine is not None else "–"
+        build = f"{r.build_s:.1f}" if r.build_s is not None else "–"
+        status = r.status + (f" ({r.note[:80]})" if r.note else "")
+        lines.append(f"| {r.name} | {need} | {ratios} | {cos} | {build} | {status} |")
+    return "\n".join(lines)
+
+
+def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray],
+                      held_out: Mapping[str, np.ndarray] | None, *, batches: Sequence[int], min_cosine: float,
+                      exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> EngineChoice:
+    """search_engines on the samples cpu_int8.select_recipe used: its calibration feeds and held-out feeds."""
+    import onnx
+
+    from ..hostinfo import host_isa
+    from .cpu_int8 import _check_calib, _input_specs, _split_feeds, _split_samples
+    from .exclusions import resolve_exclude
+
+    model = onnx.load(str(fp32_onnx), load_external_data=False)
+    specs = _input_specs(model)
+    feeds = _split_feeds(_check_calib(calib, specs, fp32_onnx), specs)
+    if held_out is not None:
+        calib_feeds = feeds[:selection.calib_samples]
+        eval_feeds = _split_feeds(_check_calib(held_out, specs, "held-out samples"), specs)[:selection.eval_samples]
+    else:
+        calib_feeds, eval_feeds, _ = _split_samples(feeds, selection.calib_samples, selection.eval_samples)
+    ignored = resolve_exclude(model, exclude) if exclude else []
+    del model
+    disabled = selection.recipe.params.get("ort_disabled_optimizers") or ()
+    log(f"CPU engine search: OpenVINO candidates for this host against ONNX Runtime INT8 "
+        f"({selection.recipe.name}), batch {', '.join(map(str, batches))}")
+    return search_engines(fp32_onnx, selection.path, {"disabled_optimizers": disabled}, calib_feeds, eval_feeds,
+                          batches=batches, min_cosine=min_cosine, isa=host_isa(), ignored=ignored, log=log)

@@ -1,0 +1,71 @@
+"""Portable CPU bundles: which of a bundle's variants this host should run. Standard library only.
+
+A CPU bundle compiled on one host may run on another (an AMX Xeon build, an AMD EPYC or Graviton device).
+The manifest's ``variants`` list holds one entry per engine/precision the bundle carries, fastest first as
+measured on the compiling host; each names the ISA features it needs to run at that speed
+(``requires_any``: any one of them; empty = none) and the backend section its session opens. The last
+variant is the fallback (ONNX Runtime), which runs everywhere, if slowly without its features.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+# Which Python package each variant backend needs on the running host.
+BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    name: str
+    reason: str
+    warning: str | None = None                  # set when the host lacks what the variant needs for speed
+    skipped: list[str] = field(default_factory=list)
+
+
+def backend_installed(backend: str) -> bool:
+    package = BACKEND_PACKAGES.get(backend)
+    return package is not None and importlib.util.find_spec(package) is not None
+
+
+def choose_variant(variants: list[dict], isa: frozenset[str] | set[str], *, installed=backend_installed,
+                   wanted: str | None = None) -> Choice:
+    """The first variant whose backend is installed and whose ``requires_any`` the host meets; else the
+    last installed one, with a warning that it runs without the features it was measured with.
+    ``wanted``: a variant name the caller insists on (still warned about when the host lacks its features)."""
+    skipped: list[str] = []
+    runnable = []
+    for index, variant in enumerate(variants):
+        backend = variant["backend"]["name"]
+        if not installed(backend):
+            skipped.append(f"{variant['name']} (needs {BACKEND_PACKAGES.get(backend, backend)}, not installed)")
+            continue
+        runnable.append(index)
+    if wanted is not None:
+        names = [v["name"] for v in variants]
+        if wanted not in names:
+            raise KeyError(wanted)
+        candidates = [names.index(wanted)]
+    else:
+        candidates = runnable
+    for index in candidates:
+        need = set(variants[index].get("requires_any") or ())
+        if not need or need & set(isa):
+            have = sorted(need & set(isa))
+            reason = f"host has {', '.join(have)}" if have else "needs no particular ISA feature"
+            if wanted is not None:
+                reason = f"asked for by name; {reason}"
+            return Choice(index, variants[index]["name"], reason, None, skipped)
+        if wanted is None:
+            skipped.append(f"{variants[index]['name']} (needs one of {', '.join(sorted(need))})")
+    if not candidates:
+        raise LookupError("; ".join(skipped))
+    index = candidates[-1]
+    need = sorted(variants[index].get("requires_any") or ())
+    warning = (f"variant {variants[index]['name']!r} was measured on a host with one of {', '.join(need)}; "
+               f"this host has none, so it runs emulated and slower than the compile measured "
+               f"(recompile on this host for a variant that fits it)")
+    return Choice(index, variants[index]["name"], "no variant fits this host's ISA; running the fallback",
+                  warning, skipped)

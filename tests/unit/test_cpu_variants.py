@@ -1,0 +1,153 @@
+"""Portable CPU bundles: variants, the runtime's choice by host ISA, and the OpenVINO session."""
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgemm import hostinfo, runtime
+from edgemm.errors import BundleError, InputError
+from edgemm.runtime.variants import choose_variant
+from tests.fixtures.tiny_models import make_data
+
+SAMPLES = Path(__file__).resolve().parents[1] / "fixtures" / "cpuinfo"
+SAPPHIRE_RAPIDS = hostinfo.host_isa((SAMPLES / "intel_xeon_sapphire_rapids.txt").read_text())
+HASWELL = hostinfo.host_isa((SAMPLES / "intel_xeon_haswell_avx2.txt").read_text())
+BF16 = ["amx_bf16", "avx512_bf16"]
+INT8 = ["amx_int8", "asimddp", "avx512_vnni", "avx_vnni", "i8mm"]
+
+
+def variant(name, backend, need):
+    return {"name": name, "backend": {"name": backend}, "requires_any": need}
+
+
+VARIANTS = [variant("openvino-bf16", "openvino", BF16), variant("openvino-int8", "openvino", INT8),
+            variant("onnxruntime-int8", "onnxruntime", INT8)]
+
+
+def test_amx_host_runs_the_bf16_variant():
+    choice = choose_variant(VARIANTS, SAPPHIRE_RAPIDS, installed=lambda b: True)
+    assert choice.name == "openvino-bf16" and choice.warning is None
+    assert "amx_bf16" in choice.reason
+
+
+def test_host_without_bf16_runs_the_int8_variant_and_says_why():
+    no_bf16 = SAPPHIRE_RAPIDS - {"amx_bf16", "avx512_bf16"}
+    choice = choose_variant(VARIANTS, no_bf16, installed=lambda b: True)
+    assert choice.name == "openvino-int8" and choice.warning is None
+    assert any("openvino-bf16" in s for s in choice.skipped)
+
+
+def test_without_openvino_the_ort_fallback_runs():
+    choice = choose_variant(VARIANTS, SAPPHIRE_RAPIDS, installed=lambda b: b == "onnxruntime")
+    assert choice.name == "onnxruntime-int8"
+    assert any("not installed" in s for s in choice.skipped)
+
+
+def test_host_lacking_every_feature_runs_the_fallback_with_a_warning():
+    choice = choose_variant(VARIANTS, HASWELL, installed=lambda b: True)
+    assert choice.name == "onnxruntime-int8"
+    assert choice.warning and "emulated" in choice.warning
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real bundle with an AMX/BF16 OpenVINO variant beside its ONNX Runtime model
+
+openvino = pytest.importorskip("openvino")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bf16_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny FP32 bundle plus an OpenVINO BF16 variant needing AMX-BF16/AVX512-BF16, as compile writes it."""
+    from edgemm.backends import openvino as ovb
+
+    out = tmp_path_factory.mktemp("variants") / "tiny-bf16"
+    shutil.copytree(tiny_bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    section = ovb.save_variant(ovb.read_onnx(out / "model.onnx"), out, "openvino-bf16", "bf16")
+    manifest["variants"] = [{"name": "openvino-bf16", "engine": "openvino", "precision": "bf16",
+                             "requires_any": BF16, "backend": section},
+                            {"name": "onnxruntime-fp32", "engine": "onnxruntime", "precision": "fp32",
+                             "requires_any": [], "backend": manifest["backend"]}]
+    for rel in (section["model"], section["weights"]):
+        manifest["files"][rel] = _sha(out / rel)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_bundle_on_an_amx_host_runs_openvino_bf16(bf16_bundle, monkeypatch):
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: SAPPHIRE_RAPIDS)
+    bundle = runtime.load(bf16_bundle)
+    assert bundle.variant == "openvino-bf16" and bundle.backend == "openvino"
+    reference = runtime.load(bf16_bundle, variant="onnxruntime-fp32")
+    feeds = make_data(4, seed=3)
+    got, want = bundle.run(feeds), reference.run(feeds)
+    assert list(got) == list(want)
+    for name in want:
+        a, b = want[name].ravel(), got[name].ravel()
+        assert np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.999
+
+
+def test_bundle_with_amx_and_bf16_hidden_chooses_its_other_variant(bf16_bundle, monkeypatch, caplog):
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: SAPPHIRE_RAPIDS - {"amx_bf16", "avx512_bf16",
+                                                                                  "amx_tile", "amx_int8"})
+    with caplog.at_level(logging.INFO, logger="edgemm"):
+        bundle = runtime.load(bf16_bundle)
+    assert bundle.variant == "onnxruntime-fp32" and bundle.backend == "onnxruntime"
+    assert "running variant onnxruntime-fp32" in caplog.text
+    assert bundle.run(make_data(2, seed=1))["logits"].shape == (2, 5)
+
+
+def test_asking_for_a_variant_the_host_lacks_warns(bf16_bundle, monkeypatch, caplog):
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: HASWELL)
+    with caplog.at_level(logging.WARNING, logger="edgemm"):
+        bundle = runtime.load(bf16_bundle, variant="openvino-bf16")
+    assert bundle.variant == "openvino-bf16"
+    assert "emulated" in caplog.text
+    with pytest.raises(InputError, match="no variant 'gpu'"):
+        runtime.load(bf16_bundle, variant="gpu")
+
+
+def test_openvino_variant_reads_only_hash_checked_bytes(bf16_bundle, tmp_path, monkeypatch):
+    copy = tmp_path / "b"
+    shutil.copytree(bf16_bundle, copy)
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: SAPPHIRE_RAPIDS)
+    from edgemm.runtime import manifest as manifest_mod
+
+    real = manifest_mod.verify_files
+
+    def swap_after_check(bundle_dir, manifest):  # the weights change after load() checked them
+        real(bundle_dir, manifest)
+        weights = Path(bundle_dir) / "openvino" / "openvino-bf16.bin"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+
+    monkeypatch.setattr(manifest_mod, "verify_files", swap_after_check)
+    with pytest.raises(BundleError, match="does not match its sha256"):
+        runtime.load(copy)
+
+
+@pytest.mark.parametrize("tamper, field", [
+    (lambda m: m.__setitem__("variants", {}), "variants"),
+    (lambda m: m["variants"][0].__setitem__("requires_any", "avx512_bf16"), "variants[0].requires_any"),
+    (lambda m: m["variants"][1].__setitem__("name", "openvino-bf16"), "variants[1]"),
+    (lambda m: m["variants"][0]["backend"].__setitem__("weights", 3), "variants[0].backend.weights"),
+])
+def test_malformed_variants_are_refused(bf16_bundle, tmp_path, tamper, field):
+    copy = tmp_path / "b"
+    shutil.copytree(bf16_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    tamper(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as err:
+        runtime.load(copy)
+    assert err.value.field == field
