@@ -151,3 +151,45 @@ def test_malformed_variants_are_refused(bf16_bundle, tmp_path, tamper, field):
     with pytest.raises(BundleError) as err:
         runtime.load(copy)
     assert err.value.field == field
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compile side: the engine search's table, and its winners written as variants
+
+
+@pytest.mark.slow
+def test_int8_compile_carries_the_faster_openvino_variant(tiny, tmp_path, monkeypatch):
+    """Timing is the search's input: made to favour OpenVINO here, so that what is checked is what compile
+    does with a winner (written, hashed, recorded with its needs, loaded by the runtime, judged by parity)."""
+    pytest.importorskip("nncf")
+    from edgemm.compiler import compile_model
+    from edgemm.config import CompileConfig
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+
+    def fake_timing(fns, **kwargs):
+        ms = {"onnxruntime-fp32": 10.0, "onnxruntime-int8": 6.0, "openvino-fp32": 9.0, "openvino-bf16": 3.0,
+              "openvino-int8": 4.0, "openvino-int8-bf16": 3.5}
+        return {name: LatencyStats(ms.get(name.removesuffix("-guarded"), 8.0), 0, 0, 0, 5) for name in fns}
+
+    monkeypatch.setattr(latency, "measure_interleaved_within", fake_timing)
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: SAPPHIRE_RAPIDS)
+    out = tmp_path / "b"
+    logs = []
+    compile_model(CompileConfig(model=str(tiny["torchscript"]), output=str(out), calib=str(tiny["calib"]),
+                                precision="int8", tune_threads=False, min_cosine=0.98), say=logs.append)
+    manifest = json.loads((out / "manifest.json").read_text())
+    table = {r["name"]: r for r in manifest["precision"]["recipe"]["engines"]["table"]}
+    assert {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16"} <= set(table)
+    assert table["openvino-bf16"]["p50_ratio"] == {"1": 0.3, "8": 0.3}
+    names = [v["name"] for v in manifest["variants"]]
+    assert names[0] == "openvino-bf16"
+    assert names[-1] == "onnxruntime-int8" and manifest["variants"][-1]["backend"] == manifest["backend"]
+    first = manifest["variants"][0]
+    assert first["backend"]["name"] == "openvino" and first["requires_any"] == BF16
+    assert first["backend"]["model"] in manifest["files"] and first["backend"]["weights"] in manifest["files"]
+    assert any("CPU engine candidates" in line for line in logs)
+    # On this (patched) AMX host the runtime runs the fastest variant; with every feature hidden, the fallback.
+    assert runtime.load(out).variant == "openvino-bf16"
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: frozenset())
+    assert runtime.load(out).variant == "onnxruntime-int8"
