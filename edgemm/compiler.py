@@ -582,6 +582,7 @@ def _package_variants(prec, fallback_section: dict, stage: Path) -> list[dict]:
     (the fallback, which the top-level ``backend`` section also names)."""
     from .backends import openvino as ovb
     from .quant.cpu_engines import fallback_variant
+    from .runtime import variants as _registers_the_section  # noqa: F401 (manifest "requires" lists it)
 
     out = []
     for variant in prec.variants:

@@ -16,7 +16,8 @@ import numpy as np
 from ..errors import BundleError, DependencyError, EdgemmError, InputError
 from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape, dynamic_batch_input
 from . import signing
-from .manifest import MANIFEST_NAME, load_manifest
+from . import variants as _variants  # noqa: F401  (registers the "variants" manifest section)
+from .manifest import MANIFEST_NAME, Manifest, load_manifest
 
 __all__ = ["load", "Bundle", "MonitoredBundle"]
 log = logging.getLogger("edgemm")
@@ -171,10 +172,11 @@ def _choose_variant(path: Path, manifest: dict, wanted: str | None):
     from .variants import choose_variant
 
     source = path / MANIFEST_NAME
+    variants = manifest.section("variants")
     try:
-        choice = choose_variant(manifest["variants"], host_isa(), wanted=wanted)
+        choice = choose_variant(variants, host_isa(), wanted=wanted)
     except KeyError:
-        names = ", ".join(v["name"] for v in manifest["variants"])
+        names = ", ".join(v["name"] for v in variants)
         raise InputError(f"the bundle has no variant {wanted!r}", file=source, field="variant",
                          fix=f"use one of {names}") from None
     except LookupError as exc:
@@ -185,7 +187,10 @@ def _choose_variant(path: Path, manifest: dict, wanted: str | None):
         log.info("bundle %s: skipped variant %s", path.name, skipped)
     if choice.warning:
         log.warning("bundle %s: %s", path.name, choice.warning)
-    return {**manifest, "backend": manifest["variants"][choice.index]["backend"]}, choice
+    # The session sees the bundle as if the chosen variant were its only backend (same files and hashes).
+    document = manifest.to_dict()
+    document["backend"] = variants[choice.index]["backend"]
+    return Manifest.from_dict(document, source=source), choice
 
 
 def _open_session(path: Path, manifest: dict, **kwargs):
@@ -243,7 +248,7 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     parse_io(path, manifest)  # before any backend reads a model file
     choice = None
     session_manifest = manifest
-    if manifest.get("variants"):
+    if manifest.section("variants"):
         session_manifest, choice = _choose_variant(path, manifest, variant)
     elif variant is not None:
         raise InputError("the bundle has a single variant", file=path / MANIFEST_NAME, field="variant",

@@ -363,7 +363,6 @@ def _parse_manifest(document: Any, path: Path) -> Manifest:
     if not isinstance(manifest["backend"].get("name"), str):
         raise BundleError("missing backend name", file=path, field="backend.name", fix="recompile the bundle")
     _check_backend(manifest["backend"], "backend", path)
-    _check_variants(manifest, path)
     _check_sections(manifest, path)
     requires = _check_requires(manifest, version, path)
     sections = {k: v for k, v in manifest.items() if k not in CORE_KEYS}
@@ -450,29 +449,6 @@ def _check_backend(section: dict, field: str, path: Path) -> None:
         if value is not None and not isinstance(value, kind):
             raise BundleError(f"must be a {kind.__name__}, not {type(value).__name__}", file=path,
                               field=f"{field}.{key}", fix="recompile the bundle")
-
-
-def _check_variants(manifest: dict, path: Path) -> None:
-    """``variants`` (portable CPU bundles, runtime/variants.py): a list of {name, backend, requires_any}
-    whose backend sections pass the same checks as the top-level one."""
-    variants = manifest.get("variants")
-    if variants is None:
-        return
-    if not isinstance(variants, list) or not variants:
-        raise BundleError("must be a non-empty list", file=path, field="variants", fix="recompile the bundle")
-    names = set()
-    for i, variant in enumerate(variants):
-        field = f"variants[{i}]"
-        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or variant["name"] in names:
-            raise BundleError("must be an object with a unique name", file=path, field=field, fix="recompile the bundle")
-        names.add(variant["name"])
-        if not isinstance(variant.get("backend"), dict):
-            raise BundleError("must be an object", file=path, field=f"{field}.backend", fix="recompile the bundle")
-        _check_backend(variant["backend"], f"{field}.backend", path)
-        need = variant.get("requires_any", [])
-        if not isinstance(need, list) or not all(isinstance(f, str) for f in need):
-            raise BundleError("must be a list of ISA feature names", file=path, field=f"{field}.requires_any",
-                              fix="recompile the bundle")
 
 
 # The optional sections verify and the reports read, field by field: (type, required). "number" is a finite

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
+from .manifest import BACKEND_FIELD_TYPES, register_section
+
 # Which Python package each variant backend needs on the running host.
 BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
@@ -69,3 +71,31 @@ def choose_variant(variants: list[dict], isa: frozenset[str] | set[str], *, inst
                f"(recompile on this host for a variant that fits it)")
     return Choice(index, variants[index]["name"], "no variant fits this host's ISA; running the fallback",
                   warning, skipped)
+
+
+def parse_variants(value, bad) -> list[dict]:
+    """The ``variants`` manifest section, checked field by field: a non-empty list of {name (unique),
+    backend (an object with a name, its fields typed as the top-level backend's), requires_any (feature
+    names)}. Registered as critical: an edgemm that ignored it would run only the fallback silently."""
+    if not isinstance(value, list) or not value:
+        raise bad("must be a non-empty list")
+    names = set()
+    for i, variant in enumerate(value):
+        field_name = f"[{i}]"
+        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or variant["name"] in names:
+            raise bad("must be an object with a unique name", field_name)
+        names.add(variant["name"])
+        backend = variant.get("backend")
+        if not isinstance(backend, dict) or not isinstance(backend.get("name"), str):
+            raise bad("must be an object with a backend name", f"{field_name}.backend")
+        for key, kind in BACKEND_FIELD_TYPES.items():
+            if backend.get(key) is not None and not isinstance(backend[key], kind):
+                raise bad(f"must be a {kind.__name__}, not {type(backend[key]).__name__}",
+                          f"{field_name}.backend.{key}")
+        need = variant.get("requires_any", [])
+        if not isinstance(need, list) or not all(isinstance(f, str) for f in need):
+            raise bad("must be a list of ISA feature names", f"{field_name}.requires_any")
+    return value
+
+
+register_section("variants", parse_variants, critical=True)

@@ -77,6 +77,7 @@ def bf16_bundle(tiny_bundle, tmp_path_factory):
                              "requires_any": BF16, "backend": section},
                             {"name": "onnxruntime-fp32", "engine": "onnxruntime", "precision": "fp32",
                              "requires_any": [], "backend": manifest["backend"]}]
+    manifest["requires"] = sorted(set(manifest.get("requires", [])) | {"variants"})
     for rel in (section["model"], section["weights"]):
         manifest["files"][rel] = _sha(out / rel)
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -138,9 +139,9 @@ def test_openvino_variant_reads_only_hash_checked_bytes(bf16_bundle, tmp_path, m
 
 @pytest.mark.parametrize("tamper, field", [
     (lambda m: m.__setitem__("variants", {}), "variants"),
-    (lambda m: m["variants"][0].__setitem__("requires_any", "avx512_bf16"), "variants[0].requires_any"),
-    (lambda m: m["variants"][1].__setitem__("name", "openvino-bf16"), "variants[1]"),
-    (lambda m: m["variants"][0]["backend"].__setitem__("weights", 3), "variants[0].backend.weights"),
+    (lambda m: m["variants"][0].__setitem__("requires_any", "avx512_bf16"), "variants.[0].requires_any"),
+    (lambda m: m["variants"][1].__setitem__("name", "openvino-bf16"), "variants.[1]"),
+    (lambda m: m["variants"][0]["backend"].__setitem__("weights", 3), "variants.[0].backend.weights"),
 ])
 def test_malformed_variants_are_refused(bf16_bundle, tmp_path, tamper, field):
     copy = tmp_path / "b"
