@@ -41,8 +41,9 @@ __all__ = ["BRANCHES", "FUSION", "BranchMap", "find_branches", "parse_branch_ove
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 _NO_MODULE = "_empty_nn_module_stack"
-# Ops that carry the compute (and the quantization error): the units precision is decided for.
-COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiHeadAttention")
+# Ops that carry the compute (and the quantization error): the units precision is decided for. The
+# recurrent layers hold their weights in one node: an Embedding + LSTM text tower has no MatMul at all.
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "MultiHeadAttention", "LSTM", "GRU", "RNN")
 _SHAPE_ONLY = ("Shape", "Size")
 
 

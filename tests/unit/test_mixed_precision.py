@@ -236,3 +236,28 @@ def test_refusals(zoo, tmp_path, policy, backend, target, match):
 def test_int8_branch_without_calibration_is_refused(zoo, tmp_path):
     with pytest.raises(InputError, match="calibration"):
         apply_mixed(zoo["dual-encoder"]["path"], tmp_path / "x.onnx", "vision=int8", None, "onnxruntime")
+
+
+@pytest.mark.parametrize("rnn", ["LSTM", "GRU", "RNN"])
+def test_a_recurrent_text_tower_is_a_branch(rnn):
+    """Embedding + LSTM/GRU text tower (no MatMul in it) beside a conv image tower: text is a branch that
+    --precision can name (it was reported as absent: 'the model has no text branch')."""
+    h = onnx.helper
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[rnn]
+    inits = [onnx.numpy_helper.from_array(np.zeros(shape, np.float32), name) for name, shape in (
+        ("table", (10, 4)), ("W", (1, gates * 4, 4)), ("R", (1, gates * 4, 4)), ("k", (4, 3, 1, 1)),
+        ("head", (8, 2)))]
+    nodes = [h.make_node("Gather", ["table", "input_ids"], ["tok"], name="embed"),
+             h.make_node("Transpose", ["tok"], ["seq"], perm=[1, 0, 2], name="to_seq"),
+             h.make_node(rnn, ["seq", "W", "R"], ["all", "last"], hidden_size=4, name="text_rnn"),
+             h.make_node("Squeeze", ["last"], ["text"], name="text_vec"),
+             h.make_node("Conv", ["image", "k"], ["fmap"], name="image_conv"),
+             h.make_node("ReduceMean", ["fmap"], ["pooled"], axes=[2, 3], keepdims=0, name="image_pool"),
+             h.make_node("Concat", ["pooled", "text"], ["both"], axis=1, name="join"),
+             h.make_node("MatMul", ["both", "head"], ["logits"], name="classifier")]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 5]),
+                                       h.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+                         [h.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])], inits)
+    branches = find_branches(h.make_model(graph))
+    assert branches.present() == ["vision", "text", "fusion"]
+    assert branches.nodes("text", compute_only=True) == ["text_rnn"]
