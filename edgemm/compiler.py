@@ -276,7 +276,6 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
                 "path": Path(cfg.calib).name, "sha256": calib.sha256,
                 "samples": next(iter(calib_arrays.values())).shape[0], "samples_available": calib.num_samples,
                 "held_out": judged_on.get("range") if judged_on else None},
-            "calibration_profile": profile,
             "export": export_info,
             "prune": prune_info,
             "task": _find_task(loaded),
@@ -286,6 +285,8 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
         }
         if variants:
             manifest["variants"] = variants
+        if profile is not None:  # a named section (edgemm.runtime.calibration_section)
+            manifest["calibration_profile"] = profile
         manifest = writer.write_manifest(manifest)
         report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say,
                                 original=unpruned if prune_info else None, judged_on=judged_on)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import BundleError, DependencyError, EdgemmError, InputError
 from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape, dynamic_batch_input
-from . import signing
+from . import calibration_section, signing
 from . import variants as _variants  # noqa: F401  (registers the "variants" manifest section)
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 
@@ -99,6 +99,12 @@ class Bundle:
 
     monitor = None  # a MonitoredBundle's Monitor; a plain Bundle is not monitored
 
+    @property
+    def calibration_profile(self) -> "calibration_section.CalibrationProfile | None":
+        """What the calibration data looked like (compile records it), or None for bundles without one."""
+        section = getattr(self.manifest, "section", None)
+        return section(calibration_section.SECTION) if section is not None else None
+
     def stats(self) -> dict:
         raise InputError("this bundle is not monitored", field="monitor",
                          fix="load it with edgemm.runtime.load(path, monitor=True)")
@@ -118,8 +124,8 @@ class MonitoredBundle(Bundle):
         super().__init__(path, manifest, session, signature)
         from .monitor import Monitor
 
-        self.monitor = Monitor([s.name for s in self.inputs], manifest, bundle_name=str(manifest.get("name", "")),
-                               **monitor_options)
+        self.monitor = Monitor([s.name for s in self.inputs], self.calibration_profile,
+                               bundle_name=str(manifest.get("name", "")), **monitor_options)
         self._batch_input = dynamic_batch_input(self.inputs) or self.inputs[0].name
         self._plain_run = super().run
 

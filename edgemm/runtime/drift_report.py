@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import first_line
-from .monitor import PROFILE_KEY, Monitor, probes_from_entries
+from .monitor import Monitor, probes_from_entries
 
 MAX_ERRORS_SHOWN = 3
 
@@ -24,8 +24,8 @@ def drift_report(bundle, dataset, *, batch_size: int) -> dict:
     outputs may differ from FP32 within its parity bars)."""
     bundle.reset_stats()
     monitor: Monitor = bundle.monitor
-    profile = bundle.manifest.get(PROFILE_KEY)
-    out_entries = profile.get("outputs") if isinstance(profile, dict) else None
+    profile = bundle.calibration_profile
+    out_entries = profile.outputs if profile is not None else None
     output_names = [o.name for o in bundle.outputs]
     out_probes, out_known = probes_from_entries(output_names, out_entries)
     out_counts = {p.name: [0, 0, 0] for p in out_probes}

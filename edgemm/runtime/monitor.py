@@ -32,11 +32,10 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["Monitor", "LatencyHistogram", "InputProbe", "probes_from_profile", "probes_from_entries", "PROFILE_KEY"]
+__all__ = ["Monitor", "LatencyHistogram", "InputProbe", "probes_from_profile", "probes_from_entries"]
 
 log = logging.getLogger(__name__)
 
-PROFILE_KEY = "calibration_profile"
 NO_PROFILE = ("unknown (the bundle has no calibration_profile: compiled without --calib or by an older edgemm; "
               "recompile with --calib to record one)")
 DEFAULT_WINDOW = 1000          # calls per drift window
@@ -127,33 +126,22 @@ class InputProbe:
         return n, out, nonfinite, unknown
 
 
-def probes_from_profile(input_names, manifest: Mapping) -> tuple[list[InputProbe], bool]:
-    """One probe per input, from the manifest's calibration_profile; (probes, whether a profile exists).
-    A malformed entry is ignored for that input (monitoring must never stop a bundle from loading)."""
-    profile = manifest.get(PROFILE_KEY)
-    return probes_from_entries(input_names, profile.get("inputs") if isinstance(profile, dict) else None)
+def probes_from_profile(input_names, profile) -> tuple[list[InputProbe], bool]:
+    """One probe per input from a CalibrationProfile (edgemm.runtime.calibration_section), or None;
+    (probes, whether a profile exists)."""
+    return probes_from_entries(input_names, profile.inputs if profile is not None else None)
 
 
 def probes_from_entries(names, entries) -> tuple[list[InputProbe], bool]:
-    """Probes from a profile's ``inputs`` (or ``outputs``) map; (probes, whether the map exists)."""
-    if not isinstance(entries, dict):
+    """Probes from a profile's ``inputs`` (or ``outputs``): name -> TensorProfile; (probes, whether the map
+    exists). A name the profile lacks gets a probe that only counts values and NaN/Inf."""
+    if entries is None:
         return [InputProbe(name) for name in names], False
     probes = []
     for name in names:
-        entry = entries.get(name)
-        low = high = vocab = None
-        if isinstance(entry, dict):
-            lo, hi, vs = entry.get("min"), entry.get("max"), entry.get("vocab_size")
-            if _is_number(lo) and _is_number(hi) and lo <= hi:
-                low, high = float(lo), float(hi)
-            if isinstance(vs, int) and not isinstance(vs, bool) and vs > 0:
-                vocab = vs
-        probes.append(InputProbe(name, low, high, vocab))
+        t = entries.get(name)
+        probes.append(InputProbe(name) if t is None else InputProbe(name, t.low, t.high, t.vocab_size))
     return probes, True
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_options(*, on_drift=None, max_out_of_range=DEFAULT_MAX_OUT_OF_RANGE, window=DEFAULT_WINDOW) -> None:
@@ -187,12 +175,12 @@ class Monitor:
     """Counters of one bundle's calls. ``observe`` measures the inputs of a call (outside the lock),
     ``record`` adds a finished call; both are cheap. Thread-safe: one lock, held only to add integers."""
 
-    def __init__(self, input_names, manifest: Mapping, *, bundle_name: str = "",
+    def __init__(self, input_names, profile=None, *, bundle_name: str = "",
                  on_drift: Callable[[dict], object] | None = None,
                  max_out_of_range: float = DEFAULT_MAX_OUT_OF_RANGE, window: int = DEFAULT_WINDOW):
         check_options(on_drift=on_drift, max_out_of_range=max_out_of_range, window=window)
         self.bundle_name = bundle_name
-        self.probes, self.profiled = probes_from_profile(list(input_names), manifest)
+        self.probes, self.profiled = probes_from_profile(list(input_names), profile)
         self.on_drift = on_drift
         self.max_out_of_range = float(max_out_of_range)
         self.window = window

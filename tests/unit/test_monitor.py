@@ -237,3 +237,43 @@ def test_prometheus_text_carries_drift(tiny_bundle):
         b.stats()["inputs"]["image"]["out_of_range_fraction"])
     assert got[("edgemm_input_unknown_token_fraction", "input_ids")] == 0
     assert got[("edgemm_drift_known", None)] == 1
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda p: p["inputs"]["image"].update(min=5.0), "calibration_profile.inputs.image"),      # min > max
+    (lambda p: p["inputs"]["input_ids"].update(vocab_size=-3), "calibration_profile.inputs.input_ids"),
+    (lambda p: p.update(inputs=[1, 2]), "calibration_profile.inputs"),
+    (lambda p: p.update(samples="many"), "calibration_profile.samples"),
+])
+def test_malformed_profile_is_refused_at_load(tiny_bundle, tmp_path, edit, field):
+    from edgemm.errors import BundleError
+
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest["calibration_profile"])
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as err:
+        runtime.load(copy, monitor=True)
+    assert err.value.field == field
+
+
+def test_profile_is_a_typed_manifest_section(tiny_bundle):
+    b = runtime.load(tiny_bundle)
+    profile = b.calibration_profile
+    assert profile.inputs["input_ids"].vocab_size == 50 and profile.inputs["image"].has_range
+    assert profile.inputs["image"].low == b.manifest.to_dict()["calibration_profile"]["inputs"]["image"]["min"]
+    assert set(profile.outputs) == {o.name for o in b.outputs}
+
+
+def test_a_format_1_bundle_is_monitored_without_drift(tmp_path):
+    """A bundle written before the profile existed (tests/fixtures/bundle_v1): latency and errors only."""
+    from pathlib import Path
+
+    v1 = Path(__file__).parents[1] / "fixtures" / "bundle_v1"
+    b = runtime.load(v1, monitor=True)
+    assert b.calibration_profile is None
+    b.run({"image": np.zeros((2, 3, 16, 16), np.float32), "input_ids": np.ones((2, 8), np.int64)})
+    s = b.stats()
+    assert (s["calls"], s["errors"], s["batch_sizes"]) == (1, 0, {2: 1}) and s["drift"].startswith("unknown")
+    assert all(f["out_of_range_fraction"] is None for f in s["inputs"].values())
