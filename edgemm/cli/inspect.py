@@ -45,6 +45,17 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
             "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source"),
             "created": manifest.get("created"),
             "signature": signing.describe(path, checked)}
+    variants = manifest.section("variants") if hasattr(manifest, "section") else manifest.get("variants")
+    if variants:
+        from ..hostinfo import host_isa
+        from ..runtime.variants import choose_variant
+
+        info["variants"] = [{k: v.get(k) for k in ("name", "engine", "precision", "requires_any", "measured")}
+                            | {"backend": v["backend"].get("name")} for v in variants]
+        try:
+            info["variant_here"] = choose_variant(variants, host_isa()).name
+        except LookupError:
+            info["variant_here"] = None
     field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
     onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
     if onnx_rel:
@@ -181,6 +192,13 @@ def command(target, as_json, data, trusted_keys, require_signature):
         if backend.get("disabled_optimizers"):
             extra += f" (ORT optimizers off: {', '.join(map(str, backend['disabled_optimizers']))})"
         _echo(f"  backend: {backend.get('name')}{extra}")
+    if info.get("variants"):
+        _echo(f"  variants (fastest first as measured at compile; this host runs {info.get('variant_here')}):")
+        for v in info["variants"]:
+            need = ", ".join(v.get("requires_any") or []) or "nothing in particular"
+            score = (v.get("measured") or {}).get("score")
+            measured = f", {score:.2f}x ORT FP32 at compile" if isinstance(score, (int, float)) else ""
+            _echo(f"    {v['name']}: {v['backend']} {v.get('precision')}, needs one of {need}{measured}")
     for io in ("inputs", "outputs"):
         for t in info.get(io, []):
             shape = "x".join(str(d) for d in t["shape"]) if "shape" in t else "? (pass --data to see shapes)"

@@ -53,9 +53,22 @@ def render_markdown(report: dict) -> str:
     lines += [f"\n> Note: {md_text(note)}" for note in report.get("notes", [])]
     lines += _vs_original_section(report.get("vs_original"))
     lines += _prune_section(report.get("prune"))
+    lines += _engines_section(report.get("cpu_engines"))
     if report.get("failures"):
         lines += ["", "## Failures", *[f"- {md_text(f)}" for f in report["failures"]]]
     return "\n".join(lines) + "\n"
+
+
+def _engines_section(section: dict | None) -> list[str]:
+    """The CPU engine search's candidates, measured on the compiling host (quant/cpu_engines.py)."""
+    if not section or not isinstance(section.get("table"), list) or not isinstance(section.get("batches"), list):
+        return []
+    from ..quant.cpu_engines import format_table
+
+    title, *table = format_table(section["table"], section["batches"]).splitlines()
+    carried = ", ".join(section.get("variants") or []) or "the ONNX Runtime model only"
+    return ["", "## CPU engines", "", title, "", *table, "",
+            f"Variants in this bundle (the runtime runs the first this host supports): {md_text(carried)}"]
 
 
 def _vs_original_section(section: dict | None) -> list[str]:

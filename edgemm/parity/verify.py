@@ -146,6 +146,11 @@ def add_compile_sections(report: dict, manifest: dict) -> dict:
     comparison = (manifest.get("prune") or {}).get("comparison")
     if comparison:
         report["prune"] = comparison
+    recipe = (manifest.get("precision") or {}).get("recipe")
+    engines = recipe.get("engines") if isinstance(recipe, dict) else None
+    if isinstance(engines, dict):   # the CPU engine search (quant/cpu_engines.py)
+        report["cpu_engines"] = {"batches": engines.get("batches"), "table": engines.get("table"),
+                                 "variants": [v.get("name") for v in manifest.get("variants") or []]}
     return report
 
 

@@ -208,7 +208,7 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
         row.status = "carried"
     if ranked:
         ranked[0].status = "selected"
-    log(format_table(rows, batches))
+    log(format_table([r.to_dict() for r in rows], batches))
     return EngineChoice(rows, variants, list(batches), round(time.perf_counter() - started, 2))
 
 
@@ -266,19 +266,21 @@ def _sensitive_nodes(fp32_onnx: Path, calib_feeds: Sequence[dict]) -> list[str]:
                   | set(_final_projections(fp32_onnx)))
 
 
-def format_table(rows: Sequence[EngineRow], batches: Sequence[int]) -> str:
-    """The candidate table as the compile log and report.md show it."""
+def format_table(rows: Sequence[Mapping], batches: Sequence[int]) -> str:
+    """The candidate table (rows as ``EngineRow.to_dict()``, or as the manifest stores them) for the
+    compile log and report.md."""
     head = "| candidate | needs one of | " + " | ".join(f"p50/FP32 b{b}" for b in batches) + \
         " | min cosine | build s | status |"
     lines = ["CPU engine candidates (p50 ratio to ONNX Runtime FP32, same run):", head,
              "|" + "---|" * (len(batches) + 5)]
     for r in rows:
-        ratios = " | ".join(f"{r.p50_ratio[str(b)]:.3f}" if str(b) in r.p50_ratio else "–" for b in batches)
-        need = ", ".join(r.requires_any) if r.requires_any else "–"
-        cos = f"{r.min_cosine:.5f}" if r.min_cosine is not None else "–"
-        build = f"{r.build_s:.1f}" if r.build_s is not None else "–"
-        status = r.status + (f" ({r.note[:80]})" if r.note else "")
-        lines.append(f"| {r.name} | {need} | {ratios} | {cos} | {build} | {status} |")
+        ratio = r.get("p50_ratio") or {}
+        ratios = " | ".join(f"{ratio[str(b)]:.3f}" if str(b) in ratio else "–" for b in batches)
+        need = ", ".join(r.get("requires_any") or []) or "–"
+        cos = f"{r['min_cosine']:.5f}" if r.get("min_cosine") is not None else "–"
+        build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else "–"
+        status = str(r.get("status")) + (f" ({str(r['note'])[:80]})" if r.get("note") else "")
+        lines.append(f"| {r.get('name')} | {need} | {ratios} | {cos} | {build} | {status} |")
     return "\n".join(lines)
 
 

@@ -137,6 +137,18 @@ def test_openvino_variant_reads_only_hash_checked_bytes(bf16_bundle, tmp_path, m
         runtime.load(copy)
 
 
+def test_inspect_shows_the_variants_and_which_one_this_host_runs(bf16_bundle, cli):
+    res = cli("inspect", bf16_bundle)
+    assert res.returncode == 0, res.stderr
+    assert "variants (fastest first" in res.stdout
+    assert "openvino-bf16: openvino bf16, needs one of amx_bf16, avx512_bf16" in res.stdout
+    assert "onnxruntime-fp32: onnxruntime fp32, needs one of nothing in particular" in res.stdout
+    here = "openvino-bf16" if hostinfo.host_isa() & {"amx_bf16", "avx512_bf16"} else "onnxruntime-fp32"
+    assert f"this host runs {here}" in res.stdout
+    info = json.loads(cli("inspect", bf16_bundle, "--json").stdout)
+    assert [v["name"] for v in info["variants"]] == ["openvino-bf16", "onnxruntime-fp32"]
+
+
 @pytest.mark.parametrize("tamper, field", [
     (lambda m: m.__setitem__("variants", {}), "variants"),
     (lambda m: m["variants"][0].__setitem__("requires_any", "avx512_bf16"), "variants.[0].requires_any"),
@@ -190,6 +202,8 @@ def test_int8_compile_carries_the_faster_openvino_variant(tiny, tmp_path, monkey
     assert first["backend"]["name"] == "openvino" and first["requires_any"] == BF16
     assert first["backend"]["model"] in manifest["files"] and first["backend"]["weights"] in manifest["files"]
     assert any("CPU engine candidates" in line for line in logs)
+    report_md = (out / "report.md").read_text()
+    assert "## CPU engines" in report_md and "| openvino-bf16 | amx_bf16, avx512_bf16 | 0.300 | 0.300 |" in report_md
     # On this (patched) AMX host the runtime runs the fastest variant; with every feature hidden, the fallback.
     assert runtime.load(out).variant == "openvino-bf16"
     monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: frozenset())
