@@ -140,7 +140,15 @@ def probes_from_entries(names, entries) -> tuple[list[InputProbe], bool]:
     probes = []
     for name in names:
         t = entries.get(name)
-        probes.append(InputProbe(name) if t is None else InputProbe(name, t.low, t.high, t.vocab_size))
+        if t is None:
+            probes.append(InputProbe(name))
+            continue
+        low, high = t.low, t.high
+        if t.kind == "mask" and t.has_range:
+            # 0 and 1 are always valid in a mask: calibration without padding (all ones) is fine (compile
+            # forces padding into 0/1 inputs when it probes ranges), so padding at run time is no drift
+            low, high = min(low, 0.0), max(high, 1.0)
+        probes.append(InputProbe(name, low, high, t.vocab_size))
     return probes, True
 
 

@@ -277,3 +277,15 @@ def test_a_format_1_bundle_is_monitored_without_drift(tmp_path):
     s = b.stats()
     assert (s["calls"], s["errors"], s["batch_sizes"]) == (1, 0, {2: 1}) and s["drift"].startswith("unknown")
     assert all(f["out_of_range_fraction"] is None for f in s["inputs"].values())
+
+
+def test_a_mask_calibrated_without_padding_accepts_padding():
+    from edgemm.runtime.calibration_section import TensorProfile
+    from edgemm.runtime.monitor import probes_from_entries
+
+    entries = {"attention_mask": TensorProfile("mask", 1.0, 1.0), "input_ids": TensorProfile("tokens", 5.0, 90.0, 100)}
+    (mask, ids), known = probes_from_entries(["attention_mask", "input_ids"], entries)
+    padded = np.array([[1, 1, 0, 0]], np.int64)
+    assert known and mask.measure(padded) == (4, 0, 0, 0)
+    assert mask.measure(padded + 1)[1] == 2                  # a 2 is no mask value: counted
+    assert ids.measure(np.array([[5, 90, 91, 100]]))[1:] == (2, 0, 1)  # 91 and 100 outside; 100 is no row
