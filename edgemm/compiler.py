@@ -254,21 +254,31 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
 
         _check_token_ids(fp32, (calib, evald))
         profile = _calibration_profile(fp32, calib_arrays, specs)
-        prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out,
-                                batches=timing_batches(specs))
+        if cfg.split:
+            from .split.build import build_split
 
-        backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
-        if backend == "onnxruntime" and cfg.tune_threads:
+            probe = (2, 3) if dynamic_batch_input(specs) else (_batch_of(specs),)
+            split = build_split(fp32, work, writer.stage, cfg, target, specs, calib_arrays, held_out, name, say,
+                                branch_overrides=_branch_overrides(cfg),
+                                samples=[sample_feeds(check_data, specs, b) for b in probe])
+            prec = None
+            backend_section = split.backend
+        else:
+            prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out,
+                                    batches=timing_batches(specs))
+            backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
+        if backend == "onnxruntime" and cfg.tune_threads and not cfg.split:
             _tune_threads(backend_section, writer.stage, sample_feeds(check_data, specs, _batch_of(specs)), say)
-        variants = _package_variants(prec, backend_section, writer.stage) if prec.variants else None
+        variants = _package_variants(prec, backend_section, writer.stage) if prec and prec.variants else None
         manifest = {
             "name": name,
             "source": {"path": Path(loaded.source).name if loaded.format != "factory" else loaded.source,
                        "format": loaded.format, "sha256": loaded.sha256, "notes": loaded.notes},
             "inputs": [s.to_dict() for s in specs],
-            "outputs": graph_outputs(prec.path),
-            "precision": {**prec.precision.to_manifest(), "recipe": prec.recipe, "notes": prec.notes,
-                          "simulated_accuracy": prec.simulated, "exclusions": _exclusions(cfg, prec)},
+            "outputs": split.outputs if cfg.split else graph_outputs(prec.path),
+            "precision": {**split.precision, "simulated_accuracy": False, "exclusions": None} if cfg.split else {
+                **prec.precision.to_manifest(), "recipe": prec.recipe, "notes": prec.notes,
+                "simulated_accuracy": prec.simulated, "exclusions": _exclusions(cfg, prec)},
             "target": {"name": target.name, "kind": target.kind, "backend": target.backend,
                        "compute_capability": target.compute_capability},
             "backend": backend_section,
@@ -287,7 +297,17 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
             manifest["variants"] = variants
         if profile is not None:  # a named section (edgemm.runtime.calibration_section)
             manifest["calibration_profile"] = profile
-        manifest = writer.write_manifest(manifest)
+        if cfg.split:
+            manifest["pipeline"] = split.pipeline
+        draft, manifest = manifest, writer.write_manifest(manifest)
+        if cfg.split and backend == "onnxruntime" and cfg.tune_threads:
+            from .split.build import tune_concurrency
+
+            batches = (1, 8) if dynamic_batch_input(specs) else (_batch_of(specs),)
+            tuning = tune_concurrency(writer.stage, split.pipeline,
+                                      {b: sample_feeds(check_data, specs, b) for b in batches}, say)
+            draft["pipeline"] = {**split.pipeline, "concurrent": tuning.pop("concurrent"), "concurrency_tuning": tuning}
+            manifest = writer.write_manifest(draft)
         report = _parity_report(writer.stage, manifest, loaded, specs, check_data, cfg, say,
                                 original=unpruned if prune_info else None, judged_on=judged_on)
         if report is not None and not report.get("passed", True):

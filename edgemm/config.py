@@ -60,6 +60,8 @@ class CompileConfig:
     force: bool = False                  # replace an existing bundle
     tune_threads: bool = True            # CPU bundles: record 1 intra-op thread when measured faster
     cpu_engines: str = "auto"            # CPU --int8: "auto" also measures OpenVINO (when installed), "onnxruntime" not
+    split: bool = False                  # one model per modality branch + the fusion head (edgemm/split/)
+    place: str | None = None             # --split on TensorRT targets: PART=DEVICE, e.g. "vision=dla0,text=gpu"
 
     def validate(self) -> None:
         check_name(self.precision, allowed=PRECISIONS)
@@ -120,6 +122,17 @@ class CompileConfig:
                              fix=f"use one of {', '.join(HARDWARE_COMPATIBILITY)}")
         if self.workspace_mb is not None and self.workspace_mb < 1:
             raise InputError("must be >= 1", field="--workspace-mb", fix="e.g. --workspace-mb 1024, or leave it out")
+        if self.place and not self.split:
+            raise InputError("places the parts of a split bundle", field="--place", fix="add --split")
+        if self.split:
+            if self.place:
+                from .split.build import parse_placement
+
+                parse_placement(self.place, target)
+            for flag, value in (("--accuracy-target", self.accuracy_target), ("--exclude", self.exclude)):
+                if value:
+                    raise InputError("is not available with --split yet (each part is quantized on its own)",
+                                     field=flag, fix="drop it, or compile without --split")
         if self.output is not None:  # before any work: --force must never delete the user's files
             from .bundle import check_destination
 

@@ -60,6 +60,9 @@ from .options import FINITE_FLOAT, verbose_option
 @click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engine.")
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_cc"]), default="none",
               show_default=True, help="TensorRT hardware compatibility level.")
+@click.option("--split", is_flag=True,
+              help="One model per modality branch plus the fusion head, run as a pipeline (cached branches).")
+@click.option("--place", help="With --split on TensorRT targets: PART=DEVICE per part, e.g. vision=dla0,text=gpu.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--no-thread-tuning", is_flag=True,
               help="Do not time 1 vs default ORT threads (CPU bundles); keep ORT's default.")
@@ -73,7 +76,7 @@ from .options import FINITE_FLOAT, verbose_option
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
             output_names, static_batch, max_batch, exporter, int8_recipe, exclude, min_cosine, min_top1, max_metric_drop, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
-            opt_level, version_compatible, hardware_compatibility, force, no_thread_tuning, cpu_engines, config_file, dump_config,
+            opt_level, version_compatible, hardware_compatibility, split, place, force, no_thread_tuning, cpu_engines, config_file, dump_config,
             as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
     from ..errors import InputError
@@ -104,7 +107,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             prune=prune_spec, recover=recover, recover_lr=recover_lr, sparsity=sparsity,
                             workspace_mb=workspace_mb, opt_level=opt_level,
                             version_compatible=version_compatible,
-                            hardware_compatibility=hardware_compatibility, force=force,
+                            hardware_compatibility=hardware_compatibility, split=split, place=place, force=force,
                             tune_threads=not no_thread_tuning, cpu_engines=cpu_engines)
     cfg.validate()
     if dump_config:

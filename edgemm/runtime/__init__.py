@@ -17,9 +17,10 @@ from ..errors import BundleError, DependencyError, EdgemmError, InputError
 from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape, dynamic_batch_input
 from . import calibration_section, signing
 from . import variants as _variants  # noqa: F401  (registers the "variants" manifest section)
+from . import pipeline as _pipeline  # noqa: F401  (registers the "pipeline" manifest section)
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 
-__all__ = ["load", "Bundle", "MonitoredBundle"]
+__all__ = ["load", "Bundle", "MonitoredBundle", "PipelineBundle"]
 log = logging.getLogger("edgemm")
 
 
@@ -52,12 +53,13 @@ class Bundle:
         """The backend that runs this bundle here (the chosen variant's, for a multi-variant bundle)."""
         return getattr(self._session, "backend", None) or self.manifest["backend"]["name"]
 
-    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def check_feeds(self, feeds: Mapping[str, np.ndarray], *, may_omit=()) -> dict[str, np.ndarray]:
+        """``may_omit``: inputs that may be left out (those of a split bundle's reused branch)."""
         if not isinstance(feeds, Mapping):
             raise InputError(f"feeds must be a dict of name -> numpy array, got {type(feeds).__name__}",
                              field="feeds", fix=f"pass {{{', '.join(repr(s.name) for s in self.inputs)}}}")
         expected = [s.name for s in self.inputs]
-        missing = [n for n in expected if n not in feeds]
+        missing = [n for n in expected if n not in feeds and n not in may_omit]
         extra = [n for n in feeds if n not in expected]
         if missing or extra:
             parts = []
@@ -71,6 +73,8 @@ class Bundle:
         checked = {}
         batch = {}
         for spec in self.inputs:
+            if spec.name not in feeds:
+                continue
             value = feeds[spec.name]
             if not isinstance(value, np.ndarray):
                 raise InputError(f"expected a numpy array, got {type(value).__name__}", field=spec.name,
@@ -146,6 +150,49 @@ class MonitoredBundle(Bundle):
 
     def reset_stats(self) -> None:
         self.monitor.reset()
+
+
+class PipelineBundle(Bundle):
+    """A split bundle (``edgemm compile --split``): ``run`` runs every part and returns what the unsplit
+    bundle returns; ``parts``, ``part(name).run(...)``, ``run(feeds, reuse={...})`` and ``enable_cache``
+    reach the branches (edgemm/runtime/pipeline.py)."""
+
+    @property
+    def parts(self) -> list[str]:
+        return list(self._session.parts)
+
+    def part(self, name: str):
+        try:
+            return self._session.parts[name]
+        except (KeyError, TypeError):
+            raise InputError(f"no part {name!r}", field="part", fix=f"parts are {', '.join(self.parts)}") from None
+
+    @property
+    def cache(self):
+        return self._session.cache
+
+    def enable_cache(self, max_entries: int = 256, max_bytes: int = 64 << 20):
+        """Keep branch outputs keyed by a hash of the branch's inputs (bounded, thread-safe); returns the
+        cache (``cache.stats()``: hits, misses, entries, bytes). ``disable_cache()`` drops it."""
+        from .pipeline import BranchCache
+
+        self._session.cache = BranchCache(max_entries, max_bytes)
+        return self._session.cache
+
+    def disable_cache(self) -> None:
+        self._session.cache = None
+
+    def run(self, feeds: Mapping[str, np.ndarray], reuse: Mapping[str, dict] | None = None) -> dict[str, np.ndarray]:
+        """``reuse``: part name -> what ``part(name).run`` returned; that part is not run again and its
+        inputs may be left out of ``feeds``."""
+        reused = self._session.check_reuse(reuse)
+        optional = {s.name for s in self.inputs} - self._session.needed_inputs(reused)
+        checked = self.check_feeds(feeds, may_omit=optional)
+        outputs = self._session.run(checked, reused)
+        return {spec.name: out for spec, out in zip(self.outputs, outputs)}
+
+    def __repr__(self) -> str:
+        return f"PipelineBundle({str(self.path)!r}, parts={self.parts}, backend={self.backend})"
 
 
 def parse_io(path: Path, manifest: dict) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -254,19 +301,25 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     parse_io(path, manifest)  # before any backend reads a model file
     choice = None
     session_manifest = manifest
+    split = manifest.section("pipeline") is not None
     if manifest.section("variants"):
         session_manifest, choice = _choose_variant(path, manifest, variant)
     elif variant is not None:
         raise InputError("the bundle has a single variant", file=path / MANIFEST_NAME, field="variant",
                          fix="leave variant out")
     try:
-        session = _open_session(path, session_manifest, **session_options)
+        if split:
+            from .pipeline import PipelineSession
+
+            session = PipelineSession(path, manifest, _open_session, **session_options)
+        else:
+            session = _open_session(path, session_manifest, **session_options)
     except EdgemmError as exc:
         if exc.file is not None:
             raise
         # Backend errors (missing TensorRT, no engine, ...) are about this bundle: say which one.
         raise type(exc)(exc.detail, file=path / MANIFEST_NAME, field=exc.field or "backend", fix=exc.fix) from exc
     bundle = (MonitoredBundle(path, manifest, session, signed, **monitor_options) if monitor
-              else Bundle(path, manifest, session, signed))
+              else (PipelineBundle if split else Bundle)(path, manifest, session, signed))
     bundle.variant, bundle.variant_choice = (choice.name, choice) if choice else (None, None)
     return bundle

@@ -1,0 +1,308 @@
+"""``edgemm compile --split``: cut the FP32 graph into parts (split/graph.py), give each part its own
+precision (``--precision BRANCH=MODE`` or the uniform one) calibrated on what reaches it, and package
+each part for the target; for TensorRT targets each part gets its own placement (``--place vision=dla0``)
+and its own engine build in build.sh. The manifest's ``pipeline`` section (docs/split.md) describes it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+
+from ..errors import InputError
+from ..modality import BRANCHES, FUSION
+from ..runtime.pipeline import PIPELINE_FORMAT, PIPELINE_VERSION
+from .graph import SplitPlan, split_onnx
+
+PARTS_DIR = "parts"
+PLACEMENTS = ("gpu", "dla", "dla0", "dla1")
+
+
+@dataclass
+class SplitBuild:
+    backend: dict        # the manifest's top-level backend section
+    precision: dict      # the manifest's precision section (mode over all parts, recipe per part)
+    outputs: list[dict]  # the model's outputs (as the unsplit graph names them)
+    pipeline: dict       # the manifest's pipeline section
+    output_heads: dict   # which outputs a linear head makes (read from the part that makes each)
+
+
+def parse_placement(text: str | Mapping | None, target) -> dict[str, str]:
+    """``"vision=dla0,text=gpu"`` -> {"vision": "dla0", "text": "gpu"}; checked against the target's DLA
+    cores (one-line InputError). ``dla`` means ``dla0``."""
+    if not text:
+        return {}
+    if target.backend != "tensorrt":
+        raise InputError(f"target {target.name} runs {target.backend}: parts have no device to choose",
+                         field="--place", fix="use --place with a TensorRT target (e.g. --target jetson-agx-orin)")
+    items = text.items() if isinstance(text, Mapping) else (i.partition("=")[::2] for i in str(text).split(",") if i.strip())
+    out: dict[str, str] = {}
+    for part, device in items:
+        part, device = str(part).strip().lower(), str(device).strip().lower()
+        if part not in BRANCHES or not device:
+            raise InputError(f"{part}={device!r} is not PART=DEVICE", field="--place",
+                             fix=f"e.g. --place vision=dla0,text=gpu (parts: {', '.join(BRANCHES)})")
+        device = "dla0" if device == "dla" else device
+        if device != "gpu" and not (device.startswith("dla") and device[3:].isdigit()):
+            raise InputError(f"unknown device {device!r} for {part}", field="--place", fix="use gpu, dla0 or dla1")
+        if device.startswith("dla"):
+            core = int(device[3:])
+            if target.dla_cores == 0:
+                raise InputError(f"target {target.name} has no DLA cores (asked for {part}={device})", field="--place",
+                                 fix=f"place {part} on gpu, or use a target with DLA (jetson-agx-orin, jetson-orin-nx)")
+            if core >= target.dla_cores:
+                raise InputError(f"target {target.name} has DLA cores 0..{target.dla_cores - 1}, not {core}",
+                                 field="--place", fix=f"use dla0..dla{target.dla_cores - 1}")
+        if part in out:
+            raise InputError(f"part {part} is placed twice", field="--place", fix="name each part once")
+        out[part] = device
+    return out
+
+
+def part_precision(part: str, cfg) -> str:
+    if cfg.precision_policy:
+        from ..quant.mixed import DEFAULT_KEY, parse_precision_policy
+
+        policy = parse_precision_policy(cfg.precision_policy)
+        return policy.get(part, policy.get(DEFAULT_KEY, "fp32"))
+    return cfg.precision
+
+
+def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: dict | None,
+                held_out: dict | None, name: str, say: Callable[[str], None], *, branch_overrides=None,
+                samples=()) -> SplitBuild:
+    """``samples``: feeds at two batch sizes (the interface tensors' dims are observed on them)."""
+    from ..compiler import _output_heads
+    from ..onnx_io import graph_outputs
+
+    placement = parse_placement(cfg.place, target)
+    say("split: cutting the graph at its branch boundaries")
+    plan = split_onnx(fp32, work / "split-fp32", branch_overrides=branch_overrides, samples=samples)
+    unknown = [p for p in placement if p not in plan.names]
+    if unknown:
+        raise InputError(f"the split has no part {unknown[0]!r} (parts: {', '.join(plan.names)})", field="--place",
+                         fix="place only the parts the model has")
+    for part in plan.parts:
+        say(f"  part {part.name}: {part.compute_nodes} compute nodes, reads {', '.join(part.inputs)}; "
+            f"sends {', '.join(part.outputs)}")
+    if cfg.precision_policy:
+        named = [b for b in _policy_branches(cfg) if b not in plan.names]
+        if named:
+            raise InputError(f"the split has no part {named[0]!r} (parts: {', '.join(plan.names)})",
+                             field="--precision", fix="name only the parts the model has")
+    part_calib = _interface_data(plan, calib) if calib is not None else None
+    part_held = _interface_data(plan, held_out) if held_out is not None else None
+    graph_specs = {s.name: s.to_dict() for s in specs}
+
+    entries, recipes, modes, notes = [], {}, [], []
+    parts_dir = stage / PARTS_DIR
+    parts_dir.mkdir()
+    for part in plan.parts:
+        prec = _part_precision_stage(part, cfg, target, part_calib, part_held, work, placement, say)
+        modes.append(prec.mode)
+        recipes[part.name] = {"mode": prec.mode, **prec.recipe}
+        notes += [f"{part.name}: {n}" for n in prec.notes]
+        io = graph_outputs(prec.path)
+        out_specs = [_with_ranges(d, graph_specs) for d in io]
+        in_specs = [graph_specs[i] if i in graph_specs else _interface_spec(prec.path, i, graph_specs)
+                    for i in part.inputs]
+        backend = _package_part(part.name, prec, parts_dir, stage, target, cfg, placement, in_specs, name)
+        entries.append({"name": part.name, "after": part.after, "inputs": in_specs, "outputs": out_specs,
+                        "precision": {"mode": prec.mode, "recipe": prec.recipe.get("name")},
+                        "placement": placement.get(part.name, "gpu") if target.backend == "tensorrt" else "cpu",
+                        "backend": backend, "nodes": part.nodes, "compute_nodes": part.compute_nodes})
+    interface = [{"name": t, "from": info["from"], "to": info["to"], "original": info["original"],
+                  **{k: v for k, v in _spec_for(entries, t).items() if k in ("dtype", "shape")}}
+                 for t, info in plan.interface.items()]
+    from ..precision import Precision
+
+    pipeline = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "order": plan.names, "parts": entries,
+                "interface": interface, "concurrent": False, "shared_initializers": plan.shared_initializers,
+                "branches": plan.branch_summary}
+    outputs = graph_outputs(fp32)
+    heads = _output_heads(fp32)   # the FP32 graph: the model's own structure (as without --split)
+    built = Precision.of(modes, per_branch={e["name"]: e["precision"]["mode"] for e in entries})
+    precision = {**built.to_manifest(), "recipe": {"name": "split", "parts": recipes}, "notes": notes}
+    backend = {"name": target.backend}
+    if target.backend == "onnxruntime":
+        backend["providers"] = ["CPUExecutionProvider"]
+    else:
+        backend.update(_write_pipeline_build_script(stage, entries, target, name))
+    return SplitBuild(backend, precision, outputs, pipeline, {o["name"]: bool(heads.get(o["name"])) for o in outputs})
+
+
+def _policy_branches(cfg) -> list[str]:
+    from ..quant.mixed import DEFAULT_KEY, parse_precision_policy
+
+    return [b for b in parse_precision_policy(cfg.precision_policy) if b != DEFAULT_KEY]
+
+
+def _interface_data(plan: SplitPlan, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Graph inputs plus every interface tensor, from running the FP32 parts in order (calibration data
+    for the downstream parts: each part is calibrated on what reaches it in the pipeline)."""
+    from ..onnx_io import cpu_session
+
+    env = dict(arrays)
+    for part in plan.parts:
+        sess = cpu_session(part.path)
+        # In one call: an interface tensor need not keep the batch on axis 0 (a transposed [dim, batch]).
+        env.update(zip(part.outputs, sess.run(part.outputs, {i: env[i] for i in part.inputs})))
+    return env
+
+
+def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement, say):
+    from ..quant import PrecisionRequest, PrecisionResult, apply_precision
+
+    precision = part_precision(part.name, cfg)
+    out = work / f"split-{part.name}.onnx"
+    notes = []
+    if cfg.precision_policy and target.backend == "onnxruntime" and precision in ("fp16", "bf16"):
+        # As for --precision without --split (quant/mixed.py): ORT's CPU provider has few FP16 kernels.
+        notes.append(f"{precision} runs as fp32 on the CPU target (ONNX Runtime has few FP16 CPU kernels)")
+        precision = "fp32"
+    if precision == "bf16":
+        precision = "fp16"
+        notes.append("bf16 is built as fp16 for a split part")
+    if precision in ("int8", "fp8") and calib is None:
+        raise InputError(f"part {part.name} is {precision} but no calibration data was given", field="--calib",
+                         fix="pass --calib data.npz")
+    say(f"  precision of {part.name}: {precision}")
+    names = part.inputs
+    req = PrecisionRequest(
+        precision=precision, backend=target.backend, workdir=_fresh(work / f"split-prec-{part.name}"),
+        calib={n: calib[n] for n in names} if calib is not None else None, int8_recipe=cfg.int8_recipe,
+        min_cosine=cfg.min_cosine, dla=placement.get(part.name, "gpu").startswith("dla"),
+        held_out={n: held[n] for n in names} if held is not None else None, log=lambda m: say("    " + m))
+    result: PrecisionResult = apply_precision(part.path, out, req)
+    result.notes = notes + list(result.notes)
+    return result
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _with_ranges(d: dict, graph_specs: Mapping[str, dict]) -> dict:
+    """An output spec with the ranges of the graph inputs' symbolic dims it shares (batch)."""
+    ranges = {}
+    for spec in graph_specs.values():
+        for dim, r in (spec.get("ranges") or {}).items():
+            if dim in d["shape"]:
+                ranges[dim] = r
+    return {**d, **({"ranges": ranges} if ranges else {})}
+
+
+def _interface_spec(path: Path, tensor: str, graph_specs) -> dict:
+    import onnx
+
+    from ..frontends.onnx_file import ONNX_DTYPES
+
+    model = onnx.load(str(path), load_external_data=False)
+    vi = next(i for i in model.graph.input if i.name == tensor)
+    t = vi.type.tensor_type
+    shape = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or f"{tensor}.dim{axis}")
+             for axis, d in enumerate(t.shape.dim)]
+    return _with_ranges({"name": tensor, "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), "shape": shape},
+                        graph_specs)
+
+
+def _spec_for(entries, tensor: str) -> dict:
+    for entry in entries:
+        for spec in entry["outputs"]:
+            if spec["name"] == tensor:
+                return spec
+    return {}
+
+
+def _package_part(part: str, prec, parts_dir: Path, stage: Path, target, cfg, placement, in_specs, name) -> dict:
+    """The part's backend fields, paths relative to the bundle."""
+    if target.backend == "onnxruntime":
+        rel = f"{PARTS_DIR}/{part}.onnx"
+        shutil.copyfile(prec.path, stage / rel)
+        section = {"model": rel}
+        disabled = (prec.recipe or {}).get("ort_disabled_optimizers")
+        if disabled:
+            section["disabled_optimizers"] = list(disabled)
+        return section
+    from ..backends.tensorrt.options import TensorRTOptions
+    from ..backends.tensorrt.package import package
+
+    device = placement.get(part, "gpu")
+    options = TensorRTOptions.from_compile(cfg, target, in_specs)
+    options = options.with_(precision=prec.mode if prec.mode in ("fp32", "fp16", "int8", "fp8") else options.precision)
+    if device.startswith("dla"):
+        from ..backends.tensorrt.options import options_for_target
+
+        # DLA pins shapes (options_for_target does it) and runs fp16/int8 only (the target checks).
+        target.validate(options.precision, dla=int(device[3:]))
+        options = options_for_target(target, options.precision, dla=int(device[3:]), inputs=in_specs,
+                                     workspace_mb=options.workspace_mb, opt_level=options.opt_level)
+    folder = parts_dir / part
+    section = package(prec.path, folder, target, options, build_now=False, bundle_name=f"{name}-{part}")
+    out = {}
+    for key, value in section.items():
+        if key in ("onnx", "engine", "build_config", "build_script", "model") and isinstance(value, str):
+            out[key] = f"{PARTS_DIR}/{part}/{value}"
+        elif key != "name":
+            out[key] = value
+    out["placement"] = device
+    return out
+
+
+def _write_pipeline_build_script(stage: Path, entries: list[dict], target, name: str) -> dict:
+    """build.sh at the bundle's top: one engine build per part (each part's own build.sh, which carries
+    its placement: --useDLACore=N --allowGPUFallback for DLA parts), engines written beside each other."""
+    from ..backends.tensorrt.package import BUILD_SCRIPT_NAME
+
+    lines = [
+        "#!/usr/bin/env bash",
+        f"# Build one TensorRT engine per part of the split bundle {name} (target {target.name}) with trtexec.",
+        "# Run it on the target device: ./build.sh [OUT_DIR] writes OUT_DIR/<part>.engine for every part.",
+        "set -euo pipefail",
+        'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+        'OUT_DIR="${1:-$PWD}"',
+        'case "$OUT_DIR" in /*) ;; *) OUT_DIR="$PWD/$OUT_DIR" ;; esac',
+        'mkdir -p "$OUT_DIR"',
+    ]
+    for entry in entries:
+        script = entry["backend"]["build_script"]
+        lines.append(f"# part {entry['name']}: placement {entry['placement']}, precision {entry['precision']['mode']}")
+        lines.append(f'bash "$HERE/{script}" "$OUT_DIR/{entry["name"]}.engine"')
+    lines += ['echo "engines written to $OUT_DIR"', ""]
+    path = stage / BUILD_SCRIPT_NAME
+    path.write_text("\n".join(lines), encoding="utf-8")
+    path.chmod(0o755)
+    return {"build_script": BUILD_SCRIPT_NAME, "portable": True}
+
+
+def tune_concurrency(stage: Path, pipeline: dict, feeds_by_batch: Mapping[int, dict], say) -> dict:
+    """Time the staged pipeline with independent parts run one after another and concurrently (threads),
+    interleaved, at each batch; record concurrency when it was faster at every batch measured."""
+    from ..parity.latency import measure_interleaved_within
+    from ..runtime import load
+
+    towers = [p for p in pipeline["parts"] if not p["after"]]
+    if len(towers) < 2:
+        return {"concurrent": False, "note": "one independent part: nothing to run side by side"}
+    bundles = {label: load(stage, concurrent=flag) for label, flag in (("sequential", False), ("concurrent", True))}
+    table = {}
+    for batch, feeds in feeds_by_batch.items():
+        stats = measure_interleaved_within({k: (lambda b=b: b.run(feeds)) for k, b in bundles.items()},
+                                           budget_s=4.0, max_iterations=40)
+        table[str(batch)] = {k: round(s.p50_ms, 4) for k, s in stats.items()}
+    faster = all(row["concurrent"] < 0.95 * row["sequential"] for row in table.values())
+    for b in bundles.values():
+        b._session.close()
+    say("  branches: " + ("concurrent" if faster else "one after another") + " (p50 ms by batch: " +
+        "; ".join(f"{b}: {r['sequential']:.3f} sequential, {r['concurrent']:.3f} concurrent" for b, r in table.items())
+        + ")")
+    return {"concurrent": faster, "p50_ms": table, "rule": "concurrent when >= 5% faster at every batch"}
+
+
+__all__ = ["build_split", "parse_placement", "tune_concurrency", "SplitBuild", "FUSION"]

@@ -1,0 +1,247 @@
+"""Split compile (``--split``): one model per modality branch + the fusion head, run as a pipeline.
+
+Split bundles must return what the unsplit bundle returns (FP32: max abs error <= 1e-4), run one branch
+alone, reuse a branch's outputs (its feeds then omitted), cache branch outputs (bounded, counted), refuse
+early fusion, and carry one engine build per part with its placement for TensorRT targets."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+from edgemm.compiler import compile_model  # noqa: E402
+from edgemm.config import CompileConfig  # noqa: E402
+from edgemm.errors import InputError  # noqa: E402
+from edgemm import runtime as rt  # noqa: E402
+from edgemm.runtime.pipeline import BranchCache  # noqa: E402
+
+QUIET = dict(say=lambda m: None)
+
+
+def _compile(model, out, **kw):
+    kw.setdefault("tune_threads", False)
+    return compile_model(CompileConfig(model=str(model), output=str(out), force=True, **kw), **QUIET)
+
+
+@pytest.fixture(scope="module")
+def zoo_examples(tmp_path_factory):
+    from edgemm.zoo import write_example
+
+    root = tmp_path_factory.mktemp("zoo-split")
+    return {name: write_example(name, root / name) for name in ("dual-encoder", "cross-attention")}
+
+
+@pytest.fixture(scope="module")
+def dual(zoo_examples, tmp_path_factory):
+    ex = zoo_examples["dual-encoder"]
+    root = tmp_path_factory.mktemp("dual")
+    names = "image_embeds,text_embeds,logits_per_image"
+    split = _compile(ex["exported_program"], root / "split", calib=str(ex["calib"]), split=True, output_names=names)
+    whole = _compile(ex["exported_program"], root / "whole", calib=str(ex["calib"]), output_names=names)
+    data = dict(np.load(ex["eval"]))
+    return {"split": split.bundle, "whole": whole.bundle, "manifest": split.manifest,
+            "feeds": {"image": data["image"][:8], "input_ids": data["input_ids"][:8]}}
+
+
+def _max_err(a: dict, b: dict) -> float:
+    assert list(a) == list(b)
+    return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def test_split_dual_encoder_equals_the_unsplit_bundle(dual):
+    split, whole = rt.load(dual["split"]), rt.load(dual["whole"])
+    assert isinstance(split, rt.PipelineBundle) and not isinstance(whole, rt.PipelineBundle)
+    assert split.parts == ["vision", "text", "fusion"]
+    assert _max_err(split.run(dual["feeds"]), whole.run(dual["feeds"])) <= 1e-4
+    pipeline = dual["manifest"]["pipeline"]
+    assert [p["name"] for p in pipeline["parts"]] == pipeline["order"] == ["vision", "text", "fusion"]
+    fusion = pipeline["parts"][2]
+    assert fusion["after"] == ["vision", "text"]
+    assert [s["name"] for s in fusion["inputs"]] == ["vision.embeds", "text.embeds"]
+    assert {i["name"]: (i["from"], i["to"]) for i in pipeline["interface"]} == {
+        "vision.embeds": ("vision", ["fusion"]), "text.embeds": ("text", ["fusion"])}
+    # Every part file is hashed like any bundle file.
+    files = dual["manifest"]["files"]
+    assert all(p["backend"]["model"] in files for p in pipeline["parts"])
+
+
+def test_a_branch_runs_alone_and_is_reused(dual):
+    split = rt.load(dual["split"])
+    feeds = dual["feeds"]
+    full = split.run(feeds)
+    text = split.part("text").run({"input_ids": feeds["input_ids"]})
+    assert set(text) == {"text_embeds", "text.embeds"}
+    np.testing.assert_array_equal(text["text_embeds"], full["text_embeds"])
+    # The text feeds may be left out once its outputs are given.
+    again = split.run({"image": feeds["image"]}, reuse={"text": text})
+    assert _max_err(again, full) == 0.0
+    # Zero-shot shape: one image against many cached prompts.
+    prompts = split.part("text").run({"input_ids": np.concatenate([feeds["input_ids"]] * 3)})
+    one = split.run({"image": feeds["image"][:1]}, reuse={"text": prompts})
+    assert one["logits_per_image"].shape == (1, 24)
+    np.testing.assert_allclose(one["logits_per_image"][0, :8], full["logits_per_image"][0], atol=1e-5)
+
+
+def test_reuse_and_part_errors_are_one_line(dual):
+    split = rt.load(dual["split"])
+    feeds = dual["feeds"]
+    with pytest.raises(InputError, match="missing 'input_ids'"):
+        split.run({"image": feeds["image"]})
+    with pytest.raises(InputError, match="no part 'audio'"):
+        split.part("audio")
+    with pytest.raises(InputError, match="lacks 'text.embeds'"):
+        split.run({"image": feeds["image"]}, reuse={"text": {"text_embeds": feeds["image"]}})
+    with pytest.raises(InputError, match="needs 'input_ids'"):
+        split.part("text").run({"image": feeds["image"]})
+
+
+def test_branch_cache_counts_hits_and_is_thread_safe(dual):
+    split = rt.load(dual["split"])
+    cache = split.enable_cache(max_entries=8, max_bytes=1 << 20)
+    feeds = dual["feeds"]
+    first = split.run(feeds)
+    assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 0   # vision and text
+    errors = []
+
+    def worker():
+        for _ in range(20):
+            if _max_err(split.run(feeds), first) != 0.0:
+                errors.append("differs")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert cache.stats()["hits"] == 2 * 4 * 20 and cache.stats()["entries"] == 2
+    other = {k: v[:4] for k, v in feeds.items()}
+    split.run(other)
+    assert cache.stats()["entries"] == 4 and cache.stats()["misses"] == 4
+
+
+def test_branch_cache_bounds():
+    cache = BranchCache(max_entries=2, max_bytes=100)
+    arr = np.zeros(10, np.float32)   # 40 bytes
+    for k in "abc":
+        cache.put(k, {"x": arr})
+    assert cache.stats()["entries"] == 2 and cache.get("a") is None and cache.get("c") is not None
+    cache.put("big", {"x": np.zeros(100, np.float32)})   # larger than the whole cache: never kept
+    assert cache.get("big") is None and cache.stats()["bytes"] <= 100
+    cache.put("d", {"x": arr})
+    cache.put("e", {"x": arr})   # 3 x 40 bytes > 100: the least recently used goes
+    assert cache.stats()["bytes"] <= 100
+    held = cache.get("e")["x"]
+    with pytest.raises(ValueError):
+        held[0] = 1.0   # cached arrays are shared read-only
+    with pytest.raises(InputError):
+        BranchCache(max_entries=0)
+    assert BranchCache.key("text", {"a": arr}) != BranchCache.key("vision", {"a": arr})
+    assert BranchCache.key("t", {"a": arr}) != BranchCache.key("t", {"a": arr.reshape(2, 5)})
+
+
+def test_split_cross_attention_through_the_cli(zoo_examples, tmp_path, cli):
+    ex = zoo_examples["cross-attention"]
+    out = tmp_path / "xattn-split"
+    proc = cli("compile", ex["exported_program"], "--split", "--calib", ex["calib"], "-o", out, "--no-thread-tuning",
+               "--output-names", "logits")
+    assert proc.returncode == 0, proc.stderr
+    whole = _compile(ex["exported_program"], tmp_path / "whole", calib=str(ex["calib"]), output_names="logits")
+    split = rt.load(out)
+    assert split.parts == ["vision", "text", "fusion"]
+    fusion = split.part("fusion")
+    assert fusion.after == ["vision", "text"]
+    data = dict(np.load(ex["eval"]))
+    feeds = {"image": data["image"][:8], "input_ids": data["input_ids"][:8]}
+    assert _max_err(split.run(feeds), rt.load(whole.bundle).run(feeds)) <= 1e-4
+    # edgemm run on the split bundle writes what the pipeline returns.
+    np.savez(tmp_path / "in.npz", **feeds)
+    proc = cli("run", out, "--data", tmp_path / "in.npz", "-o", tmp_path / "out.npz")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], split.run(feeds)["logits"], atol=1e-6)
+
+
+def test_early_fusion_is_refused_not_split(tmp_path, cli):
+    from tests.models import MODELS
+
+    case = MODELS["early_fusion_transformer"]
+    np.savez(tmp_path / "calib.npz", **case.data(8, 0))
+    proc = cli("compile", case.factory_ref, "--split", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "b")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "no separable branches (early fusion)" in proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_placement_is_checked_against_the_target(tmp_path):
+    from edgemm import targets
+    from edgemm.split.build import parse_placement
+
+    assert parse_placement("vision=dla,text=gpu", targets.load("jetson-agx-orin")) == {"vision": "dla0", "text": "gpu"}
+    for target, text, match in (("cpu", "vision=dla0", "runs onnxruntime"), ("h100", "vision=dla0", "no DLA cores"),
+                                ("jetson-agx-orin", "vision=dla5", "DLA cores 0..1"),
+                                ("jetson-agx-orin", "vision=tpu", "unknown device"),
+                                ("jetson-agx-orin", "eyes=gpu", "PART=DEVICE")):
+        with pytest.raises(InputError, match=match) as err:
+            parse_placement(text, targets.load(target))
+        assert "\n" not in str(err.value) and "--place" in str(err.value)
+    with pytest.raises(InputError, match="add --split"):
+        CompileConfig(model="m.pt2", place="vision=gpu").validate()
+    with pytest.raises(InputError, match="not available with --split"):
+        CompileConfig(model="m.pt2", split=True, precision="int8", calib="c.npz",
+                      accuracy_target="cosine>=0.99").validate()
+
+
+def test_tensorrt_split_bundle_builds_one_engine_per_part_with_its_placement(zoo_examples, tmp_path):
+    ex = zoo_examples["dual-encoder"]
+    result = _compile(ex["exported_program"], tmp_path / "trt", calib=str(ex["calib"]), split=True,
+                      target="jetson-agx-orin", precision="fp16", place="vision=dla0,text=gpu")
+    bundle = result.bundle
+    parts = {p["name"]: p for p in result.manifest["pipeline"]["parts"]}
+    assert {n: p["placement"] for n, p in parts.items()} == {"vision": "dla0", "text": "gpu", "fusion": "gpu"}
+    top = (bundle / "build.sh").read_text()
+    for name in ("vision", "text", "fusion"):
+        assert f'bash "$HERE/parts/{name}/build.sh" "$OUT_DIR/{name}.engine"' in top
+        assert parts[name]["backend"]["onnx"] in result.manifest["files"]
+    vision = (bundle / "parts/vision/build.sh").read_text()
+    text = (bundle / "parts/text/build.sh").read_text()
+    assert "--useDLACore=0" in vision and "--allowGPUFallback" in vision
+    assert "--useDLACore" not in text
+    assert top.index("parts/vision") < top.index("parts/text") < top.index("parts/fusion")
+    config = json.loads((bundle / "parts/vision/build_config.json").read_text())
+    assert config["options"]["dla_core"] == 0
+
+
+@pytest.mark.slow
+def test_split_int8_dual_encoder_passes_the_cosine_bars(zoo_examples, tmp_path):
+    ex = zoo_examples["dual-encoder"]
+    result = _compile(ex["exported_program"], tmp_path / "int8", calib=str(ex["calib"]), split=True,
+                      output_names="image_embeds,text_embeds,logits_per_image", precision_policy="vision=int8,text=int8,fusion=fp32")
+    assert result.report["passed"]
+    recipes = result.manifest["precision"]["recipe"]["parts"]
+    assert recipes["vision"]["mode"] == "int8" and recipes["fusion"]["mode"] == "fp32"
+    for name in ("image_embeds", "text_embeds"):
+        assert result.report["outputs"][name]["mean_cosine"] >= 0.99
+
+
+@pytest.mark.slow
+def test_split_hf_clip_from_config_equals_unsplit(tmp_path):
+    from tests.models import MODELS
+
+    case = MODELS["clip"]
+    np.savez(tmp_path / "calib.npz", **case.data(16, 0))
+    split = _compile(case.factory_ref, tmp_path / "split", calib=str(tmp_path / "calib.npz"), split=True)
+    whole = _compile(case.factory_ref, tmp_path / "whole", calib=str(tmp_path / "calib.npz"))
+    bundle = rt.load(split.bundle)
+    assert bundle.parts[:2] == ["vision", "text"] and bundle.parts[-1] == "fusion"
+    feeds = case.data(4, 1)
+    assert _max_err(bundle.run(feeds), rt.load(whole.bundle).run(feeds)) <= 1e-4
+    text = bundle.part("text").run({k: feeds[k] for k in ("input_ids", "attention_mask")})
+    again = bundle.run({"pixel_values": feeds["pixel_values"]}, reuse={"text": text})
+    assert _max_err(again, bundle.run(feeds)) == 0.0
