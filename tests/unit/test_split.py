@@ -146,6 +146,7 @@ def test_branch_cache_bounds():
     assert BranchCache.key("t", {"a": arr}) != BranchCache.key("t", {"a": arr.reshape(2, 5)})
 
 
+@pytest.mark.slow
 def test_split_cross_attention_through_the_cli(zoo_examples, tmp_path, cli):
     ex = zoo_examples["cross-attention"]
     out = tmp_path / "xattn-split"
@@ -167,6 +168,7 @@ def test_split_cross_attention_through_the_cli(zoo_examples, tmp_path, cli):
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], split.run(feeds)["logits"], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_early_fusion_is_refused_not_split(tmp_path, cli):
     from tests.models import MODELS
 
@@ -177,6 +179,62 @@ def test_early_fusion_is_refused_not_split(tmp_path, cli):
     assert "Traceback" not in proc.stderr
     assert "no separable branches (early fusion)" in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+def _tiny_graph(early: bool):
+    """image [B, 4] and ids [B, 4]. early: each embedded by one op, then joint layers (early fusion);
+    else two-layer towers joined by a final MatMul."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), f"w{i}") for i in range(6)]
+    inits.append(numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "table"))
+    if early:
+        nodes = [helper.make_node("MatMul", ["image", "w0"], ["v"], name="patch"),
+                 helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
+                 helper.make_node("ReduceMean", ["t3"], ["t"], name="pool", keepdims=0, axes=[1]),
+                 helper.make_node("Add", ["v", "t"], ["x"], name="join"),
+                 helper.make_node("MatMul", ["x", "w1"], ["y"], name="joint1"),
+                 helper.make_node("MatMul", ["y", "w2"], ["logits"], name="joint2")]
+    else:
+        nodes = [helper.make_node("MatMul", ["image", "w0"], ["v1"], name="v1"),
+                 helper.make_node("MatMul", ["v1", "w1"], ["v"], name="v2"),
+                 helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
+                 helper.make_node("ReduceMean", ["t3"], ["t0"], name="pool", keepdims=0, axes=[1]),
+                 helper.make_node("MatMul", ["t0", "w2"], ["t1"], name="t1"),
+                 helper.make_node("MatMul", ["t1", "w3"], ["t"], name="t2"),
+                 helper.make_node("Transpose", ["t"], ["tt"], name="tr"),
+                 helper.make_node("MatMul", ["v", "tt"], ["logits"], name="join")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 4]),
+                                           helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_split_graph_cuts_towers_and_refuses_early_fusion(tmp_path):
+    """Without torch: a two-tower graph comes apart exactly; an early-fusion graph is refused."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgemm.split.graph import split_onnx
+
+    feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64)} for b in (2, 3)]
+    onnx.save(_tiny_graph(False), str(tmp_path / "late.onnx"))
+    plan = split_onnx(tmp_path / "late.onnx", tmp_path / "parts", samples=feeds)
+    assert plan.names == ["vision", "text", "fusion"]
+    assert plan.part("fusion").inputs == ["vision.embeds", "text.embeds"]
+    assert plan.part("text").inputs == ["input_ids"] and plan.part("vision").inputs == ["image"]
+    ref = ort.InferenceSession(str(tmp_path / "late.onnx")).run(None, feeds[1])[0]
+    env = dict(feeds[1])
+    for part in plan.parts:
+        sess = ort.InferenceSession(str(part.path))
+        env.update(zip(part.outputs, sess.run(part.outputs, {i: env[i] for i in part.inputs})))
+    np.testing.assert_allclose(env["logits"], ref, atol=1e-5)
+    onnx.save(_tiny_graph(True), str(tmp_path / "early.onnx"))
+    with pytest.raises(InputError, match="no separable branches") as err:
+        split_onnx(tmp_path / "early.onnx", tmp_path / "parts2", samples=feeds)
+    assert "\n" not in str(err.value) and "vision: 1" in str(err.value)
 
 
 def test_placement_is_checked_against_the_target(tmp_path):
