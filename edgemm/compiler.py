@@ -174,11 +174,9 @@ def _read_sidecar(loaded: LoadedModel) -> dict | None:
 
 
 def _find_task(loaded: LoadedModel) -> dict | None:
-    data = _read_sidecar(loaded)
-    try:
-        return {"metric": data["metric"], "outputs": list(data["metric_outputs"]), "zoo": data.get("zoo")}
-    except (TypeError, KeyError):
-        return None
+    from .task import from_sidecar
+
+    return from_sidecar(_read_sidecar(loaded))
 
 
 def compile_model(cfg: CompileConfig, *, say: Callable[[str], None] = print) -> CompileResult:
@@ -640,7 +638,8 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
     model: what the user gets in the end, pruning included (against the pruned model alone a pruned FP32
     bundle reads cosine 1.000)."""
     from .parity.thresholds import defaults_for, with_overrides
-    from .parity.verify import add_compile_sections, evaluate, guess_task, write_reports
+    from .parity.verify import add_compile_sections, evaluate, write_reports
+    from .task import guess as guess_task
     from .reference import Reference
 
     if data is None:

@@ -9,25 +9,12 @@ import numpy as np
 
 from ..data import Dataset
 from ..errors import InputError
+from ..task import resolve as task_of
 from .latency import measure_interleaved
 from .metrics import ParityAccumulator
 from .thresholds import Thresholds
 
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
-
-
-def guess_task(output_names: Sequence[str], heads: Mapping[str, bool] | None = None
-               ) -> tuple[str, list[str]] | None:
-    """A task metric for labelled data, when no zoo entry or --metric says otherwise: top-1 on the first
-    output a linear head makes (``heads``, parity/output_kinds.py; whatever it is called), else
-    image-to-text recall@1 for the CLIP convention's embedding outputs."""
-    names = list(output_names)
-    scored = [n for n in names if (heads or {}).get(n)]
-    if scored:
-        return "top1", [scored[0]]
-    if "image_embeds" in names and "text_embeds" in names:
-        return "recall@1", ["image_embeds", "text_embeds"]
-    return None
 
 
 def bundle_heads(bundle) -> dict[str, bool] | None:
@@ -98,7 +85,7 @@ def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, th
         report["failures"].extend(checks)
 
     if task_outputs:
-        from .task_metrics import compute
+        from ..task import compute
 
         metric = task[0]
         res = {"metric": metric, "outputs": task_outputs}
@@ -216,7 +203,8 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     batch_size = batch_size or call_batch(bundle.inputs)   # 16, or less where the bundle's range ends
     thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))
     heads = bundle_heads(bundle)
-    task = _task_for(bundle.manifest, output_names, metric, metric_outputs, heads)
+    task = task_of(output_names, metric=metric, metric_outputs=metric_outputs, known=bundle.manifest.get("task"),
+                   heads=heads)
     wrap = instrument or (lambda role, fn: fn)
     threads = _bundle_threads(bundle)
     ref_run, torch_ref = None, False
@@ -275,21 +263,3 @@ def _bundle_call(bundle, feeds):
     return lambda: bundle.run(checked)
 
 
-def _task_for(manifest: dict, output_names, metric, metric_outputs, heads=None):
-    from .task_metrics import KNOWN_METRICS
-
-    if metric and metric not in KNOWN_METRICS:
-        raise InputError(f"unknown metric {metric!r}", field="--metric", fix=f"use one of {', '.join(KNOWN_METRICS)}")
-    known = manifest.get("task") or {}
-    guessed = guess_task(output_names, heads)
-    if metric:
-        outs = metric_outputs or (known.get("outputs") if known.get("metric") == metric else None) or \
-            (guessed[1] if guessed and guessed[0] == metric else None) or \
-            (list(output_names) if metric == "top1" and len(output_names) == 1 else None)
-        if not outs:
-            raise InputError(f"cannot tell which outputs {metric} reads", field="--metric-outputs",
-                             fix=f"pass --metric-outputs from: {', '.join(output_names)}")
-        return metric, list(outs)
-    if known:
-        return known["metric"], list(known["outputs"])
-    return guessed

@@ -47,11 +47,10 @@ def compare(teacher, student, input_names: Sequence[str], feeds: Mapping[str, np
                 "flops_before": v["flops_before"], "flops_after": v["flops_after"],
                 "ms_before": times["before"].get(branch), "ms_after": times["after"].get(branch)}
     if labels is not None:
-        from ..parity.task_metrics import compute
-        from ..parity.verify import guess_task
+        from ..task import compute, guess
 
         before = _run(teacher, input_names, feeds, output_names)
-        task = task or guess_task(list(before))  # e.g. dict outputs named image_embeds / text_embeds
+        task = task or guess(list(before))  # e.g. dict outputs named image_embeds / text_embeds
         if task is not None:
             metric, reads = task
             try:

@@ -18,6 +18,9 @@ _marked_outputs: inputs and outputs keep their shapes), attention score computat
 index-remapping ops the graph cannot follow (split/unbind/slice/expand). A channel group whose removal
 breaks the model is found by bisection and kept; a head or width pass whose result fails its check is
 dropped; both are noted in the report and the rest retried.
+
+Long module: the two passes share the dependency graph, the output marks and the bisection; the head and
+width details already live in heads.py / hidden.py.
 """
 
 from __future__ import annotations

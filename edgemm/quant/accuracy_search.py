@@ -200,8 +200,7 @@ class Evaluator:
 
     def _plan(self) -> None:
         from ..parity.metrics import is_logits
-        from ..parity.task_metrics import compute
-        from ..parity.verify import guess_task
+        from ..task import compute, guess as guess_task
 
         for c in self.target.conditions:
             if c.output and c.output not in self.output_names:
@@ -231,6 +230,7 @@ class Evaluator:
 
     def _resolve_task(self, c: Condition, guess_task) -> tuple[str, list[str]]:
         from ..parity.metrics import is_logits
+        from ..task import outputs_for as task_outputs_for
 
         wanted = _DROP_METRIC.get(c.metric)
         task = self.task
@@ -243,18 +243,9 @@ class Evaluator:
                 raise InputError("cannot tell the model's task metric", field="--accuracy-target",
                                  fix="use top1-drop or recall@1-drop, or pass the metric")
             wanted = task[0]
-        outs = None
-        if c.output:
-            outs = [c.output]
-        elif task is not None and task[0] == wanted and task[1]:
-            outs = list(task[1])
-        else:
-            guessed = guess_task(self.output_names, self.heads)
-            if guessed and guessed[0] == wanted:
-                outs = guessed[1]
-            elif wanted == "top1":
-                outs = [o for o in self.float_outputs
-                        if is_logits(self.reference[0][o], self.heads.get(o))][:1] or None
+        outs = [c.output] if c.output else task_outputs_for(
+            wanted, self.output_names, known=task, heads=self.heads,
+            top1_fallback=[o for o in self.float_outputs if is_logits(self.reference[0][o], self.heads.get(o))])
         if not outs:
             raise InputError(f"cannot tell which outputs {wanted} reads", field="--accuracy-target",
                              fix=f"name it: {c.metric}@OUTPUT (outputs: {', '.join(self.output_names)})")
@@ -265,7 +256,7 @@ class Evaluator:
 
     def measure(self, runner: Runner) -> Measurement:
         from ..parity.metrics import per_sample_cosine
-        from ..parity.task_metrics import compute
+        from ..task import compute
 
         cosines: dict[str, list] = {o: [] for o in self.float_outputs}
         agree_hits: dict[str, int] = {}

@@ -1,128 +1,29 @@
-"""The bundle manifest: a typed, versioned ``Manifest`` validated once on load, hashing and verification.
-Standard library only (runs on devices)."""
+"""The bundle manifest: a typed, versioned ``Manifest``, validated once on load. Standard library only
+(runs on devices). A bundle's files (hashes, safe paths, the file check) are in bundle_files.py."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
-import stat
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .. import precision as precision_vocabulary
 from ..errors import BundleError
 from .atomic import create_temp_beside, write_bytes_atomic, write_json_atomic  # noqa: F401 (re-exported)
+from .bundle_files import (MANIFEST_NAME, MAX_MANIFEST_BYTES, UNHASHED, read_manifest_text, safe_relpath,  # noqa: F401
+                           sha256_file, sha256_files, verify_files as _verify_listed_files)
 
-MANIFEST_NAME = "manifest.json"
 FORMAT = "edgemm-bundle"
 FORMAT_VERSION = 2   # the history is written above Manifest below
 REQUIRED_KEYS = ("format", "format_version", "name", "inputs", "outputs", "precision", "target", "backend",
                  "files")
-# Files a bundle may hold that are not covered by hashes (they are derived from the others or are
-# reports that verification rewrites).
-# The signature (bundle.sig, edgemm.runtime.signing) covers every file but itself, these included.
-UNHASHED = frozenset({MANIFEST_NAME, "report.json", "report.md", "report.html", "bundle.sig"})
 # Types of the backend fields the sessions read (checked here once, so no session trips over them).
 BACKEND_FIELD_TYPES = {"model": str, "onnx": str, "engine": str, "built": dict, "options": dict, "providers": list,
                        "build_script": str, "disabled_optimizers": list, "weights": str, "inference_precision": str}
-MAX_MANIFEST_BYTES = 16 << 20   # real manifests are a few KiB; refuse to parse anything huge
-
-
-def sha256_file(path: os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_files(paths) -> str:
-    """One digest over several files' bytes, in order (a model with its weights, a folder of .npz)."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
-
-
-def safe_relpath(bundle_dir: Path, rel: str, *, source: str, field: str = "files") -> Path:
-    """Resolve a manifest path, refusing anything that escapes the bundle (.., absolute, symlinks)."""
-    if not isinstance(rel, str):
-        raise BundleError(f"file path {rel!r} is not a string", file=source, field=field,
-                          fix="rebuild the bundle; never edit manifest paths by hand")
-    pure = PurePosixPath(rel)
-    if (not rel or pure.is_absolute() or ".." in pure.parts or "\\" in rel or ":" in rel
-            or any(ord(c) < 32 for c in rel)):  # control characters (NUL) make the OS calls raise
-        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field=field,
-                          fix="rebuild the bundle; never edit manifest paths by hand")
-    path = bundle_dir / pure
-    try:
-        if path.is_symlink():
-            raise BundleError(f"{rel!r} is a symbolic link", file=source, field=field,
-                              fix="bundles hold plain files only; rebuild the bundle")
-        resolved = path.resolve()
-        inside = bundle_dir.resolve() in resolved.parents
-    except OSError as exc:  # name too long, symlink loop in a parent, ...
-        raise BundleError(f"file path {rel!r} cannot be resolved ({exc.strerror or exc})", file=source,
-                          field=field, fix="rebuild the bundle") from exc
-    if not inside:
-        raise BundleError(f"file path {rel!r} escapes the bundle", file=source, field=field,
-                          fix="rebuild the bundle")
-    return path
-
-
-def _read_manifest_text(path: Path, bundle_dir: Path) -> str:
-    """manifest.json's text, only if it is a regular file of the bundle: a symbolic link (which could
-    point anywhere), a FIFO or a device is refused. Opened without following links, then checked on
-    the open descriptor, so it cannot be swapped between the check and the read."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        raise BundleError(f"cannot read the manifest ({exc.strerror or exc})", file=path,
-                          fix="check the bundle folder's permissions") from exc
-    if st is None:
-        raise BundleError("no manifest.json", file=bundle_dir,
-                          fix="pass a folder written by `edgemm compile`, or recompile")
-    if stat.S_ISLNK(st.st_mode):
-        raise BundleError("is a symbolic link; a bundle's manifest must be a regular file", file=path,
-                          fix="copy the bundle with its files (e.g. cp -rL), or recompile")
-    if not stat.S_ISREG(st.st_mode):
-        raise BundleError("is not a regular file", file=path, fix="recompile the bundle")
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:  # ELOOP: swapped for a link since the lstat
-        raise BundleError(f"cannot be opened ({exc.strerror or exc})", file=path,
-                          fix="check the file's permissions, or recompile the bundle") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise BundleError("is not a regular file", file=path, fix="recompile the bundle")
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest", file=path,
-                              fix="recompile the bundle")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-    except OSError as exc:
-        raise BundleError(f"cannot be read ({exc.strerror or exc})", file=path,
-                          fix="check the file's permissions, or recompile the bundle") from exc
-    finally:
-        os.close(fd)
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"is larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a manifest", file=path,
-                          fix="recompile the bundle")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BundleError(f"cannot be parsed (UnicodeDecodeError: {str(exc)[:200]})", file=path,
-                          fix="recompile the bundle") from exc
 
 
 def read_manifest(bundle_dir: os.PathLike) -> "Manifest":
@@ -132,7 +33,7 @@ def read_manifest(bundle_dir: os.PathLike) -> "Manifest":
     if not bundle_dir.is_dir():
         raise BundleError("not a bundle directory", file=bundle_dir,
                           fix="pass the folder `edgemm compile` wrote (e.g. engines/<name>)")
-    text = _read_manifest_text(path, bundle_dir)
+    text = read_manifest_text(path, bundle_dir)
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -514,35 +415,13 @@ def _check_sections(manifest: dict, path: Path) -> None:
         _check_value(prune, _PRUNE_SPEC, "prune", path)
 
 
-def verify_files(bundle_dir: os.PathLike, manifest: "Manifest") -> None:
-    """Every listed file exists with its hash; no unlisted file sits in the bundle."""
-    bundle_dir = Path(bundle_dir)
-    source = str(bundle_dir / MANIFEST_NAME)
-    for rel, digest in manifest["files"].items():
-        path = safe_relpath(bundle_dir, rel, source=source)
-        if not path.is_file():
-            raise BundleError(f"listed file {rel!r} is missing", file=bundle_dir, field=f"files.{rel}",
-                              fix="copy the whole bundle folder, or recompile")
-        try:
-            actual = sha256_file(path)
-        except OSError as exc:
-            raise BundleError(f"listed file {rel!r} cannot be read ({exc.strerror or exc})", file=path,
-                              field=f"files.{rel}", fix="check the file's permissions, or recopy the bundle") from exc
-        if actual != digest:
-            raise BundleError(f"{rel!r} does not match its sha256 in the manifest (modified or corrupted)",
-                              file=path, field=f"files.{rel}", fix="recopy or recompile the bundle")
-    listed = set(manifest["files"]) | UNHASHED
-    for path in sorted(bundle_dir.rglob("*")):
-        rel = path.relative_to(bundle_dir).as_posix()
-        if path.is_dir() and not path.is_symlink():
-            continue
-        if rel not in listed:
-            raise BundleError(f"unexpected file {rel!r} not listed in the manifest", file=bundle_dir,
-                              field="files", fix="remove it, or recompile the bundle")
-
-
 def load_manifest(bundle_dir: os.PathLike, *, verify: bool = True) -> Manifest:
     manifest = read_manifest(bundle_dir)
     if verify:
         verify_files(bundle_dir, manifest)
     return manifest
+
+
+def verify_files(bundle_dir: os.PathLike, manifest: Manifest) -> None:
+    """Every listed file exists with its hash; no unlisted file sits in the bundle."""
+    _verify_listed_files(bundle_dir, manifest.files)

@@ -15,6 +15,9 @@ are swapped while a bundle loads.
 
 Trust comes only from the caller (``trusted_keys=``, ``--trusted-key``) or the EDGEMM_TRUSTED_KEYS
 environment variable, never from a file inside the bundle. Standard library only at import time.
+
+Long module: one security boundary (sign, check, bind the manifest, keys and certificates) kept together
+so its whole chain of checks reads in one place.
 """
 
 from __future__ import annotations

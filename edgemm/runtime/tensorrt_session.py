@@ -13,6 +13,9 @@ it back (TensorRT execution contexts are not thread-safe, and each holds the eng
 at most ``max_contexts`` exist however many threads come and go); the engine is shared. Every call
 selects the session's device on its own thread. Optional CUDA-graph replay captures
 ``execute_async_v3`` once per context and input-shape set (never for DLA engines).
+
+Long module: the checks before deserialization, the context pool and the CUDA buffers are one session's
+lifetime; split, each part would need the others' private state.
 """
 
 from __future__ import annotations

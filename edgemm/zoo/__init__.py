@@ -10,9 +10,7 @@ Retrain with ``python -m edgemm.zoo.train``.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,10 +18,7 @@ from ..errors import InputError
 from . import registry
 from . import datasets
 from .datasets import DEFAULT_SIZES, SPLITS
-from .registry import ZooModel
-
-if TYPE_CHECKING:
-    import torch
+from .registry import ZooModel, build
 
 __all__ = ["ZooModel", "names", "get", "build", "make_data", "write_example"]
 
@@ -36,21 +31,6 @@ def names() -> list[str]:
 def get(name: str) -> ZooModel:
     """The model card of ``name``; InputError listing the known names if there is none."""
     return registry.card(name)
-
-
-def build(name: str, pretrained: bool = True) -> "torch.nn.Module":
-    """A fresh module in eval mode, with the shipped weights unless ``pretrained=False``."""
-    module = importlib.import_module(f"{__name__}.{registry.MODULES[registry.check_name(name)]}")
-    model = module.build()
-    if pretrained:
-        path = registry.weights_path(name)
-        if not path.is_file():
-            raise InputError("shipped weights are missing", file=path,
-                             fix=f"run `python -m edgemm.zoo.train --name {name}` or reinstall edgemm")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(path), strict=True)
-    return model.eval()
 
 
 def make_data(name: str, split: str, n: int | None = None) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..parity import task_metrics
+from ..task import compute
 from . import registry
 
 
@@ -24,4 +24,4 @@ def run(model: torch.nn.Module, name: str, data: Mapping[str, np.ndarray]) -> di
 def score(name: str, model: torch.nn.Module, data: Mapping[str, np.ndarray]) -> float:
     """Task metric (percent) of ``model`` on ``data`` (which must carry ``labels``)."""
     card = registry.card(name)
-    return task_metrics.compute(card.metric, run(model, name, data), data["labels"], card.metric_outputs)
+    return compute(card.metric, run(model, name, data), data["labels"], card.metric_outputs)

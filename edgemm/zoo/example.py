@@ -40,7 +40,7 @@ def trace(name: str, model: torch.nn.Module) -> torch.jit.ScriptModule:
 def write_example(name: str, out_dir: Path, *, calib_size: int | None = None) -> dict[str, Path]:
     """``calib_size``: calibration samples to write (default ``datasets.DEFAULT_SIZES["calib"]``; pruning
     recovery wants ~1000, INT8 calibration a few hundred at most)."""
-    from . import build
+    from .registry import build
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = build(name)

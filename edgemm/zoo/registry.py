@@ -7,15 +7,20 @@ weights actually shipped.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from .audio import N_FRAMES, N_MELS
 from .datasets import TEXT_LENGTH
 from .shapes import IMAGE_SIZE
+
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 METRICS_FILE = WEIGHTS_DIR / "metrics.json"
@@ -87,3 +92,18 @@ def card(name: str) -> ZooModel:
 
 def weights_path(name: str) -> Path:
     return WEIGHTS_DIR / f"{check_name(name)}.safetensors"
+
+
+def build(name: str, pretrained: bool = True) -> "torch.nn.Module":
+    """A fresh module in eval mode, with the shipped weights unless ``pretrained=False``."""
+    module = importlib.import_module(f"{__package__}.{MODULES[check_name(name)]}")
+    model = module.build()
+    if pretrained:
+        path = weights_path(name)
+        if not path.is_file():
+            raise InputError("shipped weights are missing", file=path,
+                             fix=f"run `python -m edgemm.zoo.train --name {name}` or reinstall edgemm")
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(path), strict=True)
+    return model.eval()

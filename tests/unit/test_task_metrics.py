@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from edgemm.errors import InputError
-from edgemm.parity import task_metrics
-from edgemm.parity.task_metrics import KNOWN_METRICS, compute
+from edgemm import task as task_metrics
+from edgemm.task import KNOWN_METRICS, compute
 
 
 def test_known_metrics():
@@ -101,3 +101,26 @@ def test_bad_inputs_raise_input_error_naming_the_problem(metric, outputs, labels
         compute(metric, outputs, labels, names)
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- how a task is found (edgemm.task: zoo sidecar, manifest, --metric, guess) ------------------------
+
+def test_a_task_is_found_from_the_sidecar_the_manifest_the_user_or_the_outputs():
+    from edgemm import task
+
+    assert task.from_sidecar({"metric": "top1", "metric_outputs": ["logits"]}) == \
+        {"metric": "top1", "outputs": ["logits"], "zoo": None}
+    assert task.from_sidecar({"zoo": "x"}) is None and task.from_sidecar(None) is None
+    known = {"metric": "recall@1", "outputs": ["img", "txt"]}
+    names = ["img", "txt", "scores"]
+    assert task.resolve(names, known=known) == ("recall@1", ["img", "txt"])           # the manifest's
+    assert task.resolve(names, heads={"scores": True}) == ("top1", ["scores"])        # a linear head
+    assert task.resolve(["image_embeds", "text_embeds"]) == ("recall@1", ["image_embeds", "text_embeds"])
+    assert task.resolve(names) is None
+    assert task.resolve(names, metric="top1", metric_outputs=["img"], known=known) == ("top1", ["img"])
+    assert task.resolve(names, metric="recall@1", known=known) == ("recall@1", ["img", "txt"])
+    with pytest.raises(InputError, match="unknown metric 'f1'"):
+        task.resolve(names, metric="f1")
+    # what the accuracy search asks: the outputs a metric reads, with its own top-1 fallback
+    assert task.outputs_for("top1", names, known=("top1", None), top1_fallback=["scores"]) == ["scores"]
+    assert task.outputs_for("recall@1", names, known=("top1", ["scores"])) is None

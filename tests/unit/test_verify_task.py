@@ -9,13 +9,14 @@ import pytest
 from edgemm.data import Dataset
 from edgemm.errors import InputError
 from edgemm.parity.thresholds import defaults_for
-from edgemm.parity.verify import _task_for, evaluate
+from edgemm.parity.verify import evaluate
+from edgemm.task import resolve
 
 
 def test_top1_on_a_single_output_needs_no_metric_outputs():
-    assert _task_for({}, ["output"], "top1", None) == ("top1", ["output"])
+    assert resolve(["output"], metric="top1") == ("top1", ["output"])
     with pytest.raises(InputError, match="--metric-outputs"):
-        _task_for({}, ["a", "b"], "top1", None)
+        resolve(["a", "b"], metric="top1")
 
 
 def test_unused_labels_are_reported():

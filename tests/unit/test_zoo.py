@@ -8,7 +8,7 @@ import pytest
 
 from edgemm import zoo
 from edgemm.errors import InputError
-from edgemm.parity.task_metrics import KNOWN_METRICS
+from edgemm.task import KNOWN_METRICS
 
 torch = pytest.importorskip("torch")
 
