@@ -22,7 +22,7 @@ HEAVY_IMPORTS = {
     "modelopt": ("edgemm/quant/",),
     "tensorrt": ("edgemm/runtime/tensorrt_session.py", "edgemm/backends/tensorrt/"),
     "openvino": ("edgemm/backends/openvino/", "edgemm/runtime/openvino_session.py", "edgemm/quant/"),
-    "nncf": ("edgemm/quant/",),
+    "nncf": ("edgemm/quant/", "edgemm/backends/openvino/"),
 }
 # `import edgemm`, the CLI (every command's --help) and the runtime import no heavy library on the way in:
 # they stay fast and work where the library is missing. The modules they import at module level, however
