@@ -16,15 +16,16 @@ from typing import Callable
 
 import numpy as np
 
-from . import precision as precision_table
 from .config import CompileConfig
+from .backends import registry
+from .backends.base import PackageRequest
 from .bundle import STAGING_PREFIX
 from .data import Dataset, hold_out, load_dataset, specs_from_dataset
 from .errors import EdgemmError, InputError, ParityError, first_line
 from .frontends import LoadedModel, LoadOptions, load_model
 from .iospec import (TensorSpec, apply_dynamic_axes, call_batch, dynamic_batch_input, parse_dynamic_flag,
                      parse_input_flag)
-from .onnx_io import copy_inline, cpu_session, graph_outputs, load_graph
+from .onnx_io import copy_inline, graph_outputs, load_graph
 from .parity.thresholds import relax_flags
 
 log = logging.getLogger("edgemm")
@@ -225,7 +226,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
         loaded, prune_info = _prune_stage(loaded, specs, calib, evald, cfg, say)
     name = cfg.name or default_name(loaded)
     dest = Path(cfg.output) if cfg.output else Path("engines") / name
-    backend = target.backend
+    backend = registry.get(target.backend)
 
     from .bundle import BundleWriter
     protect = {"MODEL": cfg.model, "--calib": cfg.calib, "--eval": cfg.eval, "--weights": cfg.weights}
@@ -264,9 +265,10 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
         else:
             prec = _precision_stage(fp32, work, cfg, target, calib_arrays, evald, loaded, say, held_out=held_out,
                                     batches=timing_batches(specs))
-            backend_section = _package(backend, prec.path, writer.stage, target, cfg, specs, prec.recipe, name)
-        if backend == "onnxruntime" and cfg.tune_threads and not cfg.split:
-            _tune_threads(backend_section, writer.stage, sample_feeds(check_data, specs, _batch_of(specs)), say)
+            backend_section = backend.package(prec.path, writer.stage, target, PackageRequest(
+                config=cfg, specs=specs, recipe=prec.recipe, bundle_name=name))
+        if cfg.tune_threads and not cfg.split:
+            backend.tune(backend_section, writer.stage, sample_feeds(check_data, specs, _batch_of(specs)), say)
         variants = _package_variants(prec, backend_section, writer.stage) if prec and prec.variants else None
         manifest = {
             "name": name,
@@ -572,22 +574,6 @@ def _batch_of(specs) -> int:
     return first if isinstance(first, int) and first > 0 else 1
 
 
-def _tune_threads(section: dict, stage: Path, feeds, say) -> None:
-    """Record whether the bundle runs faster single-threaded (see backends/ort/threads.py)."""
-    from .backends.ort.threads import tune_intra_op_threads
-
-    try:
-        tuning = tune_intra_op_threads(stage / section["model"], feeds,
-                                       disabled_optimizers=section.get("disabled_optimizers", ()))
-    except Exception as exc:  # a measurement, never a reason to fail the compile
-        tuning = {"intra_op_threads": 0, "note": f"not measured: {type(exc).__name__}: {str(exc)[:200]}"}
-    section["intra_op_threads"] = tuning.pop("intra_op_threads")
-    section["threads_tuning"] = tuning
-    if section["intra_op_threads"] == 1:
-        p50 = tuning["p50_ms"]
-        say(f"runtime threads: 1 (p50 {p50['1']:.3f} ms vs {p50['default']:.3f} ms with ORT's default)")
-
-
 def _branch_overrides(cfg: CompileConfig):
     if not cfg.branch:
         return None
@@ -616,18 +602,6 @@ def _package_variants(prec, fallback_section: dict, stage: Path) -> list[dict]:
     return out
 
 
-def _package(backend: str, model_path: Path, stage: Path, target, cfg: CompileConfig, specs, recipe,
-             name: str) -> dict:
-    if backend == "onnxruntime":
-        from .backends.ort import package as ort_package
-        return ort_package(model_path, stage, target, recipe)
-    from .backends.tensorrt.options import TensorRTOptions
-    from .backends.tensorrt.package import package
-
-    options = TensorRTOptions.from_compile(cfg, target, specs)
-    return package(model_path, stage, target, options, bundle_name=name)
-
-
 def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data: Dataset | None,
                    cfg: CompileConfig, say, original: LoadedModel | None = None,
                    judged_on: dict | None = None) -> dict | None:
@@ -646,7 +620,7 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
         data = Dataset(Path("synthetic"), synth_feeds(specs, 8, seed=1), None, "")
     ref = Reference(loaded, [s.name for s in specs],
                     None if loaded.onnx_path else [o["name"] for o in manifest["outputs"]])
-    runner = _bundle_runner(stage, manifest)
+    runner = registry.get(manifest["backend"]["name"]).parity_runner(stage, manifest)
     if runner is None:
         say("parity: skipped (this bundle cannot run on this machine; see report)")
         report = {"passed": True, "skipped": "bundle cannot run here (portable TensorRT bundle); "
@@ -702,27 +676,3 @@ def _vs_original(run, original: LoadedModel, specs, manifest: dict, data: Datase
     for line in vs_original_lines(section):
         say(line)
     return section
-
-
-def _bundle_runner(stage: Path, manifest: dict):
-    """(run function, simulated-note) for the staged bundle, or None when it cannot run here."""
-    from . import runtime
-
-    if manifest["backend"]["name"] == "onnxruntime":
-        bundle = runtime.load(stage)
-        return bundle.run, None
-    # TensorRT bundles: the precision-marked ONNX runs on ORT CPU as an estimate, when ORT can run it.
-    onnx_rel = manifest["backend"].get("onnx")
-    if not onnx_rel:
-        return None
-    if precision_table.parse(manifest["precision"]).includes("fp8"):
-        from .quant.fp8_sim import SIMULATED_NOTE, make_runner
-
-        return make_runner(stage / onnx_rel), SIMULATED_NOTE
-    try:
-        sess = cpu_session(stage / onnx_rel)
-    except Exception:  # ORT cannot run some TensorRT-only Q/DQ patterns
-        return None
-    names = [o["name"] for o in manifest["outputs"]]
-    return (lambda feeds: dict(zip(names, sess.run(names, dict(feeds))))), \
-        "TensorRT bundle: accuracy measured by running its Q/DQ ONNX on ONNX Runtime CPU, not the engine"

@@ -1,8 +1,10 @@
-"""Backends: how a precision-marked ONNX file becomes deployable artefacts.
+"""Backends: how a precision-marked ONNX file becomes deployable artefacts, and how they run.
 
-- ``ort/``: ONNX Runtime (the embedded CPU default) — the bundle holds the ONNX file itself.
+- ``base.py``: the ``Backend`` interface (package, tune, parity runner, runtime session, target checks,
+  quantizer hook); ``registry.py``: backends by name (``registry.get(manifest["backend"]["name"])``).
+- ``ort/``: ONNX Runtime (the embedded CPU default): the bundle holds the ONNX file itself.
 - ``tensorrt/``: TensorRT engines, or portable bundles finished on the device (``edgemm build``).
 
-To add a backend: a package here with ``package(onnx_path, stage_dir, target, options) -> dict`` (the
-manifest's "backend" section) and a session class in ``edgemm/runtime/``.
+To add a backend: ``<name>/backend.py`` with a ``Backend`` subclass, a line in ``registry.BACKENDS``, and
+its torch-free session in ``edgemm/runtime/<name>_session.py`` (opened by ``Backend.open_session``).
 """

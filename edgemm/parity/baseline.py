@@ -203,7 +203,9 @@ def measure_gate_latency(bundle_dir, manifest: Mapping, feeds: Mapping[str, np.n
     from .. import runtime
     from .latency import measure_interleaved
 
-    options = {"intra_op_threads": 1} if manifest["backend"]["name"] == "onnxruntime" else {}
+    from ..backends import registry
+
+    options = {"intra_op_threads": 1} if registry.get(manifest["backend"]["name"]).thread_count else {}
     bundle = runtime.load(bundle_dir, **options, **load_options)
     checked = bundle.check_feeds(feeds)
     recorder = Recorder()

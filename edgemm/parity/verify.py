@@ -253,9 +253,10 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
 def _bundle_threads(bundle) -> int | None:
     """The intra-op thread count an ONNX Runtime bundle runs with (recorded by compile), None for ORT's
     default or another backend."""
-    backend = bundle.manifest.get("backend", {})
-    threads = backend.get("intra_op_threads") if backend.get("name") == "onnxruntime" else None
-    return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+    from ..backends import registry
+
+    section = bundle.manifest.get("backend", {})
+    return registry.get(section.get("name")).runtime_threads(section)
 
 
 def _bundle_call(bundle, feeds):

@@ -34,8 +34,11 @@ def check_sparsity_target(target, spec: str | bool | None = PATTERN) -> None:
     pattern = PATTERN if spec is True else str(spec)
     if pattern != PATTERN:
         raise InputError(f"unknown sparsity pattern {pattern!r}", field="--sparsity", fix=f"use --sparsity {PATTERN}")
-    if target.kind == "cpu" or target.backend != "tensorrt":
-        raise InputError(f"target {target.name} runs on ONNX Runtime CPU, which has no sparse kernels: 2:4 "
+    from ..backends import registry
+
+    backend = registry.get(target.backend)
+    if target.kind == "cpu" or not backend.sparse_kernels:
+        raise InputError(f"target {target.name} runs on {backend.title}, which has no sparse kernels: 2:4 "
                          f"sparsity would only cost accuracy", field="--sparsity",
                          fix="drop --sparsity (use --prune to make CPU models smaller and faster), or compile "
                              "for a TensorRT target such as jetson-orin-nano")

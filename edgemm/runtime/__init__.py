@@ -247,19 +247,15 @@ def _choose_variant(path: Path, manifest: dict, wanted: str | None):
 
 
 def _open_session(path: Path, manifest: dict, **kwargs):
-    backend = manifest["backend"]["name"]
-    if backend == "openvino":
-        from .openvino_session import OpenVinoSession  # imports openvino lazily, inside
-        kwargs.pop("providers", None)
-        return OpenVinoSession(path, manifest, **kwargs)
-    if backend == "onnxruntime":
-        from .ort_session import OrtSession
-        return OrtSession(path, manifest, **kwargs)
-    if backend == "tensorrt":
-        from .tensorrt_session import TensorRTSession  # imports tensorrt lazily, inside
-        return TensorRTSession(path, manifest, **kwargs)
-    raise BundleError(f"unknown backend {backend!r}", file=path / "manifest.json", field="backend.name",
-                      fix="use a bundle made for onnxruntime or tensorrt, or upgrade edgemm")
+    from ..backends import registry  # light: a backend's heavy imports happen inside open_session
+
+    name = manifest["backend"]["name"]
+    try:
+        backend = registry.get(name)
+    except InputError:
+        raise BundleError(f"unknown backend {name!r}", file=path / "manifest.json", field="backend.name",
+                          fix=f"use a bundle made for {' or '.join(registry.names())}, or upgrade edgemm") from None
+    return backend.open_session(path, manifest, **kwargs)
 
 
 def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None = None, variant: str | None = None,

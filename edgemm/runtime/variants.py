@@ -9,13 +9,10 @@ variant is the fallback (ONNX Runtime), which runs everywhere, if slowly without
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 
 from .manifest import BACKEND_FIELD_TYPES, register_section
 
-# Which Python package each variant backend needs on the running host.
-BACKEND_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
 
 
 @dataclass(frozen=True)
@@ -27,9 +24,21 @@ class Choice:
     skipped: list[str] = field(default_factory=list)
 
 
+def _package_of(backend: str) -> str:
+    """The Python package a variant's backend needs on the running host (the backend's own name if unknown)."""
+    from ..backends import registry
+    from ..errors import InputError
+
+    try:
+        return registry.get(backend).python_package
+    except InputError:
+        return backend
+
+
 def backend_installed(backend: str) -> bool:
-    package = BACKEND_PACKAGES.get(backend)
-    return package is not None and importlib.util.find_spec(package) is not None
+    from ..backends import registry
+
+    return backend in registry.names() and registry.get(backend).installed()
 
 
 def choose_variant(variants: list[dict], isa: frozenset[str] | set[str], *, installed=backend_installed,
@@ -42,7 +51,7 @@ def choose_variant(variants: list[dict], isa: frozenset[str] | set[str], *, inst
     for index, variant in enumerate(variants):
         backend = variant["backend"]["name"]
         if not installed(backend):
-            skipped.append(f"{variant['name']} (needs {BACKEND_PACKAGES.get(backend, backend)}, not installed)")
+            skipped.append(f"{variant['name']} (needs {_package_of(backend)}, not installed)")
             continue
         runnable.append(index)
     if wanted is not None:

@@ -29,7 +29,6 @@ __all__ = ["TargetProfile", "load", "all_targets", "names", "PRECISIONS", "FP8_M
 # Precision modes edgemm knows, lowest expected error first (the one table: edgemm/precision.py).
 PRECISIONS = precision_table.ORDER
 KINDS = ("cpu", "jetson", "datacenter")
-BACKENDS = ("onnxruntime", "tensorrt")
 # FP8 tensor cores: Ada (8.9), Hopper (9.0), Blackwell incl. Thor. Orin (8.7) and A100 (8.0) have none.
 FP8_MIN_CC = (8, 9)
 # DLA executes FP16 and INT8 only.
@@ -216,10 +215,13 @@ def _check_consistency(p: TargetProfile, bad) -> None:
     """Facts that must hold for any device; a profile that breaks one is a data error."""
     if p.kind not in KINDS:
         raise bad("kind", f"{p.kind!r} is not one of {', '.join(KINDS)}")
-    if p.backend not in BACKENDS:
-        raise bad("backend", f"{p.backend!r} is not one of {', '.join(BACKENDS)}")
-    if (p.kind == "cpu") != (p.backend == "onnxruntime"):
-        raise bad("backend", "cpu targets use onnxruntime and GPU targets use tensorrt")
+    from ..backends import registry  # standard library only, like this module
+
+    if p.backend not in registry.names():
+        raise bad("backend", f"{p.backend!r} is not one of {', '.join(registry.names())}")
+    device = registry.get(p.backend).device
+    if (p.kind == "cpu") != (device == "cpu"):
+        raise bad("backend", f"{p.backend} runs on {device} targets, and this one is of kind {p.kind}")
     for prec in p.precisions:
         if prec not in PRECISIONS:
             raise bad("precisions", f"unknown precision {prec!r} (known: {', '.join(PRECISIONS)})")
@@ -229,34 +231,7 @@ def _check_consistency(p: TargetProfile, bad) -> None:
         raise bad("default_precision", f"{p.default_precision!r} is not in precisions")
     if p.dla_cores < 0 or (p.dla_cores and p.kind != "jetson"):
         raise bad("dla_cores", "only Jetson modules have DLA cores")
-    if p.backend == "tensorrt":
-        if p.compute_capability is None:
-            raise bad("compute_capability", "required for a TensorRT target")
-        try:
-            cc = _cc_tuple(p.compute_capability)
-        except ValueError:
-            raise bad("compute_capability", f"{p.compute_capability!r} is not MAJOR.MINOR") from None
-        if ("fp8" in p.precisions) != (cc >= FP8_MIN_CC):
-            raise bad("precisions", f"fp8 needs compute capability >= {FP8_MIN_CC[0]}.{FP8_MIN_CC[1]} "
-                                    f"and every such GPU has it (this one is {p.compute_capability})")
-        if not p.tensorrt_versions:
-            raise bad("tensorrt_versions", "a TensorRT target lists the TensorRT versions its stack ships")
-        for v in p.tensorrt_versions:
-            parts = v.split(".")
-            # The patch matters: 11.4.0 has no JetPack/DLA, 11.4.1 has both.
-            if len(parts) != 3 or not all(x.isdigit() for x in parts):
-                raise bad("tensorrt_versions", f"{v!r} is not MAJOR.MINOR.PATCH (e.g. 10.3.0)")
-            if int(parts[0]) < 10:
-                raise bad("tensorrt_versions", f"{v!r}: edgemm builds with TensorRT 10 or newer")
-        if p.workspace_mb is None or p.memory_mb is None:
-            raise bad("workspace_mb", "a TensorRT target states memory_mb and workspace_mb")
-        if not 0 < p.workspace_mb < p.memory_mb:
-            raise bad("workspace_mb", "must be positive and below memory_mb")
-    else:
-        if "fp8" in p.precisions:
-            raise bad("precisions", "FP8 Q/DQ does not run on ONNX Runtime CPU")
-        if p.tensorrt_versions or p.sparse_tensor_cores:
-            raise bad("tensorrt_versions", "a CPU target has no TensorRT stack or sparse tensor cores")
+    registry.get(p.backend).check_target(p, bad)
     if p.kind == "jetson" and not p.jetpack:
         raise bad("jetpack", "a Jetson target names the JetPack releases it was checked against")
 

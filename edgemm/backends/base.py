@@ -1,0 +1,85 @@
+"""The Backend interface: everything the compile pipeline, the runtime and the parity gate need to know
+about one way of running a bundle (after Polygraphy's ``backend/<name>/{loader,runner}``).
+
+A backend is a subclass in ``edgemm/backends/<name>/backend.py`` plus one line in
+``edgemm/backends/registry.py:BACKENDS``; its torch-free session lives in ``edgemm/runtime/<name>_session.py``.
+Nothing else in edgemm compares backend names: callers ask the registry for the backend object and use
+the methods and attributes below. Subclass modules import heavy libraries (TensorRT, OpenVINO, ...)
+inside the methods that need them, so that looking a backend up stays cheap for the runtime and the CLI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+# A bundle's run function: {input name: numpy array} -> {output name: numpy array}. (Standard library
+# only here: the target profiles and the runtime look backends up.)
+Run = Callable[[Mapping[str, Any]], dict]
+
+
+@dataclass(frozen=True)
+class PackageRequest:
+    """What the compile hands ``Backend.package`` beside the precision-marked ONNX file."""
+
+    config: Any              # the CompileConfig (backend options such as TensorRT's are read from it)
+    specs: list              # the bundle's input TensorSpecs
+    recipe: dict | None      # the precision recipe (e.g. ORT optimizers the runtime must disable)
+    bundle_name: str
+
+
+class Backend:
+    """One backend. Class attributes describe it; methods do the work (defaults: nothing to do)."""
+
+    name: str = ""               # the manifest's backend.name and a target profile's ``backend``
+    title: str = ""              # for messages, e.g. "ONNX Runtime CPU"
+    device: str = "cpu"          # "cpu" targets (kind = cpu) or "gpu" targets (jetson, datacenter)
+    sparse_kernels: bool = False  # 2:4 structured sparsity runs faster (else --sparsity is refused)
+    thread_count: bool = False   # the runtime session takes ``intra_op_threads`` (CPU thread pools)
+    python_package: str = ""     # what the runtime host must have installed to open its sessions
+
+    def installed(self) -> bool:
+        """Whether this host can open the backend's sessions (its Python package is importable)."""
+        import importlib.util
+
+        return bool(self.python_package) and importlib.util.find_spec(self.python_package) is not None
+
+    def package(self, model_path: Path, stage: Path, target, request: PackageRequest) -> dict:
+        """Put the deployable artefacts into ``stage``; return the manifest's "backend" section
+        (``{"name": self.name, ...}``)."""
+        raise NotImplementedError
+
+    def tune(self, section: dict, stage: Path, feeds: Mapping[str, Any], say: Callable[[str], None]) -> None:
+        """Measure run-time settings on this host and record them in ``section`` (compile --tune-threads)."""
+
+    def parity_runner(self, stage: Path, manifest: dict) -> tuple[Run, str | None] | None:
+        """(run, simulated-note) to judge the staged bundle on this machine, or None when it cannot run
+        here (the report then says to verify on the device). The note says how accuracy was estimated
+        when the bundle itself did not run."""
+        return None
+
+    def open_session(self, path: Path, manifest: dict, **options):
+        """The runtime session for a loaded bundle (``edgemm.runtime.load``): torch-free."""
+        raise NotImplementedError
+
+    def runtime_threads(self, section: Mapping) -> int | None:
+        """The intra-op thread count the compile recorded for this bundle, None for the runtime's default."""
+        if not self.thread_count:
+            return None
+        threads = section.get("intra_op_threads")
+        return threads if isinstance(threads, int) and not isinstance(threads, bool) and threads > 0 else None
+
+    def check_target(self, profile, bad) -> None:
+        """Refuse a target profile this backend cannot serve: ``raise bad(field, detail)`` (an InputError
+        naming the profile file). Called by ``edgemm.targets`` after the checks that hold for any device."""
+        if profile.tensorrt_versions or (profile.sparse_tensor_cores and not self.sparse_kernels):
+            raise bad("tensorrt_versions", f"a {self.device.upper()} target has no TensorRT stack or sparse tensor "
+                                           "cores")
+
+    def quantizer(self, precision: str):
+        """The precision step for ``precision`` on this backend: f(fp32_onnx, out, PrecisionRequest) ->
+        PrecisionResult, or None when the backend does not offer that precision."""
+        from ..quant import RECIPES
+
+        return RECIPES.get((self.name, precision))

@@ -1,0 +1,77 @@
+"""edgemm/backends/registry.py: backends looked up by name; nothing outside a backend compares names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from edgemm import targets
+from edgemm.backends import registry
+from edgemm.backends.base import Backend
+from edgemm.errors import InputError
+
+EDGEMM = Path(__file__).resolve().parents[2] / "edgemm"
+# Files that still branch on a backend's name, each with the step that removes it (issue #15).
+STILL_BRANCHING = {
+    "quant/__init__.py": "RECIPES keyed by backend: becomes each backend's quantizer (arch-quant)",
+    "quant/mixed.py": "per-branch planner (arch-quant)",
+    "quant/accuracy_search.py": "accuracy-search planner (arch-quant)",
+    "serving/triton_config.py": "Triton platform per backend (a Backend.triton hook when serving moves)",
+}
+
+
+def test_shipped_backends_by_name():
+    ort, trt = registry.get("onnxruntime"), registry.get("tensorrt")
+    assert (ort.name, ort.device, ort.thread_count, ort.sparse_kernels) == ("onnxruntime", "cpu", True, False)
+    assert (trt.name, trt.device, trt.thread_count, trt.sparse_kernels) == ("tensorrt", "gpu", False, True)
+    assert registry.get("onnxruntime") is ort  # one instance per name
+    assert ort.runtime_threads({"intra_op_threads": 1}) == 1
+    assert ort.runtime_threads({"intra_op_threads": True}) is None
+    assert trt.runtime_threads({"intra_op_threads": 1}) is None
+
+
+def test_unknown_backend_is_one_line_input_error():
+    with pytest.raises(InputError, match=r"unknown backend 'nope' \(known: onnxruntime, openvino, tensorrt"):
+        registry.get("nope")
+
+
+class _Toy(Backend):
+    name = "toy-npu"
+    title = "Toy NPU"
+    device = "gpu"
+
+
+def test_target_profile_takes_a_registered_backend(tmp_path):
+    profile = tmp_path / "toy.toml"
+    profile.write_text('name = "toy"\ndescription = "a toy NPU"\nkind = "datacenter"\nbackend = "toy-npu"\n'
+                       'precisions = ["fp32"]\ndefault_precision = "fp32"\ndla_cores = 0\n'
+                       'sparse_tensor_cores = false\n', encoding="utf-8")
+    with pytest.raises(InputError, match="'toy-npu' is not one of"):
+        targets.load(str(profile))
+    registry.register(_Toy())
+    try:
+        assert targets.load(str(profile)).backend == "toy-npu"
+        # The device kind comes from the backend, not from a list of names.
+        profile.write_text(profile.read_text().replace('kind = "datacenter"', 'kind = "cpu"'), encoding="utf-8")
+        with pytest.raises(InputError, match="toy-npu runs on gpu targets"):
+            targets.load(str(profile))
+    finally:
+        registry.unregister("toy-npu")
+
+
+def test_no_backend_name_branches_outside_the_backends():
+    """Callers ask the registry for the backend object (Polygraphy's backend/<name>/ layout); a new
+    backend then needs no edit elsewhere."""
+    names = "|".join(map(re.escape, registry.BACKENDS))
+    pattern = re.compile(rf"""(==|!=|\bin\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+    offenders = []
+    for path in sorted(EDGEMM.rglob("*.py")):
+        rel = path.relative_to(EDGEMM).as_posix()
+        if rel.startswith("backends/") or re.fullmatch(r"runtime/\w+_session\.py", rel) or rel in STILL_BRANCHING:
+            continue
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{rel}:{i}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
