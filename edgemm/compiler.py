@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from .config import CompileConfig
+from . import precision as precision_table
 from .backends import registry
 from .backends.base import PackageRequest
 from .bundle import STAGING_PREFIX

@@ -18,7 +18,8 @@ STILL_BRANCHING = {
     "quant/__init__.py": "RECIPES keyed by backend: becomes each backend's quantizer (arch-quant)",
     "quant/mixed.py": "per-branch planner (arch-quant)",
     "quant/accuracy_search.py": "accuracy-search planner (arch-quant)",
-    "serving/triton_config.py": "Triton platform per backend (a Backend.triton hook when serving moves)",
+    "serving/triton_config.py": "Triton platform per backend (a Backend hook for Triton when serving moves)",
+    "serving/triton_repo.py": "which files a native Triton model holds, per backend (same hook)",
 }
 
 
