@@ -301,7 +301,7 @@ def _compile(cfg: CompileConfig, say: Callable[[str], None]) -> CompileResult:
         if cfg.split:
             manifest["pipeline"] = split.pipeline
         draft, manifest = manifest, writer.write_manifest(manifest)
-        if cfg.split and backend == "onnxruntime" and cfg.tune_threads:
+        if cfg.split and backend.thread_count and cfg.tune_threads:  # CPU thread pools: parts side by side?
             from .split.build import tune_concurrency
 
             batches = (1, 8) if dynamic_batch_input(specs) else (_batch_of(specs),)

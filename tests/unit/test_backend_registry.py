@@ -19,6 +19,7 @@ STILL_BRANCHING = {
     "quant/mixed.py": "per-branch planner (arch-quant)",
     "quant/accuracy_search.py": "accuracy-search planner (arch-quant)",
     "serving/triton_config.py": "Triton platform per backend (a Backend hook for Triton when serving moves)",
+    "split/build.py": "per-part packaging and placement (Backend.package per part when split moves onto it)",
     "serving/triton_repo.py": "which files a native Triton model holds, per backend (same hook)",
 }
 
