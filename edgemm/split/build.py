@@ -76,8 +76,8 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
                 held_out: dict | None, name: str, say: Callable[[str], None], *, branch_overrides=None,
                 samples=()) -> SplitBuild:
     """``samples``: feeds at two batch sizes (the interface tensors' dims are observed on them)."""
-    from ..compiler import _output_heads
-    from ..onnx_io import graph_outputs
+    from ..onnx_io import graph_outputs, load_graph
+    from ..parity.output_kinds import graph_score_outputs
 
     placement = parse_placement(cfg.place, target)
     say("split: cutting the graph at its branch boundaries")
@@ -124,7 +124,7 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
                 "interface": interface, "concurrent": False, "shared_initializers": plan.shared_initializers,
                 "branches": plan.branch_summary}
     outputs = graph_outputs(fp32)
-    heads = _output_heads(fp32)   # the FP32 graph: the model's own structure (as without --split)
+    heads = graph_score_outputs(load_graph(fp32))   # the FP32 graph: the model's own structure (as without --split)
     built = Precision.of(modes, per_branch={e["name"]: e["precision"]["mode"] for e in entries})
     precision = {**built.to_manifest(), "recipe": {"name": "split", "parts": recipes}, "notes": notes}
     backend = {"name": target.backend}
