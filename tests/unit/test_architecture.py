@@ -176,12 +176,40 @@ def test_the_entry_points_import_no_heavy_library_on_the_way_in():
     assert "edgemm.cli.main" in loaded and wrong == [], "import it inside the function that needs it"
 
 
+def _backend_modules() -> list[str]:
+    """The modules ``backends.registry.get`` imports by name (importlib: invisible to the AST walk)."""
+    from edgemm.backends import registry
+
+    return [f"edgemm.backends.{where.split(':')[0]}" for where in registry.BACKENDS.values()]
+
+
 def test_the_runtime_never_reaches_torch():
-    reached = _closure([m for m in _modules() if m == "edgemm.runtime" or m.startswith("edgemm.runtime.")],
-                       _graph())
-    wrong = sorted(f"{_rel(m)} imports {name}" for m in reached for name, _ in _imports(m)
-                   if name.split(".")[0] in RUNTIME_FORBIDDEN)
+    """Statically: what the runtime's own modules import (even inside functions), and what those imports
+    and the backend modules the registry loads for it import at module level. A backend's compile-side
+    methods import their tools lazily, so they are not followed."""
+    runtime = [m for m in _modules() if m == "edgemm.runtime" or m.startswith("edgemm.runtime.")]
+    edges = {m: {n for n, top in _imports(m) if n in _modules() and n != m
+                 and (top or m in runtime)} for m in _modules()}
+    reached = _closure(runtime + _backend_modules(), edges)
+    wrong = sorted(f"{_rel(m)} imports {name}" + ("" if top else " (inside a function)")
+                   for m in reached for name, top in _imports(m)
+                   if name.split(".")[0] in RUNTIME_FORBIDDEN and (top or m in runtime))
     assert "edgemm.iospec" in reached and wrong == []
+
+
+def test_importing_the_runtime_and_its_backends_loads_no_compile_tool():
+    """The same, as it happens: a fresh interpreter imports the runtime, every runtime module and every
+    backend the registry knows, and none of torch, transformers, modelopt, onnx is loaded."""
+    import subprocess
+    import sys
+
+    modules = [m for m in _modules() if m.startswith("edgemm.runtime")] + _backend_modules()
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}:\n    importlib.import_module(m)\n"
+            f"print(sorted(n for n in {list(RUNTIME_FORBIDDEN)!r} if n in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_no_module_is_long_without_a_reason_at_its_top():
