@@ -50,10 +50,12 @@ class TritonOptions:
 @dataclass(frozen=True)
 class Batching:
     """How requests may be batched: ``max_batch`` > 0 when axis 0 of every input and output is one
-    symbolic batch dim found nowhere else; ``reason`` says why not otherwise."""
+    symbolic batch dim found nowhere else; ``reason`` says why not otherwise. ``merge`` is False when a
+    client's batch is fine but merging requests is not (``reason`` then says why)."""
     dim: str | None
     max_batch: int
     reason: str = ""
+    merge: bool = True
 
 
 def _fail(what: str, field_: str, fix: str, source) -> InputError:
@@ -121,13 +123,18 @@ def check_options(options: TritonOptions) -> None:
 
 
 def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: list[TensorSpec],
-                 options: TritonOptions, *, source: Path | str | None = None, lenient: bool = False) -> dict:
+                 options: TritonOptions, *, source: Path | str | None = None, lenient: bool = False,
+                 rows_mix: str | None = None) -> dict:
     """The ModelConfig (as data) serving one bundle under ``name``. ``options.notes`` collects what the
     user should know (batching off, settings a backend ignores). Batching flags for a bundle that cannot
     batch are refused, or only noted with ``lenient`` (several bundles share the flags; the caller then
-    refuses them when no bundle batches)."""
+    refuses them when no bundle batches). ``rows_mix``: why one row's result depends on the other rows of
+    its batch (dynamic INT8: activation scales over the whole batch); then a client's own batch runs as
+    sent, but requests are never merged (no dynamic batcher), so an answer never depends on other clients."""
     check_options(options)
     batching = find_batching(inputs, outputs)
+    if batching.max_batch and rows_mix:
+        batching = Batching(batching.dim, batching.max_batch, rows_mix, merge=False)
     max_batch = batching.max_batch
     flags = [f for f, given in (("--max-batch", options.max_batch is not None),
                                 ("--preferred-batch", bool(options.preferred_batch)),
@@ -137,13 +144,20 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
             raise _fail(f"requests to this bundle cannot be batched ({batching.reason})", flags[0],
                         "leave the batching flags out", source)
         options.notes.append(f"{name}: max_batch_size 0, requests are not batched together: {batching.reason}")
-    else:
+    elif not batching.merge:
+        merge_flags = [f for f in flags if f != "--max-batch"]
+        if merge_flags and not lenient:
+            raise _fail(f"requests to this bundle must not be merged ({batching.reason})", merge_flags[0],
+                        "leave the batching flags out, or recompile with a static INT8 recipe", source)
+        options.notes.append(f"{name}: no dynamic batching (each request runs as its client batched it): "
+                             f"{batching.reason}")
+    if max_batch:
         if options.max_batch is not None:
             if options.max_batch > max_batch:
                 raise _fail(f"{options.max_batch} is above the bundle's batch bound {max_batch}", "--max-batch",
                             f"use at most {max_batch}, or recompile with a larger range", source)
             max_batch = options.max_batch
-        too_big = [b for b in options.preferred_batch if b > max_batch]
+        too_big = [b for b in options.preferred_batch if b > max_batch] if batching.merge else []
         if too_big:
             raise _fail(f"{too_big[0]} is above max_batch_size {max_batch}", "--preferred-batch",
                         f"use sizes up to {max_batch}", source)
@@ -163,7 +177,7 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
     config["version_policy"] = {"latest": {"num_versions": 1}}
     config["input"] = [_tensor(s, batched, source, "inputs") for s in inputs]
     config["output"] = [_tensor(s, batched, source, "outputs") for s in outputs]
-    if batched:
+    if batched and batching.merge:
         dyn: dict = {}
         if options.preferred_batch:
             dyn["preferred_batch_size"] = sorted(set(options.preferred_batch))

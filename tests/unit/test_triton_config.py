@@ -104,3 +104,17 @@ def test_scalar_outputs_and_odd_names_survive_the_schema():
     msg = parsed(model_config("m", ort_manifest(), [IMAGE], [scalar], TritonOptions()))
     assert msg.output[0].name == 'we"ird\\name\n'
     assert list(msg.output[0].dims) == [1] and list(msg.output[0].reshape.shape) == []
+
+
+def test_dynamic_int8_keeps_client_batches_but_never_merges_requests():
+    """Dynamic INT8 scales activations per batch: a client's batch runs as sent (max_batch_size kept),
+    but the dynamic batcher must not merge requests (an answer would depend on other clients')."""
+    why = "dynamic INT8 quantizes activations with one scale per batch"
+    opts = TritonOptions()
+    msg = parsed(model_config("m", ort_manifest(), [IMAGE], [LOGITS], opts, rows_mix=why))
+    assert msg.max_batch_size == 64 and not msg.HasField("dynamic_batching")
+    assert any(why in n for n in opts.notes)
+    assert parsed(model_config("m", ort_manifest(), [IMAGE], [LOGITS], TritonOptions(max_batch=4),
+                               rows_mix=why)).max_batch_size == 4
+    with pytest.raises(InputError, match="--max-queue-delay-us: requests to this bundle must not be merged"):
+        model_config("m", ort_manifest(), [IMAGE], [LOGITS], TritonOptions(max_queue_delay_us=10), rows_mix=why)
