@@ -107,8 +107,10 @@ def _flat_wrapper(module, convention, input_names):
 def _export_torchscript(module, convention, args, input_names, specs, path: Path):
     import torch
 
+    from .onnx_fastpath import fastpath_symbolics
+
     dynamic = _dynamic_map(specs)
-    with _quiet():
+    with _quiet(), fastpath_symbolics():  # nn.TransformerEncoder / MHA fast-path ops a traced archive holds
         traced = torch.jit.trace(_flat_wrapper(module, convention, input_names), args, strict=False,
                                  check_trace=False)
         torch.onnx.export(traced, args, str(path), input_names=input_names,
