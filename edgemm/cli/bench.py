@@ -17,10 +17,12 @@ from .options import signature_options, trust_options, verbose_option
 @click.option("--batch", type=int, default=1, show_default=True, help="Batch size of the timed call.")
 @click.option("--iterations", type=int, default=100, show_default=True, help="Timed calls per candidate.")
 @click.option("--warmup", type=int, default=10, show_default=True, help="Untimed calls first.")
+@click.option("--reuse", "reuse", multiple=True,
+              help="Split bundles: also time the pipeline with PART's outputs given (a cached branch), e.g. text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @signature_options
 @verbose_option
-def command(bundles, reference, data, batch, iterations, warmup, as_json, trusted_keys, require_signature):
+def command(bundles, reference, data, batch, iterations, warmup, reuse, as_json, trusted_keys, require_signature):
     """Time BUNDLES (the first is the baseline of the ratios)."""
     from .. import runtime
     from ..display import printable
@@ -51,6 +53,13 @@ def command(bundles, reference, data, batch, iterations, warmup, as_json, truste
         if label in fns:  # a dict would silently merge the two rows
             raise InputError("given twice", file=path, field="BUNDLES", fix="name each bundle once")
         fns[label] = (lambda bb=b, ff=checked: bb.run(ff))
+        for part in reuse:
+            call = _reused_call(b, path, part, checked)
+            if call is not None:
+                fns[f"{label} [{part} reused]"] = call
+    if reuse and not any(isinstance(b, runtime.PipelineBundle) for b in loaded):
+        raise InputError("reuses a part of a split bundle; none of these bundles is split", field="--reuse",
+                         fix="compile with --split, or drop --reuse")
     if reference:
         from ..frontends import load_model
         from ..reference import Reference
@@ -126,3 +135,22 @@ def _feeds(bundle, data, batch):
         else:
             feeds[s.name] = rng.integers(0, 2, size=shape).astype(s.dtype)
     return feeds
+
+
+def _reused_call(bundle, path, part: str, feeds):
+    """Split bundles: the pipeline with ``part``'s outputs computed once beforehand (a cached branch)."""
+    from .. import runtime
+
+    if not isinstance(bundle, runtime.PipelineBundle):
+        return None
+    p = bundle.part(part)
+    if any(s.name not in feeds for s in p.inputs):
+        from ..errors import InputError
+
+        raise InputError(f"part {part} reads what other parts make; only a branch fed by the model's inputs is "
+                         f"reused here", file=path, field="--reuse",
+                         fix="name a tower: " + ", ".join(n for n in bundle.parts if not bundle.part(n).after))
+    given = p.run({s.name: feeds[s.name] for s in p.inputs if s.name in feeds})
+    needed = bundle._session.needed_inputs({part})
+    rest = {k: v for k, v in feeds.items() if k in needed}
+    return lambda: bundle.run(rest, reuse={part: given})

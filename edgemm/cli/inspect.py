@@ -56,6 +56,11 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
             info["variant_here"] = choose_variant(variants, host_isa()).name
         except LookupError:
             info["variant_here"] = None
+    pipeline = manifest.get("pipeline")
+    if pipeline:   # a split bundle: its parts, in run order (edgemm/runtime/pipeline.py)
+        info["pipeline"] = {"parts": [_part_info(path, manifest, p, source) for p in pipeline["parts"]],
+                            "interface": pipeline.get("interface", []),
+                            "concurrent": pipeline.get("concurrent", False)}
     field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
     onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
     if onnx_rel:
@@ -69,6 +74,19 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
         except Exception as exc:  # noqa: BLE001 - a hash-consistent file that is not ONNX (protobuf errors)
             raise BundleError(f"{onnx_rel!r} is not a readable ONNX model ({type(exc).__name__})",
                               file=model_path, field=field, fix="recompile the bundle") from exc
+    return info
+
+
+def _part_info(path: Path, manifest, part: dict, source: str) -> dict:
+    from ..runtime.manifest import safe_relpath
+
+    backend = part.get("backend", {})
+    rel = backend.get("model") or backend.get("onnx")
+    info = {"name": part["name"], "after": part.get("after", []), "precision": (part.get("precision") or {}).get("mode"),
+            "placement": part.get("placement"), "inputs": [s["name"] for s in part["inputs"]],
+            "outputs": [s["name"] for s in part["outputs"]], "file": rel}
+    if isinstance(rel, str) and rel in manifest["files"]:
+        info["ops"] = onnx_op_counts(safe_relpath(path, rel, source=source, field="pipeline.parts"))
     return info
 
 
@@ -199,6 +217,15 @@ def command(target, as_json, data, trusted_keys, require_signature):
             score = (v.get("measured") or {}).get("score")
             measured = f", {score:.2f}x ORT FP32 at compile" if isinstance(score, (int, float)) else ""
             _echo(f"    {v['name']}: {v['backend']} {v.get('precision')}, needs one of {need}{measured}")
+    if info.get("pipeline"):
+        pipe = info["pipeline"]
+        _echo(f"  split: {len(pipe['parts'])} parts, independent ones run "
+              + ("concurrently" if pipe["concurrent"] else "one after another") + " (measured at compile)")
+        for p in pipe["parts"]:
+            after = f" after {', '.join(p['after'])}" if p["after"] else ""
+            ops = f", {sum(p['ops'].values())} ops" if p.get("ops") else ""
+            _echo(f"    part {p['name']}{after}: {p['precision']} on {p['placement']}{ops}; "
+                  f"reads {', '.join(p['inputs'])} -> {', '.join(p['outputs'])}")
     for io in ("inputs", "outputs"):
         for t in info.get(io, []):
             shape = "x".join(str(d) for d in t["shape"]) if "shape" in t else "? (pass --data to see shapes)"

@@ -36,6 +36,9 @@ def render_markdown(report: dict) -> str:
         top1 = o.get("top1_agreement", o.get("exact_match"))
         lines.append(f"| {md_text(name)} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
                      f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} | {'yes' if o.get('passed') else 'NO'} |")
+    from .split_parts import render_parts
+
+    lines += render_parts(report)
     task = report.get("task")
     if task:
         lines += ["", f"Task metric **{task['metric']}**: {_label(report, 'reference')} "

@@ -207,7 +207,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
                    heads=heads)
     wrap = instrument or (lambda role, fn: fn)
     threads = _bundle_threads(bundle)
-    ref_run, torch_ref = None, False
+    ref_run, ref_plain, torch_ref = None, None, False
     latency = {"bundle": _bundle_call(bundle, first_sample(data))}
     if reference:
         from ..frontends import LoadOptions, load_model
@@ -216,7 +216,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
         loaded = load_model(reference, LoadOptions(weights=weights, trust_pickle=trust_pickle))
         ref = Reference(loaded, [s.name for s in bundle.inputs],
                         None if loaded.onnx_path else [o.name for o in bundle.outputs], names_from="--reference")
-        ref_run = wrap("reference", ref.run)
+        ref_run, ref_plain = wrap("reference", ref.run), ref.run
         # Timed on the bundle's own thread count: a ratio of 1 thread vs all cores measures the settings.
         latency["reference"] = ref.callable_for(first_sample(data), threads=threads)
         torch_ref = loaded.is_torch
@@ -230,6 +230,8 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
                           batch_size=batch_size,
                           task=task, latency=latency if iterations else None, latency_iterations=iterations,
                           progress=progress, heads=heads)
+        if isinstance(bundle, runtime.PipelineBundle):
+            _check_split_parts(report, bundle, data, ref_plain, thresholds, batch_size)
     report["output_heads"] = heads
     if "latency" in report:
         report["latency"]["intra_op_threads"] = threads or "default (both)"
@@ -248,6 +250,18 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     if write:
         write_reports(Path(bundle_path), report)
     return report
+
+
+def _check_split_parts(report: dict, bundle, data, reference_run, thresholds, batch_size: int) -> None:
+    """A split bundle: each part on its own as well (edgemm.parity.split_parts)."""
+    from .split_parts import check_parts
+
+    parts = check_parts(bundle, data, reference_run=reference_run, min_cosine=thresholds.min_cosine,
+                        batch_size=batch_size)
+    report["split_parts"] = parts["parts"]
+    if parts["failures"]:
+        report["failures"] = list(report.get("failures", [])) + parts["failures"]
+        report["passed"] = False
 
 
 def _bundle_threads(bundle) -> int | None:

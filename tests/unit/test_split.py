@@ -126,6 +126,34 @@ def test_branch_cache_counts_hits_and_is_thread_safe(dual):
     assert cache.stats()["entries"] == 4 and cache.stats()["misses"] == 4
 
 
+def test_verify_inspect_bench_understand_split_bundles(dual, zoo_examples, tmp_path, cli):
+    ex = zoo_examples["dual-encoder"]
+    proc = cli("verify", dual["split"], "--reference", ex["exported_program"], "--data", ex["eval"],
+               "--iterations", "0", "--json", "--no-write")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    parts = report["split_parts"]
+    assert list(parts) == ["vision", "text", "fusion"] and all(p["passed"] for p in parts.values())
+    assert parts["vision"]["outputs"]["image_embeds"]["mean_cosine"] > 0.9999
+    assert parts["text"]["inputs"] == ["input_ids"]   # run without the image
+    assert all(p["max_diff_vs_pipeline"] <= 1e-6 for p in parts.values())
+    assert report["outputs"]["logits_per_image"]["max_abs_error"] <= 1e-4
+    proc = cli("inspect", dual["split"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    pipe = json.loads(proc.stdout)["pipeline"]
+    assert [p["name"] for p in pipe["parts"]] == ["vision", "text", "fusion"]
+    assert pipe["parts"][2]["after"] == ["vision", "text"] and pipe["parts"][0]["ops"]["Conv"] == 1
+    text = cli("inspect", dual["split"]).stdout
+    assert "part fusion after vision, text: fp32 on cpu" in text
+    proc = cli("bench", dual["split"], dual["whole"], "--reuse", "text", "--iterations", "5", "--warmup", "1",
+               "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = [r["name"] for r in json.loads(proc.stdout)["results"]]
+    assert any(r.endswith("[text reused]") for r in rows) and len(rows) == 3
+    proc = cli("bench", dual["split"], "--reuse", "fusion", "--iterations", "2")
+    assert proc.returncode != 0 and "only a branch fed by the model's inputs" in proc.stderr
+
+
 def test_branch_cache_bounds():
     cache = BranchCache(max_entries=2, max_bytes=100)
     arr = np.zeros(10, np.float32)   # 40 bytes
