@@ -19,7 +19,7 @@ X86_FEATURES = ("amx_tile", "amx_int8", "amx_bf16", "amx_fp16", "avx512_bf16", "
 ARM_FEATURES = ("asimddp", "i8mm", "bf16", "asimdhp", "sve", "sve2", "svei8mm", "svebf16")
 ISA_FEATURES = X86_FEATURES + ARM_FEATURES
 
-# Kept for baselines written before the full feature list (parity/baseline.py compares this list).
+# Kept for baselines written before the full feature list (parity/gate/context.py compares this list).
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp",
               "i8mm", "sve")
 INT8_DOT = frozenset({"amx_int8", "avx512_vnni", "avx_vnni", "asimddp", "i8mm"})

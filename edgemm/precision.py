@@ -3,7 +3,7 @@ bundle was built in (one mode, or several when branches or layers differ).
 
 Everything that names a precision reads it here: the compile config (which modes a whole model can be
 built in), target profiles (which names a device may list), per-branch policies (quant/mixed.py), the
-verification bars (parity/thresholds.py) and the baseline gate's tolerances (parity/baseline.py).
+verification bars (parity/thresholds.py) and the baseline gate's tolerances (parity/gate/tolerances.py).
 
 Standard library only: the torch-free runtime reads a bundle's precision through this module.
 

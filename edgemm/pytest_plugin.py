@@ -135,7 +135,7 @@ class Gate:
         Returns the report; fails the test with every failed check listed."""
         __tracebackhide__ = True
         from .errors import EdgemmError
-        from .parity.baseline import run_gate
+        from .parity.gate import run_gate
 
         path = self.baseline_path(name)
         self._claim(path, name)
@@ -214,8 +214,8 @@ def edgemm_load_bundle():
 
 @pytest.fixture
 def edgemm_baseline(edgemm_baseline_dir):
-    """Factory: name -> edgemm.parity.baseline.Baseline, or None when not recorded yet."""
-    from .parity.baseline import load_baseline
+    """Factory: name -> edgemm.parity.gate.Baseline, or None when not recorded yet."""
+    from .parity.gate import load_baseline
 
     def load(name: str):
         path = edgemm_baseline_dir / f"{baseline_name(name)}.json"

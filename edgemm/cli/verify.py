@@ -14,7 +14,7 @@ from .options import FINITE_FLOAT, signature_options, threshold_options, trust_o
 
 
 def gate_options(f):
-    """The baseline gate and CI outputs (edgemm.parity.baseline, .junit, .html_report)."""
+    """The baseline gate and CI outputs (edgemm.parity.gate, .junit, .html_report)."""
     for decorator in reversed([
         click.option("--baseline", type=click.Path(), help="Gate against this baseline .json (from --save-baseline)."),
         click.option("--save-baseline", type=click.Path(),
@@ -83,7 +83,7 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
     start = time.perf_counter()
     run = None
     if baseline or save_baseline or html:
-        from ..parity.baseline import run_gate
+        from ..parity.gate import run_gate
 
         tolerances = dict(min_cosine=baseline_min_cosine, min_top1_agreement=baseline_min_top1,
                           max_abs_rel=baseline_max_abs_rel, max_metric_drop=baseline_max_metric_drop,
@@ -98,7 +98,7 @@ def command(bundle, reference, weights, trust_pickle, data, metric, metric_outpu
                                progress=None if as_json else lambda d, n: None, **common)
     duration = time.perf_counter() - start
 
-    from ..parity.baseline import render_gate_markdown, render_pr_summary
+    from ..parity.gate import render_gate_markdown, render_pr_summary
     from ..parity.report import render_markdown
 
     text = render_markdown(report) + ("\n" + render_gate_markdown(report) if report.get("baseline") else "")
@@ -135,7 +135,7 @@ def _check_outputs(bundle, data, reference, weights, baseline, save_baseline, ju
     output): not the eval data, the bundle (or a file in it), the reference, the baseline or its golden
     outputs."""
     from ..outputs import check_output_file
-    from ..parity.baseline import check_baseline_outputs, golden_path
+    from ..parity.gate import check_baseline_outputs, golden_path
 
     inputs = {"BUNDLE": bundle, "--data": data, "--reference": reference, "--weights": weights,
               "--baseline": baseline}

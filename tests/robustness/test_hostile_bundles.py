@@ -390,9 +390,9 @@ def _report():
 
 @pytest.mark.parametrize("writer", ["verify", "baseline"])
 def test_report_writer_refuses_a_folder_in_a_reports_place(tiny_bundle, tmp_path, writer):
-    from edgemm.parity import baseline, verify
+    from edgemm.parity import gate, verify
 
-    write_reports = verify.write_reports if writer == "verify" else baseline.write_reports
+    write_reports = verify.write_reports if writer == "verify" else gate.write_gate_reports
     bundle = _copy(tiny_bundle, tmp_path)
     (bundle / "report.md").unlink(missing_ok=True)
     (bundle / "report.md").mkdir()

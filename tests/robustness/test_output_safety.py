@@ -113,7 +113,7 @@ def test_sigterm_during_run_leaves_no_output(good, tmp_path):
 
 
 def test_python_api_refuses_a_baseline_over_the_eval_data(good, tmp_path):
-    from edgemm.parity.baseline import run_gate
+    from edgemm.parity.gate import run_gate
 
     data = save_npz(tmp_path / "eval.npz", good_feeds(good))
     before = data.read_bytes()

@@ -68,7 +68,7 @@ def test_config_file_nan_threshold_is_refused(good, tmp_path):
 
 
 def test_python_api_refuses_nan_thresholds(good, tmp_path):
-    from edgemm.parity.baseline import GateTolerances
+    from edgemm.parity.gate import GateTolerances
     from edgemm.parity.thresholds import defaults_for, with_overrides
     from edgemm.parity.verify import verify_bundle
 

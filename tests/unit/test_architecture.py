@@ -38,7 +38,6 @@ BEING_SPLIT = {
     "edgemm/compiler.py": "#15 compile pipeline stages",
     "edgemm/quant/cpu_int8.py": "#15 one quantizer per backend",
     "edgemm/quant/accuracy_search.py": "#15 planners",
-    "edgemm/parity/baseline.py": "#15 gate/ in small modules",
 }
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from edgemm.errors import InputError
-from edgemm.parity import baseline as bl
+from edgemm.parity import gate as bl
 
 PERTURBATION = 0.02  # relative weight noise: a "changed model" (mean cosine ~0.9995, top-1 drops ~6 points)
 
@@ -245,7 +245,7 @@ def test_tolerances_default_by_precision_and_are_validated():
 def test_embedded_anchor_model_is_the_documented_gemv_chain():
     import onnxruntime as ort
 
-    session = ort.InferenceSession(base64.b64decode(bl._ANCHOR_ONNX), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(base64.b64decode(bl.anchor._ANCHOR_ONNX), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["x"] + [f"w{i}" for i in range(bl.ANCHOR_DEPTH)]
     rng = np.random.default_rng(3)
     feeds = {"x": rng.standard_normal((1, 40), dtype=np.float32)}

@@ -5,7 +5,7 @@ import pytest
 
 from edgemm import precision
 from edgemm.errors import InputError
-from edgemm.parity.baseline import GateTolerances
+from edgemm.parity.gate import GateTolerances
 from edgemm.parity.thresholds import DEFAULTS, defaults_for
 
 
@@ -86,7 +86,7 @@ def test_config_reads_quantized_precisions_from_the_table(tmp_path):
 
 
 def test_a_baseline_of_an_older_mixed_bundle_still_matches(tmp_path):
-    from edgemm.parity.baseline import check_context
+    from edgemm.parity.gate import check_context
 
     recorded = {"backend": "onnxruntime", "target": "cpu", "precision": "mixed:fp32+int8"}
     now = {"backend": "onnxruntime", "target": "cpu",

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import InputError
+from ...errors import InputError
 
 _FIX = "re-record it with --save-baseline (never edit a baseline by hand)"
 MAX_BATCHES = 1_000_000
