@@ -17,7 +17,7 @@ PACKAGE = ROOT / "edgemm"
 # at module level or inside a function. Add a row or a place here when a module truly needs one.
 HEAVY_IMPORTS = {
     "torch": ("edgemm/frontends/", "edgemm/prune/", "edgemm/zoo/", "edgemm/export.py", "edgemm/reference.py",
-              "edgemm/model_outputs.py"),
+              "edgemm/model_outputs.py", "edgemm/onnx_fastpath.py"),
     "transformers": ("edgemm/frontends/pt2_pytree.py",),
     "modelopt": ("edgemm/quant/",),
     "tensorrt": ("edgemm/runtime/tensorrt_session.py", "edgemm/backends/tensorrt/"),
