@@ -137,6 +137,25 @@ def test_openvino_variant_reads_only_hash_checked_bytes(bf16_bundle, tmp_path, m
         runtime.load(copy)
 
 
+def test_openvino_variant_runtime_imports_neither_torch_nor_nncf(bf16_bundle, tiny_bundle):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "import edgemm.runtime as rt\n"
+        f"plain = rt.load({str(tiny_bundle)!r})\n"
+        "assert 'openvino' not in sys.modules, 'a bundle without OpenVINO variants imported openvino'\n"
+        f"b = rt.load({str(bf16_bundle)!r}, variant='openvino-bf16')\n"
+        "out = b.run({'image': np.zeros((1, 3, 16, 16), np.float32), 'input_ids': np.ones((1, 8), np.int64)})\n"
+        "assert out['logits'].shape == (1, 5) and b.backend == 'openvino'\n"
+        "print('LOADED', [m for m in ('torch', 'nncf', 'onnx', 'modelopt') if m in sys.modules])\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "LOADED []" in res.stdout
+
+
 def test_inspect_shows_the_variants_and_which_one_this_host_runs(bf16_bundle, cli):
     res = cli("inspect", bf16_bundle)
     assert res.returncode == 0, res.stderr
