@@ -227,3 +227,33 @@ def test_int8_compile_carries_the_faster_openvino_variant(tiny, tmp_path, monkey
     assert runtime.load(out).variant == "openvino-bf16"
     monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: frozenset())
     assert runtime.load(out).variant == "onnxruntime-int8"
+
+
+def test_int8_candidates_are_skipped_when_openvino_float_is_far_behind(tiny_bundle, monkeypatch):
+    """Small models: OpenVINO's per-call overhead (6-18x ORT on the zoo's dual-encoder) is more than INT8
+    recovers, so the NNCF builds are skipped, and said so in the table."""
+    pytest.importorskip("nncf")
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+    from edgemm.quant import cpu_engines
+
+    def fake_timing(fns, **kwargs):
+        ms = {"onnxruntime-fp32": 10.0, "onnxruntime-int8": 6.0, "openvino-fp32": 40.0, "openvino-bf16": 30.0}
+        return {name: LatencyStats(ms[name], 0, 0, 0, 5) for name in fns}
+
+    def no_nncf(*args, **kwargs):
+        raise AssertionError("NNCF ran although OpenVINO float was 5x behind ORT INT8")
+
+    monkeypatch.setattr(latency, "measure_interleaved_within", fake_timing)
+    from edgemm.backends import openvino as ovb
+    monkeypatch.setattr(ovb, "quantize_int8", no_nncf)
+    data = make_data(8, seed=4)
+    feeds = [{k: v[i:i + 1] for k, v in data.items()} for i in range(8)]
+    model = tiny_bundle / "model.onnx"
+    choice = cpu_engines.search_engines(model, model, {}, feeds, feeds, batches=(1, 8), min_cosine=0.99,
+                                        isa=SAPPHIRE_RAPIDS, log=lambda m: None)
+    rows = {r.name: r for r in choice.table}
+    assert rows["openvino-int8"].status == rows["openvino-int8-bf16"].status == "skipped"
+    assert "5.0x ORT INT8" in rows["openvino-int8"].note
+    assert rows["openvino-bf16"].p50_ratio == {"1": 3.0, "8": 3.0}
+    assert choice.variants == []      # nothing beat ORT INT8: the bundle stays single-variant

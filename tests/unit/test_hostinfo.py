@@ -64,3 +64,17 @@ def test_no_cpuinfo_means_no_features(monkeypatch, tmp_path):
     monkeypatch.setattr(hostinfo, "CPUINFO", tmp_path / "missing")
     assert hostinfo.host_isa() == frozenset()
     assert hostinfo.cpu_info()["isa"] == []
+
+
+def test_variants_carried_only_for_hosts_no_earlier_variant_serves():
+    from edgemm.quant.cpu_engines import X86_BF16, _serves_new_hosts
+    from edgemm.hostinfo import INT8_DOT
+
+    int8 = sorted(INT8_DOT)
+    # an INT8 (VNNI) variant after a BF16 one: serves VNNI hosts without BF16 (Ice Lake, Orin, Graviton2)
+    assert _serves_new_hosts(int8, [list(X86_BF16)])
+    # a BF16 variant after an INT8 one adds nothing: every AVX512-BF16/AMX part also has VNNI
+    assert not _serves_new_hosts(list(X86_BF16), [int8])
+    # an FP32 variant (needs nothing) serves AVX2-only hosts, unless a needs-nothing variant is carried
+    assert _serves_new_hosts([], [int8])
+    assert not _serves_new_hosts(int8, [[]])
