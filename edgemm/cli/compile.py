@@ -8,7 +8,6 @@ from pathlib import Path
 import click
 
 from ..config import CompileConfig
-from ..precision import label_of
 from .options import FINITE_FLOAT, verbose_option
 
 
@@ -119,7 +118,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
     say = (lambda m: None) if as_json else (lambda m: click.echo(f"  {m}"))
     result = compile_model(cfg, say=say)
     if as_json:
-        click.echo(json.dumps({"bundle": str(result.bundle), "manifest": result.manifest,
+        click.echo(json.dumps({"bundle": str(result.bundle), "manifest": result.manifest.to_dict(),
                                "report": result.report}, indent=2))
     else:
         _print_summary(result)
@@ -129,8 +128,8 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
 def _print_summary(result) -> None:
     m = result.manifest
     click.echo(f"bundle: {result.bundle}")
-    click.echo(f"  precision {label_of(m['precision'])} ({m['precision']['recipe'].get('name') or m['precision']['recipe'].get('tool')}) · "
-               f"backend {m['backend']['name']} · target {m['target']['name']}")
+    click.echo(f"  precision {m.precision.label} ({m.precision.recipe.get('name') or m.precision.recipe.get('tool')}) · "
+               f"backend {m.backend.name} · target {m.target.name}")
     r = result.report or {}
     if r.get("skipped"):
         click.echo(f"  parity: {r['skipped']}")

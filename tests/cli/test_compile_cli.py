@@ -149,3 +149,14 @@ def test_bench_times_bundles_side_by_side_and_refuses_a_repeat(cli, tiny_bundle,
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["results"]
     assert len(rows) == 2 and rows[0]["p50_ratio_to_first"] == 1.0 and rows[1]["p50_ms"] > 0
+
+
+def test_compile_json_prints_the_manifest_it_wrote(cli, tiny, tmp_path):
+    out = tmp_path / "bundle"
+    res = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "-o", out, "--json")
+    assert res.returncode == 0, res.stderr
+    printed = json.loads(res.stdout)
+    assert printed["manifest"] == json.loads((out / "manifest.json").read_text())
+    assert printed["manifest"]["format_version"] >= 2 and printed["bundle"] == str(out)
+    summary = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "-o", out, "--force")
+    assert summary.returncode == 0 and "precision fp32 (" in summary.stdout and "backend onnxruntime" in summary.stdout
