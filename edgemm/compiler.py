@@ -476,7 +476,8 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
                            int8_recipe=cfg.int8_recipe, log=say)
     return apply_precision(fp32, out, PrecisionRequest(
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
-        int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, dla=cfg.dla, exclude=_exclude_patterns(cfg),
+        int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, min_top1=cfg.min_top1, dla=cfg.dla,
+        exclude=_exclude_patterns(cfg),
         held_out=held_out, batches=tuple(batches), cpu_engines=cfg.cpu_engines, log=say))
 
 

@@ -25,6 +25,7 @@ class PrecisionRequest:
     workdir: Path
     int8_recipe: str | None = None
     min_cosine: float | None = None
+    min_top1: float | None = None                       # top-1 bar of class-score outputs (the gate's --min-top1)
     dla: bool = False
     exclude: list[str] = field(default_factory=list)   # --exclude patterns (quant/exclusions.py)
     held_out: dict[str, np.ndarray] | None = None      # samples to judge choices on, never calibrated on
@@ -79,7 +80,7 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
                                              "selected_by": "user", "excluded_nodes": facts["excluded_nodes"]})
     kwargs = {} if req.min_cosine is None else {"min_cosine": req.min_cosine}
     selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log,
-                                       exclude=req.exclude, held_out=req.held_out, **kwargs)
+                                       exclude=req.exclude, held_out=req.held_out, min_top1=req.min_top1, **kwargs)
     engines = None
     if req.cpu_engines == "auto":
         from ..backends import openvino as ovb

@@ -481,6 +481,29 @@ def output_agreement(ref: np.ndarray, got: np.ndarray) -> tuple[str, float]:
     return "cosine", float(np.mean(cos))
 
 
+def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    """Fraction of rows (all axes but the last) whose argmax is the same."""
+    ref, got = np.asarray(ref), np.asarray(got)
+    if ref.shape != got.shape or not ref.size:
+        return 0.0 if ref.shape != got.shape else 1.0
+    return float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+
+
+def _scored_outputs(model_path: Path, names: Sequence[str], reference: Sequence[np.ndarray]) -> set[str]:
+    """The class-score outputs (parity/output_kinds.py: the graph and the values decide, as the gate does)."""
+    import onnx
+
+    from ..parity.output_kinds import SCORES, graph_score_outputs, value_kind
+
+    heads = graph_score_outputs(onnx.load(str(model_path), load_external_data=False))
+    return {n for n, ref in zip(names, reference) if value_kind(ref, heads.get(n)) == SCORES}
+
+
+def _top1_short(row: "CandidateResult", min_top1: float) -> str | None:
+    """The first class-score output whose top-1 agreement is under ``min_top1``, if any."""
+    return next((n for n, a in row.agreement.items() if "top1" in a and a["top1"] < min_top1), None)
+
+
 def _run_all(sess, feeds: Sequence[dict]) -> list[np.ndarray]:
     """Outputs over all feeds, concatenated along axis 0 (one array per model output)."""
     runs = [[np.atleast_1d(np.asarray(value)) for value in sess.run(None, feed)] for feed in feeds]
@@ -494,7 +517,7 @@ class CandidateResult:
     status: str  # "selected" | "ok" | "inaccurate" | "dominated" | "failed" | "out of time"
     ok: bool = False
     min_agreement: float | None = None
-    agreement: dict = field(default_factory=dict)  # output -> {"metric": "cosine"|"equal", "value": x}
+    agreement: dict = field(default_factory=dict)  # output -> {"metric": "cosine"|"equal", "value": x[, "top1": t]}
     p50_ms: float | None = None
     p50_ratio: float | None = None  # vs FP32, measured interleaved in the same run
     session: str | None = None  # the SESSION_VARIANTS entry it was fastest with
@@ -586,9 +609,11 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
                   candidates: Sequence[Int8Recipe] | None = None, log: Callable[[str], None] | None = None,
                   max_calib_samples: int = 16, max_eval_samples: int = 64, timing_iterations: int = 30,
                   time_budget_s: float = 90.0, exclude: Sequence[str] = (),
-                  held_out: Mapping[str, np.ndarray] | None = None) -> Selection:
-    """Build each candidate, keep those whose every output agrees with FP32 to ``min_cosine``, time them
-    interleaved with FP32 and return the fastest. Raises ``ParityError`` if none is accurate enough.
+                  held_out: Mapping[str, np.ndarray] | None = None, min_top1: float | None = None) -> Selection:
+    """Build each candidate, keep those whose every output agrees with FP32 to ``min_cosine`` (and whose
+    class-score outputs keep FP32's top-1 to ``min_top1``, the INT8 gate's bar by default: the search and
+    the compile gate judge alike), time them interleaved with FP32 and return the fastest. Raises
+    ``ParityError`` if none is accurate enough.
 
     ``held_out``: samples to pick on (never calibrated on); without it, the tail of ``calib`` is held out.
     Float outputs are scored by mean per-sample cosine, other outputs by the fraction of equal elements;
@@ -619,6 +644,11 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
         fp32_sess = cpu_session(prep.source, spinning=False)
         output_names = [o.name for o in fp32_sess.get_outputs()]
         reference = _run_all(fp32_sess, eval_feeds)
+        scored = _scored_outputs(prep.source, output_names, reference)
+        if min_top1 is None:
+            from ..precision import spec
+
+            min_top1 = spec("int8").min_top1_agreement
         say(f"INT8 selection: {len(candidates)} candidates, {len(calib_feeds)} calibration / "
             f"{len(eval_feeds)} held-out feeds, min cosine {min_cosine}")
 
@@ -655,11 +685,16 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
             for name, ref, got in zip(output_names, reference, outputs):
                 metric, value = output_agreement(ref, got)
                 row.agreement[name] = {"metric": metric, "value": round(value, 6)}
+                if name in scored:
+                    row.agreement[name]["top1"] = round(top1_agreement(ref, got), 6)
             row.min_agreement = min(v["value"] for v in row.agreement.values())
-            row.ok = row.min_agreement >= min_cosine
+            short = _top1_short(row, min_top1)
+            row.ok = row.min_agreement >= min_cosine and short is None
             row.status = "ok" if row.ok else "inaccurate"
+            why = (" - below min_cosine" if row.min_agreement < min_cosine else
+                   f" - top-1 agreement {row.agreement[short]['top1']:.4f} < {min_top1} on '{short}'" if short else "")
             say(f"  {recipe.name}: min agreement {row.min_agreement:.5f} ({len(row.excluded_nodes)} nodes kept FP32, "
-                f"built in {row.build_s:.1f} s){'' if row.ok else ' - below min_cosine'}")
+                f"built in {row.build_s:.1f} s){why}")
             if row.ok:
                 passing.append((recipe, path, sess, row))
             else:
@@ -670,7 +705,10 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
             best = max((r for r in table if r.min_agreement is not None), key=lambda r: r.min_agreement, default=None)
             reached = (f"best {best.name}: {best.min_agreement:.4f} on "
                        f"'{min(best.agreement, key=lambda k: best.agreement[k]['value'])}'") if best else "no candidate ran"
-            raise ParityError(f"no INT8 recipe reached min cosine {min_cosine} on every output ({reached})",
+            if best is not None and best.min_agreement >= min_cosine and (short := _top1_short(best, min_top1)):
+                reached = f"best {best.name}: top-1 agreement {best.agreement[short]['top1']:.4f} on '{short}'"
+            raise ParityError(f"no INT8 recipe reached min cosine {min_cosine} and top-1 agreement {min_top1} on "
+                              f"every output ({reached})",
                               file=fp32_onnx, field="int8",
                               fix="compile with --fp16 or --fp32, lower the tolerance, or use a mixed precision")
 

@@ -141,6 +141,21 @@ def test_impossible_min_cosine_raises_parity_error(fp32_onnx, tmp_path):
     assert not list((tmp_path / "search").glob("*.onnx"))
 
 
+def test_search_judges_class_scores_by_top1_like_the_gate(fp32_onnx, tmp_path):
+    """A recipe inside min_cosine whose class-score output (the head's logits; not the pooled text
+    features) misses the top-1 bar is not picked: the compile gate would refuse it afterwards."""
+    candidates = [ALL_RECIPES["dynamic_per_channel"]]
+    sel = select_recipe(fp32_onnx, make_data(24, seed=3), tmp_path / "ok", min_cosine=0.9, candidates=candidates,
+                        timing_iterations=3)
+    row = next(r for r in sel.table if r.status == "selected")
+    assert 0.0 <= row.agreement["logits"]["top1"] <= 1.0 and "top1" not in row.agreement["text_embeds"]
+    with pytest.raises(ParityError) as info:
+        select_recipe(fp32_onnx, make_data(24, seed=3), tmp_path / "search", min_cosine=0.9, min_top1=1.0001,
+                      candidates=candidates, timing_iterations=3)
+    message = str(info.value)
+    assert "top-1 agreement" in message and "'logits'" in message and "\n" not in message
+
+
 def test_calibration_must_cover_every_input(fp32_onnx, tmp_path):
     data = make_data(4, seed=1)
     del data["image"]
