@@ -648,6 +648,14 @@ def _parity_report(stage: Path, manifest: dict, loaded: LoadedModel, specs, data
         report["judged_on"] = judged_on
     report["bundle"] = {"name": manifest["name"], "precision": precision_table.parse(manifest["precision"]).label,
                         "backend": manifest["backend"]["name"], "target": manifest["target"]["name"]}
+    if manifest.get("variants"):   # a portable CPU bundle: the gate judged the variant this host runs
+        from .hostinfo import host_isa
+        from .runtime.variants import choose_variant
+
+        choice = choose_variant(manifest["variants"], host_isa())
+        report["bundle"].update(backend=manifest["variants"][choice.index]["backend"]["name"], variant=choice.name)
+        say(f"  judged variant {choice.name} ({choice.reason}); the bundle also carries "
+            f"{', '.join(v['name'] for v in manifest['variants'] if v['name'] != choice.name)}")
     if simulated:
         report["simulated"] = simulated
     if original is not None:

@@ -221,6 +221,8 @@ def test_int8_compile_carries_the_faster_openvino_variant(tiny, tmp_path, monkey
     assert first["backend"]["name"] == "openvino" and first["requires_any"] == BF16
     assert first["backend"]["model"] in manifest["files"] and first["backend"]["weights"] in manifest["files"]
     assert any("CPU engine candidates" in line for line in logs)
+    judged = json.loads((out / "report.json").read_text())["bundle"]
+    assert judged["variant"] == "openvino-bf16" and judged["backend"] == "openvino"   # what the gate ran
     report_md = (out / "report.md").read_text()
     assert "## CPU engines" in report_md and "| openvino-bf16 | amx_bf16, avx512_bf16 | 0.300 | 0.300 |" in report_md
     # On this (patched) AMX host the runtime runs the fastest variant; with every feature hidden, the fallback.
