@@ -90,7 +90,7 @@ def _dims(spec: TensorSpec, skip_batch: bool) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in shape]
 
 
-def _tensor(spec: TensorSpec, skip_batch: bool, source, key: str) -> dict:
+def tensor_entry(spec: TensorSpec, skip_batch: bool, source, key: str) -> dict:
     dtype = TRITON_TYPES.get(spec.dtype)
     if dtype is None:
         raise _fail(f"dtype {spec.dtype!r} has no Triton type", f"{key}.{spec.name}", "recompile the bundle",
@@ -124,15 +124,16 @@ def check_options(options: TritonOptions) -> None:
 
 def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  options: TritonOptions, *, source: Path | str | None = None, lenient: bool = False,
-                 rows_mix: str | None = None) -> dict:
+                 rows_mix: str | None = None, unbatched: str | None = None) -> dict:
     """The ModelConfig (as data) serving one bundle under ``name``. ``options.notes`` collects what the
     user should know (batching off, settings a backend ignores). Batching flags for a bundle that cannot
     batch are refused, or only noted with ``lenient`` (several bundles share the flags; the caller then
     refuses them when no bundle batches). ``rows_mix``: why one row's result depends on the other rows of
     its batch (dynamic INT8: activation scales over the whole batch); then a client's own batch runs as
-    sent, but requests are never merged (no dynamic batcher), so an answer never depends on other clients."""
+    sent, but requests are never merged (no dynamic batcher), so an answer never depends on other clients.
+    ``unbatched``: why batching is off whatever this model's own IO says (an ensemble decides for all parts)."""
     check_options(options)
-    batching = find_batching(inputs, outputs)
+    batching = Batching(None, 0, unbatched) if unbatched else find_batching(inputs, outputs)
     if batching.max_batch and rows_mix:
         batching = Batching(batching.dim, batching.max_batch, rows_mix, merge=False)
     max_batch = batching.max_batch
@@ -175,8 +176,8 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
     config.update(_flavor_fields(manifest, options, source))
     config["max_batch_size"] = max_batch
     config["version_policy"] = {"latest": {"num_versions": 1}}
-    config["input"] = [_tensor(s, batched, source, "inputs") for s in inputs]
-    config["output"] = [_tensor(s, batched, source, "outputs") for s in outputs]
+    config["input"] = [tensor_entry(s, batched, source, "inputs") for s in inputs]
+    config["output"] = [tensor_entry(s, batched, source, "outputs") for s in outputs]
     if batched and batching.merge:
         dyn: dict = {}
         if options.preferred_batch:

@@ -28,8 +28,12 @@ class TritonPythonModel:
         bundle_dir = Path(args["model_repository"]) / args["model_version"] / BUNDLE_FOLDER
         # None: the runtime's default (a signature is required whenever a key is trusted)
         self.bundle = rt.load(bundle_dir, require_signature=True if require else None)
+        # A split bundle's part (one step of a Triton ensemble): the whole bundle is copied and verified
+        # (its hashes and signature cover every part), and this model runs only its part.
+        part = params.get("edgemm.part")
+        self.runner = self.bundle.part(part) if part else self.bundle
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.input_names = [s.name for s in self.bundle.inputs]
+        self.input_names = [s.name for s in self.runner.inputs]
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -64,16 +68,16 @@ class TritonPythonModel:
 
     def _run(self, requests: list[dict]) -> list[dict]:
         if len(requests) == 1:
-            return [self.bundle.run(requests[0])]
+            return [self.runner.run(requests[0])]
         joined = {name: np.concatenate([r[name] for r in requests]) for name in self.input_names}
-        out = self.bundle.run(joined)
+        out = self.runner.run(joined)
         sizes = [len(r[self.input_names[0]]) for r in requests]
         cuts = np.cumsum(sizes)[:-1]
         split = {name: np.split(value, cuts) for name, value in out.items()}
         return [{name: parts[k] for name, parts in split.items()} for k in range(len(requests))]
 
     def finalize(self):
-        self.bundle = None
+        self.bundle = self.runner = None
 
 
 def _array(tensor) -> np.ndarray:

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 from ..bundle import BundleWriter
@@ -29,6 +29,7 @@ from ..runtime import parse_io, signing
 from ..runtime.manifest import MANIFEST_NAME, UNHASHED, load_manifest, safe_relpath, sha256_file
 from ..runtime.atomic import write_text_atomic
 from . import triton_config
+from .triton_ensemble import ensemble_configs, pipeline_parts
 from .triton_config import BUNDLE_FOLDER, PLAN_MODEL_FILE, PYTHON_MODEL_FILE, TritonOptions
 
 REPO_MARKER = "edgemm-triton.json"
@@ -64,8 +65,12 @@ def repository_refusal(destination: Path) -> str | None:
         return not_ours
     if not isinstance(info, dict) or info.get("format") != REPO_FORMAT or not isinstance(info.get("models"), dict):
         return not_ours
+    written = set(info["models"])
+    for entry in info["models"].values():
+        if isinstance(entry, dict) and isinstance(entry.get("models"), list):
+            written |= {m for m in entry["models"] if isinstance(m, str)}
     for name in entries:
-        if name != REPO_MARKER and name not in info["models"]:
+        if name != REPO_MARKER and name not in written:
             return f"is an exported repository but also holds {name!r}, which it did not write, so --force will not delete it"
         if (destination / name).is_symlink():
             return f"holds a symbolic link {name!r}, so --force will not delete it"
@@ -100,42 +105,58 @@ def export_triton(bundles: Sequence[os.PathLike], output: os.PathLike, options: 
     if options.require_signature and not policy.keys:
         raise InputError("a required signature needs a trusted key", field="--require-signature",
                          fix="pass --trusted-key PUB")
-    plans = []
+    plans = []   # (bundle name, source, manifest, [(served model, config, pipeline entry or None)])
     for name, source in zip(names, sources):
         signed = signing.check_bundle(source, policy)
         manifest = load_manifest(source, verify=True)
         if signed is not None:
             signing.bind_manifest(source, manifest, signed)
-        if manifest.get("parts"):
-            raise InputError("is a split bundle; Triton ensembles of its parts are not exported yet", file=source,
-                             fix="export a single-part bundle")
+        if options.flavor == "native" and manifest.get("variants"):
+            raise InputError("holds several variants; a native model serves one model file", file=source,
+                             field="variants", fix="use --flavor edgemm (the runtime picks the variant)")
         inputs, outputs = parse_io(source, manifest)
-        config = triton_config.model_config(name, manifest, inputs, outputs, options, source=source,
-                                            lenient=len(sources) > 1, rows_mix=rows_mix(source, manifest))
-        plans.append((name, source, manifest, config))
-    if options.max_batch is not None and not any(config["max_batch_size"] for *_, config in plans):
+        if pipeline_parts(manifest):
+            ensemble, parts = ensemble_configs(name, manifest, inputs, outputs, options, source=source,
+                                               rows_mix={e["name"]: rows_mix(source, manifest, e) for e in
+                                                         pipeline_parts(manifest)})
+            models = [(name, ensemble, None)] + parts
+        else:
+            config = triton_config.model_config(name, manifest, inputs, outputs, options, source=source,
+                                                lenient=len(sources) > 1, rows_mix=rows_mix(source, manifest))
+            models = [(name, config, None)]
+        plans.append((name, source, manifest, models))
+    served = [model for *_, models in plans for model, _, _ in models]
+    for i, model in enumerate(served):
+        if model in served[:i]:
+            raise InputError(f"two models would both be served as {model!r} (a bundle and a split bundle's part)",
+                             field="BUNDLE", fix="give the bundle folders different names")
+    configs = [config for *_, models in plans for _, config, _ in models if config.get("platform") != "ensemble"]
+    if options.max_batch is not None and not any(config["max_batch_size"] for config in configs):
         raise InputError("none of the bundles can batch requests (an output spans the batch twice, or the batch "
                          "axis is not shared: see the notes above)", field="--max-batch", fix="leave --max-batch out")
     if (options.preferred_batch or options.max_queue_delay_us) \
-            and not any("dynamic_batching" in config for *_, config in plans):
+            and not any("dynamic_batching" in config for config in configs):
         raise InputError("none of the bundles may have its requests merged by the dynamic batcher",
                          field="--preferred-batch/--max-queue-delay-us", fix="leave the batching flags out")
     with RepositoryWriter(Path(output), force=force, protect={"BUNDLE": sources[0]}) as writer:
-        models = {}
-        for name, source, manifest, config in plans:
-            version = writer.stage / name / VERSION
-            version.mkdir(parents=True)
-            if options.flavor == "edgemm":
-                _copy_bundle(source, manifest, version / BUNDLE_FOLDER)
-                shutil.copyfile(MODEL_SOURCE, version / PYTHON_MODEL_FILE)
-            else:
-                _copy_native(source, manifest, version)
-            write_text_atomic(writer.stage / name / "config.pbtxt", triton_config.to_pbtxt(config))
-            models[name] = {"bundle": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST_NAME),
-                            "flavor": options.flavor, "precision": manifest["precision"].get("mode"),
-                            "backend": manifest["backend"]["name"]}
+        index = {}
+        for name, source, manifest, models in plans:
+            for model, config, entry in models:
+                version = writer.stage / model / VERSION
+                version.mkdir(parents=True)   # an ensemble's version folder stays empty, as Triton wants
+                if config.get("platform") == "ensemble":
+                    pass
+                elif options.flavor == "edgemm":
+                    _copy_bundle(source, manifest, version / BUNDLE_FOLDER)
+                    shutil.copyfile(MODEL_SOURCE, version / PYTHON_MODEL_FILE)
+                else:
+                    _copy_native(source, manifest, version, entry)
+                write_text_atomic(writer.stage / model / "config.pbtxt", triton_config.to_pbtxt(config))
+            index[name] = {"bundle": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST_NAME),
+                           "flavor": options.flavor, "precision": manifest["precision"].get("mode"),
+                           "backend": manifest["backend"]["name"], "models": [m for m, _, _ in models]}
         info = {"format": REPO_FORMAT, "format_version": 1,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": models}
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": index}
         write_text_atomic(writer.stage / REPO_MARKER, json.dumps(info, indent=2) + "\n")
         destination = writer.commit()
     for note in options.notes:
@@ -148,19 +169,22 @@ def export_triton(bundles: Sequence[os.PathLike], output: os.PathLike, options: 
 _ROW_MIXING_OPS = (b"DynamicQuantizeLinear", b"DynamicQuantizeMatMul")
 
 
-def rows_mix(source: Path, manifest: dict) -> str | None:
+def rows_mix(source: Path, manifest, entry: dict | None = None) -> str | None:
     """Why a row's result depends on the other rows of its batch, or None. Read from the model files'
     bytes (op types are plain strings in an ONNX protobuf), so no onnx package is needed to export.
     Measured here on the zoo's cross-attention INT8 bundle: the same sample answered up to 0.04 apart
     (abs, logits of ~1) alone and merged with other requests by Triton's dynamic batcher."""
     if manifest["backend"]["name"] != "onnxruntime":
         return None
-    for rel in manifest["files"]:
-        if rel.endswith(".onnx"):
-            data = safe_relpath(source, rel, source=str(source / MANIFEST_NAME)).read_bytes()
-            if any(op in data for op in _ROW_MIXING_OPS):
-                return ("dynamic INT8 quantizes activations with one scale per batch, so a request's answer "
-                        "would depend on the requests merged with it")
+    if entry is not None:   # a split bundle's part: its own model file
+        files = [entry["backend"].get("model")] if isinstance(entry["backend"].get("model"), str) else []
+    else:
+        files = [rel for rel in manifest["files"] if rel.endswith(".onnx")]
+    for rel in files:
+        data = safe_relpath(source, rel, source=str(source / MANIFEST_NAME)).read_bytes()
+        if any(op in data for op in _ROW_MIXING_OPS):
+            return ("dynamic INT8 quantizes activations with one scale per batch, so a request's answer "
+                    "would depend on the requests merged with it")
     return None
 
 
@@ -192,11 +216,16 @@ def _copy_bundle(source: Path, manifest: dict, target: Path) -> None:
     load_manifest(target, verify=True)  # the copy, not the source: what Triton will load
 
 
-def _copy_native(source: Path, manifest: dict, version: Path) -> None:
-    """The files the native backend reads, each checked against the manifest's sha256 after copying."""
-    backend = manifest["backend"]
+def _copy_native(source: Path, manifest, version: Path, entry: dict | None = None) -> None:
+    """The files the native backend reads, each checked against the manifest's sha256 after copying. A
+    split bundle's part: its model file (and external data beside it) flat in the version folder."""
+    backend = manifest["backend"] if entry is None else {**manifest["backend"], **entry["backend"]}
     if backend["name"] == "tensorrt":
         copies = {backend["engine"]: PLAN_MODEL_FILE}
+    elif entry is not None:
+        model = backend["model"]
+        copies = {rel: PurePosixPath(rel).name for rel in manifest["files"]
+                  if rel == model or rel.startswith(model + ".")}
     else:  # every hashed file (the ONNX model and its external data) under its own name: the model names them
         copies = {rel: rel for rel in manifest["files"]}
     for rel, name in copies.items():

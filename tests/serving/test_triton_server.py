@@ -188,6 +188,44 @@ def test_zoo_bundles_under_concurrent_mixed_batches(zoo_bundles, tmp_path):
                 assert stats["execution_count"] == sent, model
 
 
+@pytest.fixture(scope="module")
+def split_bundle(zoo_bundles):
+    from tests.conftest import run_cli
+
+    folder = zoo_bundles["vqa-fp32"][0].parent
+    return _zoo_bundle(run_cli, folder, "cross-attention", "vqa-split", "--split", "--no-thread-tuning")
+
+
+@pytest.mark.slow
+def test_split_bundle_served_as_an_ensemble(split_bundle, tmp_path):
+    """A split bundle (vision, text, fusion parts) becomes a Triton ensemble: requests to the ensemble
+    return the split bundle's outputs (bit-exact one at a time; to float rounding when merged), and every
+    part model executes."""
+    path, data_path = split_bundle
+    bundle, data = rt.load(path), np.load(data_path)
+    repo = export_triton([path], tmp_path / "repository", TritonOptions(max_queue_delay_us=5000), say=lambda m: None)
+    parts = ["vqa-split.vision", "vqa-split.text", "vqa-split.fusion"]
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(["vqa-split", *parts])
+    outputs = [s.name for s in bundle.outputs]
+    with TritonServer(repo, workdir=tmp_path / "work") as server:
+        for start, count in ((0, 1), (1, 3)):
+            feeds = samples(bundle, data, start, count)
+            got = infer(server, "vqa-split", feeds, outputs)
+            for key, value in bundle.run(feeds).items():
+                assert np.array_equal(got[key], value), key
+        jobs = [samples(bundle, data, i, 1 + i % 3) for i in range(40)]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda f: infer(server, "vqa-split", f, outputs), jobs, timeout=600))
+        for feeds, got in zip(jobs, answers):
+            for key, value in bundle.run(feeds).items():
+                np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5)
+        assert metric(server, "nv_inference_request_success", "vqa-split") == 42
+        for part in parts:
+            stats = server.statistics(part)
+            assert stats["inference_count"] == 1 + 3 + sum(len(f["image"]) for f in jobs), part
+            assert 0 < stats["execution_count"] <= 42
+
+
 # ---- the CLI: export, then serve until SIGTERM
 
 def test_cli_export_refusals_and_force(cli, tiny_bundle, tmp_path):

@@ -118,3 +118,55 @@ def test_dynamic_int8_keeps_client_batches_but_never_merges_requests():
                                rows_mix=why)).max_batch_size == 4
     with pytest.raises(InputError, match="--max-queue-delay-us: requests to this bundle must not be merged"):
         model_config("m", ort_manifest(), [IMAGE], [LOGITS], TritonOptions(max_queue_delay_us=10), rows_mix=why)
+
+
+def split_manifest(fusion_out=LOGITS):
+    """A split bundle's manifest (edgemm compile --split): vision and text towers, then the fusion head."""
+    vis = TensorSpec("vision.embeds", "float32", ("batch", 16), BATCH)
+    txt = TensorSpec("text.embeds", "float32", ("batch", 8), BATCH)
+    parts = [{"name": "vision", "inputs": [IMAGE.to_dict()], "outputs": [vis.to_dict()], "after": [],
+              "backend": {"model": "parts/vision.onnx"}},
+             {"name": "text", "inputs": [IDS.to_dict()], "outputs": [txt.to_dict()], "after": [],
+              "backend": {"model": "parts/text.onnx"}},
+             {"name": "fusion", "inputs": [vis.to_dict(), txt.to_dict()], "outputs": [fusion_out.to_dict()],
+              "after": ["vision", "text"], "backend": {"model": "parts/fusion.onnx"}}]
+    return {**ort_manifest(), "pipeline": {"parts": parts}}
+
+
+@pytest.mark.parametrize("flavor", ["edgemm", "native"])
+def test_split_bundle_becomes_an_ensemble_of_its_parts(flavor):
+    from edgemm.serving.triton_ensemble import ensemble_configs
+
+    opts = TritonOptions(flavor=flavor, max_queue_delay_us=100)
+    ensemble, parts = ensemble_configs("vqa", split_manifest(), [IMAGE, IDS], [LOGITS], opts, source="b",
+                                       rows_mix={"text": "dynamic INT8 quantizes activations"})
+    msg = parsed(ensemble)
+    assert msg.platform == "ensemble" and msg.max_batch_size == 64
+    steps = [(s.model_name, dict(s.input_map), dict(s.output_map)) for s in msg.ensemble_scheduling.step]
+    assert steps == [("vqa.vision", {"image": "image"}, {"vision.embeds": "vision.embeds"}),
+                     ("vqa.text", {"input_ids": "input_ids"}, {"text.embeds": "text.embeds"}),
+                     ("vqa.fusion", {"vision.embeds": "vision.embeds", "text.embeds": "text.embeds"},
+                      {"logits": "logits"})]
+    by_name = {name: parsed(config) for name, config, _ in parts}
+    assert [list(by_name["vqa.fusion"].input[i].dims) for i in range(2)] == [[16], [8]]
+    assert not by_name["vqa.text"].HasField("dynamic_batching")        # its rows mix: never merged
+    assert by_name["vqa.vision"].HasField("dynamic_batching")
+    if flavor == "edgemm":
+        assert by_name["vqa.text"].parameters["edgemm.part"].string_value == "text"
+        assert by_name["vqa.text"].backend == "python"
+    else:
+        assert by_name["vqa.text"].platform == "onnxruntime_onnx"
+        assert by_name["vqa.text"].default_model_filename == "text.onnx"
+
+
+def test_ensemble_batches_all_parts_or_none():
+    """One part that cannot batch (a [batch, batch] output) turns batching off for every step."""
+    from edgemm.serving.triton_ensemble import ensemble_configs
+
+    opts = TritonOptions()
+    ensemble, parts = ensemble_configs("clip", split_manifest(SIMILARITY), [IMAGE, IDS], [SIMILARITY], opts,
+                                       source="b", rows_mix={})
+    assert parsed(ensemble).max_batch_size == 0
+    assert all(parsed(config).max_batch_size == 0 and "dynamic_batching" not in config for _, config, _ in parts)
+    assert list(parsed(parts[0][1]).input[0].dims) == [-1, 3, 32, 32]
+    assert any("ensemble and its parts" in n for n in opts.notes)
