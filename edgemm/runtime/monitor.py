@@ -10,10 +10,17 @@ log-spaced buckets (bounded memory, whatever the number of calls).
 
 ``stats()`` (a dict, stable: the Triton backend and ``edgemm monitor`` read it)::
 
-    {"calls", "errors", "batch_sizes": {size: calls}, "latency_ms": {"p50", "p90", "p99", "mean", "max"},
-     "drift": "known" | "unknown (...)", "max_out_of_range", "window", "drift_windows",
-     "inputs": {name: {"values", "out_of_range", "out_of_range_fraction", "nonfinite",
-                       "unknown_tokens", "unknown_token_fraction", "range", "vocab_size"}}}
+    {"bundle", "calls", "errors",                 # errors: calls that raised (refused inputs included)
+     "batch_sizes": {size: calls},                # axis 0 of the batch input; bounded by the manifest's range
+     "latency_ms": {"p50", "p90", "p99", "mean", "max", "count"},   # successful calls; None before any
+     "drift": "known" | "unknown (...)",          # known: the bundle carries a calibration profile
+     "max_out_of_range", "window", "drift_windows", "callback_errors",
+     "inputs": {name: {"values", "nonfinite",
+                       "out_of_range", "out_of_range_fraction", "range",              # None without a range
+                       "unknown_tokens", "unknown_token_fraction", "vocab_size"}}}    # None unless token ids
+
+Fractions are of values (elements), since the last reset. Data that drifts costs more per call: the
+exact counts then take a pass or two over the input.
 
 Standard library + numpy only (runs on devices).
 """
