@@ -12,7 +12,7 @@ from .options import verbose_option
 
 SIDECAR = "edgemm-example.json"
 # Everything `edgemm example` writes into its folder: only these are ever replaced (with --force).
-EXAMPLE_FILES = ("model.pt", "model.pt2", "calib.npz", "eval.npz", SIDECAR)
+EXAMPLE_FILES = ("model.pt", "model.pt2", "calib.npz", "eval.npz", SIDECAR, "prompts.npz", "prompts.txt")
 
 
 @click.command("example")
@@ -25,7 +25,8 @@ EXAMPLE_FILES = ("model.pt", "model.pt2", "calib.npz", "eval.npz", SIDECAR)
               help="Replace files named like example files in a folder that is not an earlier example.")
 @verbose_option
 def command(name, output, calib_size, list_, force):
-    """Write zoo model NAME as DIR/model.pt, model.pt2, calib.npz and eval.npz."""
+    """Write zoo model NAME as DIR/model.pt, model.pt2, calib.npz and eval.npz (dual-encoder: also the
+    zero-shot prompts.npz and prompts.txt)."""
     from .. import zoo
     from ..errors import InputError
     from ..runtime.atomic import write_text_atomic
@@ -43,6 +44,9 @@ def command(name, output, calib_size, list_, force):
     _prepare_folder(out, force=force, default=default)
     try:
         paths = zoo.write_example(name, out, calib_size=calib_size)
+        from ..zoo.prompts import write_prompts
+
+        paths.update(write_prompts(name, out))   # zero-shot prompts (dual-encoder): prompts.npz, prompts.txt
         write_text_atomic(out / SIDECAR, json.dumps({
             "zoo": name, "metric": entry.metric, "metric_outputs": list(entry.metric_outputs),
             "outputs": list(entry.outputs), "fp32_metric": entry.fp32_metric}, indent=2) + "\n")

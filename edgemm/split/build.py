@@ -281,6 +281,29 @@ def _write_pipeline_build_script(stage: Path, entries: list[dict], target, name:
     return {"build_script": BUILD_SCRIPT_NAME, "portable": True}
 
 
+def ort_estimate_runner(stage: Path, manifest):
+    """A TensorRT split bundle at compile time (no GPU): each part's precision-marked ONNX on ONNX Runtime
+    CPU, run as the pipeline runs; None when ORT cannot run a part (FP8, TensorRT-only Q/DQ patterns)."""
+    from ..onnx_io import cpu_session
+    from ..runtime.pipeline import PipelineSession
+
+    class _OnnxPart:
+        def __init__(self, bundle_dir: Path, sub):
+            self.session = cpu_session(bundle_dir / sub.backend.onnx)
+            self.names = [o["name"] for o in sub.outputs]
+
+        def run(self, feeds):
+            return self.session.run(self.names, dict(feeds))
+
+    try:
+        session = PipelineSession(stage, manifest, _OnnxPart, concurrent=False)
+    except Exception:  # a part ORT cannot load: no estimate rather than a wrong one
+        return None
+    names = [o["name"] for o in manifest["outputs"]]
+    return ((lambda feeds: dict(zip(names, session.run(dict(feeds))))),
+            "TensorRT split bundle: accuracy measured by running each part's ONNX on ONNX Runtime CPU, not the engines")
+
+
 def tune_concurrency(stage: Path, pipeline: dict, feeds_by_batch: Mapping[int, dict], say) -> dict:
     """Time the staged pipeline with independent parts run one after another and concurrently (threads),
     interleaved, at each batch; record concurrency when it was faster at every batch measured."""

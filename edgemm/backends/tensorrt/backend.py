@@ -51,7 +51,11 @@ class TensorRTBackend(Backend):
 
     def parity_runner(self, stage: Path, manifest: dict):
         """No GPU at compile time: the precision-marked ONNX runs on ORT CPU as an estimate, when ORT can
-        run it (FP8 Q/DQ through the simulator)."""
+        run it (FP8 Q/DQ through the simulator); a split bundle part by part."""
+        if manifest.get("pipeline") is not None:
+            from ...split.build import ort_estimate_runner
+
+            return ort_estimate_runner(stage, manifest)
         onnx_rel = manifest["backend"].get("onnx")
         if not onnx_rel:
             return None
