@@ -246,6 +246,30 @@ def _choose_variant(path: Path, manifest: dict, wanted: str | None):
     return Manifest.from_dict(document, source=source), choice
 
 
+def _route_by_batch(path: Path, manifest, choice, session, session_options):
+    """(session, {batch: variant name} or None): when another variant this host supports measured >= 10%
+    faster at a batch size the compile timed, calls of that size go to it (runtime/variants.py)."""
+    from ..hostinfo import host_isa
+    from .variants import BatchRoutedSession, batch_routes
+
+    variants = manifest.section("variants")
+    inputs, _ = parse_io(path, manifest)
+    batch_input = dynamic_batch_input(inputs)
+    routes = batch_routes(variants, choice.index, host_isa()) if batch_input else None
+    if not routes:
+        return session, None
+    sessions = {choice.index: session}
+    for index in set(routes.values()) - {choice.index}:
+        document = manifest.to_dict()
+        document["backend"] = variants[index]["backend"]
+        sessions[index] = _open_session(path, Manifest.from_dict(document, source=path / MANIFEST_NAME),
+                                        **session_options)
+    named = {batch: variants[index]["name"] for batch, index in routes.items()}
+    log.info("bundle %s: calls routed by batch size to the variant measured fastest there: %s", path.name,
+             ", ".join(f"batch {b}: {n}" for b, n in named.items()))
+    return BatchRoutedSession(sessions, routes, batch_input, choice.index), named
+
+
 def _open_session(path: Path, manifest: dict, **kwargs):
     from ..backends import registry  # light: a backend's heavy imports happen inside open_session
 
@@ -295,7 +319,7 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     if signed is not None:
         signing.bind_manifest(path, manifest, signed)
     parse_io(path, manifest)  # before any backend reads a model file
-    choice = None
+    choice = routes = None
     session_manifest = manifest
     split = manifest.section("pipeline") is not None
     if manifest.section("variants"):
@@ -310,6 +334,8 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
             session = PipelineSession(path, manifest, _open_session, **session_options)
         else:
             session = _open_session(path, session_manifest, **session_options)
+            if choice is not None and variant is None:
+                session, routes = _route_by_batch(path, manifest, choice, session, session_options)
     except EdgemmError as exc:
         if exc.file is not None:
             raise
@@ -318,4 +344,5 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
     bundle = (MonitoredBundle(path, manifest, session, signed, **monitor_options) if monitor
               else (PipelineBundle if split else Bundle)(path, manifest, session, signed))
     bundle.variant, bundle.variant_choice = (choice.name, choice) if choice else (None, None)
+    bundle.variant_routes = routes   # {batch: variant} when calls go to the variant fastest at their size
     return bundle

@@ -82,6 +82,57 @@ def choose_variant(variants: list[dict], isa: frozenset[str] | set[str], *, inst
                   warning, skipped)
 
 
+# Another variant the host runs at speed must have measured at least this much faster (p50 ratio) at a
+# batch size for calls of that size to go to it: below ~10% the compile's timing noise decides.
+ROUTE_GAIN = 0.9
+
+
+def batch_routes(variants: list[dict], chosen: int, isa, *, installed=backend_installed) -> dict[int, int] | None:
+    """{measured batch: variant index} when, at some batch the compile timed, another variant this host runs
+    at speed measured >= 10% faster than the chosen one (issue #20: ORT INT8 won batch 1 and OpenVINO INT8
+    batch 8 on one model); None when the chosen variant is best everywhere. Uses the compile host's
+    ratios: they rank variants on hosts with the same features."""
+    def runs_at_speed(v) -> bool:
+        need = set(v.get("requires_any") or ())
+        return installed(v["backend"]["name"]) and (not need or bool(need & set(isa)))
+
+    def ratio(v, batch):
+        value = ((v.get("measured") or {}).get("p50_ratio") or {}).get(batch)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+    if not runs_at_speed(variants[chosen]):
+        return None
+    eligible = [i for i, v in enumerate(variants) if runs_at_speed(v)]
+    routes = {}
+    for batch in (variants[chosen].get("measured") or {}).get("p50_ratio") or {}:
+        own = ratio(variants[chosen], batch)
+        if own is None or not str(batch).isdigit():
+            continue
+        timed = [(ratio(variants[i], batch), i) for i in eligible if ratio(variants[i], batch) is not None]
+        best_ratio, best = min(timed)
+        routes[int(batch)] = best if best_ratio <= ROUTE_GAIN * own else chosen
+    return routes if len(set(routes.values())) > 1 else None
+
+
+class BatchRoutedSession:
+    """Sessions of several variants, each call run by the one measured fastest at the nearest timed batch
+    size (nearest on a log scale: batch 2 goes with 1, 3 and up with 8)."""
+
+    def __init__(self, sessions: dict[int, object], routes: dict[int, int], batch_input: str, primary: int):
+        import math
+
+        self._sessions, self._routes, self._batch_input = sessions, dict(sorted(routes.items())), batch_input
+        self._log = math.log
+        self.backend = getattr(sessions[primary], "backend", None)
+
+    def index_for(self, batch: int) -> int:
+        timed = min(self._routes, key=lambda b: abs(self._log(max(batch, 1)) - self._log(b)))
+        return self._routes[timed]
+
+    def run(self, feeds):
+        return self._sessions[self.index_for(int(feeds[self._batch_input].shape[0]))].run(feeds)
+
+
 def parse_variants(value, bad) -> list[dict]:
     """The ``variants`` manifest section, checked field by field: a non-empty list of {name (unique),
     backend (an object with a name, its fields typed as the top-level backend's), requires_any (feature

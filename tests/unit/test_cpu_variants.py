@@ -156,6 +156,56 @@ def test_openvino_variant_runtime_imports_neither_torch_nor_nncf(bf16_bundle, ti
     assert "LOADED []" in res.stdout
 
 
+def test_batch_routes_follow_the_measured_winner_per_batch():
+    from edgemm.runtime.variants import BatchRoutedSession, batch_routes
+
+    measured = [dict(variant("openvino-int8", "openvino", INT8), measured={"p50_ratio": {"1": 0.40, "8": 0.32}}),
+                dict(variant("onnxruntime-int8", "onnxruntime", INT8), measured={"p50_ratio": {"1": 0.37, "8": 0.40}})]
+    # within 10% at batch 1 (0.37 vs 0.40): the chosen variant keeps it; nothing to route
+    assert batch_routes(measured, 0, SAPPHIRE_RAPIDS, installed=lambda b: True) is None
+    measured[1]["measured"]["p50_ratio"]["1"] = 0.30
+    routes = batch_routes(measured, 0, SAPPHIRE_RAPIDS, installed=lambda b: True)
+    assert routes == {1: 1, 8: 0}
+    # a variant the host would run emulated, or whose engine is missing, is never routed to
+    assert batch_routes(measured, 0, HASWELL, installed=lambda b: True) is None
+    assert batch_routes(measured, 0, SAPPHIRE_RAPIDS, installed=lambda b: b == "openvino") is None
+
+    class Fake:
+        backend = "x"
+
+        def __init__(self, tag):
+            self.tag = tag
+
+        def run(self, feeds):
+            return [self.tag]
+
+    router = BatchRoutedSession({0: Fake("ov"), 1: Fake("ort")}, routes, "x", primary=0)
+    assert [router.run({"x": np.zeros((n, 2))})[0] for n in (1, 2, 3, 8, 32)] == ["ort", "ort", "ov", "ov", "ov"]
+
+
+def test_bundle_routes_calls_by_batch_size(bf16_bundle, tmp_path, monkeypatch):
+    copy = tmp_path / "routed"
+    shutil.copytree(bf16_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["variants"][0]["measured"] = {"p50_ratio": {"1": 0.9, "8": 0.3}}     # OpenVINO wins batch 8
+    manifest["variants"][1]["measured"] = {"p50_ratio": {"1": 0.5, "8": 1.0}}     # ORT wins batch 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: SAPPHIRE_RAPIDS)
+    bundle = runtime.load(copy)
+    assert bundle.variant == "openvino-bf16"
+    assert bundle.variant_routes == {1: "onnxruntime-fp32", 8: "openvino-bf16"}
+    reference = runtime.load(copy, variant="onnxruntime-fp32")
+    assert reference.variant_routes is None
+    for n in (1, 8):
+        feeds = make_data(n, seed=n)
+        got, want = bundle.run(feeds), reference.run(feeds)
+        if n == 1:   # the ORT session ran it: identical to the ORT variant
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+        else:        # OpenVINO BF16 ran it: close, not identical
+            assert not all(np.array_equal(got[k], want[k]) for k in want)
+            assert all(np.allclose(got[k], want[k], atol=0.05) for k in want)
+
+
 def test_inspect_shows_the_variants_and_which_one_this_host_runs(bf16_bundle, cli):
     res = cli("inspect", bf16_bundle)
     assert res.returncode == 0, res.stderr
