@@ -1,13 +1,22 @@
 """The compile configuration: what the CLI builds and the pipeline consumes. JSON round trip, so a
-run can be saved (``--dump-config``) and replayed (``--config``)."""
+run can be saved (``--dump-config``) and replayed (``--config``).
+
+A config file is nested in sections (``SECTIONS``: precision, calibration, verify, io, prune, tensorrt,
+cpu, split) beside a few top-level keys; the flat files of earlier versions (every field at the top) are
+still read, and a file may mix both. The file is parsed and type-checked once (``from_file``), and
+``validate`` runs its checks once per configuration (the CLI, ``from_file`` and ``compile_model`` all
+ask; a changed configuration is checked again). In Python the fields stay flat attributes
+(``cfg.opt_level``); ``cfg.section("tensorrt")`` reads one section."""
 
 from __future__ import annotations
 
 import json
 import types
 import typing
+from types import MappingProxyType
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Mapping
 
 from .errors import InputError, SecurityError
 from .precision import QUANTIZED, UNIFORM, check_name
@@ -19,6 +28,24 @@ OPT_LEVELS = range(0, 6)   # TensorRT builder optimization levels (the CLI's --o
 # (--trust-pickle beside --config) or an explicit Python argument, never from a file that travels with
 # the model: --config refuses them set, and --dump-config leaves them out.
 COMMAND_LINE_ONLY = ("trust_pickle",)
+# The file's layout: section -> {key in the section: CompileConfig field}; the other fields sit at the top
+# (TOP_LEVEL). Every field has exactly one place (tests/unit/test_config_sections.py checks it).
+SECTIONS = {
+    "precision": {"mode": "precision", "per_branch": "precision_policy", "accuracy_target": "accuracy_target",
+                  "int8_recipe": "int8_recipe", "exclude": "exclude"},
+    "calibration": {"data": "calib", "samples": "calib_samples"},
+    "verify": {"eval": "eval", "min_cosine": "min_cosine", "min_top1": "min_top1",
+               "max_metric_drop": "max_metric_drop"},
+    "io": {"inputs": "inputs", "dynamic": "dynamic", "dynamic_batch": "dynamic_batch", "max_batch": "max_batch",
+           "output_names": "output_names", "exporter": "exporter"},
+    "prune": {"ratios": "prune", "recover": "recover", "recover_lr": "recover_lr", "sparsity": "sparsity"},
+    "tensorrt": {"dla": "dla", "workspace_mb": "workspace_mb", "opt_level": "opt_level",
+                 "version_compatible": "version_compatible", "hardware_compatibility": "hardware_compatibility",
+                 "cuda_graph": "cuda_graph"},
+    "cpu": {"engines": "cpu_engines", "tune_threads": "tune_threads"},
+    "split": {"enabled": "split", "place": "place"},
+}
+TOP_LEVEL = ("model", "output", "name", "target", "weights", "branch", "force", "trust_pickle")
 
 
 @dataclass
@@ -64,6 +91,16 @@ class CompileConfig:
     place: str | None = None             # --split on TensorRT targets: PART=DEVICE, e.g. "vision=dla0,text=gpu"
 
     def validate(self) -> None:
+        """Check the configuration against the target and itself; one-line InputError naming the flag.
+        Runs once per configuration: asked again with nothing changed, it returns at once."""
+        state = json.dumps({k: v for k, v in asdict(self).items() if k not in COMMAND_LINE_ONLY}, sort_keys=True,
+                           default=str)   # the trust switches change no check
+        if getattr(self, "_validated_state", None) == state:
+            return
+        self._check()
+        self._validated_state = state
+
+    def _check(self) -> None:
         check_name(self.precision, allowed=PRECISIONS)
         # The target's refusals first: "this device has no FP8" answers a request that could never run,
         # whatever --calib says.
@@ -148,9 +185,16 @@ class CompileConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def section(self, name: str) -> Mapping:
+        """One section of the file layout, read-only: ``cfg.section("tensorrt")["opt_level"]``."""
+        return MappingProxyType({key: getattr(self, attr) for key, attr in SECTIONS[name].items()})
+
     def to_file_dict(self) -> dict:
-        """What --dump-config writes: everything but the trust switches (see COMMAND_LINE_ONLY)."""
-        return {k: v for k, v in asdict(self).items() if k not in COMMAND_LINE_ONLY}
+        """What --dump-config writes: the nested layout, without the trust switches (COMMAND_LINE_ONLY)."""
+        flat = asdict(self)
+        out = {k: flat[k] for k in TOP_LEVEL if k not in COMMAND_LINE_ONLY}
+        out.update({name: {key: flat[attr] for key, attr in keys.items()} for name, keys in SECTIONS.items()})
+        return out
 
     @classmethod
     def from_file(cls, path: Path) -> "CompileConfig":
@@ -165,16 +209,12 @@ class CompileConfig:
                              fix="pass a JSON file from --dump-config") from exc
         if not isinstance(data, dict):
             raise InputError("must be a JSON object", file=path, fix="pass a JSON file from --dump-config")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InputError(f"unknown key {unknown[0]!r}", file=path, field=unknown[0],
-                             fix=f"valid keys: {', '.join(sorted(known))}")
+        data, where = _flatten(data, path, {f.name for f in fields(cls)})
         for key in COMMAND_LINE_ONLY:
             if data.get(key) is True:
                 flag = "--" + key.replace("_", "-")
                 raise SecurityError(f"a config file cannot switch on {flag}: trust in a model's code comes only "
-                                    f"from the command line", file=path, field=key,
+                                    f"from the command line", file=path, field=where[key],
                                     fix=f"remove the key, and type {flag} beside --config if you trust the model")
         if "model" not in data:
             raise InputError("missing key", file=path, field="model", fix="add the model path")
@@ -183,17 +223,54 @@ class CompileConfig:
             expected = hints[key]
             if not _has_type(value, expected):
                 raise InputError(f"must be {_describe_type(expected)}, not {_describe_value(value)}", file=path,
-                                 field=key, fix="use the type --dump-config writes for this key")
+                                 field=where[key], fix="use the type --dump-config writes for this key")
         cfg = cls(**data)
         try:
             cfg.validate()
         except InputError as exc:
             if exc.file is not None:  # the error names its own file (an output folder, say)
                 raise
-            # Name the config file and its key rather than the CLI flag.
+            # Name the config file and its key (where the file has it, or would) rather than the CLI flag.
             key = (exc.field or "").lstrip("-").replace("-", "_")
-            raise type(exc)(exc.detail, file=path, field=key if key in hints else exc.field, fix=exc.fix) from exc
+            nested = any(k != v for k, v in where.items())
+            field_name = (where.get(key) or (_place(key) if nested else key)) if key in hints else exc.field
+            raise type(exc)(exc.detail, file=path, field=field_name, fix=exc.fix) from exc
         return cfg
+
+
+def _place(attr: str) -> str:
+    """A field's key in the nested layout: "tensorrt.opt_level", or "model" at the top."""
+    for name, keys in SECTIONS.items():
+        for key, field_name in keys.items():
+            if field_name == attr:
+                return f"{name}.{key}"
+    return attr
+
+
+def _flatten(data: dict, path: Path, known: set[str]) -> tuple[dict, dict[str, str]]:
+    """The file's values by field, and where each was written ("tensorrt.opt_level", or "opt_level" in a
+    flat file): a section name holding an object is a section, anything else a flat field."""
+    flat, where = {}, {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for inner, item in value.items():
+                attr = SECTIONS[key].get(inner)
+                if attr is None:
+                    raise InputError(f"unknown key {inner!r} in section {key!r}", file=path, field=f"{key}.{inner}",
+                                     fix=f"valid keys: {', '.join(SECTIONS[key])}")
+                if attr in flat:
+                    raise InputError(f"is given twice (also as {where[attr]!r})", file=path, field=f"{key}.{inner}",
+                                     fix="keep one of them")
+                flat[attr], where[attr] = item, f"{key}.{inner}"
+        elif key in known:
+            if key in flat:
+                raise InputError(f"is given twice (also as {where[key]!r})", file=path, field=key,
+                                 fix="keep one of them")
+            flat[key], where[key] = value, key
+        else:
+            raise InputError(f"unknown key {key!r}", file=path, field=key,
+                             fix=f"valid keys: {', '.join(sorted(set(TOP_LEVEL) | set(SECTIONS)))}")
+    return flat, where
 
 
 def _has_type(value, expected) -> bool:

@@ -1,0 +1,71 @@
+"""The compile config file in sections (precision, prune, tensorrt, ...), flat files of earlier versions
+still read, and the checks run once per configuration."""
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from edgemm.config import SECTIONS, TOP_LEVEL, CompileConfig
+from edgemm.errors import InputError
+
+FLAT = Path(__file__).parents[1] / "fixtures" / "config_flat.json"   # what --dump-config wrote before sections
+
+
+def test_every_field_has_exactly_one_place_in_the_file():
+    places = list(TOP_LEVEL) + [attr for keys in SECTIONS.values() for attr in keys.values()]
+    assert sorted(places) == sorted(f.name for f in fields(CompileConfig))
+
+
+def test_a_flat_config_of_earlier_versions_loads_as_its_nested_dump(tmp_path):
+    flat = CompileConfig.from_file(FLAT)
+    assert flat.opt_level == 2 and flat.prune == "vision=0.3" and flat.exclude == ["op:Softmax"]
+    nested = flat.to_file_dict()
+    assert nested["tensorrt"]["opt_level"] == 2 and nested["prune"]["ratios"] == "vision=0.3"
+    assert nested["precision"]["mode"] == "int8" and "opt_level" not in nested and "trust_pickle" not in nested
+    path = tmp_path / "nested.json"
+    path.write_text(json.dumps(nested))
+    assert CompileConfig.from_file(path) == flat
+    assert dict(flat.section("calibration")) == {"data": "calib.npz", "samples": 256}
+
+
+@pytest.mark.parametrize("doc, field, what", [
+    ({"tensorrt": {"opt_level": 99}}, "tensorrt.opt_level", "must be 0..5"),
+    ({"tensorrt": {"opt_level": "3"}}, "tensorrt.opt_level", "must be an integer"),
+    ({"tensorrt": {"opt_levle": 3}}, "tensorrt.opt_levle", "unknown key 'opt_levle' in section 'tensorrt'"),
+    ({"prune": {"ratios": "0.3", "recover": -1}, "calibration": {"data": "c.npz"}}, "prune.recover", "must be >= 0"),
+    ({"precision": {"mode": "int8"}}, "calibration.data", "needs calibration data"),
+    ({"precision": {"mode": "int8"}, "calib": "a.npz", "calibration": {"data": "b.npz"}}, "calibration.data",
+     "is given twice (also as 'calib')"),
+    ({"split": {"enabled": False, "place": "vision=gpu"}}, "split.place", "places the parts of a split bundle"),
+    ({"trust_pickle": True}, "trust_pickle", "cannot switch on --trust-pickle"),
+])
+def test_a_nested_file_is_checked_naming_its_own_keys(tmp_path, doc, field, what):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"model": "/tmp/nowhere/model.onnx", **doc}))
+    with pytest.raises(InputError) as info:
+        CompileConfig.from_file(path)
+    assert str(info.value).startswith(f"{path}: {field}: ") and what in str(info.value), str(info.value)
+
+
+def test_a_flat_file_with_a_missing_key_is_named_flat(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"model": "/tmp/nowhere/model.onnx", "precision": "int8"}))
+    with pytest.raises(InputError, match=r"cfg.json: calib: .*needs calibration data"):
+        CompileConfig.from_file(path)
+
+
+def test_the_checks_run_once_per_configuration(monkeypatch):
+    calls = []
+    real = CompileConfig._check
+    monkeypatch.setattr(CompileConfig, "_check", lambda self: calls.append(1) or real(self))
+    cfg = CompileConfig.from_file(FLAT)             # the file's load checks it
+    cfg.trust_pickle = True                         # as the CLI sets it after --config: no check depends on it
+    cfg.validate()                                  # the CLI asks again ...
+    cfg.validate()                                  # ... and compile_model
+    assert len(calls) == 1
+    cfg.opt_level = 9                               # a changed configuration is checked again
+    with pytest.raises(InputError, match="--opt-level"):
+        cfg.validate()
+    assert len(calls) == 2
