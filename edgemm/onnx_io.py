@@ -71,6 +71,12 @@ def save_onnx(model, path: Path, *, external: bool | None = None) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def remove_model(path: Path) -> None:
+    """Delete a model ``save_onnx`` wrote: the file and its ``<name>.data``, if any."""
+    for p in (Path(path), Path(f"{path}.data")):
+        p.unlink(missing_ok=True)
+
+
 def copy_inline(src: Path, dst: Path) -> None:
     """A self-contained copy of ``src`` (bundles hold one file): external data (already path-checked) is
     pulled inline."""

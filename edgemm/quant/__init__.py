@@ -1,8 +1,13 @@
 """Precision recipes. The recipe follows the backend (DESIGN.md: TensorRT-style Q/DQ is slow on
 ONNX Runtime CPU, ORT's own INT8 is fast), so dispatch is keyed by (backend, precision).
 
-To add a precision mode: write ``quant/<mode>.py`` with a function taking (fp32_onnx, out_onnx, request)
-and returning a recipe dict, then add a row to ``RECIPES``.
+``RECIPES`` is the uniform planner's entry; per-branch (``mixed``) and accuracy-aware
+(``accuracy_search``) precision are the other planners. Every quantized build goes through the
+backend's one quantizer (``plan.py``: ``ort_int8.OrtInt8Quantizer``, ``qdq.QdqQuantizer``).
+
+To add a precision mode: a row in ``edgemm/precision.py:TABLE`` (its bars, whether it is quantized),
+then ``quant/<mode>.py`` with a function taking (fp32_onnx, out_onnx, request) and returning a
+``PrecisionResult``, and a row in ``RECIPES`` per backend that builds it.
 """
 
 from __future__ import annotations
@@ -117,13 +122,14 @@ def _qdq_trt(mode: str):
     def run(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
         import onnx
 
-        from .exclusions import anchored, resolve_exclude
-        from .modelopt_qdq import quantize_qdq
+        from .exclusions import resolve_exclude
+        from .plan import QuantPlan
+        from .qdq import QdqQuantizer
 
+        # The uniform plan: everything quantized but --exclude; unquantized layers in modelopt's FP16.
         keep = resolve_exclude(onnx.load(str(fp32_onnx), load_external_data=False), req.exclude)
-        recipe = quantize_qdq(fp32_onnx, out, req.calib, mode, exclude_nodes=anchored(keep),
-                              target_dla=req.dla and mode == "int8")
-        recipe["excluded_nodes"] = keep
+        plan = QuantPlan(mode, tuple(keep), float_precision="fp16", params={"target_dla": req.dla and mode == "int8"})
+        recipe = QdqQuantizer(fp32_onnx, req.calib).build(out, plan)
         notes = []
         if recipe.get("auto_excluded"):
             notes.append(f"{len(recipe['auto_excluded'])} node(s) kept out of {mode} calibration and quantization "

@@ -97,12 +97,12 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
     from ..backends import openvino as ovb
     from ..parity.latency import measure_interleaved_within
     from ..onnx_io import cpu_session
-    from .cpu_int8 import _run_all, output_agreement
+    from .cpu_int8 import output_agreement, run_all
 
     started = time.perf_counter()
     fp32_sess = cpu_session(fp32_onnx, spinning=False)
     names = [o.name for o in fp32_sess.get_outputs()]
-    reference = _run_all(fp32_sess, eval_feeds)
+    reference = run_all(fp32_sess, eval_feeds)
     base = ovb.read_onnx(fp32_onnx)
     import onnx
 
@@ -121,7 +121,7 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
 
     ort_row = EngineRow("onnxruntime-int8", "onnxruntime", "int8", _requirements("onnxruntime", "int8"))
     ort_sess = cpu_session(ort_int8, spinning=False, **ort_int8_session)
-    judge(ort_row, _run_all(ort_sess, eval_feeds))
+    judge(ort_row, run_all(ort_sess, eval_feeds))
     ort_row.status = "ok"  # select_recipe held it to the bar already (same samples)
     rows.append(ort_row)
     runners[ort_row.name] = lambda feed, s=ort_sess: s.run(None, feed)
@@ -256,8 +256,8 @@ def fallback_variant(row: EngineRow, backend_section: dict) -> dict:
 def output_projections(model) -> list[str]:
     """The weighted nodes (constant weight) nearest each graph output, looking through weight-free ops and
     activation x activation MatMuls (a similarity head), stopping at normalisations: the embedding and
-    class projections. (cpu_int8._final_projections stops at the first MatMul, a similarity head's.)"""
-    from .cpu_int8 import _NORMALIZATION_OPS
+    class projections. (ort_recipes.final_projections stops at the first MatMul, a similarity head's.)"""
+    from .ort_recipes import NORMALIZATION_OPS
 
     producer = {out: node for node in model.graph.node for out in node.output}
     constants = {i.name for i in model.graph.initializer}
@@ -266,7 +266,7 @@ def output_projections(model) -> list[str]:
     frontier = [o.name for o in model.graph.output]
     while frontier:
         node = producer.get(frontier.pop())
-        if node is None or id(node) in seen or node.op_type in _NORMALIZATION_OPS:
+        if node is None or id(node) in seen or node.op_type in NORMALIZATION_OPS:
             continue
         seen.add(id(node))
         if node.op_type in ("MatMul", "Gemm", "Conv") and any(i in constants for i in node.input[1:2]):
@@ -282,20 +282,19 @@ def _sensitive_nodes(fp32_onnx: Path, calib_feeds: Sequence[dict]) -> list[str]:
     (BERT's outlier channels) and the projections feeding the outputs (embeddings, class heads)."""
     import tempfile
 
-    from .cpu_int8 import _final_projections, _Prepared
-
-    calib = _stack(calib_feeds[:4])
-    with tempfile.TemporaryDirectory(prefix=".edgemm-sensitive-", dir=Path(fp32_onnx).parent) as work:
-        prep = _Prepared(Path(fp32_onnx), calib, Path(work))
-        try:
-            ratios = prep.outlier_ratios(prep.source, prep.feeds[:4])
-        finally:
-            prep.cleanup()
     import onnx
+
+    from .ort_calib import check_calib, input_specs, split_feeds
+    from .ort_recipes import final_projections, outlier_ratios
+
+    specs = input_specs(onnx.load(str(fp32_onnx), load_external_data=False))
+    feeds = split_feeds(check_calib(_stack(calib_feeds[:4]), specs, fp32_onnx), specs)
+    with tempfile.TemporaryDirectory(prefix=".edgemm-sensitive-", dir=Path(fp32_onnx).parent) as work:
+        ratios = outlier_ratios(Path(fp32_onnx), feeds[:4], Path(work))
 
     heads = output_projections(onnx.load(str(fp32_onnx), load_external_data=False))
     return sorted({n for n, r in ratios.items() if r > GUARD_OUTLIER_RATIO} | set(heads)
-                  | set(_final_projections(fp32_onnx)))
+                  | set(final_projections(fp32_onnx)))
 
 
 def format_table(rows: Sequence[Mapping], batches: Sequence[int]) -> str:
@@ -323,17 +322,18 @@ def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray
     import onnx
 
     from ..hostinfo import host_isa
-    from .cpu_int8 import _check_calib, _input_specs, _split_feeds, _split_samples
+    from .cpu_int8 import split_samples
+    from .ort_calib import check_calib, input_specs, split_feeds
     from .exclusions import resolve_exclude
 
     model = onnx.load(str(fp32_onnx), load_external_data=False)
-    specs = _input_specs(model)
-    feeds = _split_feeds(_check_calib(calib, specs, fp32_onnx), specs)
+    specs = input_specs(model)
+    feeds = split_feeds(check_calib(calib, specs, fp32_onnx), specs)
     if held_out is not None:
         calib_feeds = feeds[:selection.calib_samples]
-        eval_feeds = _split_feeds(_check_calib(held_out, specs, "held-out samples"), specs)[:selection.eval_samples]
+        eval_feeds = split_feeds(check_calib(held_out, specs, "held-out samples"), specs)[:selection.eval_samples]
     else:
-        calib_feeds, eval_feeds, _ = _split_samples(feeds, selection.calib_samples, selection.eval_samples)
+        calib_feeds, eval_feeds, _ = split_samples(feeds, selection.calib_samples, selection.eval_samples)
     ignored = resolve_exclude(model, exclude) if exclude else []
     del model
     disabled = selection.recipe.params.get("ort_disabled_optimizers") or ()

@@ -11,6 +11,7 @@ from edgemm.errors import InputError, ParityError
 from edgemm.quant import cpu_int8
 from edgemm.quant.cpu_int8 import (ALL_RECIPES, Int8Recipe, apply_recipe, candidate_recipes, cpu_session,
                                    output_agreement, select_recipe)
+from edgemm.quant.ort_recipes import dominated_by
 
 torch = pytest.importorskip("torch")
 
@@ -179,10 +180,10 @@ def test_dominance_only_between_guard_levels_of_one_family():
     plain, guarded, strict = (ALL_RECIPES[n] for n in ("dynamic_per_channel", "dynamic_per_channel_guarded",
                                                          "dynamic_per_channel_strict"))
     static = ALL_RECIPES["static_u8s8_per_channel_strict"]
-    assert cpu_int8._dominated_by(guarded, [plain]) == plain.name
-    assert cpu_int8._dominated_by(strict, [guarded]) == guarded.name
-    assert cpu_int8._dominated_by(guarded, [strict]) is None
-    assert cpu_int8._dominated_by(static, [plain, guarded]) is None
+    assert dominated_by(guarded, [plain]) == plain.name
+    assert dominated_by(strict, [guarded]) == guarded.name
+    assert dominated_by(guarded, [strict]) is None
+    assert dominated_by(static, [plain, guarded]) is None
 
 
 def test_guarded_recipe_keeps_outlier_inputs_in_fp32(tmp_path):
