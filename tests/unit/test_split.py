@@ -172,6 +172,27 @@ def test_zero_shot_with_cached_prompt_embeddings(dual, zoo_examples, tmp_path):
     assert right / 64 >= 0.85   # the trained zoo model; random weights would score ~1/144
 
 
+def test_an_edited_pipeline_section_is_refused_in_one_line(dual, tmp_path):
+    import shutil
+
+    from edgemm.errors import BundleError
+
+    for edit, match in ((lambda p: p["parts"][0].update(after=["fusion"]), "parts listed before it"),
+                        (lambda p: p.update(version=9), "not supported"),
+                        (lambda p: p["parts"][2]["inputs"][0].update(name="nowhere"), "no input or earlier part"),
+                        (lambda p: p["parts"].pop(2), "no part makes the output")):
+        copy = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(dual["split"], copy)
+        doc = json.loads((copy / "manifest.json").read_text())
+        edit(doc["pipeline"])
+        (copy / "manifest.json").write_text(json.dumps(doc))
+        with pytest.raises(BundleError, match=match) as err:
+            rt.load(copy)
+        assert "\n" not in str(err.value) and "pipeline" in str(err.value)
+    doc = json.loads((dual["split"] / "manifest.json").read_text())
+    assert "pipeline" in doc["requires"]   # an edgemm that does not know the section refuses the bundle
+
+
 def test_branch_cache_bounds():
     cache = BranchCache(max_entries=2, max_bytes=100)
     arr = np.zeros(10, np.float32)   # 40 bytes
@@ -248,7 +269,7 @@ def _tiny_graph(early: bool):
                  helper.make_node("MatMul", ["v1", "w1"], ["v"], name="v2"),
                  helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
                  helper.make_node("ReduceMean", ["t3"], ["t0"], name="pool", keepdims=0, axes=[1]),
-                 helper.make_node("MatMul", ["t0", "w2"], ["t1"], name="t1"),
+                 helper.make_node("MatMul", ["t0", "w0"], ["t1"], name="t1"),   # w0: shared with vision
                  helper.make_node("MatMul", ["t1", "w3"], ["t"], name="t2"),
                  helper.make_node("Transpose", ["t"], ["tt"], name="tr"),
                  helper.make_node("MatMul", ["v", "tt"], ["logits"], name="join")]
@@ -271,6 +292,7 @@ def test_split_graph_cuts_towers_and_refuses_early_fusion(tmp_path):
     assert plan.names == ["vision", "text", "fusion"]
     assert plan.part("fusion").inputs == ["vision.embeds", "text.embeds"]
     assert plan.part("text").inputs == ["input_ids"] and plan.part("vision").inputs == ["image"]
+    assert plan.shared_initializers == {"w0": ["text", "vision"]}   # copied into both parts
     ref = ort.InferenceSession(str(tmp_path / "late.onnx")).run(None, feeds[1])[0]
     env = dict(feeds[1])
     for part in plan.parts:
@@ -318,6 +340,12 @@ def test_tensorrt_split_bundle_builds_one_engine_per_part_with_its_placement(zoo
     assert "--useDLACore=0" in vision and "--allowGPUFallback" in vision
     assert "--useDLACore" not in text
     assert top.index("parts/vision") < top.index("parts/text") < top.index("parts/fusion")
+    from edgemm.backends.tensorrt.package import finish_portable_bundle
+    from edgemm.errors import BundleError
+
+    with pytest.raises(BundleError, match="split into parts") as err:   # no half-built engine, one line
+        finish_portable_bundle(bundle)
+    assert "build.sh" in str(err.value) and "\n" not in str(err.value)
     config = json.loads((bundle / "parts/vision/build_config.json").read_text())
     assert config["options"]["dla_core"] == 0
     # No GPU here: the parts' ONNX ran on ONNX Runtime CPU as the pipeline, and the compile gate judged it.

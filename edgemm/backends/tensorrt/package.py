@@ -216,6 +216,11 @@ def _verified_tensorrt_bundle(bundle_dir: Path, trusted_keys, require_signature,
     if backend.get("name") != "tensorrt":
         raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, {what}", file=source,
                           field="backend.name", fix=fix)
+    if manifest.get("pipeline") is not None:
+        # A split bundle has one engine per part (edgemm/split/build.py); recording them is not done yet.
+        raise BundleError(f"bundle {bundle_dir} is split into parts (one engine each); edgemm build and "
+                          "--from-engine handle single-engine bundles", file=source, field="pipeline",
+                          fix="run the bundle's build.sh on the device (it builds <part>.engine for every part)")
     return manifest, source, backend
 
 
