@@ -33,17 +33,19 @@ def command():
               help="A batch size the dynamic batcher should prefer (repeatable).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0, 60_000_000), default=0, show_default=True,
               help="How long the dynamic batcher may hold a request to form a larger batch.")
+@click.option("--monitor", is_flag=True, help="Publish the runtime monitor's input checks (out of calibration range, "
+                                             "NaN/Inf, unknown tokens, drift windows) as Triton metrics.")
 @click.option("--force", is_flag=True, help="Replace an existing repository written by this command.")
 @signature_options
 @verbose_option
-def triton(bundles, output, flavor, max_batch, instances, kind, preferred_batch, max_queue_delay_us, force,
+def triton(bundles, output, flavor, max_batch, instances, kind, preferred_batch, max_queue_delay_us, monitor, force,
            trusted_keys, require_signature):
     """Write a Triton model repository serving BUNDLES (one model each, named by the bundle folder)."""
     from ..serving import TritonOptions, export_triton
 
     options = TritonOptions(flavor=flavor, max_batch=max_batch, instances=instances, kind=kind,
                             preferred_batch=tuple(preferred_batch), max_queue_delay_us=max_queue_delay_us,
-                            require_signature=require_signature)
+                            require_signature=require_signature, monitor=monitor)
     repo = export_triton(bundles, output, options, force=force, trusted_keys=list(trusted_keys) or None,
                          say=lambda m: click.echo(m, err=True))
     click.echo(f"wrote {repo}: {len(bundles)} model(s), flavor {flavor}; serve it with "

@@ -24,11 +24,13 @@ from .options import signature_options, verbose_option
 @click.option("--instances", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--max-queue-delay-us", type=click.IntRange(0, 60_000_000), default=0, show_default=True,
               help="How long the dynamic batcher may hold a request to form a larger batch.")
+@click.option("--monitor", is_flag=True, help="Publish the runtime monitor's input checks (out of calibration range, "
+                                             "NaN/Inf, unknown tokens, drift windows) as Triton metrics.")
 @click.option("--timeout", "start_timeout", type=click.IntRange(1, 3600), default=120, show_default=True,
               help="Seconds to wait for the server and its models.")
 @signature_options
 @verbose_option
-def command(bundles, http_port, grpc_port, metrics_port, instances, max_queue_delay_us, start_timeout,
+def command(bundles, http_port, grpc_port, metrics_port, instances, max_queue_delay_us, monitor, start_timeout,
             trusted_keys, require_signature):
     """Serve BUNDLES with Triton (python backend + edgemm.runtime) on loopback until Ctrl-C."""
     import os
@@ -41,7 +43,7 @@ def command(bundles, http_port, grpc_port, metrics_port, instances, max_queue_de
     work = Path(tempfile.mkdtemp(prefix="edgemm-serve-"))
     try:
         options = TritonOptions(instances=instances, max_queue_delay_us=max_queue_delay_us,
-                                require_signature=require_signature)
+                                require_signature=require_signature, monitor=monitor)
         say = lambda m: click.echo(m, err=True)  # noqa: E731
         repo = export_triton(bundles, work / "repository", options, trusted_keys=list(trusted_keys) or None, say=say)
         env = {"EDGEMM_TRUSTED_KEYS": os.pathsep.join(str(Path(k).resolve()) for k in trusted_keys)} \

@@ -44,6 +44,7 @@ class TritonOptions:
     preferred_batch: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
     require_signature: bool = False       # the served model loads only with a trusted signature
+    monitor: bool = False                 # edgemm flavor: the runtime monitor's input checks as metrics
     notes: list = field(default_factory=list, compare=False)
 
 
@@ -116,6 +117,8 @@ def check_options(options: TritonOptions) -> None:
         raise _fail(f"{options.instances!r} instances", "--instances", "use 1 to 256", None)
     if options.max_batch is not None and not 1 <= options.max_batch <= 1 << 20:
         raise _fail(f"{options.max_batch!r} is not a batch size", "--max-batch", "use a size >= 1", None)
+    if options.monitor and options.flavor != "edgemm":
+        raise _fail("the monitor runs in edgemm's runtime", "--monitor", "use --flavor edgemm", None)
     if not 0 <= options.max_queue_delay_us <= 60_000_000:
         raise _fail(f"{options.max_queue_delay_us!r} µs", "--max-queue-delay-us", "use 0 to 60000000", None)
     if any(b < 1 for b in options.preferred_batch):
@@ -192,6 +195,7 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
     params = dict(config.pop("parameters", {}))
     if options.flavor == "edgemm":
         params["edgemm.require_signature"] = "true" if options.require_signature else "false"
+        params["edgemm.monitor"] = "true" if options.monitor else "false"
     if params:
         config["parameters"] = [{"key": k, "value": {"string_value": v}} for k, v in params.items()]
     return config

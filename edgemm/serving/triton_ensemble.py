@@ -62,6 +62,8 @@ def ensemble_configs(name: str, manifest, inputs: list[TensorSpec], outputs: lis
             config.setdefault("parameters", []).append({"key": "edgemm.part", "value": {"string_value": part}})
         configs.append((part_model_name(name, part), config, entry))
     options.notes.extend(n for n in part_options.notes if "dynamic INT8" in n)
+    if options.monitor:
+        options.notes.append(f"{name}: --monitor is not applied to a split bundle's parts (each sees only its part)")
     max_batch = min(config["max_batch_size"] for _, config, _ in configs)
     if unbatched:
         options.notes.append(f"{name}: max_batch_size 0 for the ensemble and its parts: {unbatched}")

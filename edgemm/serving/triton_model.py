@@ -3,7 +3,8 @@
 `edgemm export triton` copies this file unchanged to ``<repository>/<model>/<version>/model.py``; the
 bundle sits beside it in ``bundle/``. At load the runtime checks every file's sha256 (and the signature,
 with trusted keys from ``EDGEMM_TRUSTED_KEYS`` in the server's environment; config parameter
-``edgemm.require_signature`` makes one mandatory): a bundle changed after export is refused and the model
+``edgemm.require_signature`` makes one mandatory; ``edgemm.monitor`` publishes the runtime monitor's
+input checks as Triton metrics): a bundle changed after export is refused and the model
 is not ready. ``execute`` runs the requests Triton's dynamic batcher hands over as few bundle calls as
 their shapes allow, and splits the outputs back per request."""
 
@@ -27,11 +28,14 @@ class TritonPythonModel:
         require = params.get("edgemm.require_signature") == "true"
         bundle_dir = Path(args["model_repository"]) / args["model_version"] / BUNDLE_FOLDER
         # None: the runtime's default (a signature is required whenever a key is trusted)
-        self.bundle = rt.load(bundle_dir, require_signature=True if require else None)
         # A split bundle's part (one step of a Triton ensemble): the whole bundle is copied and verified
         # (its hashes and signature cover every part), and this model runs only its part.
         part = params.get("edgemm.part")
+        monitor = params.get("edgemm.monitor") == "true" and not part
+        self.bundle = rt.load(bundle_dir, require_signature=True if require else None, monitor=monitor)
         self.runner = self.bundle.part(part) if part else self.bundle
+        self.drift = DriftMetrics(args["model_name"], args["model_version"], [s.name for s in self.bundle.inputs]) \
+            if monitor else None
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.input_names = [s.name for s in self.runner.inputs]
 
@@ -55,6 +59,8 @@ class TritonPythonModel:
             for i, out in zip(members, outs):
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[_tensor(name, value) for name, value in out.items()])
+        if self.drift is not None:
+            self.drift.publish(self.bundle.stats())
         return responses
 
     def _groups(self, feeds: dict) -> list[list[int]]:
@@ -77,7 +83,42 @@ class TritonPythonModel:
         return [{name: parts[k] for name, parts in split.items()} for k in range(len(requests))]
 
     def finalize(self):
-        self.bundle = self.runner = None
+        self.bundle = self.runner = self.drift = None
+
+
+class DriftMetrics:
+    """The edgemm monitor's input checks (``load(..., monitor=True)``: values outside the calibration
+    range, NaN/Inf, token ids outside the vocabulary, drift windows) as Triton custom metrics, served on
+    Triton's /metrics beside its own nv_* figures. Triton already counts requests and latency."""
+
+    INPUT_FAMILIES = (
+        ("edgemm_input_values_total", "values", "Input values the edgemm monitor checked"),
+        ("edgemm_input_out_of_range_total", "out_of_range", "Input values outside the calibration range"),
+        ("edgemm_input_nonfinite_total", "nonfinite", "NaN or Inf input values"),
+        ("edgemm_input_unknown_tokens_total", "unknown_tokens", "Token ids outside the calibration vocabulary"),
+    )
+
+    def __init__(self, model: str, version: str, inputs: list[str]):
+        labels = {"model": model, "version": str(version)}
+        counter = pb_utils.MetricFamily.COUNTER
+        self.families = []   # kept alive: a family's metrics go when it is collected
+        self.counters = {}   # (stats key, input or None) -> [metric, value already published]
+        for name, key, text in self.INPUT_FAMILIES:
+            family = pb_utils.MetricFamily(name=name, description=text, kind=counter)
+            self.families.append(family)
+            for input_name in inputs:
+                self.counters[(key, input_name)] = [family.Metric(labels={**labels, "input": input_name}), 0]
+        family = pb_utils.MetricFamily(name="edgemm_drift_windows_total", kind=counter,
+                                       description="Monitor windows whose out-of-range fraction passed the bound")
+        self.families.append(family)
+        self.counters[("drift_windows", None)] = [family.Metric(labels=labels), 0]
+
+    def publish(self, stats: dict) -> None:
+        for (key, input_name), entry in self.counters.items():
+            value = stats.get(key) if input_name is None else (stats["inputs"].get(input_name) or {}).get(key)
+            if isinstance(value, (int, float)) and value > entry[1]:
+                entry[0].increment(value - entry[1])
+                entry[1] = value
 
 
 def _array(tensor) -> np.ndarray:

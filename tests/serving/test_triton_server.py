@@ -103,6 +103,32 @@ def test_bundle_changed_after_export_is_refused_at_load(tiny_repo, tiny_bundle, 
         assert not server.ready(name)
 
 
+def test_monitor_figures_are_triton_metrics(tiny_bundle, tiny, tmp_path):
+    """--monitor: the runtime monitor's input checks reach Triton's /metrics (custom metric families)."""
+    bundle = rt.load(tiny_bundle, monitor=True)
+    if bundle.stats()["drift"] != "known":
+        pytest.skip("this bundle carries no calibration profile")
+    repo = export_triton([tiny_bundle], tmp_path / "repository", TritonOptions(monitor=True), say=lambda m: None)
+    data = np.load(tiny["eval"])
+    name = tiny_bundle.name
+    normal = samples(bundle, data, 0, 2)
+    wild = {k: (v * 1000 if v.dtype.kind == "f" else v) for k, v in samples(bundle, data, 2, 1).items()}
+    outputs = [s.name for s in bundle.outputs]
+    with TritonServer(repo, workdir=tmp_path / "work") as server:
+        infer(server, name, normal, outputs)
+        infer(server, name, wild, outputs)
+        for feeds in (normal, wild):
+            bundle.run(feeds)   # the same checks in-process: what the server must report
+        expected = bundle.stats()["inputs"]
+        text = server.metrics()
+    for input_name, figures in expected.items():
+        for family, key in (("edgemm_input_values_total", "values"), ("edgemm_input_out_of_range_total", "out_of_range")):
+            found = re.search(rf'^{family}{{[^}}]*input="{re.escape(input_name)}"[^}}]*}} (\S+)$', text, re.M)
+            assert found, (family, input_name)
+            assert float(found.group(1)) == (figures[key] or 0), (family, input_name)
+    assert any(f["out_of_range"] for f in expected.values())  # the wild request was seen as such
+
+
 # ---- the zoo, FP32 and INT8, under concurrent load (slow: compiles three bundles, serves ~300 requests)
 
 def _zoo_bundle(cli, folder, name, served_as, *flags):
