@@ -78,11 +78,12 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
 
 
 def _part_info(path: Path, manifest, part: dict, source: str) -> dict:
+    from ..precision import label_of
     from ..runtime.manifest import safe_relpath
 
     backend = part.get("backend", {})
     rel = backend.get("model") or backend.get("onnx")
-    info = {"name": part["name"], "after": part.get("after", []), "precision": (part.get("precision") or {}).get("mode"),
+    info = {"name": part["name"], "after": part.get("after", []), "precision": label_of(part.get("precision")),
             "placement": part.get("placement"), "inputs": [s["name"] for s in part["inputs"]],
             "outputs": [s["name"] for s in part["outputs"]], "file": rel}
     if isinstance(rel, str) and rel in manifest["files"]:

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 from ..modality import FUSION
+from ..precision import label_of
 from ..iospec import TensorSpec, check_array_against_spec, describe_shape
 from .manifest import BACKEND_FIELD_TYPES, MANIFEST_NAME, register_section
 
@@ -105,7 +106,7 @@ class PipelinePart:
         self._pipeline = pipeline
         self.name: str = entry["name"]
         self.after: list[str] = list(entry.get("after", []))
-        self.precision = (entry.get("precision") or {}).get("mode")
+        self.precision = label_of(entry.get("precision"))   # "int8", "mixed:fp32+int8" (edgemm/precision.py)
         self.placement = entry.get("placement")
         self.inputs: list[TensorSpec] = inputs
         self.outputs: list[TensorSpec] = outputs

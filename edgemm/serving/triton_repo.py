@@ -25,6 +25,7 @@ from typing import Sequence
 from ..bundle import BundleWriter
 from ..errors import BundleError, InputError
 from ..paths import is_within
+from ..precision import label_of
 from ..runtime import parse_io, signing
 from ..runtime.manifest import MANIFEST_NAME, UNHASHED, load_manifest, safe_relpath, sha256_file
 from ..runtime.atomic import write_text_atomic
@@ -153,7 +154,7 @@ def export_triton(bundles: Sequence[os.PathLike], output: os.PathLike, options: 
                     _copy_native(source, manifest, version, entry)
                 write_text_atomic(writer.stage / model / "config.pbtxt", triton_config.to_pbtxt(config))
             index[name] = {"bundle": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST_NAME),
-                           "flavor": options.flavor, "precision": manifest["precision"].get("mode"),
+                           "flavor": options.flavor, "precision": label_of(manifest["precision"]),
                            "backend": manifest["backend"]["name"], "models": [m for m, _, _ in models]}
         info = {"format": REPO_FORMAT, "format_version": 1,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": index}

@@ -235,7 +235,9 @@ def _package_part(part: str, prec, parts_dir: Path, stage: Path, target, cfg, pl
 
     device = placement.get(part, "gpu")
     options = TensorRTOptions.from_compile(cfg, target, in_specs)
-    options = options.with_(precision=prec.mode if prec.mode in ("fp32", "fp16", "int8", "fp8") else options.precision)
+    from ..precision import UNIFORM
+
+    options = options.with_(precision=prec.mode if prec.mode in UNIFORM else options.precision)
     if device.startswith("dla"):
         from ..backends.tensorrt.options import options_for_target
 
