@@ -596,8 +596,8 @@ def _package_variants(prec, fallback_section: dict, stage: Path) -> list[dict]:
         section = ovb.save_variant(variant["model"], stage, variant["name"], variant["inference_precision"])
         out.append({k: v for k, v in variant.items() if k not in ("model", "inference_precision")} |
                    {"backend": section})
-    table = prec.recipe["engines"]["table"]
-    row = next(r for r in table if r["name"] == "onnxruntime-int8")
+    engines = prec.recipe["engines"]
+    row = next(r for r in engines["table"] if r["name"] == engines["fallback"])
     from .quant.cpu_engines import EngineRow
 
     out.append(fallback_variant(EngineRow(**row), fallback_section))

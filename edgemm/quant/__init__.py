@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, ParityError
 
 
 @dataclass
@@ -84,26 +84,34 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
         return PrecisionResult(out, "int8", {"name": req.int8_recipe, **recipes[req.int8_recipe].params,
                                              "selected_by": "user", "excluded_nodes": facts["excluded_nodes"]})
     kwargs = {} if req.min_cosine is None else {"min_cosine": req.min_cosine}
-    selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log,
-                                       exclude=req.exclude, held_out=req.held_out, min_top1=req.min_top1, **kwargs)
-    engines = None
+    ovb = None
     if req.cpu_engines == "auto":
         from ..backends import openvino as ovb
 
-        if ovb.available():
-            from .cpu_engines import engine_search_for
-
-            engines = engine_search_for(fp32_onnx, selection, req.calib, req.held_out, batches=req.batches,
-                                        min_cosine=selection.min_cosine, exclude=req.exclude, log=req.log)
-        else:
+        if not ovb.available():
+            ovb = None
             req.log("CPU engine search: ONNX Runtime only (pip install 'edgemm[openvino]' to also measure "
                     "OpenVINO FP32/BF16/INT8 on this host)")
+    try:
+        selection = cpu_int8.select_recipe(fp32_onnx, req.calib, req.workdir / "int8-search", log=req.log,
+                                           exclude=req.exclude, held_out=req.held_out, min_top1=req.min_top1,
+                                           **kwargs)
+    except ParityError as exc:
+        if ovb is None:
+            raise
+        # No ORT INT8 recipe met the bar: OpenVINO's BF16 (or a guarded INT8) may, at INT8-like speed.
+        return _engines_without_ort_int8(fp32_onnx, out, req, exc, kwargs.get("min_cosine", 0.99))
+    engines = None
+    if ovb is not None:
+        from .cpu_engines import engine_search_for
+
+        engines = engine_search_for(fp32_onnx, selection, req.calib, req.held_out, batches=req.batches,
+                                    min_cosine=selection.min_cosine, exclude=req.exclude, log=req.log)
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
               "candidates": _jsonable(selection.table)}
     if engines is not None:
-        recipe["engines"] = {"batches": engines.batches, "seconds": engines.seconds,
-                             "table": _jsonable(engines.table)}
+        recipe["engines"] = _engines_record(engines)
     notes = []
     chosen = next((r for r in recipe["candidates"] if r.get("status") == "selected"), {})
     if (chosen.get("p50_ratio") or 0) > 0.95:
@@ -111,11 +119,39 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
         notes.append(f"INT8 measured {chosen['p50_ratio']:.2f}x FP32 latency on this CPU (no speed-up for this "
                      "model); the bundle is smaller, but prefer --fp32 if latency is what matters")
     if engines is not None and engines.variants:
-        best = engines.variants[0]
-        notes.append(f"CPU engine search: {best['name']} runs {best['measured']['score']:.2f}x ORT FP32 here "
-                     f"(ORT INT8 {next(r.score for r in engines.table if r.name == 'onnxruntime-int8'):.2f}x); "
-                     f"the bundle carries {len(engines.variants) + 1} variants and the runtime picks by host ISA")
+        notes.append(_variants_note(engines))
     return PrecisionResult(out, "int8", recipe, notes=notes, variants=engines.variants if engines else [])
+
+
+def _engines_record(engines) -> dict:
+    return {"batches": engines.batches, "seconds": engines.seconds, "fallback": engines.fallback,
+            "table": _jsonable(engines.table)}
+
+
+def _variants_note(engines) -> str:
+    best = engines.variants[0]
+    fallback = next(r for r in engines.table if r.name == engines.fallback)
+    return (f"CPU engine search: {best['name']} runs {best['measured']['score']:.2f}x ORT FP32 here "
+            f"({fallback.name} {fallback.score:.2f}x); the bundle carries {len(engines.variants) + 1} variants "
+            "and the runtime picks by host ISA")
+
+
+def _engines_without_ort_int8(fp32_onnx: Path, out: Path, req: PrecisionRequest, failure, min_cosine: float):
+    """OpenVINO candidates against the FP32 ORT model (the fallback then), when no ORT INT8 recipe met the
+    bar; re-raises ``failure`` when no OpenVINO candidate beats FP32 under the bar either."""
+    from .cpu_engines import engine_search_for
+
+    req.log(f"  {failure.detail}; measuring OpenVINO's candidates against the FP32 ONNX Runtime model")
+    engines = engine_search_for(fp32_onnx, None, req.calib, req.held_out, batches=req.batches,
+                                min_cosine=min_cosine, exclude=req.exclude, log=req.log)
+    if not engines.variants:
+        raise failure
+    shutil.copyfile(fp32_onnx, out)
+    recipe = {"name": "fp32", "selected_by": "search", "int8_search": failure.detail,
+              "engines": _engines_record(engines)}
+    note = (f"no ONNX Runtime INT8 recipe met the bar ({failure.detail}); the bundle's ONNX Runtime fallback "
+            "is FP32")
+    return PrecisionResult(out, "int8", recipe, notes=[note, _variants_note(engines)], variants=engines.variants)
 
 
 def _qdq_trt(mode: str):

@@ -30,6 +30,7 @@ X86_BF16 = ("amx_bf16", "avx512_bf16")
 IMPLIED = {"amx_bf16": {"amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni"},
            "amx_int8": {"amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni"},
            "avx512_bf16": {"avx512_vnni"}, "i8mm": {"asimddp"}, "bf16": {"asimddp"}}
+CARRY_GAIN = 0.9   # a variant must measure >= 10% faster than the fallback to be worth its bytes (noise)
 MAX_OPENVINO_VARIANTS = 3   # bundle size: each carries the weights again
 GUARD_OUTLIER_RATIO = 50.0   # the guarded NNCF candidate keeps these MatMuls float, as cpu_int8's guarded rung
 
@@ -57,6 +58,7 @@ class EngineRow:
 @dataclass
 class EngineChoice:
     table: list[EngineRow]
+    fallback: str              # the name of the table row whose ORT model the bundle carries last
     variants: list[dict]       # fastest first; OpenVINO ones carry "model" (an openvino.Model), no fallback
     batches: list[int]
     seconds: float
@@ -91,7 +93,7 @@ def _stack(feeds: Sequence[dict]) -> dict[str, np.ndarray]:
 def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, calib_feeds: Sequence[dict],
                    eval_feeds: Sequence[dict], *, batches: Sequence[int], min_cosine: float, isa: frozenset[str],
                    ignored: Sequence[str] = (), log: Callable[[str], None] = print,
-                   timing_budget_s: float = 8.0) -> EngineChoice:
+                   timing_budget_s: float = 8.0, fallback: str = "int8") -> EngineChoice:
     """Build the OpenVINO candidates this host's ISA supports, check them against FP32 on ``eval_feeds``,
     time them with ORT FP32 and ORT INT8 (``ort_int8_session``: cpu_session kwargs) at each batch size."""
     from ..backends import openvino as ovb
@@ -119,7 +121,9 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
         row.min_cosine = min(v["value"] for v in row.agreement.values())
         row.status = "ok" if row.min_cosine >= min_cosine else "inaccurate"
 
-    ort_row = EngineRow("onnxruntime-int8", "onnxruntime", "int8", _requirements("onnxruntime", "int8"))
+    # The ONNX Runtime model the bundle always carries: ``ort_int8`` (select_recipe's pick), or with
+    # ``fallback="fp32"`` the FP32 model itself (no INT8 recipe met the bar).
+    ort_row = EngineRow(f"onnxruntime-{fallback}", "onnxruntime", fallback, _requirements("onnxruntime", fallback))
     ort_sess = cpu_session(ort_int8, spinning=False, **ort_int8_session)
     judge(ort_row, run_all(ort_sess, eval_feeds))
     ort_row.status = "ok"  # select_recipe held it to the bar already (same samples)
@@ -181,8 +185,8 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
             runners[name] = lambda feed, r=request: r.infer(feed)
             models[name] = (model, hint)
 
-    fp32_row = EngineRow("onnxruntime-fp32", "onnxruntime", "fp32", [], status="reference", min_cosine=1.0)
-    rows.insert(0, fp32_row)
+    if fallback != "fp32":   # else the fallback row is the reference itself
+        rows.insert(0, EngineRow("onnxruntime-fp32", "onnxruntime", "fp32", [], status="reference", min_cosine=1.0))
     runners_with_ref = {"onnxruntime-fp32": lambda feed: fp32_sess.run(None, feed), **runners}
     held = _stack(eval_feeds)
     for batch in batches:
@@ -204,7 +208,8 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
     for row in ranked:
         if row.name == ort_row.name:
             break  # the fallback is always carried (last); nothing slower than it is worth the bytes
-        if len(variants) >= MAX_OPENVINO_VARIANTS or not _serves_new_hosts(row.requires_any, carried):
+        if len(variants) >= MAX_OPENVINO_VARIANTS or not _serves_new_hosts(row.requires_any, carried) \
+                or (ort_row.score and row.score > CARRY_GAIN * ort_row.score):
             continue
         model, hint = models[row.name]
         variants.append({"name": row.name, "engine": "openvino", "precision": row.precision,
@@ -212,10 +217,10 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
                          "measured": _measured(row)})
         carried.append(row.requires_any)
         row.status = "carried"
-    if ranked:
-        ranked[0].status = "selected"
+    first = next((r for r in rows if variants and r.name == variants[0]["name"]), ort_row)
+    first.status = "selected"   # what the compiling host runs (the others carried are for other hosts)
     log(format_table([r.to_dict() for r in rows], batches))
-    return EngineChoice(rows, variants, list(batches), round(time.perf_counter() - started, 2))
+    return EngineChoice(rows, ort_row.name, variants, list(batches), round(time.perf_counter() - started, 2))
 
 
 # OpenVINO INT8 ran 1.2-1.8x faster than OpenVINO BF16/FP32 on MiniLM-fused (here and on the AMX host of
@@ -318,7 +323,10 @@ def format_table(rows: Sequence[Mapping], batches: Sequence[int]) -> str:
 def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray],
                       held_out: Mapping[str, np.ndarray] | None, *, batches: Sequence[int], min_cosine: float,
                       exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> EngineChoice:
-    """search_engines on the samples cpu_int8.select_recipe used: its calibration feeds and held-out feeds."""
+    """search_engines on the samples cpu_int8.select_recipe used: its calibration feeds and held-out feeds.
+    ``selection``: select_recipe's result (its model is the ORT INT8 fallback), or None when no ORT INT8
+    recipe met the bar: the FP32 model is then the fallback, and OpenVINO's candidates compete with it
+    (BF16 often keeps FP32 accuracy where INT8 cannot)."""
     import onnx
 
     from ..hostinfo import host_isa
@@ -326,16 +334,22 @@ def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray
     from .ort_calib import check_calib, input_specs, split_feeds
     from .exclusions import resolve_exclude
 
+    n_calib, n_eval = (selection.calib_samples, selection.eval_samples) if selection else (16, 64)
     model = onnx.load(str(fp32_onnx), load_external_data=False)
     specs = input_specs(model)
     feeds = split_feeds(check_calib(calib, specs, fp32_onnx), specs)
     if held_out is not None:
-        calib_feeds = feeds[:selection.calib_samples]
-        eval_feeds = split_feeds(check_calib(held_out, specs, "held-out samples"), specs)[:selection.eval_samples]
+        calib_feeds = feeds[:n_calib]
+        eval_feeds = split_feeds(check_calib(held_out, specs, "held-out samples"), specs)[:n_eval]
     else:
-        calib_feeds, eval_feeds, _ = split_samples(feeds, selection.calib_samples, selection.eval_samples)
+        calib_feeds, eval_feeds, _ = split_samples(feeds, n_calib, n_eval)
     ignored = resolve_exclude(model, exclude) if exclude else []
     del model
+    if selection is None:
+        log(f"CPU engine search: OpenVINO candidates for this host against ONNX Runtime FP32, "
+            f"batch {', '.join(map(str, batches))}")
+        return search_engines(fp32_onnx, fp32_onnx, {}, calib_feeds, eval_feeds, batches=batches,
+                              min_cosine=min_cosine, isa=host_isa(), ignored=ignored, log=log, fallback="fp32")
     disabled = selection.recipe.params.get("ort_disabled_optimizers") or ()
     log(f"CPU engine search: OpenVINO candidates for this host against ONNX Runtime INT8 "
         f"({selection.recipe.name}), batch {', '.join(map(str, batches))}")

@@ -309,3 +309,40 @@ def test_int8_candidates_are_skipped_when_openvino_float_is_far_behind(tiny_bund
     assert "5.0x ORT INT8" in rows["openvino-int8"].note
     assert rows["openvino-bf16"].p50_ratio == {"1": 3.0, "8": 3.0}
     assert choice.variants == []      # nothing beat ORT INT8: the bundle stays single-variant
+
+
+@pytest.mark.slow
+def test_when_no_ort_int8_recipe_meets_the_bar_openvino_competes_with_fp32(tiny, tmp_path, monkeypatch):
+    pytest.importorskip("nncf")
+    from edgemm.compiler import compile_model
+    from edgemm.config import CompileConfig
+    from edgemm.errors import ParityError
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+    from edgemm.quant import cpu_int8
+
+    def no_recipe(*args, **kwargs):
+        raise ParityError("no INT8 recipe reached min cosine 0.98 on every output (test)")
+
+    def fake_timing(fns, **kwargs):
+        ms = {"onnxruntime-fp32": 10.0, "openvino-fp32": 9.5, "openvino-bf16": 4.0}
+        return {name: LatencyStats(ms.get(name.removesuffix("-guarded"), 20.0), 0, 0, 0, 5) for name in fns}
+
+    monkeypatch.setattr(cpu_int8, "select_recipe", no_recipe)
+    monkeypatch.setattr(latency, "measure_interleaved_within", fake_timing)
+    monkeypatch.setattr(hostinfo, "host_isa", lambda text=None: SAPPHIRE_RAPIDS)
+    out = tmp_path / "b"
+    compile_model(CompileConfig(model=str(tiny["torchscript"]), output=str(out), calib=str(tiny["calib"]),
+                                precision="int8", tune_threads=False, min_cosine=0.98), say=lambda m: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [v["name"] for v in manifest["variants"]] == ["openvino-bf16", "onnxruntime-fp32"]
+    assert manifest["precision"]["recipe"]["name"] == "fp32"
+    assert any("fallback is FP32" in n for n in manifest["precision"]["notes"])
+    # Without an OpenVINO candidate faster than FP32 under the bar, the compile fails as before.
+    monkeypatch.setattr(latency, "measure_interleaved_within",
+                        lambda fns, **kw: {n: LatencyStats(10.0 if n == "onnxruntime-fp32" else 12.0, 0, 0, 0, 5)
+                                           for n in fns})
+    with pytest.raises(ParityError, match="no INT8 recipe"):
+        compile_model(CompileConfig(model=str(tiny["torchscript"]), output=str(tmp_path / "c"),
+                                    calib=str(tiny["calib"]), precision="int8", tune_threads=False,
+                                    min_cosine=0.98), say=lambda m: None)
