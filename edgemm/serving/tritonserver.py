@@ -90,6 +90,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _this_libpython_dir() -> str | None:
+    """The folder of this interpreter's shared libpython, when it has one. The stub links whatever
+    libpython3.X the loader finds first (here the system's 3.11.2) while its stdlib and packages come from
+    this environment (pyenv 3.11.7): their C extensions then miss symbols (_ssl: undefined _PyModule...,
+    so model-signing cannot load). The same libpython as the packages avoids that."""
+    import sysconfig
+
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname and (Path(libdir) / soname).is_file():
+        return libdir
+    return None
+
+
 class TritonServer:
     """A tritonserver process serving ``repository`` on 127.0.0.1 only. Use as a context manager, or
     ``start()`` / ``stop()``. ``exit_on_error=False`` keeps the server up when a model fails to load
@@ -132,9 +145,8 @@ class TritonServer:
 
     def environment(self) -> dict:
         env = dict(os.environ)
-        if self.install.libs is not None:
-            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.install.libs),
-                                                                   env.get("LD_LIBRARY_PATH")]))
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(self.install.libs) if self.install.libs else None,
+                                                               _this_libpython_dir(), env.get("LD_LIBRARY_PATH")]))
         # The python backend's stub embeds a Python that finds its prefix through the first `python3` on
         # PATH: this interpreter's folder first, so the stub sees this environment's packages.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])

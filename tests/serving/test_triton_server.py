@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import edgemm.runtime as rt
+from edgemm.errors import InputError
 from edgemm.serving import TritonOptions, TritonServer, export_triton, find_tritonserver
 from tests.conftest import ROOT
 
@@ -127,6 +128,46 @@ def test_monitor_figures_are_triton_metrics(tiny_bundle, tiny, tmp_path):
             assert found, (family, input_name)
             assert float(found.group(1)) == (figures[key] or 0), (family, input_name)
     assert any(f["out_of_range"] for f in expected.values())  # the wild request was seen as such
+
+
+def test_signed_bundle_needs_the_trusted_key_on_the_server(tiny_bundle, tmp_path, monkeypatch):
+    """Exported with --require-signature: the served model loads only when the server trusts the key
+    (EDGEMM_TRUSTED_KEYS in its environment); without it the model is not ready."""
+    import shutil
+
+    pytest.importorskip("model_signing", reason="edgemm[sign] is not installed")
+    from edgemm.runtime.signing import generate_key_pair, sign_bundle
+
+    monkeypatch.delenv("EDGEMM_TRUSTED_KEYS", raising=False)   # the server inherits this environment
+    signed = tmp_path / "signed-tiny"
+    shutil.copytree(tiny_bundle, signed)
+    private, public, _ = generate_key_pair(tmp_path / "keys")
+    sign_bundle(signed, private)
+    repo = export_triton([signed], tmp_path / "repository", TritonOptions(require_signature=True),
+                         trusted_keys=[public], say=lambda m: None)
+    assert 'key: "edgemm.require_signature"' in (repo / "signed-tiny" / "config.pbtxt").read_text()
+    with TritonServer(repo, workdir=tmp_path / "w1", exit_on_error=False,
+                      env={"EDGEMM_TRUSTED_KEYS": str(public)}) as server:
+        assert server.ready("signed-tiny")
+    with TritonServer(repo, workdir=tmp_path / "w2", exit_on_error=False) as server:   # no key trusted
+        state = {m["name"]: m for m in server.models()}["signed-tiny"]
+        assert state["state"] == "UNAVAILABLE" and "signature" in state.get("reason", "").lower(), state
+    with pytest.raises(InputError, match="--require-signature"):
+        export_triton([signed], tmp_path / "r2", TritonOptions(require_signature=True), say=lambda m: None)
+
+
+def test_native_flavor_repository_against_the_schema(tiny_bundle, tmp_path):
+    """--flavor native: config.pbtxt parses as Triton's ModelConfig and the version folder holds the
+    bundle's own model bytes (not run: the wheel's server has no ONNX Runtime backend)."""
+    from google.protobuf import text_format
+
+    mc = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    repo = export_triton([tiny_bundle], tmp_path / "repository", TritonOptions(flavor="native"), say=lambda m: None)
+    msg = text_format.Parse((repo / tiny_bundle.name / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert msg.platform == "onnxruntime_onnx" and msg.max_batch_size > 0
+    model = repo / tiny_bundle.name / "1" / msg.default_model_filename
+    assert model.read_bytes() == (tiny_bundle / msg.default_model_filename).read_bytes()
+    assert sorted(p.name for p in model.parent.iterdir()) == sorted(rt.load(tiny_bundle).manifest["files"])
 
 
 # ---- the zoo, FP32 and INT8, under concurrent load (slow: compiles three bundles, serves ~300 requests)
