@@ -27,7 +27,7 @@ log = logging.getLogger("edgemm")
 class Bundle:
     """A loaded, hash-verified bundle. ``run`` is safe to call from several threads."""
 
-    def __init__(self, path: Path, manifest: dict, session, signature=None, variant=None):
+    def __init__(self, path: Path, manifest: Manifest, session, signature=None, variant=None):
         self.path = path
         self.manifest = manifest
         self._session = session
@@ -44,14 +44,12 @@ class Bundle:
     @property
     def precision(self) -> str:
         """"int8", or "mixed:fp32+int8" for a mixed build (the manifest holds the structured value)."""
-        from ..precision import label_of
-
-        return label_of(self.manifest["precision"])
+        return self.manifest.precision.label
 
     @property
     def backend(self) -> str:
         """The backend that runs this bundle here (the chosen variant's, for a multi-variant bundle)."""
-        return getattr(self._session, "backend", None) or self.manifest["backend"]["name"]
+        return getattr(self._session, "backend", None) or self.manifest.backend.name
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray], *, may_omit=()) -> dict[str, np.ndarray]:
         """``may_omit``: inputs that may be left out (those of a split bundle's reused branch)."""
@@ -124,12 +122,12 @@ class MonitoredBundle(Bundle):
     and, against the manifest's calibration_profile, out-of-range, non-finite and unknown-token counts.
     A separate class, so that an unmonitored Bundle's ``run`` carries no monitoring code at all."""
 
-    def __init__(self, path: Path, manifest: dict, session, signature=None, **monitor_options):
+    def __init__(self, path: Path, manifest: Manifest, session, signature=None, **monitor_options):
         super().__init__(path, manifest, session, signature)
         from .monitor import Monitor
 
         self.monitor = Monitor([s.name for s in self.inputs], self.calibration_profile,
-                               bundle_name=str(manifest.get("name", "")), **monitor_options)
+                               bundle_name=manifest.name, **monitor_options)
         self._batch_input = dynamic_batch_input(self.inputs) or self.inputs[0].name
         self._plain_run = super().run
 
@@ -195,13 +193,13 @@ class PipelineBundle(Bundle):
         return f"PipelineBundle({str(self.path)!r}, parts={self.parts}, backend={self.backend})"
 
 
-def parse_io(path: Path, manifest: dict) -> tuple[list[TensorSpec], list[TensorSpec]]:
+def parse_io(path: Path, manifest: Manifest) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The manifest's input and output specs, refusing anything the runtime could not check feeds against."""
     source = str(path / MANIFEST_NAME)
     specs = {}
     for key in ("inputs", "outputs"):
         specs[key] = []
-        for i, d in enumerate(manifest[key]):
+        for i, d in enumerate(getattr(manifest, key)):
             try:
                 spec = TensorSpec.from_dict(d, source=source)
             except EdgemmError as exc:
@@ -219,7 +217,7 @@ def parse_io(path: Path, manifest: dict) -> tuple[list[TensorSpec], list[TensorS
     return specs["inputs"], specs["outputs"]
 
 
-def _choose_variant(path: Path, manifest: dict, wanted: str | None):
+def _choose_variant(path: Path, manifest: Manifest, wanted: str | None):
     """(manifest as the chosen variant's session sees it, Choice) for a multi-variant CPU bundle."""
     from ..hostinfo import host_isa
     from .variants import choose_variant
@@ -270,10 +268,10 @@ def _route_by_batch(path: Path, manifest, choice, session, session_options):
     return BatchRoutedSession(sessions, routes, batch_input, choice.index), named
 
 
-def _open_session(path: Path, manifest: dict, **kwargs):
+def _open_session(path: Path, manifest: Manifest, **kwargs):
     from ..backends import registry  # light: a backend's heavy imports happen inside open_session
 
-    name = manifest["backend"]["name"]
+    name = manifest.backend.name
     try:
         backend = registry.get(name)
     except InputError:

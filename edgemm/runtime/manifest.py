@@ -228,6 +228,11 @@ class Manifest:
     def from_dict(cls, document: Any, *, source: os.PathLike | str = MANIFEST_NAME) -> "Manifest":
         return _parse_manifest(document, Path(source))
 
+    @classmethod
+    def of(cls, value: Any, *, source: os.PathLike | str = MANIFEST_NAME) -> "Manifest":
+        """``value`` when it is a Manifest already, else the document validated (a session opened by hand)."""
+        return value if isinstance(value, Manifest) else cls.from_dict(value, source=source)
+
 
 def _parse_section(kind: SectionType, value: Any, path: Path | None) -> Any:
     def bad(what: str, field: str | None = None) -> BundleError:

@@ -12,7 +12,7 @@ import queue
 import numpy as np
 
 from ..errors import BundleError, DependencyError
-from .manifest import MANIFEST_NAME, safe_relpath
+from .manifest import MANIFEST_NAME, Manifest, safe_relpath
 from .ort_session import _read_verified
 
 INFERENCE_PRECISIONS = ("f32", "bf16", "f16")
@@ -30,14 +30,15 @@ def openvino_available() -> bool:
 class OpenVinoSession:
     backend = "openvino"
 
-    def __init__(self, bundle_dir, manifest: dict, *, intra_op_threads: int = 0, providers=None):
+    def __init__(self, bundle_dir, manifest: Manifest | dict, *, intra_op_threads: int = 0, providers=None):
         try:
             import openvino as ov
         except ImportError as exc:
             raise DependencyError("this bundle variant runs on OpenVINO, which is not installed",
                                   fix="pip install 'edgemm[openvino]'") from exc
         source = bundle_dir / MANIFEST_NAME
-        section = manifest["backend"]
+        manifest = Manifest.of(manifest, source=source)
+        section = manifest.backend
         rels = {}
         for key in ("model", "weights"):
             rel = section.get(key)
@@ -72,7 +73,7 @@ class OpenVinoSession:
         self.inference_precision = str(self._compiled.get_property("INFERENCE_PRECISION_HINT"))
         self._names = [port.get_any_name() for port in self._compiled.outputs]
         _check_io(self._compiled, manifest, source)
-        self._output_order = [self._names.index(o["name"]) for o in manifest["outputs"]]
+        self._output_order = [self._names.index(name) for name in manifest.output_names]
         # One infer request per concurrent caller (a request is not re-entrant); reused across calls.
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
 
@@ -89,14 +90,14 @@ class OpenVinoSession:
         return values
 
 
-def _check_io(compiled, manifest: dict, source) -> None:
+def _check_io(compiled, manifest: Manifest, source) -> None:
     """The manifest's inputs and outputs (names, dtypes, ranks) must be the model's own."""
     for key, ports in (("inputs", compiled.inputs), ("outputs", compiled.outputs)):
         by_name = {}
         for port in ports:
             for name in port.get_names():
                 by_name[name] = port
-        for i, spec in enumerate(manifest[key]):
+        for i, spec in enumerate(getattr(manifest, key)):
             port = by_name.get(spec["name"])
             if port is None:
                 raise BundleError(f"the model has no {key[:-1]} {spec['name']!r}", file=source, field=f"{key}[{i}]",

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from ..errors import BundleError, DependencyError, InputError
-from .manifest import MANIFEST_NAME, safe_relpath
+from .manifest import MANIFEST_NAME, Manifest, safe_relpath
 
 # ONNX Runtime's type strings -> the numpy dtype names manifests use
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -37,12 +37,12 @@ def _check_external_data_support(ort_version: str, model_bytes: bytes, model_pat
                           fix=f"upgrade onnxruntime to {need} or newer")
 
 
-def _read_verified(bundle_dir: Path, manifest: dict, model_rel: str, model_path: Path,
+def _read_verified(bundle_dir: Path, manifest: Manifest, model_rel: str, model_path: Path,
                    field: str = "backend.model") -> bytes:
     """A bundle file's bytes, checked against the manifest's sha256 (load() verified the files already,
     but a file could have been swapped since: hash exactly what ONNX Runtime will parse)."""
     what = "model" if field == "backend.model" else "file"
-    digest = (manifest.get("files") or {}).get(model_rel)
+    digest = manifest.files.get(model_rel)
     if not isinstance(digest, str):
         raise BundleError(f"{what} {model_rel!r} has no sha256 in the manifest", file=bundle_dir / MANIFEST_NAME,
                           field=field, fix="recompile the bundle")
@@ -57,7 +57,7 @@ def _read_verified(bundle_dir: Path, manifest: dict, model_rel: str, model_path:
     return data
 
 
-def _external_data_in_memory(bundle_dir: Path, manifest: dict, model_rel: str, model_bytes: bytes,
+def _external_data_in_memory(bundle_dir: Path, manifest: Manifest, model_rel: str, model_bytes: bytes,
                              source: Path) -> dict[str, bytes]:
     """The only external data ONNX Runtime may use: the bundle's other hashed files beside (or below)
     the model, each read once and checked against its sha256, keyed by the location a model would
@@ -69,7 +69,7 @@ def _external_data_in_memory(bundle_dir: Path, manifest: dict, model_rel: str, m
         return {}
     model_dir = PurePosixPath(model_rel).parent
     files = {}
-    for rel in manifest["files"]:
+    for rel in manifest.files:
         pure = PurePosixPath(rel)
         if rel == model_rel or (model_dir.parts and pure.parts[:len(model_dir.parts)] != model_dir.parts):
             continue
@@ -82,14 +82,15 @@ def _external_data_in_memory(bundle_dir: Path, manifest: dict, model_rel: str, m
 class OrtSession:
     backend = "onnxruntime"
 
-    def __init__(self, bundle_dir: Path, manifest: dict, *, providers: list[str] | None = None,
+    def __init__(self, bundle_dir: Path, manifest: Manifest, *, providers: list[str] | None = None,
                  intra_op_threads: int = 0):
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
             raise DependencyError("onnxruntime is not installed", fix="pip install onnxruntime") from exc
-        model_rel = manifest["backend"].get("model")
         source = bundle_dir / MANIFEST_NAME
+        manifest = Manifest.of(manifest, source=source)
+        model_rel = manifest.backend.model
         if not isinstance(model_rel, str):
             raise BundleError("missing model file name", file=source, field="backend.model",
                               fix="recompile the bundle")
@@ -129,7 +130,7 @@ class OrtSession:
                                       "its manifest; recompile the bundle") from exc
             raise BundleError(f"ONNX Runtime cannot load the model: {text}", file=model_path,
                               field="backend.model", fix="recompile the bundle, or upgrade onnxruntime") from exc
-        self._output_names = [o["name"] for o in manifest["outputs"]]
+        self._output_names = manifest.output_names
         _check_io_matches(self._session, manifest, bundle_dir / MANIFEST_NAME)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -141,18 +142,18 @@ class OrtSession:
                              fix="check the input shapes and values against `edgemm inspect BUNDLE`") from exc
 
 
-def _check_io_matches(session, manifest: dict, source: Path) -> None:
+def _check_io_matches(session, manifest: Manifest, source: Path) -> None:
     """The manifest is not hashed, so an edited one could describe other inputs than the model takes;
     check names, dtypes, ranks and static dims against the model itself."""
     model_inputs = {i.name: i for i in session.get_inputs()}
-    listed = [d["name"] for d in manifest["inputs"]]
+    listed = manifest.input_names
     if set(listed) != set(model_inputs):
         raise BundleError(f"the manifest lists inputs ({', '.join(listed)}) but the model takes "
                           f"({', '.join(model_inputs)})", file=source, field="inputs", fix="recompile the bundle")
-    for i, d in enumerate(manifest["inputs"]):
+    for i, d in enumerate(manifest.inputs):
         _check_tensor(d, model_inputs[d["name"]], source, f"inputs[{i}]")
     model_outputs = {o.name: o for o in session.get_outputs()}
-    for i, d in enumerate(manifest["outputs"]):
+    for i, d in enumerate(manifest.outputs):
         if d["name"] not in model_outputs:
             raise BundleError(f"the model has no output {d['name']!r}", file=source, field=f"outputs[{i}]",
                               fix="recompile the bundle")
@@ -176,22 +177,22 @@ def _check_tensor(spec: dict, arg, source: Path, field: str) -> None:
                               field=f"{field}.shape", fix="recompile the bundle")
 
 
-def _recorded_threads(manifest: dict, bundle_dir: Path) -> int:
+def _recorded_threads(manifest: Manifest, bundle_dir: Path) -> int:
     """The thread count the compile measured as faster (0: ORT's default); the caller's choice wins."""
-    value = manifest["backend"].get("intra_op_threads", 0)
+    value = manifest.backend.get("intra_op_threads", 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1024:
         raise BundleError(f"must be an integer from 0 to 1024, not {value!r}", file=bundle_dir / MANIFEST_NAME,
                           field="backend.intra_op_threads", fix="recompile the bundle, or set it to 0")
     return value
 
 
-def _disabled_optimizers(manifest: dict, bundle_dir: Path) -> list[str] | None:
+def _disabled_optimizers(manifest: Manifest, bundle_dir: Path) -> list[str] | None:
     """Graph optimizers the compile measured as slower for this model (e.g. ORT 1.32's CPU
     SkipLayerNormFusion on INT8 encoders): the runtime must ship what was timed."""
-    names = manifest["backend"].get("disabled_optimizers")
+    names = manifest.backend.disabled_optimizers   # a list on load (manifest.BACKEND_FIELD_TYPES)
     if names is None:
         return None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+    if not all(isinstance(n, str) for n in names):
         raise BundleError("must be a list of optimizer names", file=bundle_dir / MANIFEST_NAME,
                           field="backend.disabled_optimizers", fix="recompile the bundle")
-    return names or None
+    return list(names) or None

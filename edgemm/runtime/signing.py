@@ -438,7 +438,7 @@ def bind_manifest(bundle_dir: os.PathLike, manifest, info: SignatureInfo) -> Non
         same = False
     if not same:
         raise SecurityError("is not the signed manifest (changed while loading)", file=source, fix=fix)
-    for rel, digest in manifest["files"].items():
+    for rel, digest in manifest.files.items():
         if info.digests.get(PurePosixPath(rel).as_posix()) != digest:
             raise SecurityError(f"lists {rel!r} with a sha256 that was not signed", file=source,
                                 field=f"files.{rel}", fix=fix)

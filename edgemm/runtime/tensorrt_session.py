@@ -30,7 +30,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BundleError, DependencyError, EdgemmError, InputError
-from .manifest import MANIFEST_NAME, safe_relpath
+from .manifest import MANIFEST_NAME, Manifest, safe_relpath
 
 _LOG = logging.getLogger("edgemm.tensorrt")
 
@@ -288,7 +288,7 @@ def _host_view(ptr: int, shape, dtype: np.dtype) -> np.ndarray:
 class TensorRTSession:
     """Runs ``backend.engine`` of a bundle. ``run(feeds) -> list[np.ndarray]`` in the manifest's output order."""
 
-    def __init__(self, bundle_dir: Path, manifest: dict, *, cuda_graph: bool | None = None, device: int = 0,
+    def __init__(self, bundle_dir: Path, manifest: Manifest | dict, *, cuda_graph: bool | None = None, device: int = 0,
                  max_contexts: int | None = None, lean_runtime: str | Path | None = None):
         """``lean_runtime``: for a version-compatible engine built by another TensorRT, the path of that
         TensorRT's lean runtime library (libnvinfer_lean.so.N). It is host code: edgemm loads it only from
@@ -296,19 +296,20 @@ class TensorRTSession:
         self.bundle_dir = Path(bundle_dir)
         self._lean_runtime = None if lean_runtime is None else Path(lean_runtime)
         source = str(self.bundle_dir / MANIFEST_NAME)
-        backend = manifest.get("backend") or {}
-        if backend.get("name") != "tensorrt":
-            raise BundleError(f"backend is {backend.get('name')!r}, not tensorrt", file=source, field="backend.name")
-        engine_rel = backend.get("engine")
+        manifest = Manifest.of(manifest, source=source)
+        backend = manifest.backend
+        if backend.name != "tensorrt":
+            raise BundleError(f"backend is {backend.name!r}, not tensorrt", file=source, field="backend.name")
+        engine_rel = backend.engine
         if not engine_rel:
             raise BundleError(f"bundle {self.bundle_dir} is a portable TensorRT bundle with no engine; "
                               f"run `edgemm build {self.bundle_dir}` on the device", field="backend.engine")
         engine_path = safe_relpath(self.bundle_dir, engine_rel, source=source)
-        digest = (manifest.get("files") or {}).get(engine_rel)
+        digest = manifest.files.get(engine_rel)
         if not digest:
             raise BundleError(f"engine {engine_rel!r} has no sha256 in the manifest", file=source, field="files",
                               fix=f"rebuild it with `edgemm build {self.bundle_dir}`")
-        built = backend.get("built") or {}
+        built = backend.built or {}
         built_version, built_cc = built.get("tensorrt_version"), built.get("compute_capability")
         if not built_version or not built_cc:
             raise BundleError("the manifest does not record the TensorRT version and compute capability the "
@@ -329,7 +330,7 @@ class TensorRTSession:
         cudart = import_cudart()
         dev = cuda_device(device)
         select_device(device)
-        options = backend.get("options") or {}
+        options = backend.options or {}
         self._check_compatible(trt.__version__, dev, built, options, source)
         header = plan_version(data)
         if header is not None and not options.get("version_compatible") and not same_version(header, trt.__version__):
@@ -364,7 +365,7 @@ class TensorRTSession:
         names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
         self.input_names = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         engine_outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        wanted = [o["name"] for o in manifest.get("outputs") or []] or engine_outputs
+        wanted = manifest.output_names
         if sorted(wanted) != sorted(engine_outputs):
             raise BundleError(f"engine outputs {engine_outputs} differ from the manifest's {wanted}",
                               file=engine_path, fix=f"rebuild with `edgemm build {self.bundle_dir}`")

@@ -258,6 +258,7 @@ def _manifest(built=None, options=None) -> dict:
         "format": "edgemm-bundle", "format_version": 1, "name": "b",
         "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 4]}],
         "outputs": [{"name": "y", "dtype": "float32", "shape": ["batch", 4]}],
+        "precision": {"mode": "fp16"}, "target": {"name": "jetson-orin-nano"},
         "backend": {"name": "tensorrt", "engine": "model.engine", "options": options or {},
                     "built": {"tensorrt_version": "10.3.0.30", "compute_capability": "8.7", "gpu": "Orin",
                               **(built or {})}},
