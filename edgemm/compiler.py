@@ -466,7 +466,7 @@ def _precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_a
         metric = (task["metric"], task["outputs"]) if task else None
         return accuracy_aware(fp32, out, calib_arrays, eval_feeds, goal, target, labels=labels, metric=metric,
                               workdir=work / "accuracy-search", mode=cfg.precision if cfg.precision in
-                              ("int8", "fp8") else "int8", policy=cfg.precision_policy,
+                              precision_table.QUANTIZED else "int8", policy=cfg.precision_policy,
                               branch_overrides=_branch_overrides(cfg), int8_recipe=cfg.int8_recipe, log=say)
     if cfg.precision_policy:
         from .quant.mixed import apply_mixed

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 
 from .errors import InputError
 
-__all__ = ["PrecisionSpec", "TABLE", "ORDER", "NAMES", "UNIFORM", "QUANTIZED", "Precision", "spec",
+__all__ = ["PrecisionSpec", "TABLE", "ORDER", "NAMES", "UNIFORM", "QUANTIZED", "LOW_FLOATS", "Precision", "spec",
            "check_name", "parse", "label_of"]
 
 
@@ -57,6 +57,7 @@ ORDER: tuple[str, ...] = tuple(TABLE)
 NAMES = ORDER
 UNIFORM: tuple[str, ...] = tuple(n for n, s in TABLE.items() if s.uniform)
 QUANTIZED: tuple[str, ...] = tuple(n for n, s in TABLE.items() if s.quantized)
+LOW_FLOATS: tuple[str, ...] = tuple(n for n, s in TABLE.items() if not s.quantized and n != "fp32")  # fp16, bf16
 MIXED = "mixed"
 
 

@@ -65,9 +65,13 @@ class EngineChoice:
 
 
 def _requirements(engine: str, precision: str) -> list[str]:
-    if "bf16" in precision:
+    """The ISA features one of which a host needs to run ``precision`` ("int8", "int8+bf16") at speed."""
+    from ..precision import Precision
+
+    parts = Precision.of(precision.split("+"))
+    if parts.includes("bf16"):
         return list(X86_BF16)
-    if "int8" in precision:
+    if parts.includes("int8"):
         return sorted(INT8_DOT)
     return []
 

@@ -116,7 +116,7 @@ def resolve_policy(policy: Mapping[str, str], branches: BranchMap, backend: str,
             if requested == "fp8":
                 raise InputError(f"fp8 (branch {branch}) does not run on ONNX Runtime CPU", field="--precision",
                                  fix="use int8 for CPU targets, or a TensorRT target with compute capability >= 8.9")
-            if requested in ("fp16", "bf16"):
+            if requested in precision_table.LOW_FLOATS:
                 built = "fp32"
                 notes.append(f"{branch}: {requested} runs as fp32 on ONNX Runtime CPU (its CPU provider has few "
                              f"{requested} kernels, so casts would make the branch slower, not faster)")
@@ -205,7 +205,7 @@ def _build_tensorrt(fp32_onnx: Path, out: Path, table: dict, branches: BranchMap
 
     quant = next((v["precision"] for v in table.values() if v["precision"] in _QUANTIZED), None)
     rest = {b: v["precision"] for b, v in table.items() if v["precision"] not in _QUANTIZED}
-    low = sorted({p for p in rest.values() if p in ("fp16", "bf16")})
+    low = sorted({p for p in rest.values() if p in precision_table.LOW_FLOATS})
     fp32_branches = [b for b, p in rest.items() if p == "fp32"]
     fp32_nodes = [n for b in fp32_branches for n in branches.nodes(b)] if low else []
     excluded = [n for b in rest for n in branches.nodes(b)] if quant else []

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..modality import BRANCHES, FUSION
+from ..precision import LOW_FLOATS, QUANTIZED, UNIFORM
 from ..runtime.pipeline import PIPELINE_FORMAT, PIPELINE_VERSION
 from .graph import SplitPlan, split_onnx
 
@@ -160,14 +161,14 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
     precision = part_precision(part.name, cfg)
     out = work / f"split-{part.name}.onnx"
     notes = []
-    if cfg.precision_policy and target.backend == "onnxruntime" and precision in ("fp16", "bf16"):
+    if cfg.precision_policy and target.backend == "onnxruntime" and precision in LOW_FLOATS:
         # As for --precision without --split (quant/mixed.py): ORT's CPU provider has few FP16 kernels.
         notes.append(f"{precision} runs as fp32 on the CPU target (ONNX Runtime has few FP16 CPU kernels)")
         precision = "fp32"
     if precision == "bf16":
         precision = "fp16"
         notes.append("bf16 is built as fp16 for a split part")
-    if precision in ("int8", "fp8") and calib is None:
+    if precision in QUANTIZED and calib is None:
         raise InputError(f"part {part.name} is {precision} but no calibration data was given", field="--calib",
                          fix="pass --calib data.npz")
     say(f"  precision of {part.name}: {precision}")
@@ -235,8 +236,6 @@ def _package_part(part: str, prec, parts_dir: Path, stage: Path, target, cfg, pl
 
     device = placement.get(part, "gpu")
     options = TensorRTOptions.from_compile(cfg, target, in_specs)
-    from ..precision import UNIFORM
-
     options = options.with_(precision=prec.mode if prec.mode in UNIFORM else options.precision)
     if device.startswith("dla"):
         from ..backends.tensorrt.options import options_for_target

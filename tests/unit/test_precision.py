@@ -73,6 +73,16 @@ def test_every_module_reads_the_one_table():
     for target in targets.all_targets():
         assert set(target.precisions) <= set(precision.ORDER), target.name
     assert mixed.mixed_mode_name(["bf16", "fp32"]) == "mixed:fp32+bf16"
+    assert precision.QUANTIZED == ("int8", "fp8") and precision.LOW_FLOATS == ("fp16", "bf16")
+
+
+def test_cpu_engine_requirements_read_precisions_not_substrings():
+    from edgemm.quant.cpu_engines import X86_BF16, _requirements
+
+    assert _requirements("openvino", "int8+bf16") == list(X86_BF16)
+    assert _requirements("openvino", "fp32") == []
+    with pytest.raises(InputError):
+        _requirements("openvino", "xbf16")   # was a bf16 engine by substring
 
 
 def test_config_reads_quantized_precisions_from_the_table(tmp_path):
