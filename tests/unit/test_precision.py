@@ -108,9 +108,10 @@ def test_a_baseline_of_an_older_mixed_bundle_still_matches(tmp_path):
 
 def test_bundle_precision_reads_old_and_new_manifests():
     from edgemm.runtime import Bundle
+    from edgemm.runtime.manifest import PrecisionInfo
 
     for section in ({"mode": "mixed:fp32+int8"}, {"mode": "mixed", "precisions": ["fp32", "int8"]}):
         bundle = Bundle.__new__(Bundle)
-        bundle.manifest = {"precision": section}
+        bundle.manifest = type("M", (), {"precision": PrecisionInfo(mode=section["mode"], section=section)})()
         assert bundle.precision == "mixed:fp32+int8"
-        assert defaults_for(bundle.manifest["precision"]) == DEFAULTS["int8"]
+        assert defaults_for(section) == DEFAULTS["int8"]
