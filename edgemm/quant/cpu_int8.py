@@ -49,6 +49,22 @@ __all__ = ["Int8Recipe", "ALL_RECIPES", "candidate_recipes", "apply_recipe", "se
            "CandidateResult", "output_agreement", "run_all", "split_samples", "SESSION_VARIANTS", "cpu_session", "quiet_ort_quantizer_logs"]
 
 
+JUDGE_BATCH = 16  # samples per call when judging: the compile gate's and verify's call size (iospec.call_batch)
+
+
+def _judge_calls(feeds: list[dict], specs: dict) -> list[dict]:
+    """Held-out one-sample feeds regrouped into calls of ``JUDGE_BATCH`` samples when the batch is dynamic.
+    An output that mixes the samples of a call (a CLIP-style [B, B] similarity) is judged at the call size
+    the compile gate and verify use; one sample per call made it [1, 1], whose cosine is only its sign.
+    Calls are of equal size so that such outputs stack; a remainder is left out unless it is all there is."""
+    fixed = any(dims and dims[0] for _, dims in specs.values())
+    if fixed or len(feeds) < 2:
+        return list(feeds)
+    size = min(JUDGE_BATCH, len(feeds))
+    groups = [feeds[i:i + size] for i in range(0, len(feeds) - size + 1, size)]
+    return [{k: np.concatenate([f[k] for f in group]) for k in group[0]} for group in groups]
+
+
 # ORT session settings timed for every accurate candidate (and for FP32, so ratios stay fair); the
 # winner's non-default setting goes into the recipe as ``ort_disabled_optimizers`` for the runtime.
 # Why: ORT 1.32's CPU SkipLayerNormalization kernel ran 6x slower (2 threads; 10x on 1 thread) than the
@@ -233,6 +249,8 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
         else:
             calib_feeds, eval_feeds, split_note = split_samples(quantizer.feeds, max_calib_samples, max_eval_samples)
         quantizer.calib_feeds = calib_feeds
+        timing_feed, eval_samples = eval_feeds[0], len(eval_feeds)  # one call's feed; feeds as before grouping
+        eval_feeds = _judge_calls(eval_feeds, quantizer.specs)
         if split_note:
             say(f"warning: {split_note}")
         fp32_sess = cpu_session(quantizer.source, spinning=False)
@@ -244,7 +262,7 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
 
             min_top1 = spec("int8").min_top1_agreement
         say(f"INT8 selection: {len(candidates)} candidates, {len(calib_feeds)} calibration / "
-            f"{len(eval_feeds)} held-out feeds, min cosine {min_cosine}")
+            f"{len(eval_feeds)} held-out calls, min cosine {min_cosine}")
 
         table: list[CandidateResult] = []
         passing: list[tuple[Int8Recipe, Path, object, CandidateResult]] = []  # recipe, file, session, row
@@ -308,7 +326,7 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
 
         del fp32_sess
         fp32_ms, timed = _time_candidates(quantizer.source, [(r.name, path) for r, path, _, _ in passing],
-                                          eval_feeds[0], timing_iterations)
+                                          timing_feed, timing_iterations)
         for _, _, _, row in passing:
             row.p50_ms, row.session = timed[row.name]
             row.p50_ratio = round(row.p50_ms / fp32_ms, 4)
@@ -326,7 +344,7 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
         seconds = round(time.perf_counter() - started, 2)
         say(f"INT8 selected {chosen_recipe.name}: p50 {chosen_row.p50_ratio:.3f}x FP32, min agreement "
             f"{chosen_row.min_agreement:.5f} ({seconds:.0f} s)")
-        return Selection(chosen_recipe, chosen_path, table, round(fp32_ms, 3), min_cosine, len(eval_feeds),
+        return Selection(chosen_recipe, chosen_path, table, round(fp32_ms, 3), min_cosine, eval_samples,
                          len(calib_feeds), seconds)
     finally:
         quantizer.cleanup()

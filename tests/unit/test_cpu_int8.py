@@ -157,6 +157,18 @@ def test_search_judges_class_scores_by_top1_like_the_gate(fp32_onnx, tmp_path):
     assert "top-1 agreement" in message and "'logits'" in message and "\n" not in message
 
 
+def test_held_out_samples_are_judged_in_calls_of_the_gates_size():
+    """A [B, B] similarity judged one sample per call is [1, 1] (its cosine is only a sign: convnext_bert's
+    search read 0.9375 where the gate's calls of 16 read 0.9995); calls of 16, equal-sized, as the gate."""
+    from edgemm.quant.cpu_int8 import JUDGE_BATCH, _judge_calls
+
+    one = [{"x": np.full((1, 3), i, np.float32)} for i in range(40)]
+    calls = _judge_calls(one, {"x": (np.float32, [None, 3])})
+    assert [c["x"].shape for c in calls] == [(JUDGE_BATCH, 3)] * 2 and calls[1]["x"][0, 0] == JUDGE_BATCH
+    assert [c["x"].shape for c in _judge_calls(one[:5], {"x": (np.float32, [None, 3])})] == [(5, 3)]
+    assert _judge_calls(one, {"x": (np.float32, [1, 3])}) == one  # a fixed batch is called as it is
+
+
 def test_calibration_must_cover_every_input(fp32_onnx, tmp_path):
     data = make_data(4, seed=1)
     del data["image"]
