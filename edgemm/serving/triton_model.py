@@ -52,9 +52,11 @@ class TritonPythonModel:
         for members in groups:
             try:
                 outs = self._run([feeds[i] for i in members])
-            except Exception as exc:  # edgemm's one-line errors (shapes, ranges, NaN) go back to the client
-                for i in members:
-                    responses[i] = _error(str(exc))
+            except Exception as exc:
+                if len(members) > 1:  # one client's bad input must not fail the others merged with it
+                    groups.extend([i] for i in members)
+                    continue
+                responses[members[0]] = _error(str(exc))  # edgemm's one-line error (NaN, range, ...)
                 continue
             for i, out in zip(members, outs):
                 responses[i] = pb_utils.InferenceResponse(

@@ -88,6 +88,34 @@ def test_served_outputs_equal_the_runtime_and_metrics_count(tiny_repo, tiny_bund
         assert metric(server, "nv_inference_request_success", name) == sent
 
 
+def test_a_bad_request_fails_alone_when_merged_with_good_ones(tiny_bundle, tiny, tmp_path):
+    """The dynamic batcher merges requests into one bundle call; a request the runtime refuses (NaN) gets
+    its one-line error and the requests merged with it still get their answers."""
+    bundle = rt.load(tiny_bundle)
+    data = np.load(tiny["eval"])
+    outputs = [s.name for s in bundle.outputs]
+    repo = export_triton([tiny_bundle], tmp_path / "repository", TritonOptions(max_queue_delay_us=300_000),
+                         say=lambda m: None)
+    good = [samples(bundle, data, i, 1) for i in range(5)]
+    bad = {k: v.copy() for k, v in samples(bundle, data, 5, 1).items()}
+    floats = next(k for k, v in bad.items() if v.dtype.kind == "f")
+    bad[floats].flat[0] = np.nan
+    with TritonServer(repo, workdir=tmp_path / "work") as server:
+        def send(feeds):
+            try:
+                return infer(server, tiny_bundle.name, feeds, outputs)
+            except Exception as exc:
+                return exc
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(send, good + [bad], timeout=120))
+        assert server.statistics(tiny_bundle.name)["execution_count"] < 6   # requests were merged
+    for feeds, got in zip(good, answers):
+        assert not isinstance(got, Exception), got
+        for key, value in bundle.run(feeds).items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5)
+    assert isinstance(answers[-1], Exception) and "NaN" in str(answers[-1])
+
+
 def test_bundle_changed_after_export_is_refused_at_load(tiny_repo, tiny_bundle, tmp_path):
     import shutil
 
@@ -324,6 +352,19 @@ def test_cli_export_refusals_and_force(cli, tiny_bundle, tmp_path):
         res = cli("export", "triton", tiny_bundle, "-o", target, "--force")
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     rt.load(tiny_bundle)  # untouched
+    # a bundle already changed is refused before anything is written (never exported "as is")
+    import shutil
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    with open(tampered / "model.onnx", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    res = cli("export", "triton", tampered, "-o", tmp_path / "r3")
+    assert res.returncode == 2 and "sha256" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r3").exists()
     res = cli("export", "triton", tiny_bundle, "-o", tmp_path / "r2", "--max-batch", "65")
     assert res.returncode == 2 and "--max-batch" in res.stderr and not (tmp_path / "r2").exists()
 
