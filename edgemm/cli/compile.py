@@ -112,7 +112,7 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
     if dump_config:
         click.echo(json.dumps(cfg.to_file_dict(), indent=2))
         return 0
-    from ..compiler import compile_model
+    from ..pipeline import compile_model
 
     # Progress goes to stdout: stderr carries only the one-line error, if any.
     say = (lambda m: None) if as_json else (lambda m: click.echo(f"  {m}"))

@@ -145,7 +145,7 @@ def _input_specs(loaded, data):
         return loaded.input_specs
     if data is None:
         return None
-    from ..compiler import resolve_input_specs
+    from ..pipeline.inputs import resolve_input_specs
     from ..config import CompileConfig
     from ..data import load_dataset
 
@@ -155,7 +155,7 @@ def _input_specs(loaded, data):
 def _torch_outputs(loaded, specs, data) -> list[dict]:
     """Output names, dtypes and shapes from two runs of the model (batch 2 and 3): an axis that follows
     the batch is ``batch``."""
-    from ..compiler import sample_feeds
+    from ..pipeline.inputs import sample_feeds
     from ..data import load_dataset
     from ..iospec import dynamic_batch_input
     from ..reference import Reference
