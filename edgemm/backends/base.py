@@ -38,6 +38,9 @@ class Backend:
     sparse_kernels: bool = False  # 2:4 structured sparsity runs faster (else --sparsity is refused)
     thread_count: bool = False   # the runtime session takes ``intra_op_threads`` (CPU thread pools)
     python_package: str = ""     # what the runtime host must have installed to open its sessions
+    # Whose rows of ``quant.RECIPES`` build this backend's precisions ("" = its own name): a backend that
+    # runs the same graphs as another (e.g. ONNX Runtime under another runtime) reuses its quantizers.
+    quantizes_as: str = ""
 
     def installed(self) -> bool:
         """Whether this host can open the backend's sessions (its Python package is importable)."""
@@ -76,10 +79,3 @@ class Backend:
         if profile.tensorrt_versions or (profile.sparse_tensor_cores and not self.sparse_kernels):
             raise bad("tensorrt_versions", f"a {self.device.upper()} target has no TensorRT stack or sparse tensor "
                                            "cores")
-
-    def quantizer(self, precision: str):
-        """The precision step for ``precision`` on this backend: f(fp32_onnx, out, PrecisionRequest) ->
-        PrecisionResult, or None when the backend does not offer that precision."""
-        from ..quant import RECIPES
-
-        return RECIPES.get((self.name, precision))

@@ -197,15 +197,14 @@ RECIPES: dict[tuple[str, str], Callable[[Path, Path, PrecisionRequest], Precisio
 
 def apply_precision(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionResult:
     from ..backends import registry
-    from ..precision import ORDER
 
-    backend = registry.get(req.backend)  # its quantizer hook (by default its rows of RECIPES)
-    run = backend.quantizer(req.precision)
-    if run is None:
-        supported = [p for p in ORDER if backend.quantizer(p) is not None]
+    backend = registry.get(req.backend)
+    key = (backend.quantizes_as or backend.name, req.precision)
+    if key not in RECIPES:
+        supported = sorted(p for b, p in RECIPES if b == key[0])
         raise InputError(f"precision {req.precision} is not available for the {req.backend} backend",
                          field="precision", fix=f"use one of {', '.join(supported)}")
-    return run(fp32_onnx, out, req)
+    return RECIPES[key](fp32_onnx, out, req)
 
 
 def _jsonable(table):

@@ -34,6 +34,7 @@ class ToyBackend(Backend):
     title = "Toy CPU"
     device = "cpu"
     python_package = "onnxruntime"
+    quantizes_as = "onnxruntime"  # it runs the same graphs: ORT's precision builds
 
     def package(self, model_path, stage, target, request):
         shutil.copyfile(model_path, stage / "toy.onnx")
@@ -48,11 +49,6 @@ class ToyBackend(Backend):
         from ...runtime.toy_session import ToySession
 
         return ToySession(path, manifest, **options)
-
-    def quantizer(self, precision):
-        from ..registry import get
-
-        return get("onnxruntime").quantizer(precision)  # it runs the same graphs
 '''
 TOY_SESSION = '''
 from .ort_session import OrtSession
