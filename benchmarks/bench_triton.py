@@ -32,7 +32,7 @@ MAX_REQUESTS = 100_000
 
 
 def _zoo_bundle(work: Path, name: str) -> tuple[Path, Path]:
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.zoo.example import write_example
 

@@ -1,5 +1,6 @@
-"""Kept while callers move: the compile pipeline lives in ``edgemm/pipeline/`` (stages over one
-``Compilation``; see docs/architecture.md). New code imports from there."""
+"""Kept for code written against edgemm before #15 (every caller in this repository imports
+``edgemm.pipeline``; a test keeps it so): the compile pipeline lives in ``edgemm/pipeline/`` (stages over
+one ``Compilation``; see docs/architecture.md). To be dropped once no caller outside needs it."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def cli():
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny, tmp_path_factory):
     """An FP32 CPU bundle of the tiny model, compiled once per session (copy it before tampering)."""
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-fp32"

@@ -1,4 +1,4 @@
-"""`edgemm compile`: builds a CompileConfig and hands it to edgemm.compiler."""
+"""`edgemm compile`: builds a CompileConfig and hands it to edgemm.pipeline."""
 
 from __future__ import annotations
 

@@ -1030,7 +1030,7 @@ def build_case(spec: Spec, good: Good, root: Path) -> Case:
 def make_good(folder: Path) -> Good:
     """The tiny 2-input test model (TorchScript, .pt2, ONNX), its calibration data and an FP32 bundle."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from tests.fixtures.tiny_models import save_all
 

@@ -130,7 +130,7 @@ def test_config_with_trust_false_still_loads(tmp_path):
 
 def test_python_api_trust_is_an_explicit_argument(good, tmp_path):
     """compile_model / verify_bundle: no trust unless the caller passes it."""
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.errors import SecurityError
     from edgemm.parity.verify import verify_bundle

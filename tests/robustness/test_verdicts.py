@@ -115,7 +115,7 @@ def test_compile_on_a_full_disk_says_so(good, tmp_path):
 def test_int8_search_reports_enospc_not_accuracy(good, tmp_path, monkeypatch):
     import errno
 
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.quant import cpu_int8
 

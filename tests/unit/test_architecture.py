@@ -5,6 +5,7 @@ no module grows past ~500 lines without saying why at its top."""
 from __future__ import annotations
 
 import ast
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -218,3 +219,12 @@ def test_no_module_is_long_without_a_reason_at_its_top():
     assert sorted(set(long) - set(BEING_SPLIT)) == []
     stale = sorted(set(BEING_SPLIT) - set(long))
     assert stale == [], "these are short now (or say why they are long): drop them from BEING_SPLIT"
+
+
+def test_nothing_in_the_repository_imports_the_compiler_shim():
+    """edgemm/compiler.py only re-exports edgemm.pipeline for callers outside; ours use the pipeline."""
+    users = sorted(str(p.relative_to(ROOT)) for folder in ("edgemm", "tests", "benchmarks")
+                   for p in (ROOT / folder).rglob("*.py")
+                   if p.name != "compiler.py" and p.name != "test_architecture.py"
+                   and re.search(r"edgemm\.compiler\b|from \.+compiler import", p.read_text(encoding="utf-8")))
+    assert users == [], f"import edgemm.pipeline instead: {users}"

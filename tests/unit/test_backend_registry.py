@@ -15,9 +15,7 @@ from edgemm.errors import InputError
 EDGEMM = Path(__file__).resolve().parents[2] / "edgemm"
 # Files that still branch on a backend's name, each with the step that removes it (issue #15).
 STILL_BRANCHING = {
-    "quant/__init__.py": "RECIPES keyed by backend: becomes each backend's quantizer (arch-quant)",
     "quant/mixed.py": "per-branch planner (arch-quant)",
-    "quant/accuracy_search.py": "accuracy-search planner (arch-quant)",
     "serving/triton_config.py": "Triton platform per backend (a Backend hook for Triton when serving moves)",
     "split/build.py": "per-part packaging and placement (Backend.package per part when split moves onto it)",
     "serving/triton_repo.py": "which files a native Triton model holds, per backend (same hook)",
@@ -63,11 +61,22 @@ def test_target_profile_takes_a_registered_backend(tmp_path):
         registry.unregister("toy-npu")
 
 
+def _branching_pattern() -> re.Pattern:
+    names = "|".join(map(re.escape, registry.BACKENDS))
+    return re.compile(rf"""(==|!=|\bin\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+
+
+def test_the_still_branching_list_only_shrinks():
+    """An entry whose file no longer compares backend names is removed (so the list stays true)."""
+    pattern = _branching_pattern()
+    stale = [rel for rel in STILL_BRANCHING if not pattern.search((EDGEMM / rel).read_text(encoding="utf-8"))]
+    assert stale == [], f"no longer branching on backend names, drop from STILL_BRANCHING: {stale}"
+
+
 def test_no_backend_name_branches_outside_the_backends():
     """Callers ask the registry for the backend object (Polygraphy's backend/<name>/ layout); a new
     backend then needs no edit elsewhere."""
-    names = "|".join(map(re.escape, registry.BACKENDS))
-    pattern = re.compile(rf"""(==|!=|\bin\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+    pattern = _branching_pattern()
     offenders = []
     for path in sorted(EDGEMM.rglob("*.py")):
         rel = path.relative_to(EDGEMM).as_posix()

@@ -63,7 +63,7 @@ def build_gate_bundles(root: Path) -> dict[str, Path]:
         return paths
     import torch
 
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from tests.fixtures.tiny_models import build_tiny, make_data
 

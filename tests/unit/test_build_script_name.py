@@ -108,7 +108,7 @@ def test_unnamed_build_sh_reads_the_name_from_manifest_json(relu_onnx, tmp_path)
 
 def test_compiled_bundle_build_sh_names_the_manifest_bundle(relu_onnx, tmp_path):
     """The compile path: whatever build.sh says (header or at run time) is the manifest's name."""
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
 
     bundle = tmp_path / "b2"

@@ -244,7 +244,7 @@ def test_int8_compile_carries_the_faster_openvino_variant(tiny, tmp_path, monkey
     """Timing is the search's input: made to favour OpenVINO here, so that what is checked is what compile
     does with a winner (written, hashed, recorded with its needs, loaded by the runtime, judged by parity)."""
     pytest.importorskip("nncf")
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.parity import latency
     from edgemm.parity.latency import LatencyStats
@@ -314,7 +314,7 @@ def test_int8_candidates_are_skipped_when_openvino_float_is_far_behind(tiny_bund
 @pytest.mark.slow
 def test_when_no_ort_int8_recipe_meets_the_bar_openvino_competes_with_fp32(tiny, tmp_path, monkeypatch):
     pytest.importorskip("nncf")
-    from edgemm.compiler import compile_model
+    from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
     from edgemm.errors import ParityError
     from edgemm.parity import latency

@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("torch")
 
-from edgemm.compiler import compile_model  # noqa: E402
+from edgemm.pipeline import compile_model  # noqa: E402
 from edgemm.config import CompileConfig  # noqa: E402
 from edgemm.errors import InputError  # noqa: E402
 from edgemm import runtime as rt  # noqa: E402
