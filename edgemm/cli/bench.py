@@ -49,7 +49,7 @@ def command(bundles, reference, data, batch, iterations, warmup, reuse, as_json,
     fns = {}
     for b, path in zip(loaded, bundles):
         checked = b.check_feeds(feeds)
-        label = f"{b.manifest.get('name')} [{b.precision}] ({path})"
+        label = f"{b.manifest.name} [{b.precision}] ({path})"
         if label in fns:  # a dict would silently merge the two rows
             raise InputError("given twice", file=path, field="BUNDLES", fix="name each bundle once")
         fns[label] = (lambda bb=b, ff=checked: bb.run(ff))

@@ -25,7 +25,6 @@ def onnx_op_counts(path: Path) -> dict[str, int] | None:
 
 def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None = None) -> dict:
     from ..errors import BundleError
-    from ..precision import label_of
     from ..runtime import parse_io, signing
     from ..runtime.manifest import MANIFEST_NAME, safe_relpath
 
@@ -33,19 +32,20 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
     manifest, checked = signing.verify_before_use(path, trusted_keys, require_signature, note=False)
     source = str(path / MANIFEST_NAME)
     parse_io(path, manifest)   # malformed inputs/outputs: the runtime's one-line BundleError
-    recipe = manifest["precision"].get("recipe", {})
+    recipe = manifest.precision.section.get("recipe", {})
     if not isinstance(recipe, dict):
         raise BundleError(f"must be an object, not {type(recipe).__name__}", file=source, field="precision.recipe",
                           fix="recompile the bundle")
-    files = {rel: (path / rel).stat().st_size for rel in manifest["files"]}
-    info = {"kind": "bundle", "path": str(path), "name": manifest["name"], "inputs": manifest["inputs"],
-            "outputs": manifest["outputs"], "precision": label_of(manifest["precision"]),
+    files = {rel: (path / rel).stat().st_size for rel in manifest.files}
+    document = manifest.to_dict()   # the sections shown as written
+    info = {"kind": "bundle", "path": str(path), "name": manifest.name, "inputs": document["inputs"],
+            "outputs": document["outputs"], "precision": manifest.precision.label,
             "recipe": recipe.get("name"),
-            "target": manifest["target"].get("name"), "backend": manifest["backend"],
-            "files": files, "total_bytes": sum(files.values()), "source": manifest.get("source"),
-            "created": manifest.get("created"),
+            "target": manifest.target.name, "backend": document["backend"],
+            "files": files, "total_bytes": sum(files.values()), "source": document.get("source"),
+            "created": manifest.created,
             "signature": signing.describe(path, checked)}
-    variants = manifest.section("variants") if hasattr(manifest, "section") else manifest.get("variants")
+    variants = manifest.section("variants")
     if variants:
         from ..hostinfo import host_isa
         from ..runtime.variants import choose_variant
@@ -56,17 +56,17 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
             info["variant_here"] = choose_variant(variants, host_isa()).name
         except LookupError:
             info["variant_here"] = None
-    pipeline = manifest.get("pipeline")
+    pipeline = manifest.sections.get("pipeline")
     if pipeline:   # a split bundle: its parts, in run order (edgemm/runtime/pipeline.py)
         info["pipeline"] = {"parts": [_part_info(path, manifest, p, source) for p in pipeline["parts"]],
                             "interface": pipeline.get("interface", []),
                             "concurrent": pipeline.get("concurrent", False)}
-    field = "backend.model" if manifest["backend"].get("model") else "backend.onnx"
-    onnx_rel = manifest["backend"].get("model") or manifest["backend"].get("onnx")
+    field = "backend.model" if manifest.backend.model else "backend.onnx"
+    onnx_rel = manifest.backend.model or manifest.backend.onnx
     if onnx_rel:
         # Only a listed (hash-checked) file of the bundle is read: never a path from outside it.
         model_path = safe_relpath(path, onnx_rel, source=source, field=field)
-        if onnx_rel not in manifest["files"]:
+        if onnx_rel not in manifest.files:
             raise BundleError(f"{onnx_rel!r} is not a file of the bundle (not listed in files)", file=source,
                               field=field, fix="recompile the bundle")
         try:
@@ -86,7 +86,7 @@ def _part_info(path: Path, manifest, part: dict, source: str) -> dict:
     info = {"name": part["name"], "after": part.get("after", []), "precision": label_of(part.get("precision")),
             "placement": part.get("placement"), "inputs": [s["name"] for s in part["inputs"]],
             "outputs": [s["name"] for s in part["outputs"]], "file": rel}
-    if isinstance(rel, str) and rel in manifest["files"]:
+    if isinstance(rel, str) and rel in manifest.files:
         info["ops"] = onnx_op_counts(safe_relpath(path, rel, source=source, field="pipeline.parts"))
     return info
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -14,15 +14,18 @@ from .latency import measure_interleaved
 from .metrics import ParityAccumulator
 from .thresholds import Thresholds
 
+if TYPE_CHECKING:
+    from ..runtime.manifest import Manifest
+
 Runner = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
 def bundle_heads(bundle) -> dict[str, bool] | None:
     """The manifest's output_heads; for bundles compiled before it was recorded, read from their ONNX."""
-    heads = bundle.manifest.get("output_heads")
+    heads = bundle.manifest.output_heads
     if isinstance(heads, dict):
         return {str(k): bool(v) for k, v in heads.items()}
-    rel = bundle.manifest.get("backend", {}).get("onnx") or bundle.manifest.get("backend", {}).get("model")
+    rel = bundle.manifest.backend.model_file
     if not isinstance(rel, str) or not rel.endswith(".onnx") or not (Path(bundle.path) / rel).is_file():
         return None
     import onnx
@@ -127,17 +130,17 @@ def write_reports(bundle_dir: Path, report: dict) -> tuple[Path, Path]:
     return json_path, md_path
 
 
-def add_compile_sections(report: dict, manifest: dict) -> dict:
+def add_compile_sections(report: dict, manifest: Manifest) -> dict:
     """Sections of a bundle's report that come from its compile, not from this run: a later `edgemm
     verify` rewrites report.json/.md and must not lose them."""
-    comparison = (manifest.get("prune") or {}).get("comparison")
+    comparison = (manifest.prune or {}).get("comparison")
     if comparison:
         report["prune"] = comparison
-    recipe = (manifest.get("precision") or {}).get("recipe")
+    recipe = manifest.precision.recipe
     engines = recipe.get("engines") if isinstance(recipe, dict) else None
     if isinstance(engines, dict):   # the CPU engine search (quant/cpu_engines.py)
         report["cpu_engines"] = {"batches": engines.get("batches"), "table": engines.get("table"),
-                                 "variants": [v.get("name") for v in manifest.get("variants") or []]}
+                                 "variants": [v.get("name") for v in manifest.sections.get("variants") or []]}
     return report
 
 
@@ -159,9 +162,9 @@ def vs_original_lines(section: dict | None) -> list[str]:
     return lines
 
 
-def pruned_reference_note(manifest: dict) -> str | None:
+def pruned_reference_note(manifest: Manifest) -> str | None:
     """For a pruned bundle: its reference is the unpruned source, so outputs differ by what pruning changed."""
-    prune = manifest.get("prune") or {}
+    prune = manifest.prune or {}
     if not prune.get("structured") and not prune.get("sparsity"):
         return None
     task = (prune.get("comparison") or {}).get("task")
@@ -203,7 +206,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     batch_size = batch_size or call_batch(bundle.inputs)   # 16, or less where the bundle's range ends
     thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))
     heads = bundle_heads(bundle)
-    task = task_of(output_names, metric=metric, metric_outputs=metric_outputs, known=bundle.manifest.get("task"),
+    task = task_of(output_names, metric=metric, metric_outputs=metric_outputs, known=bundle.manifest.task,
                    heads=heads)
     wrap = instrument or (lambda role, fn: fn)
     threads = _bundle_threads(bundle)
@@ -235,9 +238,9 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     report["output_heads"] = heads
     if "latency" in report:
         report["latency"]["intra_op_threads"] = threads or "default (both)"
-    report["bundle"] = {"name": bundle.manifest.get("name"), "path": str(bundle_path),
+    report["bundle"] = {"name": bundle.manifest.name, "path": str(bundle_path),
                         "precision": bundle.precision, "backend": bundle.backend,
-                        "target": bundle.manifest["target"].get("name")}
+                        "target": bundle.manifest.target.name}
     report["data"] = {"path": str(data_path), "sha256": data.sha256, "samples": data.num_samples}
     report["reference"] = reference
     add_compile_sections(report, bundle.manifest)
@@ -269,8 +272,8 @@ def _bundle_threads(bundle) -> int | None:
     default or another backend."""
     from ..backends import registry
 
-    section = bundle.manifest.get("backend", {})
-    return registry.get(section.get("name")).runtime_threads(section)
+    section = bundle.manifest.backend.section
+    return registry.get(bundle.manifest.backend.name).runtime_threads(section)
 
 
 def _bundle_call(bundle, feeds):

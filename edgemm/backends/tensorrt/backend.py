@@ -49,19 +49,17 @@ class TensorRTBackend(Backend):
         options = TensorRTOptions.from_compile(request.config, target, request.specs)
         return package(model_path, stage, target, options, bundle_name=request.bundle_name)
 
-    def parity_runner(self, stage: Path, manifest: dict):
+    def parity_runner(self, stage: Path, manifest):
         """No GPU at compile time: the precision-marked ONNX runs on ORT CPU as an estimate, when ORT can
         run it (FP8 Q/DQ through the simulator); a split bundle part by part."""
-        if manifest.get("pipeline") is not None:
+        if manifest.sections.get("pipeline") is not None:
             from ...split.build import ort_estimate_runner
 
             return ort_estimate_runner(stage, manifest)
-        onnx_rel = manifest["backend"].get("onnx")
+        onnx_rel = manifest.backend.onnx
         if not onnx_rel:
             return None
-        from ... import precision as precision_table
-
-        if precision_table.parse(manifest["precision"]).includes("fp8"):
+        if manifest.precision.value.includes("fp8"):
             from ...quant.fp8_sim import SIMULATED_NOTE, make_runner
 
             return make_runner(stage / onnx_rel), SIMULATED_NOTE
@@ -71,7 +69,7 @@ class TensorRTBackend(Backend):
             sess = cpu_session(stage / onnx_rel)
         except Exception:  # ORT cannot run some TensorRT-only Q/DQ patterns
             return None
-        names = [o["name"] for o in manifest["outputs"]]
+        names = manifest.output_names
         return (lambda feeds: dict(zip(names, sess.run(names, dict(feeds))))), \
             "TensorRT bundle: accuracy measured by running its Q/DQ ONNX on ONNX Runtime CPU, not the engine"
 

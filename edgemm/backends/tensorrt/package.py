@@ -12,10 +12,14 @@ import json
 import shlex
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ...errors import BundleError, DependencyError, InputError
 from .options import SAME_CC_MIN_TRT, TensorRTOptions
 from .trtexec import build_script, trtexec_command
+
+if TYPE_CHECKING:
+    from ...runtime.manifest import BackendInfo, Manifest
 
 __all__ = ["package", "finish_portable_bundle", "adopt_engine", "check_options_for_target", "ONNX_NAME", "ENGINE_NAME",
            "BUILD_CONFIG_NAME", "BUILD_SCRIPT_NAME"]
@@ -168,43 +172,43 @@ def _manifest_io():
     return MANIFEST_NAME, load_manifest, sha256_file, write_json_atomic
 
 
-def _bundle_paths(bundle_dir: Path, manifest: dict, source: str) -> tuple[str, Path, str, Path, str | None]:
+def _bundle_paths(bundle_dir: Path, manifest: Manifest, source: str) -> tuple[str, Path, str, Path, str | None]:
     """The ONNX file, the engine and the build script named by ``backend``, each checked to stay inside
     the bundle (no absolute path, no "..", no symbolic link): (onnx_rel, onnx_path, engine_rel,
     engine_path, build_script_rel or None when the bundle has no listed build script)."""
     from ...runtime.manifest import UNHASHED, safe_relpath
 
-    backend = manifest["backend"]
-    onnx_rel = backend.get("onnx") or ONNX_NAME
+    backend = manifest.backend
+    onnx_rel = backend.onnx or ONNX_NAME
     onnx_path = safe_relpath(bundle_dir, onnx_rel, source=source, field="backend.onnx")
-    if onnx_rel not in manifest["files"]:
+    if onnx_rel not in manifest.files:
         raise BundleError(f"{onnx_rel!r} is not part of the bundle", file=source, field="backend.onnx",
                           fix="recompile the bundle for a TensorRT target")
-    engine_rel = backend.get("engine") or ENGINE_NAME
+    engine_rel = backend.engine or ENGINE_NAME
     engine_path = safe_relpath(bundle_dir, engine_rel, source=source, field="backend.engine")
     # The engine must not overwrite another file of the bundle (the ONNX model, the manifest, a report,
     # the build files); rebuilding replaces only the engine the manifest already records.
-    protected = (set(manifest["files"]) - {backend.get("engine")}) | set(UNHASHED) | {
-        onnx_rel, backend.get("build_config") or BUILD_CONFIG_NAME, backend.get("build_script") or BUILD_SCRIPT_NAME}
+    protected = (set(manifest.files) - {backend.engine}) | set(UNHASHED) | {
+        onnx_rel, backend.get("build_config") or BUILD_CONFIG_NAME, backend.build_script or BUILD_SCRIPT_NAME}
     if engine_rel in protected or engine_path.is_dir():
         raise BundleError(f"engine path {engine_rel!r} names another file of the bundle", file=source,
                           field="backend.engine", fix=f"set backend.engine to {ENGINE_NAME!r}, or recompile")
     if not engine_path.parent.is_dir():
         raise BundleError(f"engine path {engine_rel!r} is in a folder the bundle does not have", file=source,
                           field="backend.engine", fix=f"set backend.engine to {ENGINE_NAME!r}, or recompile")
-    script_rel = backend.get("build_script")
+    script_rel = backend.build_script
     if script_rel is not None:
         safe_relpath(bundle_dir, script_rel, source=source, field="backend.build_script")
-        if script_rel not in manifest["files"]:
+        if script_rel not in manifest.files:
             raise BundleError(f"build script {script_rel!r} is not part of the bundle", file=source,
                               field="backend.build_script", fix="recompile the bundle for a TensorRT target")
-    elif BUILD_SCRIPT_NAME in manifest["files"]:
+    elif BUILD_SCRIPT_NAME in manifest.files:
         script_rel = BUILD_SCRIPT_NAME
     return onnx_rel, onnx_path, engine_rel, engine_path, script_rel
 
 
 def _verified_tensorrt_bundle(bundle_dir: Path, trusted_keys, require_signature, *, what: str,
-                              fix: str) -> tuple[dict, str, dict]:
+                              fix: str) -> tuple[Manifest, str, BackendInfo]:
     """The bundle's signature and files checked (as ``edgemm.runtime.load`` does) before anything reads
     it, and its backend section: (manifest, manifest path for errors, backend). A bundle for another
     backend is refused with ``what`` (why it cannot be used here) and ``fix``."""
@@ -212,11 +216,11 @@ def _verified_tensorrt_bundle(bundle_dir: Path, trusted_keys, require_signature,
 
     manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
     source = str(bundle_dir / _manifest_io()[0])
-    backend = manifest["backend"]
-    if backend.get("name") != "tensorrt":
-        raise BundleError(f"bundle {bundle_dir} runs on {backend.get('name')}, {what}", file=source,
+    backend = manifest.backend
+    if backend.name != "tensorrt":
+        raise BundleError(f"bundle {bundle_dir} runs on {backend.name}, {what}", file=source,
                           field="backend.name", fix=fix)
-    if manifest.get("pipeline") is not None:
+    if manifest.sections.get("pipeline") is not None:
         # A split bundle has one engine per part (edgemm/split/build.py); recording them is not done yet.
         raise BundleError(f"bundle {bundle_dir} is split into parts (one engine each); edgemm build and "
                           "--from-engine handle single-engine bundles", file=source, field="pipeline",
@@ -237,7 +241,7 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
         bundle_dir, trusted_keys, require_signature, what="there is no engine to build",
         fix="only TensorRT bundles need `edgemm build`")
     onnx_rel, onnx_path, engine_rel, engine_path, script_rel = _bundle_paths(bundle_dir, manifest, source)
-    options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
+    options = TensorRTOptions.from_dict(backend.options or {}, source=source)
 
     from ...runtime.tensorrt_session import cuda_device, import_tensorrt, version_tuple
 
@@ -252,7 +256,7 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     want = backend.get("compute_capability")
     if want and options.hardware_compatibility != "ampere_plus" and \
             version_tuple(dev["compute_capability"]) != version_tuple(want):
-        target = (manifest.get("target") or {}).get("name", "its target")
+        target = manifest.target.name or "its target"
         raise InputError(f"bundle {bundle_dir} is for compute capability {want} ({target}) but this GPU is "
                          f"{dev['name']} (compute capability {dev['compute_capability']})", file=source,
                          field="target", fix="run `edgemm build` on the target device, or recompile for this GPU")
@@ -271,12 +275,12 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
 
 # -- edgemm build --from-engine ---------------------------------------------------------------------
 
-def _smoke_feeds(manifest: dict, options: TensorRTOptions) -> dict:
+def _smoke_feeds(manifest: Manifest, options: TensorRTOptions) -> dict:
     """Zeros of each input's opt shape (symbolic dims without a profile: 1)."""
     import numpy as np
 
     feeds = {}
-    for spec in manifest.get("inputs") or []:
+    for spec in manifest.inputs:
         shape = options.profile_shapes.get(spec["name"], (None, None, None))[1]
         if shape is None:
             shape = tuple(d if isinstance(d, int) else 1 for d in spec["shape"])
@@ -311,7 +315,7 @@ def adopt_engine(bundle_dir: Path, engine_file: Path, *, trusted_keys=None, requ
     if not engine_file.is_file():
         raise InputError("no such engine file", file=engine_file, field="--from-engine",
                          fix="pass the file build.sh wrote (its last line names it)")
-    options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
+    options = TensorRTOptions.from_dict(backend.options or {}, source=source)
     data = engine_file.read_bytes()
     trt = import_tensorrt()
     header = plan_version(data)

@@ -28,11 +28,11 @@ def refit_bundle(bundle_dir: Path, new_onnx: Path, *, trusted_keys=None, require
     manifest_name, _load, _sha, write_json_atomic = _manifest_io()
     manifest, _ = verify_before_use(bundle_dir, trusted_keys, require_signature)
     source = str(bundle_dir / manifest_name)
-    backend = manifest["backend"]
-    if backend.get("name") != "tensorrt" or not backend.get("engine"):
+    backend = manifest.backend
+    if backend.name != "tensorrt" or not backend.engine:
         raise BundleError(f"bundle {bundle_dir} has no TensorRT engine to refit", file=source, field="backend.engine",
                           fix=f"build it first with `edgemm build {bundle_dir}`")
-    options = TensorRTOptions.from_dict(backend.get("options") or {}, source=source)
+    options = TensorRTOptions.from_dict(backend.options or {}, source=source)
     if not options.refittable:
         raise BundleError("the engine was not built refittable", file=source, field="backend.options.refittable",
                           fix="recompile with refittable=True, or rebuild with the new weights")
@@ -40,11 +40,11 @@ def refit_bundle(bundle_dir: Path, new_onnx: Path, *, trusted_keys=None, require
         raise InputError("no such ONNX file", file=new_onnx, field="--refit", fix="pass the re-exported model")
     onnx_rel, onnx_path, engine_rel, engine_path, _script = _bundle_paths(bundle_dir, manifest, source)
     data = engine_path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != manifest["files"].get(engine_rel):
+    if hashlib.sha256(data).hexdigest() != manifest.files.get(engine_rel):
         raise BundleError(f"engine {engine_rel!r} does not match its sha256 in the manifest", file=engine_path,
                           fix="recopy the bundle, or rebuild it with `edgemm build`")
     trt = import_tensorrt()
-    built = backend.get("built") or {}
+    built = dict(backend.built or {})
     if str(built.get("tensorrt_version")) != trt.__version__:
         raise BundleError(f"engine was built with TensorRT {built.get('tensorrt_version')}, this machine has "
                           f"{trt.__version__}", file=source, field="backend.built.tensorrt_version",

@@ -4,9 +4,12 @@ run's outputs and timed calls. Latency is gated as the ratio bundle / anchor, ne
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ...runtime.manifest import Manifest
 
 # The latency gate times the bundle and a fixed anchor, both single-threaded, interleaved, and compares
 # the ratio of their 10th-percentile latencies with the baseline's. Measured on a shared 2-core machine:
@@ -34,9 +37,9 @@ _ANCHOR_ONNX = (
 )
 
 
-def anchor_width(bundle_dir: Path, manifest: Mapping) -> int:
+def anchor_width(bundle_dir: Path, manifest: "Manifest") -> int:
     """Anchor width whose 8 weight matrices hold about as many bytes as the bundle's files."""
-    size = sum((Path(bundle_dir) / rel).stat().st_size for rel in manifest.get("files", {})
+    size = sum((Path(bundle_dir) / rel).stat().st_size for rel in manifest.files
                if (Path(bundle_dir) / rel).is_file())
     width = int(np.sqrt(max(size, 1) / 4 / ANCHOR_DEPTH))
     return int(np.clip(width, *ANCHOR_WIDTH_RANGE))
@@ -56,7 +59,7 @@ def anchor_workload(width: int) -> Callable[[], object]:
     return lambda: session.run(None, feeds)
 
 
-def measure_gate_latency(bundle_dir, manifest: Mapping, feeds: Mapping[str, np.ndarray], width: int,
+def measure_gate_latency(bundle_dir, manifest: "Manifest", feeds: Mapping[str, np.ndarray], width: int,
                          iterations: int, warmup: int = 5, **load_options) -> tuple[dict, dict[str, np.ndarray]]:
     """Time the bundle (its own single-threaded session) and the anchor, round-robin. Returns the
     summary the gate keeps and the per-call samples in ms (for plots)."""
@@ -65,7 +68,7 @@ def measure_gate_latency(bundle_dir, manifest: Mapping, feeds: Mapping[str, np.n
 
     from ...backends import registry
 
-    options = {"intra_op_threads": 1} if registry.get(manifest["backend"]["name"]).thread_count else {}
+    options = {"intra_op_threads": 1} if registry.get(manifest.backend.name).thread_count else {}
     bundle = runtime.load(bundle_dir, **options, **load_options)
     checked = bundle.check_feeds(feeds)
     recorder = Recorder()

@@ -3,7 +3,7 @@ against the baseline's, and the latency ratio against the baseline's ratio."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -12,8 +12,11 @@ from .context import bundle_context, check_context
 from .golden import Baseline, _digest, _stats
 from .tolerances import GateTolerances
 
+if TYPE_CHECKING:
+    from ...runtime.manifest import Manifest
 
-def compare_to_baseline(baseline: Baseline, report: Mapping, manifest: Mapping,
+
+def compare_to_baseline(baseline: Baseline, report: Mapping, manifest: "Manifest",
                         outputs: list[dict[str, np.ndarray]], tolerances: GateTolerances,
                         latency: Mapping | None = None) -> dict:
     """The gate's verdict: accuracy (outputs vs golden, task metric) and latency (``measure_gate_latency`` of
@@ -51,7 +54,7 @@ def compare_to_baseline(baseline: Baseline, report: Mapping, manifest: Mapping,
         else:
             res.update(_compare_stats(name, entry, now_batches, identical, tolerances, fail))
         result["outputs"][name] = res
-    extra = [o["name"] for o in manifest["outputs"] if o["name"] not in doc["outputs"]]
+    extra = [name for name in manifest.output_names if name not in doc["outputs"]]
     if extra:
         result["notes"].append(f"outputs not in the baseline (not gated): {', '.join(extra)}")
     result["task"] = _compare_task(doc.get("task"), report.get("task"), tolerances, fail, result["notes"])

@@ -6,10 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from ...errors import InputError
 from ...precision import label_of
+
+if TYPE_CHECKING:
+    from ...runtime.manifest import Manifest
 
 
 def gpu_info() -> list[str]:
@@ -25,18 +28,18 @@ def gpu_info() -> list[str]:
     return names
 
 
-def bundle_context(manifest: Mapping) -> dict:
+def bundle_context(manifest: "Manifest") -> dict:
     """What a baseline is only valid for (backend, target, precision) plus what is worth reporting."""
     from ...hostinfo import cpu_info, versions
 
-    files = json.dumps(manifest.get("files", {}), sort_keys=True).encode()
+    files = json.dumps(dict(manifest.files), sort_keys=True).encode()
     return {
-        "backend": manifest["backend"]["name"],
-        "target": (manifest.get("target") or {}).get("name"),
-        "precision": label_of(manifest.get("precision") or {}),
-        "bundle": {"name": manifest.get("name"), "files_sha256": hashlib.sha256(files).hexdigest(),
-                   "source_sha256": (manifest.get("source") or {}).get("sha256")},
-        "compiled_with": manifest.get("versions") or {},
+        "backend": manifest.backend.name,
+        "target": manifest.target.name,
+        "precision": manifest.precision.label,
+        "bundle": {"name": manifest.name, "files_sha256": hashlib.sha256(files).hexdigest(),
+                   "source_sha256": manifest.source.sha256 if manifest.source else None},
+        "compiled_with": dict(manifest.versions),
         "runtime_versions": versions(),
         "host": {"cpu": cpu_info(), "gpu": gpu_info()},
     }

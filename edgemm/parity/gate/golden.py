@@ -9,7 +9,7 @@ import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from ...outputs import check_output_file, output_file, write_output_text
 from .anchor import ANCHOR_WIDTH_RANGE
 from .context import bundle_context
 from .schema import validate_baseline
+
+if TYPE_CHECKING:
+    from ...runtime.manifest import Manifest
 
 FORMAT = "edgemm-baseline"
 FORMAT_VERSION = 1
@@ -78,7 +81,7 @@ def _check_baseline_path(path: Path, flag: str) -> Path:
     return path
 
 
-def save_baseline(path, report: Mapping, manifest: Mapping, outputs: list[dict[str, np.ndarray]], *,
+def save_baseline(path, report: Mapping, manifest: "Manifest", outputs: list[dict[str, np.ndarray]], *,
                   batch_size: int, golden: str = "float16", latency: Mapping | None = None) -> Path:
     """Write NAME.json (+ NAME.npz unless golden == "none") from a finished verification run.
     ``latency`` is the summary from ``measure_gate_latency`` (None: no latency recorded)."""
@@ -87,7 +90,7 @@ def save_baseline(path, report: Mapping, manifest: Mapping, outputs: list[dict[s
         raise InputError(f"unknown golden mode {golden!r}", field="--golden", fix=f"use {', '.join(GOLDEN_MODES)}")
     if not outputs:
         raise InputError("the run produced no outputs to record", field="--data", fix="pass non-empty eval data")
-    names = [o["name"] for o in manifest["outputs"]]
+    names = manifest.output_names
     arrays: dict[str, np.ndarray] = {}
     entries = {}
     for j, name in enumerate(names):

@@ -56,7 +56,7 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
                                       "--weights": weights})
         if golden not in GOLDEN_MODES:
             raise InputError(f"unknown golden mode {golden!r}", field="--golden", fix=f"use {', '.join(GOLDEN_MODES)}")
-    tol = GateTolerances.for_precision(manifest["precision"], **(tolerances or {}))
+    tol = GateTolerances.for_precision(manifest.precision.value, **(tolerances or {}))
     width = anchor_width(Path(bundle), manifest)
     if loaded is not None:
         check_context(loaded.context, bundle_context(manifest), loaded.path)  # refuse early, before the work
@@ -70,7 +70,7 @@ def run_gate(bundle, data, *, baseline=None, save: str | os.PathLike | None = No
     if not batch_size:
         from ...iospec import TensorSpec, call_batch
 
-        batch_size = call_batch([TensorSpec.from_dict(d) for d in manifest["inputs"]])
+        batch_size = call_batch([TensorSpec.from_dict(d) for d in manifest.inputs])
     recorder = Recorder(keep_reference=keep_reference)
     gated = loaded is not None or save is not None
     report = verify_bundle(bundle, data, reference=reference, weights=weights, trust_pickle=trust_pickle,
