@@ -27,11 +27,11 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         require = params.get("edgemm.require_signature") == "true"
         bundle_dir = Path(args["model_repository"]) / args["model_version"] / BUNDLE_FOLDER
-        # None: the runtime's default (a signature is required whenever a key is trusted)
         # A split bundle's part (one step of a Triton ensemble): the whole bundle is copied and verified
         # (its hashes and signature cover every part), and this model runs only its part.
         part = params.get("edgemm.part")
         monitor = params.get("edgemm.monitor") == "true" and not part
+        # require_signature None: the runtime's default (a signature is required whenever a key is trusted)
         self.bundle = rt.load(bundle_dir, require_signature=True if require else None, monitor=monitor)
         self.runner = self.bundle.part(part) if part else self.bundle
         self.drift = DriftMetrics(args["model_name"], args["model_version"], [s.name for s in self.bundle.inputs]) \
