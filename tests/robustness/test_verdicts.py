@@ -117,12 +117,12 @@ def test_int8_search_reports_enospc_not_accuracy(good, tmp_path, monkeypatch):
 
     from edgemm.pipeline import compile_model
     from edgemm.config import CompileConfig
-    from edgemm.quant import cpu_int8
+    from edgemm.quant.ort_int8 import OrtInt8Quantizer
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "int8.onnx"))
 
-    monkeypatch.setattr(cpu_int8, "_build", disk_full)
+    monkeypatch.setattr(OrtInt8Quantizer, "build", disk_full)   # each recipe candidate's build (quant/ort_int8.py)
     with pytest.raises(StorageError, match="the disk is full"):
         compile_model(CompileConfig(model=str(good.onnx), precision="int8", calib=str(good.calib),
                                     output=str(tmp_path / "b")), say=lambda m: None)
