@@ -225,11 +225,12 @@ def write_manifest(c: Compilation) -> None:
     draft, c.manifest = manifest, c.writer.write_manifest(manifest)
     if cfg.split and c.backend.thread_count and cfg.tune_threads:  # CPU thread pools: parts side by side?
         from ..iospec import dynamic_batch_input
-        from ..split.build import tune_concurrency
+        from ..split.build import tune_pipeline
 
         batches = (1, 8) if dynamic_batch_input(c.specs) else (batch_of(c.specs),)
-        tuning = tune_concurrency(c.writer.stage, split.pipeline,
-                                  {b: sample_feeds(c.check_data, c.specs, b) for b in batches}, c.say)
+        tuning = tune_pipeline(c.writer.stage, split.pipeline,
+                               {b: sample_feeds(c.check_data, c.specs, b) for b in batches}, c.say)
+        draft["backend"] = {**draft["backend"], "intra_op_threads": tuning.pop("intra_op_threads")}
         draft["pipeline"] = {**split.pipeline, "concurrent": tuning.pop("concurrent"), "concurrency_tuning": tuning}
         c.manifest = c.writer.write_manifest(draft)
 

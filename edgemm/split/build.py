@@ -305,28 +305,41 @@ def ort_estimate_runner(stage: Path, manifest):
             "TensorRT split bundle: accuracy measured by running each part's ONNX on ONNX Runtime CPU, not the engines")
 
 
-def tune_concurrency(stage: Path, pipeline: dict, feeds_by_batch: Mapping[int, dict], say) -> dict:
-    """Time the staged pipeline with independent parts run one after another and concurrently (threads),
-    interleaved, at each batch; record concurrency when it was faster at every batch measured."""
+def tune_pipeline(stage: Path, pipeline: dict, feeds_by_batch: Mapping[int, dict], say) -> dict:
+    """Time the staged pipeline four ways, interleaved, at each batch: independent parts one after another
+    or concurrently (threads), each part on ONNX Runtime's default threads or on one. One thread is kept
+    when it beats the default by backends/ort/threads.MIN_GAIN at batch 1 (the rule for unsplit bundles);
+    concurrency when, on the chosen threads, it was >= 5% faster at every batch."""
+    from ..backends.ort.threads import MIN_GAIN
     from ..parity.latency import measure_interleaved_within
     from ..runtime import load
 
     towers = [p for p in pipeline["parts"] if not p["after"]]
-    if len(towers) < 2:
-        return {"concurrent": False, "note": "one independent part: nothing to run side by side"}
-    bundles = {label: load(stage, concurrent=flag) for label, flag in (("sequential", False), ("concurrent", True))}
+    ways = {"sequential": (False, 0), "sequential, 1 thread": (False, 1)}
+    if len(towers) >= 2:
+        ways.update({"concurrent": (True, 0), "concurrent, 1 thread": (True, 1)})
+    bundles = {label: load(stage, concurrent=flag, intra_op_threads=threads)
+               for label, (flag, threads) in ways.items()}
     table = {}
-    for batch, feeds in feeds_by_batch.items():
-        stats = measure_interleaved_within({k: (lambda b=b: b.run(feeds)) for k, b in bundles.items()},
-                                           budget_s=4.0, max_iterations=40)
-        table[str(batch)] = {k: round(s.p50_ms, 4) for k, s in stats.items()}
-    faster = all(row["concurrent"] < 0.95 * row["sequential"] for row in table.values())
-    for b in bundles.values():
-        b._session.close()
-    say("  branches: " + ("concurrent" if faster else "one after another") + " (p50 ms by batch: " +
-        "; ".join(f"{b}: {r['sequential']:.3f} sequential, {r['concurrent']:.3f} concurrent" for b, r in table.items())
-        + ")")
-    return {"concurrent": faster, "p50_ms": table, "rule": "concurrent when >= 5% faster at every batch"}
+    try:
+        for batch, feeds in feeds_by_batch.items():
+            stats = measure_interleaved_within({k: (lambda b=b: b.run(feeds)) for k, b in bundles.items()},
+                                               budget_s=4.0, max_iterations=40)
+            table[str(batch)] = {k: round(s.p50_ms, 4) for k, s in stats.items()}
+    finally:
+        for b in bundles.values():
+            b._session.close()
+    first = table[str(next(iter(feeds_by_batch)))]
+    one = first["sequential, 1 thread"] <= (1 - MIN_GAIN) * first["sequential"]
+    suffix = ", 1 thread" if one else ""
+    concurrent = len(towers) >= 2 and all(row["concurrent" + suffix] < 0.95 * row["sequential" + suffix]
+                                          for row in table.values())
+    say(f"  runtime: parts {'concurrent' if concurrent else 'one after another'}, "
+        f"{'1 intra-op thread' if one else 'ONNX Runtime default threads'} (p50 ms by batch: "
+        + "; ".join(f"{b}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()) for b, r in table.items()) + ")")
+    return {"concurrent": concurrent, "intra_op_threads": 1 if one else 0, "p50_ms": table,
+            "rule": f"1 thread when >= {MIN_GAIN:.0%} faster at the first batch; concurrent when >= 5% faster "
+                    "at every batch on the chosen threads"}
 
 
-__all__ = ["build_split", "parse_placement", "tune_concurrency", "SplitBuild", "FUSION"]
+__all__ = ["build_split", "parse_placement", "tune_pipeline", "ort_estimate_runner", "SplitBuild"]

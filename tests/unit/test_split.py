@@ -217,9 +217,15 @@ def test_branch_cache_bounds():
 def test_split_cross_attention_through_the_cli(zoo_examples, tmp_path, cli):
     ex = zoo_examples["cross-attention"]
     out = tmp_path / "xattn-split"
-    proc = cli("compile", ex["exported_program"], "--split", "--calib", ex["calib"], "-o", out, "--no-thread-tuning",
+    proc = cli("compile", ex["exported_program"], "--split", "--calib", ex["calib"], "-o", out,
                "--output-names", "logits")
     assert proc.returncode == 0, proc.stderr
+    # The runtime settings were timed on the staged pipeline and recorded (threads, concurrency).
+    doc = json.loads((out / "manifest.json").read_text())
+    tuning = doc["pipeline"]["concurrency_tuning"]["p50_ms"]
+    assert set(tuning["1"]) == {"sequential", "concurrent", "sequential, 1 thread", "concurrent, 1 thread"}
+    assert doc["backend"]["intra_op_threads"] in (0, 1) and isinstance(doc["pipeline"]["concurrent"], bool)
+    assert "runtime: parts" in proc.stdout
     whole = _compile(ex["exported_program"], tmp_path / "whole", calib=str(ex["calib"]), output_names="logits")
     split = rt.load(out)
     assert split.parts == ["vision", "text", "fusion"]
