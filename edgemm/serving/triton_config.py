@@ -174,6 +174,11 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
     if manifest["backend"]["name"] == "tensorrt" and kind != "gpu":
         raise _fail("a TensorRT engine runs on the GPU only", "--kind", "use --kind gpu", source)
 
+    backend = manifest["backend"]
+    if backend["name"] == "tensorrt" and (backend.get("portable") or not backend.get("engine")):
+        # neither flavor can serve it: the runtime refuses to load it too, on any server
+        raise _fail("is a portable TensorRT bundle with no engine yet", "backend.engine",
+                    "run `edgemm build BUNDLE` on the device first, then export it", source)
     batched = max_batch > 0
     config: dict = {"name": name}
     config.update(_flavor_fields(manifest, options, source))
@@ -226,9 +231,6 @@ def _flavor_fields(manifest: dict, options: TritonOptions, source) -> dict:
             fields["parameters"] = params
         return fields
     if backend["name"] == "tensorrt":
-        if backend.get("portable") or not backend.get("engine"):
-            raise _fail("is a portable TensorRT bundle with no engine yet", "backend.engine",
-                        "run `edgemm build BUNDLE` on the device first, or use --flavor edgemm", source)
         built = backend.get("built") or {}
         cc = built.get("compute_capability") or backend.get("compute_capability")
         fields = {"platform": "tensorrt_plan", "default_model_filename": PLAN_MODEL_FILE}

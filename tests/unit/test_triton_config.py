@@ -91,8 +91,9 @@ def test_native_tensorrt_engine_and_refusals():
     assert msg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert list(msg.instance_group[0].profile) == ["0", "1"]
     portable = trt_manifest(portable=True, engine=None, built=None)
-    with pytest.raises(InputError, match="backend.engine: is a portable TensorRT bundle with no engine yet"):
-        model_config("m", portable, [IMAGE], [LOGITS], TritonOptions(flavor="native"))
+    for flavor in ("native", "edgemm"):   # the runtime would refuse it on the server too
+        with pytest.raises(InputError, match="backend.engine: is a portable TensorRT bundle with no engine yet"):
+            model_config("m", portable, [IMAGE], [LOGITS], TritonOptions(flavor=flavor))
     with pytest.raises(InputError, match="--kind: a TensorRT engine runs on the GPU only"):
         model_config("m", manifest, [IMAGE], [LOGITS], TritonOptions(flavor="native", kind="cpu"))
     with pytest.raises(InputError, match="--kind: this bundle's runtime runs on the CPU"):
