@@ -16,7 +16,9 @@ A **quantizer** executes plans for one backend, and nothing else decides: ``buil
 backend has one (``quantizer_for``): ONNX Runtime CPU INT8 (``ort_int8.OrtInt8Quantizer``) and
 TensorRT's modelopt Q/DQ (``qdq.QdqQuantizer``). Adding a backend's quantizer (e.g. OpenVINO/NNCF for
 CPU): a class with the ``Quantizer`` members below, registered in ``QUANTIZERS``; every planner can then
-drive it.
+drive it. (``cpu_engines``' NNCF INT8 build, ``nncf.quantize(..., ignored_scope=...)`` with the guarded
+rung's nodes, is such a build today, called by the engine search itself: moved behind an "openvino"
+quantizer, ``--precision`` per branch and ``--accuracy-target`` could drive it too.)
 """
 
 from __future__ import annotations
