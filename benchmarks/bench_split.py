@@ -13,7 +13,8 @@ printed ratios share the machine's load:
    towers on every call (``fused.run({"image": img repeated N times, "input_ids": N prompts})``; the
    scores of the image are row 0 of its logits). That is what a fused deployment must do per frame.
 2. The split pipeline with its independent branches (vision, text) on a thread pool vs one after the
-   other (``rt.load(path, concurrent=True/False)``), at batch 1 and 8.
+   other (``rt.load(path, concurrent=True/False)``), at batch 1 and 8, with each part on ONNX Runtime's
+   default intra-op threads and on one thread (``intra_op_threads=1``).
 """
 
 from __future__ import annotations
@@ -84,13 +85,14 @@ def main() -> int:
             "fused, both towers": lambda: f_bundle.run(tiled)}, warmup=3, iterations=args.iterations)
 
         concurrency = {}
-        seq, par = rt.load(split.bundle, concurrent=False), rt.load(split.bundle, concurrent=True)
+        ways = {f"{mode}{suffix}": rt.load(split.bundle, concurrent=mode == "concurrent", intra_op_threads=threads)
+                for mode in ("sequential", "concurrent") for suffix, threads in (("", 0), (", 1 thread", 1))}
         for batch in (1, 8):
             feeds = {"image": data["image"][:batch], "input_ids": data["input_ids"][:batch]}
-            stats = measure_interleaved({"sequential": lambda: seq.run(feeds), "concurrent": lambda: par.run(feeds)},
-                                        warmup=5, iterations=args.iterations * 10)
-            concurrency[batch] = stats
-        recorded = split.manifest["pipeline"].get("concurrent")
+            concurrency[batch] = measure_interleaved({k: (lambda b=b: b.run(feeds)) for k, b in ways.items()},
+                                                     warmup=5, iterations=args.iterations * 10)
+        recorded = {"concurrent": split.manifest["pipeline"].get("concurrent"),
+                    "intra_op_threads": split.manifest["backend"].get("intra_op_threads")}
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = {
@@ -100,17 +102,20 @@ def main() -> int:
         "zero_shot_ratio_split_over_fused_p50": zero_shot["split, text cached"].p50_ms / zero_shot["fused, both towers"].p50_ms,
         "concurrency_ms": {str(b): {k: v.to_dict() for k, v in s.items()} for b, s in concurrency.items()},
         "concurrency_ratio_concurrent_over_sequential_p50": {
-            str(b): s["concurrent"].p50_ms / s["sequential"].p50_ms for b, s in concurrency.items()},
-        "compile_recorded_concurrent": recorded,
+            f"{b}{suffix}": s["concurrent" + suffix].p50_ms / s["sequential" + suffix].p50_ms
+            for b, s in concurrency.items() for suffix in ("", ", 1 thread")},
+        "compile_recorded": recorded,
     }
     z = result["zero_shot_ms"]
     print(f"zero-shot over {args.prompts} prompts, per image (p50 ms): split with text cached "
           f"{z['split, text cached']['p50_ms']:.3f}, fused recomputing both towers {z['fused, both towers']['p50_ms']:.3f}"
           f" -> ratio {result['zero_shot_ratio_split_over_fused_p50']:.4f}")
     for b, s in concurrency.items():
-        print(f"batch {b} (p50 ms): sequential {s['sequential'].p50_ms:.3f}, concurrent {s['concurrent'].p50_ms:.3f} "
-              f"-> ratio {result['concurrency_ratio_concurrent_over_sequential_p50'][str(b)]:.3f}")
-    print(f"compile chose concurrent={recorded}; load average {load}")
+        for suffix, label in (("", "ORT default threads"), (", 1 thread", "1 intra-op thread")):
+            ratio = result["concurrency_ratio_concurrent_over_sequential_p50"][f"{b}{suffix}"]
+            print(f"batch {b}, {label} (p50 ms): sequential {s['sequential' + suffix].p50_ms:.3f}, concurrent "
+                  f"{s['concurrent' + suffix].p50_ms:.3f} -> ratio {ratio:.3f}")
+    print(f"compile recorded {recorded}; load average {load}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
