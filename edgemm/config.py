@@ -41,7 +41,7 @@ SECTIONS = {
     "prune": {"ratios": "prune", "recover": "recover", "recover_lr": "recover_lr", "sparsity": "sparsity"},
     "tensorrt": {"dla": "dla", "workspace_mb": "workspace_mb", "opt_level": "opt_level",
                  "version_compatible": "version_compatible", "hardware_compatibility": "hardware_compatibility",
-                 "cuda_graph": "cuda_graph"},
+                 "cuda_graph": "cuda_graph", "refittable": "refittable", "profile_batches": "profile_batches"},
     "cpu": {"engines": "cpu_engines", "tune_threads": "tune_threads"},
     "split": {"enabled": "split", "place": "place"},
 }
@@ -84,6 +84,8 @@ class CompileConfig:
     version_compatible: bool = False
     hardware_compatibility: str = "none"
     cuda_graph: bool = False             # TensorRT runtime: replay CUDA graphs
+    refittable: bool = False             # TensorRT: weights swappable later (`edgemm build --refit NEW.onnx`)
+    profile_batches: list[str] = field(default_factory=list)  # TensorRT: one profile per MIN:OPT:MAX batch range
     force: bool = False                  # replace an existing bundle
     tune_threads: bool = True            # CPU bundles: record 1 intra-op thread when measured faster
     cpu_engines: str = "auto"            # CPU --int8: "auto" also measures OpenVINO (when installed), "onnxruntime" not
@@ -159,6 +161,27 @@ class CompileConfig:
                              fix=f"use one of {', '.join(HARDWARE_COMPATIBILITY)}")
         if self.workspace_mb is not None and self.workspace_mb < 1:
             raise InputError("must be >= 1", field="--workspace-mb", fix="e.g. --workspace-mb 1024, or leave it out")
+        tensorrt_only = [flag for flag, on in (("--refittable", self.refittable), ("--cuda-graph", self.cuda_graph),
+                                               ("--profile-batches", self.profile_batches)) if on]
+        from .backends import registry
+
+        if tensorrt_only and not registry.get(target.backend).engine_options:
+            raise InputError(f"applies to TensorRT targets; {self.target} runs {target.backend}",
+                             field=tensorrt_only[0], fix="drop it, or pick a TensorRT --target (see edgemm targets)")
+        if self.profile_batches:
+            from .backends.tensorrt.options import parse_profile_batches
+
+            batches = parse_profile_batches(self.profile_batches)
+            if not self.dynamic_batch:
+                raise InputError("needs a dynamic batch axis", field="--profile-batches", fix="drop --static-batch")
+            if self.dla:
+                raise InputError("DLA engines take one static profile", field="--profile-batches",
+                                 fix="drop --profile-batches or --dla")
+            if self.max_batch is not None and max(b[2] for b in batches) > self.max_batch:
+                raise InputError(f"a profile reaches batch {max(b[2] for b in batches)} past --max-batch "
+                                 f"{self.max_batch}", field="--profile-batches", fix="raise --max-batch")
+        if self.refittable and self.dla:
+            raise InputError("DLA engines cannot be refitted", field="--refittable", fix="drop --refittable or --dla")
         if self.place and not self.split:
             raise InputError("places the parts of a split bundle", field="--place", fix="add --split")
         if self.split:

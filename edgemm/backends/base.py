@@ -38,6 +38,8 @@ class Backend:
     sparse_kernels: bool = False  # 2:4 structured sparsity runs faster (else --sparsity is refused)
     thread_count: bool = False   # the runtime session takes ``intra_op_threads`` (CPU thread pools)
     python_package: str = ""     # what the runtime host must have installed to open its sessions
+    # Builds engines with profiles/refit/graphs (--refittable, --profile-batches, --cuda-graph; else refused)
+    engine_options: bool = False
     # Whose rows of ``quant.RECIPES`` build this backend's precisions ("" = its own name): a backend that
     # runs the same graphs as another (e.g. ONNX Runtime under another runtime) reuses its quantizers.
     quantizes_as: str = ""

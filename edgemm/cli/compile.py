@@ -59,6 +59,12 @@ from .options import FINITE_FLOAT, verbose_option
 @click.option("--version-compatible", is_flag=True, help="TensorRT version-compatible engine.")
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_cc"]), default="none",
               show_default=True, help="TensorRT hardware compatibility level.")
+@click.option("--refittable", is_flag=True,
+              help="TensorRT: build a refittable engine (new weights later with `edgemm build --refit NEW.onnx`).")
+@click.option("--profile-batches", multiple=True, metavar="MIN:OPT:MAX",
+              help="TensorRT: one optimization profile per batch range, e.g. --profile-batches 1:1:1 "
+                   "--profile-batches 8:32:64 (latency and throughput); the runtime picks per call.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT runtime: capture and replay CUDA graphs.")
 @click.option("--split", is_flag=True,
               help="One model per modality branch plus the fusion head, run as a pipeline (cached branches).")
 @click.option("--place", help="With --split on TensorRT targets: PART=DEVICE per part, e.g. vision=dla0,text=gpu.")
@@ -75,7 +81,7 @@ from .options import FINITE_FLOAT, verbose_option
 @verbose_option
 def command(model, output, name, precision, precision_spec, branch, accuracy_target, calib, eval_, target, weights, trust_pickle, inputs, dynamic,
             output_names, static_batch, max_batch, exporter, int8_recipe, exclude, min_cosine, min_top1, max_metric_drop, calib_samples, prune_spec, recover, recover_lr, sparsity, dla, workspace_mb,
-            opt_level, version_compatible, hardware_compatibility, split, place, force, no_thread_tuning, cpu_engines, config_file, dump_config,
+            opt_level, version_compatible, hardware_compatibility, refittable, profile_batches, cuda_graph, split, place, force, no_thread_tuning, cpu_engines, config_file, dump_config,
             as_json):
     """Compile MODEL (.pt TorchScript, .pt2 torch.export, .onnx, or package.module:function)."""
     from ..errors import InputError
@@ -106,7 +112,8 @@ def command(model, output, name, precision, precision_spec, branch, accuracy_tar
                             prune=prune_spec, recover=recover, recover_lr=recover_lr, sparsity=sparsity,
                             workspace_mb=workspace_mb, opt_level=opt_level,
                             version_compatible=version_compatible,
-                            hardware_compatibility=hardware_compatibility, split=split, place=place, force=force,
+                            hardware_compatibility=hardware_compatibility, refittable=refittable,
+                            profile_batches=list(profile_batches), cuda_graph=cuda_graph, split=split, place=place, force=force,
                             tune_threads=not no_thread_tuning, cpu_engines=cpu_engines)
     cfg.validate()
     if dump_config:

@@ -14,6 +14,7 @@ class TensorRTBackend(Backend):
     python_package = "tensorrt"
     device = "gpu"
     sparse_kernels = True
+    engine_options = True
 
     def check_target(self, p, bad) -> None:
         """TensorRT's facts about a GPU: compute capability decides FP8, the stack names its versions."""

@@ -162,7 +162,30 @@ class TensorRTOptions:
             opt_level=getattr(cfg, "opt_level", 3),
             version_compatible=getattr(cfg, "version_compatible", False),
             hardware_compatibility=getattr(cfg, "hardware_compatibility", "none"),
-            cuda_graph=getattr(cfg, "cuda_graph", False))
+            cuda_graph=getattr(cfg, "cuda_graph", False),
+            refittable=getattr(cfg, "refittable", False),
+            profile_batches=parse_profile_batches(getattr(cfg, "profile_batches", None) or ()))
+
+
+def parse_profile_batches(items: Sequence[str]) -> list[tuple[int, int, int]]:
+    """``--profile-batches 1:1:1 --profile-batches 8:32:64`` -> [(1, 1, 1), (8, 32, 64)]: one optimization
+    profile per entry, the batch axis at MIN:OPT:MAX, every other dynamic axis at its --dynamic range.
+    Profile 0 is the first entry (e.g. batch 1 for latency, then a throughput profile)."""
+    out = []
+    for item in items:
+        parts = str(item).split(":")
+        try:
+            triple = tuple(int(p) for p in parts)
+        except ValueError:
+            triple = ()
+        if len(triple) != 3 or not 1 <= triple[0] <= triple[1] <= triple[2]:
+            raise InputError(f"{item!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", field="--profile-batches",
+                             fix="e.g. --profile-batches 1:1:1 --profile-batches 8:32:64")
+        out.append(triple)
+    if len(set(out)) != len(out):
+        raise InputError("the same batch range is given twice", field="--profile-batches",
+                         fix="give each optimization profile once")
+    return out
 
 
 def profile_shapes_from_inputs(inputs: Sequence[Mapping], *, default_batch: tuple[int, int, int] = (1, 1, 8)
@@ -195,12 +218,62 @@ def profile_shapes_from_inputs(inputs: Sequence[Mapping], *, default_batch: tupl
     return out
 
 
+def _with_batch_range(inputs: Sequence[Mapping], batch: tuple[int, int, int]) -> list[dict]:
+    """The input specs with the symbolic ``batch`` dim's range replaced (refused past the declared one)."""
+    out = []
+    for spec in inputs:
+        spec = dict(spec)
+        ranges = dict(spec.get("ranges") or {})
+        if "batch" in spec["shape"]:
+            declared = ranges.get("batch")
+            if declared is not None and (batch[0] < declared[0] or batch[2] > declared[2]):
+                raise InputError(f"batch {batch[0]}:{batch[1]}:{batch[2]} lies outside the bundle's batch range "
+                                 f"{declared[0]}..{declared[2]}", field="--profile-batches",
+                                 fix="keep every profile inside --max-batch (or raise --max-batch)")
+            ranges["batch"] = list(batch)
+        spec["ranges"] = ranges
+        out.append(spec)
+    return out
+
+
+def _check_batch_coverage(inputs: Sequence[Mapping], batches: Sequence[tuple[int, int, int]]) -> None:
+    """Every batch size the bundle promises must fall in some profile: the runtime refuses a call that no
+    profile holds, so a gap (profiles 1:1:1 and 4:16:32 under a batch range of 1..64) is refused here."""
+    declared = next(((spec.get("ranges") or {}).get("batch") for spec in inputs
+                     if "batch" in spec["shape"] and (spec.get("ranges") or {}).get("batch")), None)
+    if declared is None:
+        return
+    lo, hi = int(declared[0]), int(declared[2])
+    covered, reach = sorted((b[0], b[2]) for b in batches), lo
+    for start, end in covered:
+        if start > reach:
+            break
+        reach = max(reach, end + 1)
+    if reach <= hi:
+        raise InputError(f"no profile holds batch {reach} of the bundle's batch range {lo}..{hi}",
+                         field="--profile-batches",
+                         fix=f"add a profile covering batch {reach}, or lower --max-batch to {reach - 1}"
+                         if reach > lo else f"add a profile starting at batch {lo}")
+
+
 def options_for_target(target, precision: str, *, dla: bool | int = False, sparse_weights: bool = False,
-                       inputs: Sequence[Mapping] = (), **overrides) -> TensorRTOptions:
+                       inputs: Sequence[Mapping] = (), profile_batches: Sequence[tuple[int, int, int]] = (),
+                       **overrides) -> TensorRTOptions:
     """Defaults a target implies: its workspace budget, DLA core 0 when ``dla`` is True, profiles from
-    the inputs' dynamic dims. ``overrides`` set any other field (opt_level, cuda_graph, ...)."""
+    the inputs' dynamic dims (one per ``profile_batches`` entry when given: the batch axis at that range).
+    ``overrides`` set any other field (opt_level, cuda_graph, ...)."""
     dla_core = None if dla is False or dla is None else (0 if dla is True else int(dla))
-    shapes = profile_shapes_from_inputs(inputs)
+    extra_profiles = ()
+    if profile_batches:
+        if not any("batch" in spec["shape"] for spec in inputs):
+            raise InputError("the model has no dynamic batch axis", field="--profile-batches",
+                             fix="drop --profile-batches (or --static-batch)")
+        _check_batch_coverage(inputs, profile_batches)
+        shapes = profile_shapes_from_inputs(_with_batch_range(inputs, profile_batches[0]))
+        extra_profiles = tuple(profile_shapes_from_inputs(_with_batch_range(inputs, b)) for b in profile_batches[1:])
+        overrides = {"extra_profiles": extra_profiles, **overrides}
+    else:
+        shapes = profile_shapes_from_inputs(inputs)
     if dla_core is not None:
         # DLA runs static shapes only: pin every dynamic input to its opt shape (logged), so a --dla
         # build never falls back to the GPU silently because of a shape range.
