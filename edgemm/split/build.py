@@ -300,7 +300,7 @@ def ort_estimate_runner(stage: Path, manifest):
         session = PipelineSession(stage, manifest, _OnnxPart, concurrent=False)
     except Exception:  # a part ORT cannot load: no estimate rather than a wrong one
         return None
-    names = [o["name"] for o in manifest["outputs"]]
+    names = manifest.output_names
     return ((lambda feeds: dict(zip(names, session.run(dict(feeds))))),
             "TensorRT split bundle: accuracy measured by running each part's ONNX on ONNX Runtime CPU, not the engines")
 
