@@ -169,7 +169,8 @@ def precision(c: Compilation) -> None:
         c.backend_section = c.split.backend
         return
     c.prec = precision_stage(c.fp32, c.work, c.cfg, c.target, c.calib_arrays, c.evald, c.loaded, c.say,
-                             held_out=c.held_out, batches=timing_batches(c.specs))
+                             held_out=c.held_out, batches=timing_batches(c.specs),
+                             judge=c.judge)
 
 
 def package(c: Compilation) -> None:

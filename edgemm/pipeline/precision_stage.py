@@ -14,7 +14,7 @@ from .sidecar import find_task
 
 
 def precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_arrays, evald, loaded, say, *,
-                     held_out=None, batches=(1,)):
+                     held_out=None, batches=(1,), judge=None):
     """One precision everywhere, one per modality branch (--precision a=b,...), or the accuracy-aware
     search (--accuracy-target). ``held_out``: calibration samples kept for judging (no --eval)."""
     from ..quant import PrecisionRequest, apply_precision
@@ -50,7 +50,22 @@ def precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_ar
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
         int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, min_top1=cfg.min_top1, dla=cfg.dla,
         exclude=exclude_patterns(cfg),
-        held_out=held_out, batches=tuple(batches), cpu_engines=cfg.cpu_engines, log=say))
+        held_out=held_out, batches=tuple(batches), cpu_engines=cfg.cpu_engines, log=say,
+        labelled=_labelled(evald, judge), task=_task_of(loaded)))
+
+
+def _labelled(evald, judge):
+    """(arrays, labels) the CPU engine search scores the task metric on: --eval, else the held-out
+    calibration samples, when they carry labels."""
+    for data in (evald, judge):
+        if data is not None and data.labels is not None:
+            return data.arrays, data.labels
+    return None
+
+
+def _task_of(loaded):
+    task = find_task(loaded)
+    return (task["metric"], task["outputs"]) if task else None
 
 
 def exclude_patterns(cfg: CompileConfig) -> list[str]:

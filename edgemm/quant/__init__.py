@@ -35,6 +35,8 @@ class PrecisionRequest:
     exclude: list[str] = field(default_factory=list)   # --exclude patterns (quant/exclusions.py)
     held_out: dict[str, np.ndarray] | None = None      # samples to judge choices on, never calibrated on
     batches: tuple[int, ...] = (1,)                     # batch sizes the bundle declares, for timing choices
+    labelled: tuple | None = None                       # (arrays, labels) to score the task metric on
+    task: tuple[str, list[str]] | None = None           # (metric, outputs) the task metric reads
     cpu_engines: str = "auto"                           # "auto": OpenVINO candidates too, when installed
     log: Callable[[str], None] = print
 
@@ -106,7 +108,8 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
         from .cpu_engines import engine_search_for
 
         engines = engine_search_for(fp32_onnx, selection, req.calib, req.held_out, batches=req.batches,
-                                    min_cosine=selection.min_cosine, exclude=req.exclude, log=req.log)
+                                    min_cosine=selection.min_cosine, exclude=req.exclude, log=req.log,
+                                    task=req.task, labelled=req.labelled)
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
               "candidates": _jsonable(selection.table)}
@@ -143,7 +146,8 @@ def _engines_without_ort_int8(fp32_onnx: Path, out: Path, req: PrecisionRequest,
 
     req.log(f"  {failure.detail}; measuring OpenVINO's candidates against the FP32 ONNX Runtime model")
     engines = engine_search_for(fp32_onnx, None, req.calib, req.held_out, batches=req.batches,
-                                min_cosine=min_cosine, exclude=req.exclude, log=req.log)
+                                min_cosine=min_cosine, exclude=req.exclude, log=req.log, task=req.task,
+                                labelled=req.labelled)
     if not engines.variants:
         raise failure
     shutil.copyfile(fp32_onnx, out)

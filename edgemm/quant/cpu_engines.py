@@ -47,6 +47,7 @@ class EngineRow:
     p50_ms: dict = field(default_factory=dict)      # batch -> ms
     p50_ratio: dict = field(default_factory=dict)   # batch -> p50 / ORT FP32 p50, same run
     score: float | None = None                      # geometric mean of p50_ratio
+    task_metric: float | None = None                # the task metric on the held-out samples, when labelled
     build_s: float | None = None
     ignored_nodes: int = 0
     note: str = ""
@@ -97,9 +98,11 @@ def _stack(feeds: Sequence[dict]) -> dict[str, np.ndarray]:
 def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, calib_feeds: Sequence[dict],
                    eval_feeds: Sequence[dict], *, batches: Sequence[int], min_cosine: float, isa: frozenset[str],
                    ignored: Sequence[str] = (), log: Callable[[str], None] = print,
-                   timing_budget_s: float = 8.0, fallback: str = "int8") -> EngineChoice:
+                   timing_budget_s: float = 8.0, fallback: str = "int8", task=None,
+                   labelled: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None) -> EngineChoice:
     """Build the OpenVINO candidates this host's ISA supports, check them against FP32 on ``eval_feeds``,
-    time them with ORT FP32 and ORT INT8 (``ort_int8_session``: cpu_session kwargs) at each batch size."""
+    time them with ORT FP32 and ORT INT8 (``ort_int8_session``: cpu_session kwargs) at each batch size.
+    ``task`` (metric, outputs) and ``labelled`` (arrays, labels): the table's task metric column."""
     from ..backends import openvino as ovb
     from ..parity.latency import measure_interleaved_within
     from ..onnx_io import cpu_session
@@ -186,12 +189,14 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
             if has_bf16:
                 plan.append(("openvino-int8-bf16-guarded", "int8+bf16", "bf16", "guarded"))
         if row.status == "ok":
-            runners[name] = lambda feed, r=request: r.infer(feed)
+            runners[name] = lambda feed, r=request: r.infer(feed).to_tuple()
             models[name] = (model, hint)
 
     if fallback != "fp32":   # else the fallback row is the reference itself
         rows.insert(0, EngineRow("onnxruntime-fp32", "onnxruntime", "fp32", [], status="reference", min_cosine=1.0))
     runners_with_ref = {"onnxruntime-fp32": lambda feed: fp32_sess.run(None, feed), **runners}
+    if task is not None and labelled is not None:
+        _score_task(rows, runners_with_ref, task, labelled, names)
     held = _stack(eval_feeds)
     for batch in batches:
         feed = _feeds_at(held, batch)
@@ -253,6 +258,29 @@ def _float_far_behind(runners: Mapping[str, Callable], ort_name: str, held: Mapp
             f"more than INT8 recovers")
 
 
+TASK_SAMPLES = 128   # labelled samples each accurate candidate runs for the task metric column
+
+
+def _score_task(rows, runners: Mapping[str, Callable], task, labelled, names: Sequence[str]) -> None:
+    """Each runnable candidate's task metric (edgemm.task, percent) on up to TASK_SAMPLES labelled samples,
+    one call per sample."""
+    from ..task import compute
+
+    metric, metric_outputs = task
+    arrays, labels = labelled
+    n = min(TASK_SAMPLES, len(labels))
+    feeds = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in arrays.items()} for i in range(n)]
+    for row in rows:
+        if row.name not in runners:
+            continue
+        runs = [[np.atleast_1d(np.asarray(o)) for o in runners[row.name](f)] for f in feeds]
+        outputs = {name: np.concatenate([r[i] for r in runs]) for i, name in enumerate(names)}
+        try:
+            row.task_metric = round(compute(metric, outputs, np.asarray(labels)[:n], list(metric_outputs)), 3)
+        except Exception:  # a metric that does not fit these outputs is a missing figure, not a failed compile
+            row.task_metric = None
+
+
 def _measured(row: EngineRow) -> dict:
     return {"p50_ratio": dict(row.p50_ratio), "score": row.score, "min_cosine": row.min_cosine}
 
@@ -309,10 +337,11 @@ def _sensitive_nodes(fp32_onnx: Path, calib_feeds: Sequence[dict]) -> list[str]:
 def format_table(rows: Sequence[Mapping], batches: Sequence[int]) -> str:
     """The candidate table (rows as ``EngineRow.to_dict()``, or as the manifest stores them) for the
     compile log and report.md."""
+    with_task = any(r.get("task_metric") is not None for r in rows)
     head = "| candidate | needs one of | " + " | ".join(f"p50/FP32 b{b}" for b in batches) + \
-        " | min cosine | build s | status |"
+        " | min cosine | " + ("task metric | " if with_task else "") + "build s | status |"
     lines = ["CPU engine candidates (p50 ratio to ONNX Runtime FP32, same run):", head,
-             "|" + "---|" * (len(batches) + 5)]
+             "|" + "---|" * (len(batches) + 5 + with_task)]
     for r in rows:
         ratio = r.get("p50_ratio") or {}
         ratios = " | ".join(f"{ratio[str(b)]:.3f}" if str(b) in ratio else "–" for b in batches)
@@ -320,13 +349,15 @@ def format_table(rows: Sequence[Mapping], batches: Sequence[int]) -> str:
         cos = f"{r['min_cosine']:.5f}" if r.get("min_cosine") is not None else "–"
         build = f"{r['build_s']:.1f}" if r.get("build_s") is not None else "–"
         status = str(r.get("status")) + (f" ({str(r['note'])[:80]})" if r.get("note") else "")
-        lines.append(f"| {r.get('name')} | {need} | {ratios} | {cos} | {build} | {status} |")
+        task = (f"{r['task_metric']:.2f} | " if r.get("task_metric") is not None else "– | ") if with_task else ""
+        lines.append(f"| {r.get('name')} | {need} | {ratios} | {cos} | {task}{build} | {status} |")
     return "\n".join(lines)
 
 
 def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray],
                       held_out: Mapping[str, np.ndarray] | None, *, batches: Sequence[int], min_cosine: float,
-                      exclude: Sequence[str] = (), log: Callable[[str], None] = print) -> EngineChoice:
+                      exclude: Sequence[str] = (), log: Callable[[str], None] = print, task=None,
+                      labelled: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None) -> EngineChoice:
     """search_engines on the samples cpu_int8.select_recipe used: its calibration feeds and held-out feeds.
     ``selection``: select_recipe's result (its model is the ORT INT8 fallback), or None when no ORT INT8
     recipe met the bar: the FP32 model is then the fallback, and OpenVINO's candidates compete with it
@@ -349,13 +380,16 @@ def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray
         calib_feeds, eval_feeds, _ = split_samples(feeds, n_calib, n_eval)
     ignored = resolve_exclude(model, exclude) if exclude else []
     del model
+    scoring = {"task": task, "labelled": labelled}
     if selection is None:
         log(f"CPU engine search: OpenVINO candidates for this host against ONNX Runtime FP32, "
             f"batch {', '.join(map(str, batches))}")
         return search_engines(fp32_onnx, fp32_onnx, {}, calib_feeds, eval_feeds, batches=batches,
-                              min_cosine=min_cosine, isa=host_isa(), ignored=ignored, log=log, fallback="fp32")
+                              min_cosine=min_cosine, isa=host_isa(), ignored=ignored, log=log, fallback="fp32",
+                              **scoring)
     disabled = selection.recipe.params.get("ort_disabled_optimizers") or ()
     log(f"CPU engine search: OpenVINO candidates for this host against ONNX Runtime INT8 "
         f"({selection.recipe.name}), batch {', '.join(map(str, batches))}")
     return search_engines(fp32_onnx, selection.path, {"disabled_optimizers": disabled}, calib_feeds, eval_feeds,
-                          batches=batches, min_cosine=min_cosine, isa=host_isa(), ignored=ignored, log=log)
+                          batches=batches, min_cosine=min_cosine, isa=host_isa(), ignored=ignored, log=log,
+                          **scoring)

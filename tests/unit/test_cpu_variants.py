@@ -346,3 +346,21 @@ def test_when_no_ort_int8_recipe_meets_the_bar_openvino_competes_with_fp32(tiny,
         compile_model(CompileConfig(model=str(tiny["torchscript"]), output=str(tmp_path / "c"),
                                     calib=str(tiny["calib"]), precision="int8", tune_threads=False,
                                     min_cosine=0.98), say=lambda m: None)
+
+
+@pytest.mark.slow
+def test_engine_table_has_the_task_metric_when_eval_is_labelled(tmp_path, cli):
+    pytest.importorskip("nncf")
+    res = cli("example", "dual-encoder", "-o", tmp_path / "de")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "b"
+    res = cli("compile", tmp_path / "de" / "model.pt", "--int8", "--calib", tmp_path / "de" / "calib.npz",
+              "--eval", tmp_path / "de" / "eval.npz", "-o", out, "--no-thread-tuning")
+    assert res.returncode == 0, res.stderr
+    assert "| task metric |" in res.stdout
+    table = json.loads((out / "manifest.json").read_text())["precision"]["recipe"]["engines"]["table"]
+    scored = {r["name"]: r["task_metric"] for r in table if r.get("task_metric") is not None}
+    # recall@1 on 128 labelled --eval samples, for the reference and every candidate that ran
+    assert {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32"} <= set(scored)
+    assert all(0 <= v <= 100 for v in scored.values()) and scored["onnxruntime-fp32"] > 90
+    assert "| task metric |" in (out / "report.md").read_text()
