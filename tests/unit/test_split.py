@@ -193,6 +193,23 @@ def test_an_edited_pipeline_section_is_refused_in_one_line(dual, tmp_path):
     assert "pipeline" in doc["requires"]   # an edgemm that does not know the section refuses the bundle
 
 
+def test_the_pipeline_runtime_is_torch_free(dual, tmp_path):
+    import subprocess
+    import sys
+
+    np.savez(tmp_path / "in.npz", **dual["feeds"])
+    code = ("import sys, numpy as np, edgemm.runtime as rt\n"
+            f"b = rt.load({str(dual['split'])!r}); f = dict(np.load({str(tmp_path / 'in.npz')!r}))\n"
+            "t = b.part('text').run({'input_ids': f['input_ids']}); b.enable_cache()\n"
+            "b.run({'image': f['image']}, reuse={'text': t}); b.run(f)\n"
+            "bad = [m for m in ('torch', 'onnx', 'edgemm.split', 'edgemm.pipeline') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path), env={**__import__("os").environ, "PYTHONPATH": str(
+                              __import__("pathlib").Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_branch_cache_bounds():
     cache = BranchCache(max_entries=2, max_bytes=100)
     arr = np.zeros(10, np.float32)   # 40 bytes
