@@ -20,7 +20,7 @@ from . import variants as _variants  # noqa: F401  (registers the "variants" man
 from . import pipeline as _pipeline  # noqa: F401  (registers the "pipeline" manifest section)
 from .manifest import MANIFEST_NAME, Manifest, load_manifest
 
-__all__ = ["load", "Bundle", "MonitoredBundle", "PipelineBundle"]
+__all__ = ["load", "Bundle", "MonitoredBundle", "PipelineBundle", "MonitoredPipelineBundle"]
 log = logging.getLogger("edgemm")
 
 
@@ -193,6 +193,16 @@ class PipelineBundle(Bundle):
         return f"PipelineBundle({str(self.path)!r}, parts={self.parts}, backend={self.backend})"
 
 
+class MonitoredPipelineBundle(MonitoredBundle, PipelineBundle):
+    """A split bundle loaded with ``monitor=True``: monitored like any bundle and keeps ``part``,
+    ``reuse`` and the branch cache (inputs left out for a reused part are simply not measured)."""
+
+    def run(self, feeds: Mapping[str, np.ndarray], reuse: Mapping[str, dict] | None = None) -> dict[str, np.ndarray]:
+        from .monitor import timed_run
+
+        return timed_run(self.monitor, lambda f: self._plain_run(f, reuse=reuse), feeds, self._batch_input)
+
+
 def parse_io(path: Path, manifest: Manifest) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The manifest's input and output specs, refusing anything the runtime could not check feeds against."""
     source = str(path / MANIFEST_NAME)
@@ -339,8 +349,11 @@ def load(path: os.PathLike, *, trusted_keys=None, require_signature: bool | None
             raise
         # Backend errors (missing TensorRT, no engine, ...) are about this bundle: say which one.
         raise type(exc)(exc.detail, file=path / MANIFEST_NAME, field=exc.field or "backend", fix=exc.fix) from exc
-    bundle = (MonitoredBundle(path, manifest, session, signed, **monitor_options) if monitor
-              else (PipelineBundle if split else Bundle)(path, manifest, session, signed))
+    if monitor:
+        monitored = MonitoredPipelineBundle if split else MonitoredBundle
+        bundle = monitored(path, manifest, session, signed, **monitor_options)
+    else:
+        bundle = (PipelineBundle if split else Bundle)(path, manifest, session, signed)
     bundle.variant, bundle.variant_choice = (choice.name, choice) if choice else (None, None)
     bundle.variant_routes = routes   # {batch: variant} when calls go to the variant fastest at their size
     return bundle

@@ -101,6 +101,21 @@ def test_reuse_and_part_errors_are_one_line(dual):
         split.part("text").run({"image": feeds["image"]})
 
 
+def test_a_monitored_split_bundle_keeps_parts_reuse_and_cache(dual):
+    """load(monitor=True) on a split bundle: monitored, and part()/reuse=/enable_cache still there."""
+    split = rt.load(dual["split"], monitor=True)
+    feeds = dual["feeds"]
+    assert isinstance(split, rt.PipelineBundle) and split.parts == ["vision", "text", "fusion"]
+    full = split.run(feeds)
+    text = split.part("text").run({"input_ids": feeds["input_ids"]})
+    assert _max_err(split.run({"image": feeds["image"]}, reuse={"text": text}), full) == 0.0
+    split.enable_cache()
+    split.run(feeds)
+    stats = split.stats()
+    assert stats["calls"] == 3 and stats["errors"] == 0 and stats["batch_sizes"] == {8: 3}
+    assert stats["inputs"]["input_ids"]["values"] == 2 * feeds["input_ids"].size   # not measured when reused
+
+
 def test_branch_cache_counts_hits_and_is_thread_safe(dual):
     split = rt.load(dual["split"])
     cache = split.enable_cache(max_entries=8, max_bytes=1 << 20)
