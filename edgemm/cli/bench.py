@@ -66,11 +66,17 @@ def command(bundles, reference, data, batch, iterations, warmup, reuse, as_json,
 
         ref = Reference(load_model(reference), [s.name for s in first.inputs])  # timing only: names unused
         fns[f"reference ({reference})"] = ref.callable_for(feeds)
+    host = host_context()
+    if host["jetson"] is not None and host["jetson"].get("clocks_locked") is False:
+        # TensorRT Best Practices, "Performance Benchmarking": lock the clocks before timing on a Jetson.
+        click.echo(f"warning: GPU clocks are not locked (power mode {host['jetson'].get('power_mode') or 'unknown'}): "
+                   "timings vary from run to run; lock them first: sudo nvpmodel -m <mode> && sudo jetson_clocks",
+                   err=True)
     stats = measure_interleaved(fns, warmup=warmup, iterations=iterations)
     base = next(iter(stats.values())).p50_ms
     rows = [{"name": k, **v.to_dict(), "p50_ratio_to_first": v.p50_ms / max(base, 1e-12)} for k, v in stats.items()]
     if as_json:
-        click.echo(json.dumps({"batch": batch, "iterations": iterations, "results": rows}, indent=2))
+        click.echo(json.dumps({"batch": batch, "iterations": iterations, "host": host, "results": rows}, indent=2))
         return 0
     click.echo(f"{'candidate':60s} {'p50 ms':>9s} {'p90 ms':>9s} {'p99 ms':>9s} {'p50 ratio':>10s}")
     for r in rows:
@@ -78,7 +84,27 @@ def command(bundles, reference, data, batch, iterations, warmup, reuse, as_json,
                    f"{r['p50_ratio_to_first']:10.3f}")
     click.echo(f"(batch {batch}, {iterations} interleaved iterations after {warmup} warm-up; ratios are the "
                "figures to trust on a noisy machine)")
+    click.echo(f"host: {host_line(host)}")
     return 0
+
+
+def host_context() -> dict:
+    """What the figures were measured on: the CPU and its ISA, and on a Jetson its power mode and whether
+    the GPU clocks were locked (standard library probes only; unknown fields are None)."""
+    from ..backends.tensorrt.jetson import jetson_state
+    from ..hostinfo import cpu_info
+
+    return {"cpu": cpu_info(), "jetson": jetson_state()}
+
+
+def host_line(host: dict) -> str:
+    cpu = host["cpu"]
+    line = f"{cpu['model']} ({cpu['machine']}; {', '.join(cpu['isa']) or 'no SIMD features known'})"
+    jetson = host.get("jetson")
+    if jetson is not None:
+        locked = {True: "locked", False: "NOT locked", None: "unknown"}[jetson.get("clocks_locked")]
+        line += f"; Jetson {jetson.get('release')}, power mode {jetson.get('power_mode') or 'unknown'}, GPU clocks {locked}"
+    return line
 
 
 def _check_batch(bundle, path, batch: int) -> None:

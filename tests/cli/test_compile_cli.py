@@ -160,3 +160,27 @@ def test_compile_json_prints_the_manifest_it_wrote(cli, tiny, tmp_path):
     assert printed["manifest"]["format_version"] >= 2 and printed["bundle"] == str(out)
     summary = cli("compile", tiny["torchscript"], "--calib", tiny["calib"], "-o", out, "--force")
     assert summary.returncode == 0 and "precision fp32 (" in summary.stdout and "backend onnxruntime" in summary.stdout
+
+
+def test_bench_names_the_host_and_warns_on_unlocked_jetson_clocks(tiny_bundle, monkeypatch):
+    """Figures are only comparable on the same host state: bench prints the CPU ISA, and on a Jetson the
+    power mode and whether the GPU clocks were locked (TensorRT Best Practices), warning when not."""
+    from click.testing import CliRunner
+
+    from edgemm.backends.tensorrt import jetson
+    from edgemm.cli.main import cli as main
+
+    args = ["bench", str(tiny_bundle), "--iterations", "2", "--warmup", "0"]
+    monkeypatch.setattr(jetson, "jetson_state", lambda: None)
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 0, plain.output
+    assert "host: " in plain.output and "Jetson" not in plain.output and "warning" not in plain.output
+    state = {"release": "# R36 (release), REVISION: 4.0", "power_mode": "15W", "clocks_locked": False,
+             "gpu_clock": {"min_hz": 306000000, "max_hz": 918000000, "cur_hz": 306000000}}
+    monkeypatch.setattr(jetson, "jetson_state", lambda: state)
+    res = CliRunner().invoke(main, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    assert "warning: GPU clocks are not locked (power mode 15W)" in res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["host"]["jetson"] == state and report["host"]["cpu"]["isa"] == \
+        __import__("edgemm.hostinfo", fromlist=["cpu_info"]).cpu_info()["isa"]
