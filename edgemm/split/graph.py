@@ -29,6 +29,8 @@ from ..errors import InputError
 from ..modality import FUSION, MODALITIES, order_branches
 
 MIN_TOWER_COMPUTE = 2
+# One of these is a tower by itself (a one-layer GRU text encoder does several MatMuls per step inside).
+_TOWER_BY_ITSELF = ("LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention")
 _SHAPE_ONLY = ("Shape", "Size")
 
 
@@ -88,7 +90,7 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
     compute = defaultdict(int)
     for name, branch in bmap.branch_of.items():
         if name in data_nodes and bmap.op_of[name] in COMPUTE_OPS:
-            compute[branch] += 1
+            compute[branch] += MIN_TOWER_COMPUTE if bmap.op_of[name] in _TOWER_BY_ITSELF else 1
     towers = [b for b in MODALITIES if compute[b] >= MIN_TOWER_COMPUTE]
     if not towers:
         _refuse_unsplittable(bmap, compute, towers)
@@ -117,6 +119,9 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
     if not towers:
         _refuse_unsplittable(bmap, compute, towers)
     names = order_branches(set(towers) | ({FUSION} if FUSION in part_of.values() else set()))
+    if len(names) < 2:   # e.g. two towers of one modality sharing an embedding: one part, nothing cut
+        raise InputError(f"every node falls in one part ({names[0]}): nothing to split", field="--split",
+                         fix="compile without --split, or name a second tower with --branch BRANCH=MODULE_PATTERN")
 
     # Free nodes serve the parts their consumers are in (or serve).
     consumers: dict[str, list] = defaultdict(list)

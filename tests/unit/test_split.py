@@ -343,6 +343,69 @@ def test_split_graph_cuts_towers_and_refuses_early_fusion(tmp_path):
     assert "\n" not in str(err.value) and "vision: 1" in str(err.value)
 
 
+def _graph(nodes, inputs, inits):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT if n == "image" else
+                                                                         TensorProto.INT64, ["batch", 4])
+                                           for n in inputs],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_one_layer_gru_text_tower_is_a_part_of_its_own(tmp_path):
+    """A GRU is a tower by itself (it was counted as one compute node and fell into fusion)."""
+    import onnx
+    from onnx import helper
+
+    from edgemm.split.graph import split_onnx
+
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = {"w0": f(4, 4), "w1": f(4, 4), "table": f(16, 4), "W": f(1, 12, 4), "R": f(1, 12, 4),
+             "axes": np.array([0], np.int64)}
+    nodes = [helper.make_node("MatMul", ["image", "w0"], ["v1"], name="v1"),
+             helper.make_node("MatMul", ["v1", "w1"], ["v"], name="v2"),
+             helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
+             helper.make_node("Transpose", ["t3"], ["seq"], name="tseq", perm=[1, 0, 2]),
+             helper.make_node("GRU", ["seq", "W", "R"], ["y", "h"], name="gru", hidden_size=4),
+             helper.make_node("Squeeze", ["h", "axes"], ["t"], name="sq"),
+             helper.make_node("Concat", ["v", "t"], ["logits"], name="join", axis=1)]
+    onnx.save(_graph(nodes, ["image", "input_ids"], inits), str(tmp_path / "gru.onnx"))
+    feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64)} for b in (2, 3)]
+    plan = split_onnx(tmp_path / "gru.onnx", tmp_path / "parts", samples=feeds)
+    assert plan.names == ["vision", "text", "fusion"]
+    assert plan.part("text").inputs == ["input_ids"]
+
+
+def test_two_towers_of_one_modality_are_refused_not_split_into_one_part(tmp_path):
+    """Query and document towers sharing an embedding are both 'text': one part, nothing to split."""
+    import onnx
+    from onnx import helper
+
+    from edgemm.split.graph import split_onnx
+
+    rng = np.random.default_rng(0)
+    inits = {n: rng.standard_normal((4, 4)).astype(np.float32) for n in ("w0", "w1", "w2", "w3")}
+    inits["table"] = rng.standard_normal((16, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "query_ids"], ["q0"], name="qe"),
+             helper.make_node("ReduceMean", ["q0"], ["q1"], name="qp", keepdims=0, axes=[1]),
+             helper.make_node("MatMul", ["q1", "w0"], ["q2"], name="q2"),
+             helper.make_node("MatMul", ["q2", "w1"], ["q"], name="q3"),
+             helper.make_node("Gather", ["table", "doc_ids"], ["d0"], name="de"),
+             helper.make_node("ReduceMean", ["d0"], ["d1"], name="dp", keepdims=0, axes=[1]),
+             helper.make_node("MatMul", ["d1", "w2"], ["d2"], name="d2"),
+             helper.make_node("MatMul", ["d2", "w3"], ["d"], name="d3"),
+             helper.make_node("Mul", ["q", "d"], ["logits"], name="score")]
+    onnx.save(_graph(nodes, ["query_ids", "doc_ids"], inits), str(tmp_path / "two.onnx"))
+    feeds = [{"query_ids": np.full((b, 4), 3, np.int64), "doc_ids": np.full((b, 4), 2, np.int64)} for b in (2, 3)]
+    with pytest.raises(InputError, match=r"one part \(text\): nothing to split"):
+        split_onnx(tmp_path / "two.onnx", tmp_path / "parts", samples=feeds)
+    assert not (tmp_path / "parts").exists() or not any((tmp_path / "parts").iterdir())
+
+
 def test_placement_is_checked_against_the_target(tmp_path):
     from edgemm import targets
     from edgemm.split.build import parse_placement
