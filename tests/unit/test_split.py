@@ -141,6 +141,7 @@ def test_branch_cache_counts_hits_and_is_thread_safe(dual):
     assert cache.stats()["entries"] == 4 and cache.stats()["misses"] == 4
 
 
+@pytest.mark.slow   # five CLI runs: ~45 s on the shared 2 cores
 def test_verify_inspect_bench_understand_split_bundles(dual, zoo_examples, tmp_path, cli):
     ex = zoo_examples["dual-encoder"]
     proc = cli("verify", dual["split"], "--reference", ex["exported_program"], "--data", ex["eval"],
