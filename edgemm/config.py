@@ -188,7 +188,15 @@ class CompileConfig:
             if self.place:
                 from .split.build import parse_placement
 
-                parse_placement(self.place, target)
+                placed = parse_placement(self.place, target)
+                on_dla = sorted(part for part, device in placed.items() if device.startswith("dla"))
+                # The same refusals as --dla on a whole model: a DLA part would drop them silently.
+                if on_dla and self.profile_batches:
+                    raise InputError(f"DLA engines take one static profile (part {', '.join(on_dla)} on DLA)",
+                                     field="--profile-batches", fix="drop --profile-batches or the DLA placement")
+                if on_dla and self.refittable:
+                    raise InputError(f"DLA engines cannot be refitted (part {', '.join(on_dla)} on DLA)",
+                                     field="--refittable", fix="drop --refittable or the DLA placement")
             for flag, value in (("--accuracy-target", self.accuracy_target), ("--exclude", self.exclude)):
                 if value:
                     raise InputError("is not available with --split yet (each part is quantized on its own)",

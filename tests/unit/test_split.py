@@ -424,6 +424,14 @@ def test_placement_is_checked_against_the_target(tmp_path):
     with pytest.raises(InputError, match="not available with --split"):
         CompileConfig(model="m.pt2", split=True, precision="int8", calib="c.npz",
                       accuracy_target="cosine>=0.99").validate()
+    # A DLA part refuses what --dla refuses on a whole model (it used to drop them silently for that part).
+    orin = dict(model="m.pt2", split=True, precision="fp16", target="jetson-agx-orin", place="vision=dla0")
+    CompileConfig(**orin).validate()
+    with pytest.raises(InputError, match=r"one static profile \(part vision on DLA\)"):
+        CompileConfig(**orin, profile_batches=["1:4:16", "16:32:64"]).validate()
+    with pytest.raises(InputError, match=r"cannot be refitted \(part vision on DLA\)"):
+        CompileConfig(**orin, refittable=True).validate()
+    CompileConfig(**{**orin, "place": "vision=gpu"}, refittable=True, profile_batches=["1:4:64"]).validate()
 
 
 def test_tensorrt_split_bundle_builds_one_engine_per_part_with_its_placement(zoo_examples, tmp_path):
