@@ -61,9 +61,9 @@ def drift_report(bundle, dataset, *, batch_size: int) -> dict:
         finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
         f["data_range"] = [_plain(finite.min()), _plain(finite.max())] if finite.size else None
     outputs = {}
-    for probe in out_probes:
+    for probe in out_probes:   # no output measured (every call refused): a fraction of nothing is unknown
         n, out, nonfinite = out_counts[probe.name]
-        outputs[probe.name] = {"values": n, "out_of_range_fraction": (out / n if n else 0.0) if probe.has_range
+        outputs[probe.name] = {"values": n, "out_of_range_fraction": (out / n if n else None) if probe.has_range
                                else None, "nonfinite": nonfinite,
                                "range": [probe.low, probe.high] if probe.has_range else None}
     return {"bundle": str(bundle.path), "samples": dataset.num_samples, "batch_size": batch_size,

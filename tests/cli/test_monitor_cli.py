@@ -55,6 +55,19 @@ def test_nan_and_unknown_tokens_are_reported(cli, tiny_bundle, tmp_path):
     assert any(f.startswith("input_ids:") and "embedding table" in f for f in report["failures"])
 
 
+def test_outputs_of_refused_calls_are_not_reported_as_in_range(cli, tiny_bundle, tmp_path):
+    """Every call refused (NaN in the only batch): no output was measured, so its fraction is unknown
+    (it read 0.00%, as if the outputs had been checked and found in range)."""
+    data = make_data(8, seed=11)
+    data["image"][0, 0, 0, 0] = np.nan
+    path = _save(tmp_path / "nan.npz", data)
+    report = json.loads(cli("monitor", tiny_bundle, "--data", path, "--json").stdout)
+    assert report["stats"]["errors"] == report["stats"]["calls"] == 1
+    assert all(o["values"] == 0 and o["out_of_range_fraction"] is None for o in report["outputs"].values())
+    text = cli("monitor", tiny_bundle, "--data", path).stdout
+    assert "0.00%" not in text.split("output (vs FP32")[1]
+
+
 def test_bundle_without_profile_says_drift_is_unknown(cli, tiny_bundle, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_bundle, old)
