@@ -177,7 +177,10 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
         precision=precision, backend=target.backend, workdir=_fresh(work / f"split-prec-{part.name}"),
         calib={n: calib[n] for n in names} if calib is not None else None, int8_recipe=cfg.int8_recipe,
         min_cosine=cfg.min_cosine, dla=placement.get(part.name, "gpu").startswith("dla"),
-        held_out={n: held[n] for n in names} if held is not None else None, log=lambda m: say("    " + m))
+        held_out={n: held[n] for n in names} if held is not None else None, log=lambda m: say("    " + m),
+        # A part is packaged as its ONNX Runtime model only (no per-part engine variants yet): building
+        # and timing OpenVINO candidates for it would be work thrown away.
+        cpu_engines="onnxruntime")
     result: PrecisionResult = apply_precision(part.path, out, req)
     result.notes = notes + list(result.notes)
     return result

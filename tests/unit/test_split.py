@@ -407,6 +407,29 @@ def test_two_towers_of_one_modality_are_refused_not_split_into_one_part(tmp_path
     assert not (tmp_path / "parts").exists() or not any((tmp_path / "parts").iterdir())
 
 
+def test_cpu_parts_skip_the_engine_search_they_could_not_carry(tmp_path, monkeypatch):
+    """A split part ships its ONNX Runtime model only: it must not build and time OpenVINO candidates
+    (it did, even under --cpu-engines onnxruntime, and a winner was dropped)."""
+    import edgemm.quant as quant
+    from edgemm import targets
+    from edgemm.split.build import _part_precision_stage
+    from edgemm.split.graph import Part
+
+    seen = []
+
+    def fake_apply(path, out, req):
+        seen.append(req)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(quant, "apply_precision", fake_apply)
+    cfg = CompileConfig(model="m.pt2", precision="int8", calib="c.npz", split=True)
+    calib = {"image": np.zeros((4, 4), np.float32)}
+    with pytest.raises(RuntimeError, match="stop here"):
+        _part_precision_stage(Part("vision", ["image"], ["vision.embeds"], []), cfg, targets.load("cpu"),
+                              calib, calib, tmp_path, {}, lambda m: None)
+    assert seen[0].precision == "int8" and seen[0].cpu_engines == "onnxruntime"
+
+
 def test_placement_is_checked_against_the_target(tmp_path):
     from edgemm import targets
     from edgemm.split.build import parse_placement
