@@ -51,6 +51,21 @@ class Reference:
                 raise InputError(f"ONNX Runtime cannot load the model ({first})", file=loaded.source,
                                  fix="check the model with onnx.checker; re-export it") from exc
         self.output_names: list[str] | None = None
+        if names_from == "--reference":
+            self._check_takes_the_bundle_inputs()
+
+    def _check_takes_the_bundle_inputs(self) -> None:
+        """`verify --reference` of another model: say so up front, naming the reference, rather than a
+        bare "no value for required input" once the first sample is bound."""
+        if self._ort is not None:
+            required = [i.name for i in self._ort.get_inputs()]
+        else:
+            required = list(self.loaded.signature.required) if self.loaded.signature is not None else []
+        missing = [n for n in required if n not in self.input_names]
+        if missing:
+            raise InputError(f"requires input(s) {', '.join(missing)} that the bundle does not take (bundle "
+                             f"inputs: {', '.join(self.input_names)})", file=self.loaded.source,
+                             field="--reference", fix="pass the model this bundle was compiled from")
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._ort is not None:

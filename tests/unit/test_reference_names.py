@@ -30,3 +30,18 @@ def test_outputs_that_do_not_fit_name_their_source(names_from, field, fix):
 def test_outputs_that_fit_are_renamed():
     ref = Reference(_loaded(), ["x"], ["logits"], names_from="--reference")
     assert list(ref.run({"x": np.zeros((3, 4), np.float32)})) == ["logits"]
+
+
+def test_a_reference_for_other_inputs_is_refused_naming_it():
+    """`verify --reference` of a model taking other inputs: one line naming the reference and both input
+    lists (it was a bare "image: no value for required input 'image'" with no file)."""
+    from edgemm.signature import positional
+
+    loaded = _loaded()
+    loaded.signature = positional(["image", "tokens"], "forward()")
+    with pytest.raises(InputError, match=r"requires input\(s\) image, tokens that the bundle does not take "
+                                         r"\(bundle inputs: audio, input_ids\)") as info:
+        Reference(loaded, ["audio", "input_ids"], ["logits"], names_from="--reference")
+    assert info.value.file == "other.pt2" and info.value.field == "--reference"
+    loaded.signature = positional(["audio", "input_ids"], "forward()")
+    Reference(loaded, ["audio", "input_ids"], ["logits"], names_from="--reference")
