@@ -41,9 +41,9 @@ class BranchCache:
     used goes first), safe to share between threads. ``hits``/``misses`` count lookups."""
 
     def __init__(self, max_entries: int = 256, max_bytes: int = 64 << 20):
-        for name, value in (("max_entries", max_entries), ("max_bytes", max_bytes)):
+        for name, value, example in (("max_entries", max_entries, "256"), ("max_bytes", max_bytes, "64 << 20")):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InputError(f"must be a positive integer, not {value!r}", field=name, fix=f"e.g. {name}=256")
+                raise InputError(f"must be a positive integer, not {value!r}", field=name, fix=f"e.g. {name}={example}")
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self._items: OrderedDict[str, tuple[dict, int]] = OrderedDict()
         self._bytes = 0

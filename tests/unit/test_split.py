@@ -242,6 +242,8 @@ def test_branch_cache_bounds():
         held[0] = 1.0   # cached arrays are shared read-only
     with pytest.raises(InputError):
         BranchCache(max_entries=0)
+    with pytest.raises(InputError, match=r"e\.g\. max_bytes=64 << 20"):   # a size that caches something
+        BranchCache(max_bytes=0)
     assert BranchCache.key("text", {"a": arr}) != BranchCache.key("vision", {"a": arr})
     assert BranchCache.key("t", {"a": arr}) != BranchCache.key("t", {"a": arr.reshape(2, 5)})
 
