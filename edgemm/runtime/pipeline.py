@@ -24,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..errors import BundleError, InputError
+from ..errors import BundleError, EdgemmError, InputError
 from ..modality import FUSION
 from ..precision import label_of
 from ..iospec import TensorSpec, check_array_against_spec, describe_shape
@@ -133,9 +133,13 @@ class PipelineSession:
         self.graph_inputs = {d["name"]: TensorSpec.from_dict(d) for d in manifest.inputs}
         self.output_names = [d["name"] for d in manifest.outputs]
         self.parts: dict[str, PipelinePart] = {}
-        for entry in section["parts"]:
+        for index, entry in enumerate(section["parts"]):
             sub = part_manifest(manifest, entry, bundle_dir / MANIFEST_NAME)
-            session = open_session(bundle_dir, sub, **session_options)
+            try:
+                session = open_session(bundle_dir, sub, **session_options)
+            except EdgemmError as exc:   # the part's session sees its entry as a whole manifest: say which part
+                field = f"pipeline.parts[{index}]" + (f".{exc.field}" if exc.field else "")
+                raise type(exc)(exc.detail, file=exc.file, field=field, fix=exc.fix) from exc
             inputs = [TensorSpec.from_dict(d, source=str(bundle_dir / MANIFEST_NAME)) for d in entry["inputs"]]
             outputs = [TensorSpec.from_dict(d, source=str(bundle_dir / MANIFEST_NAME)) for d in entry["outputs"]]
             self.parts[entry["name"]] = PipelinePart(self, entry, session, inputs, outputs)

@@ -196,7 +196,10 @@ def test_an_edited_pipeline_section_is_refused_in_one_line(dual, tmp_path):
     for edit, match in ((lambda p: p["parts"][0].update(after=["fusion"]), "parts listed before it"),
                         (lambda p: p.update(version=9), "not supported"),
                         (lambda p: p["parts"][2]["inputs"][0].update(name="nowhere"), "no input or earlier part"),
-                        (lambda p: p["parts"].pop(2), "no part makes the output")):
+                        (lambda p: p["parts"].pop(2), "no part makes the output"),
+                        # refused by the part's own session: the error says which part (it read "backend.model")
+                        (lambda p: p["parts"][2]["backend"].update(model="../../x.onnx"),
+                         r"pipeline\.parts\[2\]\.backend\.model: file path '\.\./\.\./x\.onnx' escapes the bundle")):
         copy = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
         shutil.copytree(dual["split"], copy)
         doc = json.loads((copy / "manifest.json").read_text())
