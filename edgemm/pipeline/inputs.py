@@ -12,7 +12,7 @@ from ..config import CompileConfig
 from ..data import Dataset, hold_out, specs_from_dataset
 from ..errors import InputError
 from ..frontends import LoadedModel
-from ..iospec import TensorSpec, apply_dynamic_axes, dynamic_batch_input, parse_dynamic_flag, parse_input_flag
+from ..iospec import DimRange, TensorSpec, apply_dynamic_axes, dynamic_batch_input, parse_dynamic_flag, parse_input_flag
 from ..onnx_io import load_graph
 
 
@@ -33,7 +33,24 @@ DEFAULT_MAX_BATCH = 64
 
 
 def resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset | None) -> list[TensorSpec]:
-    """In order of preference: the format's own specs (.pt2, .onnx), the calibration data, --input."""
+    """In order of preference: the format's own specs (.pt2, .onnx), the calibration data, --input.
+    A --dla build pins every range to its opt value, as its engine does (backends/tensorrt/options.py):
+    the bundle then promises only the shapes the DLA runs, and the runtime refuses others in one line
+    instead of TensorRT failing on the device (a --split part placed on a DLA pins the batch)."""
+    specs = _resolve_input_specs(loaded, cfg, calib)
+    if cfg.dla:
+        return [_pinned(s, lambda dim: True) for s in specs]
+    if cfg.split and cfg.place and "dla" in cfg.place.lower():
+        return [_pinned(s, lambda dim, s=s: bool(s.shape) and dim == s.shape[0]) for s in specs]
+    return specs
+
+
+def _pinned(spec: TensorSpec, which) -> TensorSpec:
+    ranges = {dim: (DimRange(r.opt, r.opt, r.opt) if which(dim) else r) for dim, r in spec.ranges.items()}
+    return TensorSpec(spec.name, spec.dtype, spec.shape, ranges)
+
+
+def _resolve_input_specs(loaded: LoadedModel, cfg: CompileConfig, calib: Dataset | None) -> list[TensorSpec]:
     flags = [parse_input_flag(t) for t in cfg.inputs]
     dynamic = [parse_dynamic_flag(t) for t in cfg.dynamic]
     if loaded.input_specs:

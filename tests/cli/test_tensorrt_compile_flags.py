@@ -89,3 +89,17 @@ def test_flags_live_in_the_config_files_tensorrt_section(relu_onnx):
     cfg = CompileConfig(model=str(relu_onnx), target="l4", refittable=True, profile_batches=["1:1:1", "2:8:64"])
     section = cfg.to_file_dict()["tensorrt"]
     assert section["refittable"] is True and section["profile_batches"] == ["1:1:1", "2:8:64"]
+
+
+@pytest.mark.parametrize("flags", [["--dla"]])
+def test_a_dla_bundle_promises_only_the_shapes_its_engine_runs(relu_onnx, tmp_path, cli, flags):
+    """DLA runs min = opt = max: the engine pins each dynamic input to its opt shape, so the bundle's
+    declared ranges must say the same (else the runtime and a Triton export would accept a batch of 8 that
+    only fails inside TensorRT on the device)."""
+    out = tmp_path / "dla"
+    r = cli("compile", relu_onnx, "--target", "jetson-agx-orin", "--fp16", *flags, "-o", out)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [i["ranges"] for i in manifest["inputs"]] == [{"batch": [1, 1, 1]}]
+    options = manifest["backend"]["options"]
+    assert options["dla_core"] == 0 and options["profile_shapes"] == {"image": [[1, 3, 8, 8]] * 3}
