@@ -201,11 +201,30 @@ class CompileConfig:
                 if value:
                     raise InputError("is not available with --split yet (each part is quantized on its own)",
                                      field=flag, fix="drop it, or compile without --split")
+        self._check_specs(target)
         if self.output is not None:  # before any work: --force must never delete the user's files
             from .bundle import check_destination
 
             check_destination(self.output, force=self.force, protect={
                 "MODEL": self.model, "--calib": self.calib, "--eval": self.eval, "--weights": self.weights})
+
+    def _check_specs(self, target) -> None:
+        """The spec strings, here rather than at compile so that a --config file's errors name its key
+        (from_file relabels what this raises). Input paths are checked at compile (check_request): a dumped
+        config may name files of another machine."""
+        if self.precision_policy:
+            from .quant.mixed import parse_precision_policy
+
+            for prec in set(parse_precision_policy(self.precision_policy).values()):
+                target.validate(prec, dla=self.dla)
+        if self.accuracy_target:
+            from .quant.accuracy_search import parse_accuracy_target
+
+            parse_accuracy_target(self.accuracy_target)
+        if self.prune:
+            from .prune import parse_prune_spec
+
+            parse_prune_spec(self.prune)
 
     def _policy_precisions(self) -> set[str]:
         """The precisions ``precision_policy`` names (its values; parsed for real by quant/mixed.py)."""

@@ -76,23 +76,12 @@ def check_request(c: Compilation) -> None:
 
     cfg = c.cfg
     cfg.validate()
-    c.target = targets.load(cfg.target)
-    if cfg.precision_policy:
-        from ..quant.mixed import parse_precision_policy
-
-        for prec in set(parse_precision_policy(cfg.precision_policy).values()):
-            c.target.validate(prec, dla=cfg.dla)
-    if cfg.accuracy_target:
-        from ..quant.accuracy_search import parse_accuracy_target
-
-        parse_accuracy_target(cfg.accuracy_target)
-    if cfg.prune:
-        from ..prune import parse_prune_spec
-
-        parse_prune_spec(cfg.prune)
+    c.target = targets.load(cfg.target)   # validate() checked the spec strings too
     for flag, path in (("--calib", cfg.calib), ("--eval", cfg.eval), ("--weights", cfg.weights)):
         if path and not Path(path).exists():
-            raise InputError("no such file or folder", file=path, field=flag, fix="check the path")
+            # Relative paths (command line or --config) are read from the current folder.
+            raise InputError(f"no such file or folder (from {Path.cwd()})", file=path, field=flag,
+                             fix="check the path (relative paths are read from the current folder)")
     c.backend = registry.get(c.target.backend)
 
 

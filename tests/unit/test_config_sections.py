@@ -40,6 +40,8 @@ def test_a_flat_config_of_earlier_versions_loads_as_its_nested_dump(tmp_path):
      "is given twice (also as 'calib')"),
     ({"split": {"enabled": False, "place": "vision=gpu"}}, "split.place", "places the parts of a split bundle"),
     ({"trust_pickle": True}, "trust_pickle", "cannot switch on --trust-pickle"),
+    # spec strings and input paths are checked with the rest (they were checked at compile, naming the flag)
+    ({"prune": {"ratios": "x"}, "calibration": {"data": __file__}}, "prune.ratios", "'x' is not a number"),
 ])
 def test_a_nested_file_is_checked_naming_its_own_keys(tmp_path, doc, field, what):
     path = tmp_path / "cfg.json"
