@@ -182,8 +182,33 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
         # and timing OpenVINO candidates for it would be work thrown away.
         cpu_engines="onnxruntime")
     result: PrecisionResult = apply_precision(part.path, out, req)
+    if result.mode in QUANTIZED and not _has_quantized_ops(result.path):
+        # e.g. a text part of only Gather + GRU: the recipe found nothing to quantize, so calling the
+        # part int8 would be a false label (inspect, the report, the Triton index all show it).
+        notes.append(f"no operator {precision} quantizes here (e.g. Gather, GRU): the part runs fp32")
+        result.mode = "fp32"
     result.notes = notes + list(result.notes)
     return result
+
+
+# Operators an INT8/FP8 build leaves in a graph: Q/DQ pairs (static, TensorRT, FP8) and ORT's dynamic
+# and QOperator forms (MatMulInteger, DynamicQuantizeMatMul, QLinearConv, ...).
+_QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+                  "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "QAttention", "DynamicQuantizeLSTM"}
+
+
+def _has_quantized_ops(path: Path) -> bool:
+    import onnx
+
+    def walk(graph) -> bool:
+        for node in graph.node:
+            if node.op_type in _QUANTIZED_OPS or node.op_type.startswith("QLinear"):
+                return True
+            if any(walk(a.g) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH):
+                return True
+        return False
+
+    return walk(onnx.load(str(path), load_external_data=False).graph)
 
 
 def _fresh(path: Path) -> Path:

@@ -517,3 +517,22 @@ def test_split_hf_clip_from_config_equals_unsplit(tmp_path):
     text = bundle.part("text").run({k: feeds[k] for k in ("input_ids", "attention_mask")})
     again = bundle.run({"pixel_values": feeds["pixel_values"]}, reuse={"text": text})
     assert _max_err(again, bundle.run(feeds)) == 0.0
+
+
+def test_a_part_with_nothing_quantized_is_not_labelled_int8(tmp_path):
+    """A text part of Gather + GRU comes out of the INT8 recipe unchanged: the label must say fp32."""
+    import onnx
+    from onnx import helper
+
+    from edgemm.split.build import _has_quantized_ops
+
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = {"table": f(16, 4), "W": f(1, 12, 4), "R": f(1, 12, 4)}
+    gru = [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+           helper.make_node("GRU", ["e", "W", "R"], ["y", "h"], name="gru", hidden_size=4)]
+    onnx.save(_graph(gru, ["input_ids"], inits), str(tmp_path / "plain.onnx"))
+    assert not _has_quantized_ops(tmp_path / "plain.onnx")
+    dq = [helper.make_node("DynamicQuantizeLinear", ["e"], ["q", "s", "z"], name="dq")]
+    onnx.save(_graph(gru[:1] + dq, ["input_ids"], inits), str(tmp_path / "dyn.onnx"))
+    assert _has_quantized_ops(tmp_path / "dyn.onnx")
