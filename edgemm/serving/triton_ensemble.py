@@ -51,7 +51,7 @@ def ensemble_configs(name: str, manifest, inputs: list[TensorSpec], outputs: lis
     checks = [find_batching(inputs, outputs)] + [find_batching(i, o) for i, o in specs.values()]
     unbatched = next((c.reason for c in checks if not c.max_batch), None)
     # the ensemble's notes say it once, for the whole model
-    part_options = replace(options, notes=[])
+    part_options = replace(options, notes=[], monitor=False)   # parts are not monitored (note below)
     configs = []
     for entry in parts:
         part = entry["name"]

@@ -171,3 +171,13 @@ def test_ensemble_batches_all_parts_or_none():
     assert all(parsed(config).max_batch_size == 0 and "dynamic_batching" not in config for _, config, _ in parts)
     assert list(parsed(parts[0][1]).input[0].dims) == [-1, 3, 32, 32]
     assert any("ensemble and its parts" in n for n in opts.notes)
+
+
+def test_monitor_is_not_claimed_on_an_ensembles_parts():
+    """--monitor does not apply to a split bundle's parts: their configs must not ask for it either."""
+    from edgemm.serving.triton_ensemble import ensemble_configs
+
+    opts = TritonOptions(monitor=True)
+    _, parts = ensemble_configs("vqa", split_manifest(), [IMAGE, IDS], [LOGITS], opts, source="b", rows_mix={})
+    assert [parsed(config).parameters["edgemm.monitor"].string_value for _, config, _ in parts] == ["false"] * 3
+    assert any("--monitor is not applied" in n for n in opts.notes)
