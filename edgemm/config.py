@@ -174,14 +174,13 @@ class CompileConfig:
             batches = parse_profile_batches(self.profile_batches)
             if not self.dynamic_batch:
                 raise InputError("needs a dynamic batch axis", field="--profile-batches", fix="drop --static-batch")
-            if self.dla:
-                raise InputError("DLA engines take one static profile", field="--profile-batches",
-                                 fix="drop --profile-batches or --dla")
             if self.max_batch is not None and max(b[2] for b in batches) > self.max_batch:
                 raise InputError(f"a profile reaches batch {max(b[2] for b in batches)} past --max-batch "
                                  f"{self.max_batch}", field="--profile-batches", fix="raise --max-batch")
-        if self.refittable and self.dla:
-            raise InputError("DLA engines cannot be refitted", field="--refittable", fix="drop --refittable or --dla")
+        if self.dla:
+            from .backends.tensorrt.options import refuse_on_dla
+
+            refuse_on_dla(refittable=self.refittable, several_profiles=bool(self.profile_batches))
         if self.place and not self.split:
             raise InputError("places the parts of a split bundle", field="--place", fix="add --split")
         if self.split:
@@ -190,13 +189,11 @@ class CompileConfig:
 
                 placed = parse_placement(self.place, target)
                 on_dla = sorted(part for part, device in placed.items() if device.startswith("dla"))
-                # The same refusals as --dla on a whole model: a DLA part would drop them silently.
-                if on_dla and self.profile_batches:
-                    raise InputError(f"DLA engines take one static profile (part {', '.join(on_dla)} on DLA)",
-                                     field="--profile-batches", fix="drop --profile-batches or the DLA placement")
-                if on_dla and self.refittable:
-                    raise InputError(f"DLA engines cannot be refitted (part {', '.join(on_dla)} on DLA)",
-                                     field="--refittable", fix="drop --refittable or the DLA placement")
+                if on_dla:  # the same refusals as --dla on a whole model
+                    from .backends.tensorrt.options import refuse_on_dla
+
+                    refuse_on_dla(refittable=self.refittable, several_profiles=bool(self.profile_batches),
+                                  dla="the DLA placement", parts=", ".join(on_dla))
             for flag, value in (("--accuracy-target", self.accuracy_target), ("--exclude", self.exclude)):
                 if value:
                     raise InputError("is not available with --split yet (each part is quantized on its own)",

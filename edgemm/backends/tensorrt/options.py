@@ -74,10 +74,8 @@ class TensorRTOptions:
             if self.precision not in ("fp16", "int8"):
                 raise InputError(f"DLA runs fp16 or int8 only, not {self.precision}", field="--dla",
                                  fix="add --int8 or --fp16, or drop --dla")
-            if self.refittable:
-                # DLA loadables are compiled by the DLA compiler; TensorRT cannot refit their weights.
-                raise InputError("DLA engines cannot be refitted", field="refittable",
-                                 fix="drop refittable or --dla")
+            refuse_on_dla(refittable=self.refittable, several_profiles=bool(self.extra_profiles),
+                          fields=("refittable", "extra_profiles"), names=("refittable", "the extra profiles"))
             # DLA needs min = opt = max; with a range TensorRT quietly runs the layers on the GPU
             # ("DLA Supported Layers and Restrictions": dynamic dimensions are not supported on DLA).
             ranged = sorted(n for n, (lo, opt, hi) in self.profile_shapes.items() if not lo == opt == hi)
@@ -85,9 +83,6 @@ class TensorRTOptions:
                 raise InputError(f"input(s) {', '.join(ranged)} have a min/opt/max range, which DLA cannot run",
                                  field="--dla", fix="give --dynamic MIN:OPT:MAX with MIN = OPT = MAX for --dla")
         if self.extra_profiles:
-            if self.dla_core is not None:
-                raise InputError("DLA engines take one static profile", field="extra_profiles",
-                                 fix="drop the extra profiles or --dla")
             for i, extra in enumerate(self.extra_profiles, start=1):
                 if set(extra) != set(self.profile_shapes):
                     raise InputError(f"profile {i} covers {sorted(extra)}, profile 0 covers "
@@ -165,6 +160,19 @@ class TensorRTOptions:
             cuda_graph=getattr(cfg, "cuda_graph", False),
             refittable=getattr(cfg, "refittable", False),
             profile_batches=parse_profile_batches(getattr(cfg, "profile_batches", None) or ()))
+
+
+def refuse_on_dla(*, refittable: bool, several_profiles: bool, fields=("--refittable", "--profile-batches"),
+                  names=("--refittable", "--profile-batches"), dla: str = "--dla", parts: str = "") -> None:
+    """What a DLA engine cannot be, one place for the engine options, the compile flags and split parts
+    placed on a DLA (where it would otherwise be dropped silently)."""
+    where = f" (part {parts} on DLA)" if parts else ""
+    if several_profiles:
+        raise InputError(f"DLA engines take one static profile{where}", field=fields[1],
+                         fix=f"drop {names[1]} or {dla}")
+    if refittable:
+        # DLA loadables are compiled by the DLA compiler; TensorRT cannot refit their weights.
+        raise InputError(f"DLA engines cannot be refitted{where}", field=fields[0], fix=f"drop {names[0]} or {dla}")
 
 
 def parse_profile_batches(items: Sequence[str]) -> list[tuple[int, int, int]]:
