@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         "target_met": ratios[median] <= TARGET_P50_RATIO,
     }
     cpu = result["host"]["cpu"]
-    print(f"host: {cpu['model']} ({', '.join(cpu['int8_isa']) or 'no INT8 dot-product ISA'}; "
+    # every ISA feature hostinfo knows (BF16 and FP16 too), as bench_cpu_peers.py prints it
+    print(f"host: {cpu['model']} ({' '.join(cpu['isa']) or 'no SIMD features known'}; "
           f"AMX {'yes' if cpu['amx'] else 'no'}), {result['host']['cores']} cores, "
           f"load avg {load_before[0]:.2f} -> {load_after[0]:.2f}")
     print("| monitoring | p50 ms | p90 ms |")
