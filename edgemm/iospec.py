@@ -184,7 +184,11 @@ def max_batch(specs) -> int | None:
 
 
 def call_batch(specs, preferred: int = 16) -> int:
-    """Samples per call when the user gave none: ``preferred``, lowered to the bundle's range."""
+    """Samples per call when the user gave none: ``preferred``, lowered to the bundle's range; a bundle
+    whose batch is fixed (a .pt2 exported at batch 1) takes exactly its batch per call."""
+    fixed = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    if specs and len(fixed) == 1 and all(s.shape and isinstance(s.shape[0], int) for s in specs):
+        return fixed.pop()
     top = max_batch(specs)
     return min(preferred, top) if top else preferred
 

@@ -135,8 +135,12 @@ def synth_feeds(specs: list[TensorSpec], batch: int, seed: int = 0) -> dict[str,
 
 
 def sample_feeds(data: Dataset | None, specs, n: int) -> dict[str, np.ndarray]:
+    """``n`` samples of ``data`` as one batch; a model whose batch is fixed (a .pt2 exported at batch 1)
+    gets its own batch, as synth_feeds gives it (its program guards the batch size)."""
     if data is None:
         return synth_feeds(specs, n)
+    if specs and specs[0].shape and isinstance(specs[0].shape[0], int):
+        n = batch_of(specs)
     feeds = {s.name: data.arrays[s.name][:n] for s in specs}
     have = next(iter(feeds.values())).shape[0]
     if have < n:  # tile to reach batch n (torch.export specializes batch 1)

@@ -184,3 +184,35 @@ def test_bench_names_the_host_and_warns_on_unlocked_jetson_clocks(tiny_bundle, m
     report = json.loads(res.output[res.output.index("{"):])
     assert report["host"]["jetson"] == state and report["host"]["cpu"]["isa"] == \
         __import__("edgemm.hostinfo", fromlist=["cpu_info"]).cpu_info()["isa"]
+
+
+def test_a_pt2_exported_at_batch_one_compiles_and_verifies_with_data(cli, tmp_path):
+    """`torch.export.export(m, (), kwargs=...)` without dynamic shapes guards batch == 1: export, parity,
+    verify and run must feed it one sample per call (it was 'internal error: Guard failed ... == 1')."""
+    import numpy as np
+    import torch
+
+    class Fuse(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.img, self.txt = torch.nn.Linear(12, 4), torch.nn.Embedding(20, 4)
+
+        def forward(self, *, pixels, ids):
+            return {"logits": self.img(pixels) + self.txt(ids).mean(1)}
+
+    torch.manual_seed(0)
+    ex = {"pixels": torch.randn(1, 12), "ids": torch.randint(0, 20, (1, 5))}
+    prog = torch.export.export(Fuse().eval(), (), kwargs=ex)
+    torch.export.save(prog, tmp_path / "m.pt2")
+    rng = np.random.default_rng(0)
+    data = {"pixels": rng.standard_normal((10, 12)).astype(np.float32),
+            "ids": rng.integers(0, 20, (10, 5)).astype(np.int64)}
+    np.savez(tmp_path / "data.npz", **data)
+    out = tmp_path / "b"
+    res = cli("compile", tmp_path / "m.pt2", "--calib", tmp_path / "data.npz", "-o", out)
+    assert res.returncode == 0, res.stderr
+    res = cli("verify", out, "--reference", tmp_path / "m.pt2", "--data", tmp_path / "data.npz")
+    assert res.returncode == 0, res.stderr
+    res = cli("run", out, "--data", tmp_path / "data.npz", "-o", tmp_path / "out.npz")
+    assert res.returncode == 0, res.stderr
+    assert np.load(tmp_path / "out.npz")["logits"].shape == (10, 4)
