@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -117,7 +118,9 @@ def _read_npy_header(f):
         return npy.read_array_header_1_0(f)
     if version == (2, 0):
         return npy.read_array_header_2_0(f)
-    return npy._read_array_header(f, version)  # 3.0 (utf-8 names): no public reader
+    from numpy.lib import _format_impl  # 3.0 (utf-8 names): no public reader
+
+    return _format_impl._read_array_header(f, version)
 
 
 def check_npz_sizes(path: Path, *, fix: str = "write it with numpy.savez(path, **{input_name: array})") -> None:
@@ -140,9 +143,10 @@ def check_npz_sizes(path: Path, *, fix: str = "write it with numpy.savez(path, *
                 with zf.open(info) as f:
                     try:
                         shape, _, dtype = _read_npy_header(f)
-                    except (ValueError, TypeError, SyntaxError, EOFError) as exc:
-                        raise InputError(f"unreadable .npy header ({str(exc)[:200]})", file=path, field=key,
-                                         fix=fix) from exc
+                    except Exception as exc:  # noqa: BLE001 - numpy's header parser (ast/tokenize) on
+                        # forged bytes raises ValueError, SyntaxError, tokenize.TokenError, ...: all mean "bad file"
+                        raise InputError(f"unreadable .npy header ({type(exc).__name__}: {str(exc)[:200]})",
+                                         file=path, field=key, fix=fix) from exc
                     header = f.tell()
                 if dtype.hasobject:
                     continue  # refused by numpy itself (allow_pickle=False), with a clear message
@@ -197,7 +201,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"declares an array larger than this machine's memory ({exc})", file=path, field=key,
                          fix="split the data into several .npz files in a folder") from exc
     except (OSError, zipfile.BadZipFile, EOFError, KeyError, zlib.error, NotImplementedError,
-            RuntimeError) as exc:  # zlib.error: corrupted deflate data; Runtime/NotImplemented: zip features
+            RuntimeError, SyntaxError, tokenize.TokenError) as exc:  # zlib.error: corrupted deflate data;
+        # Runtime/NotImplemented: zip features; Syntax/TokenError: numpy parses a forged .npy header with ast
         raise InputError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=path, field=key,
                          fix="write it with numpy.savez(path, **{input_name: array})") from exc
 
