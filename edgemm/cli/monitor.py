@@ -1,7 +1,7 @@
 """`edgemm monitor`: is this data still what the bundle was calibrated for? Imports numpy + onnxruntime only.
 
 Exit 0: every input within the bound; 1: an input's out-of-range or unknown-token fraction passed
---max-out-of-range, or a value was NaN/Inf; 2: bad input (bundle, data, flags)."""
+--max-out-of-range, a value was NaN/Inf, or a call failed; 2: bad input (bundle, data, flags)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,13 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{v:.2%}"
 
 
+def _batches(sizes: dict) -> str:
+    """'batch 8' or 'batch 32 x3, 4 x1': the sizes actually sent, not the --batch-size asked for."""
+    if len(sizes) == 1:
+        return f"batch {next(iter(sizes))}"
+    return "batch " + ", ".join(f"{b} x{n}" for b, n in sorted(sizes.items(), reverse=True)) if sizes else "no call"
+
+
 def _range(r) -> str:
     return "n/a" if r is None else f"[{r[0]:.4g}, {r[1]:.4g}]"
 
@@ -61,7 +68,7 @@ def render(report: dict) -> list[str]:
     s = report["stats"]
     lat = s["latency_ms"]
     lines = [f"{report['bundle']}: {report['samples']} samples of {report.get('data', '')} in {s['calls']} calls "
-             f"(batch {report['batch_size']}), {s['errors']} failed",
+             f"({_batches(report['batch_sizes'])}), {s['errors']} failed",
              "latency ms: " + ("n/a (no call succeeded)" if lat["p50"] is None else
                                f"p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}")]
     if report["drift"] != "known":
@@ -81,5 +88,8 @@ def render(report: dict) -> list[str]:
         lines.append(f"ok: every input within {report['max_out_of_range']:.2%} of the calibrated ranges"
                      if report["drift"] == "known" else "ok: no NaN/Inf (drift unknown)")
     else:
+        if report["failed_calls"]:
+            lines.append(f"FAILED: {report['failed_calls']} of {report['calls']} call(s) failed"
+                         + (f": {report['errors_seen'][0]}" if report["errors_seen"] else ""))
         lines += [f"DRIFT: {f}" for f in report["failures"]]
     return lines

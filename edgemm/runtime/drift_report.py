@@ -18,8 +18,8 @@ def drift_report(bundle, dataset, *, batch_size: int) -> dict:
     """``bundle``: a MonitoredBundle (its counters are reset first); ``dataset``: edgemm.data.Dataset.
 
     The verdict: ``passed`` is False when an input's out-of-range or unknown-token fraction is above the
-    bundle's ``max_out_of_range``, or any input value is NaN/Inf. Calls the runtime refuses are counted
-    as errors and the run goes on (their inputs are counted all the same). Outputs are compared with
+    bundle's ``max_out_of_range``, any input value is NaN/Inf, or any call failed. Calls the runtime
+    refuses are counted as errors and the run goes on (their inputs are counted all the same). Outputs are compared with
     the FP32 model's outputs on the calibration data, for information (not judged: a quantized model's
     outputs may differ from FP32 within its parity bars)."""
     bundle.reset_stats()
@@ -30,10 +30,16 @@ def drift_report(bundle, dataset, *, batch_size: int) -> dict:
     out_probes, out_known = probes_from_entries(output_names, out_entries)
     out_counts = {p.name: [0, 0, 0] for p in out_probes}
     errors: list[str] = []
+    sizes: dict[int, int] = {}   # calls per batch size, as sent (the last batch may be smaller)
+    calls = failed = 0
     for batch in dataset.batches(batch_size):
+        size = len(next(iter(batch.values())))
+        sizes[size] = sizes.get(size, 0) + 1
+        calls += 1
         try:
             outputs = bundle.run(batch)
         except Exception as exc:  # counted by the monitor; the rest of the data still runs
+            failed += 1
             line = first_line(exc, limit=200, default=type(exc).__name__)
             if line not in errors and len(errors) < MAX_ERRORS_SHOWN:
                 errors.append(line)
@@ -66,8 +72,10 @@ def drift_report(bundle, dataset, *, batch_size: int) -> dict:
         outputs[probe.name] = {"values": n, "out_of_range_fraction": (out / n if n else None) if probe.has_range
                                else None, "nonfinite": nonfinite,
                                "range": [probe.low, probe.high] if probe.has_range else None}
-    return {"bundle": str(bundle.path), "samples": dataset.num_samples, "batch_size": batch_size,
-            "drift": stats["drift"], "max_out_of_range": bound, "passed": not failures, "failures": failures,
+    return {"bundle": str(bundle.path), "samples": dataset.num_samples, "batch_size": batch_size, "batch_sizes": sizes,
+            "drift": stats["drift"], "max_out_of_range": bound, "failed_calls": failed, "calls": calls,
+            # a call the bundle refused checked nothing: the data cannot pass
+            "passed": not failures and not failed, "failures": failures,
             "errors_seen": errors, "stats": stats, "outputs": outputs if out_known else None}
 
 

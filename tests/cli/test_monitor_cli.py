@@ -110,3 +110,28 @@ def test_monitor_on_a_device_imports_neither_torch_nor_onnx(tiny_bundle, tmp_pat
             "print('LOADED', rc, [m for m in ('torch', 'onnx', 'modelopt', 'tensorrt') if m in sys.modules])\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "LOADED 0 []" in res.stdout, res.stdout + res.stderr
+
+
+def test_failed_calls_fail_the_report_and_batches_are_those_sent(tiny_bundle, tmp_path, monkeypatch):
+    """In-range data whose every call fails checked nothing: the verdict is a failure (it said 'ok' and
+    exit 0). And the header names the batches actually sent (it printed the asked-for 32 for 8 samples)."""
+    from edgemm import runtime
+    from edgemm.cli.monitor import render
+    from edgemm.data import load_dataset
+    from edgemm.runtime.drift_report import drift_report
+
+    bundle = runtime.load(tiny_bundle, monitor=True)
+    data = load_dataset(_save(tmp_path / "fresh.npz", make_data(8, seed=11)), specs=bundle.inputs)
+    ok = drift_report(bundle, data, batch_size=32)
+    assert ok["passed"] and ok["batch_sizes"] == {8: 1} and "(batch 8)" in render(ok)[0]
+
+    def broken(feeds):
+        raise RuntimeError("backend crashed")
+
+    monkeypatch.setattr(bundle, "_plain_run", broken)
+    report = drift_report(bundle, data, batch_size=3)
+    assert not report["passed"] and report["failed_calls"] == report["calls"] == 3
+    lines = render(report)
+    assert "(batch 3 x2, 2 x1)" in lines[0]
+    assert any(line.startswith("FAILED: 3 of 3 call(s) failed: backend crashed") for line in lines)
+    assert not any(line.startswith("ok:") for line in lines)
