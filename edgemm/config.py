@@ -46,6 +46,16 @@ SECTIONS = {
     "split": {"enabled": "split", "place": "place"},
 }
 TOP_LEVEL = ("model", "output", "name", "target", "weights", "branch", "force", "trust_pickle")
+# The compile command's flags whose field is not the flag's own name (``--max-batch`` is ``max_batch``).
+# Checks name the flag; a --config file's error names the key the file wrote for that field instead.
+FLAG_FIELDS = {"--precision": "precision_policy", "--fp32": "precision", "--fp16": "precision",
+               "--int8": "precision", "--fp8": "precision", "--input": "inputs", "--static-batch": "dynamic_batch",
+               "--no-thread-tuning": "tune_threads"}
+
+
+def field_of_flag(flag: str) -> str:
+    """The CompileConfig field a compile flag sets: ``--precision`` -> precision_policy."""
+    return FLAG_FIELDS.get(flag) or flag.lstrip("-").replace("-", "_")
 
 
 @dataclass
@@ -212,8 +222,11 @@ class CompileConfig:
         if self.precision_policy:
             from .quant.mixed import parse_precision_policy
 
-            for prec in set(parse_precision_policy(self.precision_policy).values()):
-                target.validate(prec, dla=self.dla)
+            try:
+                for prec in set(parse_precision_policy(self.precision_policy).values()):
+                    target.validate(prec, dla=self.dla)
+            except InputError as exc:   # the wrong value is the policy's, whichever check found it
+                raise type(exc)(exc.detail, field="--precision", fix=exc.fix) from exc
         if self.accuracy_target:
             from .quant.accuracy_search import parse_accuracy_target
 
@@ -278,7 +291,7 @@ class CompileConfig:
             if exc.file is not None:  # the error names its own file (an output folder, say)
                 raise
             # Name the config file and its key (where the file has it, or would) rather than the CLI flag.
-            key = (exc.field or "").lstrip("-").replace("-", "_")
+            key = field_of_flag(exc.field or "")
             nested = any(k != v for k, v in where.items())
             field_name = (where.get(key) or (_place(key) if nested else key)) if key in hints else exc.field
             raise type(exc)(exc.detail, file=path, field=field_name, fix=exc.fix) from exc

@@ -42,6 +42,15 @@ def test_a_flat_config_of_earlier_versions_loads_as_its_nested_dump(tmp_path):
     ({"trust_pickle": True}, "trust_pickle", "cannot switch on --trust-pickle"),
     # spec strings and input paths are checked with the rest (they were checked at compile, naming the flag)
     ({"prune": {"ratios": "x"}, "calibration": {"data": __file__}}, "prune.ratios", "'x' is not a number"),
+    # the per-branch policy's errors name its key, not precision.mode (the CLI calls both --precision/--int8)
+    ({"precision": {"mode": "int8", "per_branch": "vision=int9"}, "calibration": {"data": "c.npz"}},
+     "precision.per_branch", "unknown precision 'int9' for vision"),
+    ({"precision": {"per_branch": "visio=int8"}, "calibration": {"data": "c.npz"}}, "precision.per_branch",
+     "unknown branch 'visio'"),
+    ({"precision": {"per_branch": "vision=fp8"}, "calibration": {"data": "c.npz"}}, "precision.per_branch",
+     "does not support fp8"),
+    ({"precision_policy": "vision=int9", "calib": "c.npz"}, "precision_policy", "unknown precision 'int9'"),
+    ({"precision": {"mode": "int9"}}, "precision.mode", "unknown precision 'int9'"),
 ])
 def test_a_nested_file_is_checked_naming_its_own_keys(tmp_path, doc, field, what):
     path = tmp_path / "cfg.json"
@@ -49,6 +58,19 @@ def test_a_nested_file_is_checked_naming_its_own_keys(tmp_path, doc, field, what
     with pytest.raises(InputError) as info:
         CompileConfig.from_file(path)
     assert str(info.value).startswith(f"{path}: {field}: ") and what in str(info.value), str(info.value)
+
+
+def test_every_compile_flag_names_a_config_field():
+    """A check names the flag; --config relabels it to the file's key through the field the flag sets, so
+    every flag must lead to its field (``--precision`` is the per-branch policy, ``--int8`` the mode)."""
+    from edgemm.cli.compile import command as compile_cmd
+    from edgemm.config import field_of_flag
+
+    names = {f.name for f in fields(CompileConfig)}
+    not_config = {"--config", "--dump-config", "--json", "--verbose"}
+    flags = [max(p.opts, key=len) for p in compile_cmd.params if max(p.opts, key=len) not in not_config]
+    assert len(flags) > 40
+    assert [f for f in flags if field_of_flag(f) not in names] == []
 
 
 def test_a_flat_file_with_a_missing_key_is_named_flat(tmp_path):
