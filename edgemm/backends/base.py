@@ -43,6 +43,13 @@ class Backend:
     # Whose rows of ``quant.RECIPES`` build this backend's precisions ("" = its own name): a backend that
     # runs the same graphs as another (e.g. ONNX Runtime under another runtime) reuses its quantizers.
     quantizes_as: str = ""
+    # Split bundles (edgemm/split/): a part may be placed on another device of the target (--place vision=dla0)
+    part_placement: bool = False
+    # Its kernels run FP16/BF16 faster than FP32. Without them, a branch asked for in fp16/bf16 (--precision
+    # text=fp16, a split part) is built fp32 with a note: inserted casts would make it slower, not faster.
+    low_float_kernels: bool = False
+    # Serving (edgemm/serving/): the Triton instance kinds its model runs on when Triton serves it natively
+    triton_kinds: tuple[str, ...] = ("cpu", "gpu")
 
     def installed(self) -> bool:
         """Whether this host can open the backend's sessions (its Python package is importable)."""
@@ -81,3 +88,28 @@ class Backend:
         if profile.tensorrt_versions or (profile.sparse_tensor_cores and not self.sparse_kernels):
             raise bad("tensorrt_versions", f"a {self.device.upper()} target has no TensorRT stack or sparse tensor "
                                            "cores")
+
+    # -- serving (edgemm/serving/, ``edgemm export triton``) ---------------------------------------------
+    def serving_refusal(self, section: Mapping) -> tuple[str, str, str] | None:
+        """(what, field, fix) when no server can serve the bundle as it is (an engine not built yet)."""
+        return None
+
+    def triton_platform(self, section: Mapping, bad, notes: list, model: str) -> dict:
+        """The config.pbtxt fields of Triton's own backend for this model (``--flavor native``): platform,
+        default_model_filename, parameters. ``bad(what, field, fix)`` makes the refusal; ``notes`` collects
+        what the user should know; ``model`` names the model in them."""
+        raise bad(f"backend {self.name!r} has no Triton platform", "backend.name", "use --flavor edgemm")
+
+    def triton_files(self, section: Mapping, files: Mapping[str, str], part: bool) -> dict[str, str]:
+        """The bundle files Triton's own backend reads: {file in the bundle: name in the version folder}.
+        ``part``: a split bundle's part (its files are copied flat)."""
+        raise NotImplementedError
+
+    def triton_profiles(self, section: Mapping) -> int:
+        """How many optimization profiles the instance group names (0: none to name)."""
+        return 0
+
+    def rows_mix(self, model_files: list[str], read: Callable[[str], bytes]) -> str | None:
+        """Why one row's result depends on the other rows of its batch (then Triton must not merge requests),
+        or None. ``model_files``: the bundle's ONNX files; ``read(rel)`` their bytes."""
+        return None

@@ -37,12 +37,12 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
         raise BundleError(f"must be an object, not {type(recipe).__name__}", file=source, field="precision.recipe",
                           fix="recompile the bundle")
     files = {rel: (path / rel).stat().st_size for rel in manifest.files}
-    document = manifest.to_dict()   # the sections shown as written
-    info = {"kind": "bundle", "path": str(path), "name": manifest.name, "inputs": document["inputs"],
-            "outputs": document["outputs"], "precision": manifest.precision.label,
+    info = {"kind": "bundle", "path": str(path), "name": manifest.name, "inputs": list(manifest.inputs),
+            "outputs": list(manifest.outputs), "precision": manifest.precision.label,
             "recipe": recipe.get("name"),
-            "target": manifest.target.name, "backend": document["backend"],
-            "files": files, "total_bytes": sum(files.values()), "source": document.get("source"),
+            "target": manifest.target.name, "backend": dict(manifest.backend.section),   # as written
+            "files": files, "total_bytes": sum(files.values()),
+            "source": manifest.to_dict().get("source"),   # as written (SourceInfo types only what edgemm reads)
             "created": manifest.created,
             "signature": signing.describe(path, checked)}
     variants = manifest.section("variants")

@@ -4,7 +4,7 @@ The configuration is built as plain data (``ModelConfig`` field names, the schem
 model_config.proto) and written in protobuf text format by ``to_pbtxt``. Hand-written on purpose: the
 exporter must run where only the runtime is installed (no protobuf / tritonclient); the tests parse every
 flavor's output with tritonclient's ``model_config_pb2`` to hold it to the real schema.
-Standard library only."""
+Standard library and edgemm's torch-free modules only."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..backends import registry
 from ..errors import InputError
 from ..iospec import TensorSpec
+from ..runtime.manifest import Manifest
 
 FLAVORS = ("edgemm", "native")
 KINDS = ("cpu", "gpu")
@@ -26,8 +28,6 @@ TRITON_TYPES = {
 }
 PYTHON_MODEL_FILE = "model.py"
 BUNDLE_FOLDER = "bundle"          # the bundle's copy inside <model>/<version>/ (edgemm flavor)
-ONNX_MODEL_FILE = "model.onnx"    # the ONNX Runtime backend's default file name
-PLAN_MODEL_FILE = "model.plan"    # the TensorRT backend's default file name
 
 
 class Enum(str):
@@ -103,10 +103,6 @@ def tensor_entry(spec: TensorSpec, skip_batch: bool, source, key: str) -> dict:
     return entry
 
 
-def _bundle_device(manifest: dict) -> str:
-    return "gpu" if manifest["backend"]["name"] == "tensorrt" else "cpu"
-
-
 def check_options(options: TritonOptions) -> None:
     """Flag values wrong whatever the bundle (one line each)."""
     if options.flavor not in FLAVORS:
@@ -125,7 +121,7 @@ def check_options(options: TritonOptions) -> None:
         raise _fail("preferred batch sizes must be >= 1", "--preferred-batch", "e.g. --preferred-batch 4", None)
 
 
-def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: list[TensorSpec],
+def model_config(name: str, manifest: Manifest, inputs: list[TensorSpec], outputs: list[TensorSpec],
                  options: TritonOptions, *, source: Path | str | None = None, lenient: bool = False,
                  rows_mix: str | None = None, unbatched: str | None = None) -> dict:
     """The ModelConfig (as data) serving one bundle under ``name``. ``options.notes`` collects what the
@@ -166,22 +162,25 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
             raise _fail(f"{too_big[0]} is above max_batch_size {max_batch}", "--preferred-batch",
                         f"use sizes up to {max_batch}", source)
 
-    device = _bundle_device(manifest)
+    backend, section = registry.get(manifest.backend.name), manifest.backend.section
+    device = backend.device
     kind = options.kind or device
     if options.flavor == "edgemm" and kind != device:
         raise _fail(f"this bundle's runtime runs on the {device.upper()}, not the {kind.upper()}", "--kind",
                     f"use --kind {device}, or --flavor native", source)
-    if manifest["backend"]["name"] == "tensorrt" and kind != "gpu":
-        raise _fail("a TensorRT engine runs on the GPU only", "--kind", "use --kind gpu", source)
-
-    backend = manifest["backend"]
-    if backend["name"] == "tensorrt" and (backend.get("portable") or not backend.get("engine")):
-        # neither flavor can serve it: the runtime refuses to load it too, on any server
-        raise _fail("is a portable TensorRT bundle with no engine yet", "backend.engine",
-                    "run `edgemm build BUNDLE` on the device first, then export it", source)
+    if kind not in backend.triton_kinds:
+        raise _fail(f"a {backend.title} model runs on the {' or '.join(k.upper() for k in backend.triton_kinds)} "
+                    f"only", "--kind", f"use --kind {backend.triton_kinds[0]}", source)
+    refusal = backend.serving_refusal(section)
+    if refusal is not None:   # neither flavor can serve it
+        raise _fail(*refusal, source)
     batched = max_batch > 0
     config: dict = {"name": name}
-    config.update(_flavor_fields(manifest, options, source))
+    if options.flavor == "edgemm":
+        config.update(backend="python", default_model_filename=PYTHON_MODEL_FILE)
+    else:
+        config.update(backend.triton_platform(section, lambda what, field_, fix: _fail(what, field_, fix, source),
+                                              options.notes, manifest.name))
     config["max_batch_size"] = max_batch
     config["version_policy"] = {"latest": {"num_versions": 1}}
     config["input"] = [tensor_entry(s, batched, source, "inputs") for s in inputs]
@@ -193,7 +192,7 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
         dyn["max_queue_delay_microseconds"] = options.max_queue_delay_us
         config["dynamic_batching"] = dyn
     group: dict = {"count": options.instances, "kind": Enum(f"KIND_{kind.upper()}")}
-    profiles = _trt_profiles(manifest) if options.flavor == "native" else 0
+    profiles = backend.triton_profiles(section) if options.flavor == "native" else 0
     if profiles > 1:
         group["profile"] = [str(i) for i in range(profiles)]
     config["instance_group"] = [group]
@@ -204,48 +203,6 @@ def model_config(name: str, manifest: dict, inputs: list[TensorSpec], outputs: l
     if params:
         config["parameters"] = [{"key": k, "value": {"string_value": v}} for k, v in params.items()]
     return config
-
-
-def _flavor_fields(manifest: dict, options: TritonOptions, source) -> dict:
-    backend = manifest["backend"]
-    if options.flavor == "edgemm":
-        return {"backend": "python", "default_model_filename": PYTHON_MODEL_FILE}
-    if backend["name"] == "onnxruntime":
-        model = backend.get("model") or ONNX_MODEL_FILE
-        if not isinstance(model, str) or "/" in model:
-            raise _fail(f"model {model!r} is not at the bundle's top level", "backend.model", "use --flavor edgemm",
-                        source)
-        fields: dict = {"platform": "onnxruntime_onnx", "default_model_filename": model}
-        params = {}
-        threads = backend.get("intra_op_threads")
-        if isinstance(threads, int) and threads > 0:
-            params["intra_op_thread_count"] = str(threads)
-        disabled = backend.get("disabled_optimizers") or []
-        if disabled:
-            # ONNX Runtime's session key; Triton's ORT backend passes only the options its README lists.
-            params["edgemm.disabled_optimizers"] = ";".join(map(str, disabled))
-            options.notes.append(f"{manifest['name']}: the bundle disables ORT optimizers "
-                                 f"({', '.join(map(str, disabled))}); Triton's ONNX Runtime backend cannot, so "
-                                 f"the native model may run slower (--flavor edgemm applies them)")
-        if params:
-            fields["parameters"] = params
-        return fields
-    if backend["name"] == "tensorrt":
-        built = backend.get("built") or {}
-        cc = built.get("compute_capability") or backend.get("compute_capability")
-        fields = {"platform": "tensorrt_plan", "default_model_filename": PLAN_MODEL_FILE}
-        if cc:
-            fields["cc_model_filenames"] = [{"key": str(cc), "value": PLAN_MODEL_FILE}]
-        return fields
-    raise _fail(f"backend {backend['name']!r} has no Triton platform", "backend.name", "use --flavor edgemm",
-                source)
-
-
-def _trt_profiles(manifest: dict) -> int:
-    if manifest["backend"]["name"] != "tensorrt":
-        return 0
-    profiles = (manifest["backend"].get("options") or {}).get("profiles")
-    return len(profiles) if isinstance(profiles, list) and profiles else 1
 
 
 def to_pbtxt(message: dict, indent: int = 0) -> str:

@@ -14,13 +14,14 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import InputError
 from ..iospec import TensorSpec
+from ..runtime.manifest import MANIFEST_NAME, Manifest
 from . import triton_config
 from .triton_config import TritonOptions, find_batching
 
 
-def pipeline_parts(manifest) -> list[dict] | None:
+def pipeline_parts(manifest: Manifest) -> list[dict] | None:
     """The parts of a split bundle in run order, or None for a single-model bundle."""
-    section = manifest.section("pipeline") if hasattr(manifest, "section") else manifest.get("pipeline")
+    section = manifest.section("pipeline")
     return list(section["parts"]) if section else None
 
 
@@ -32,17 +33,21 @@ def _specs(entry: dict, key: str, source) -> list[TensorSpec]:
     return [TensorSpec.from_dict(d, source=str(source)) for d in entry[key]]
 
 
-def part_manifest(manifest, entry: dict) -> dict:
-    """What triton_config reads of a part: its backend fields over the bundle's; the part's model file is
-    served under its base name (native flavor copies it flat into the version folder)."""
-    backend = {**manifest["backend"], **entry["backend"]}
+def part_manifest(manifest: Manifest, entry: dict, source) -> Manifest:
+    """What triton_config reads of a part: the part's manifest (runtime.pipeline.part_manifest) named as
+    its served model, its model file under its base name (native flavor copies it flat into the version
+    folder)."""
+    from ..runtime.pipeline import part_manifest as runtime_part_manifest
+
+    backend = dict(entry["backend"])
     for key in ("model", "onnx"):
         if isinstance(backend.get(key), str):
             backend[key] = PurePosixPath(backend[key]).name
-    return {"name": part_model_name(manifest["name"], entry["name"]), "backend": backend}
+    part = runtime_part_manifest(manifest, {**entry, "backend": backend}, Path(source or "") / MANIFEST_NAME)
+    return replace(part, name=part_model_name(manifest.name, entry["name"]))
 
 
-def ensemble_configs(name: str, manifest, inputs: list[TensorSpec], outputs: list[TensorSpec],
+def ensemble_configs(name: str, manifest: Manifest, inputs: list[TensorSpec], outputs: list[TensorSpec],
                      options: TritonOptions, *, source: Path, rows_mix: dict) -> tuple[dict, list[tuple[str, dict, dict]]]:
     """(the ensemble's config, [(part model name, its config, its pipeline entry)]). ``rows_mix``: part ->
     why its rows mix (see triton_repo.rows_mix), for parts whose dynamic batcher must stay off."""
@@ -56,7 +61,7 @@ def ensemble_configs(name: str, manifest, inputs: list[TensorSpec], outputs: lis
     for entry in parts:
         part = entry["name"]
         config = triton_config.model_config(
-            part_model_name(name, part), part_manifest(manifest, entry), *specs[part], part_options, source=source,
+            part_model_name(name, part), part_manifest(manifest, entry, source), *specs[part], part_options, source=source,
             lenient=True, rows_mix=rows_mix.get(part), unbatched=unbatched)
         if options.flavor == "edgemm":
             config.setdefault("parameters", []).append({"key": "edgemm.part", "value": {"string_value": part}})

@@ -19,19 +19,19 @@ import os
 import re
 import shutil
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 
+from ..backends import registry
 from ..bundle import BundleWriter
 from ..errors import BundleError, InputError
 from ..paths import is_within
-from ..precision import label_of
 from ..runtime import parse_io, signing
-from ..runtime.manifest import MANIFEST_NAME, UNHASHED, load_manifest, safe_relpath, sha256_file
+from ..runtime.manifest import MANIFEST_NAME, UNHASHED, Manifest, load_manifest, safe_relpath, sha256_file
 from ..runtime.atomic import write_text_atomic
 from . import triton_config
 from .triton_ensemble import ensemble_configs, pipeline_parts
-from .triton_config import BUNDLE_FOLDER, PLAN_MODEL_FILE, PYTHON_MODEL_FILE, TritonOptions
+from .triton_config import BUNDLE_FOLDER, PYTHON_MODEL_FILE, TritonOptions
 
 REPO_MARKER = "edgemm-triton.json"
 REPO_FORMAT = "edgemm-triton-repository"
@@ -112,7 +112,7 @@ def export_triton(bundles: Sequence[os.PathLike], output: os.PathLike, options: 
         manifest = load_manifest(source, verify=True)
         if signed is not None:
             signing.bind_manifest(source, manifest, signed)
-        if options.flavor == "native" and manifest.get("variants"):
+        if options.flavor == "native" and manifest.sections.get("variants"):
             raise InputError("holds several variants; a native model serves one model file", file=source,
                              field="variants", fix="use --flavor edgemm (the runtime picks the variant)")
         inputs, outputs = parse_io(source, manifest)
@@ -154,8 +154,8 @@ def export_triton(bundles: Sequence[os.PathLike], output: os.PathLike, options: 
                     _copy_native(source, manifest, version, entry)
                 write_text_atomic(writer.stage / model / "config.pbtxt", triton_config.to_pbtxt(config))
             index[name] = {"bundle": str(source.resolve()), "manifest_sha256": sha256_file(source / MANIFEST_NAME),
-                           "flavor": options.flavor, "precision": label_of(manifest["precision"]),
-                           "backend": manifest["backend"]["name"], "models": [m for m, _, _ in models]}
+                           "flavor": options.flavor, "precision": manifest.precision.label,
+                           "backend": manifest.backend.name, "models": [m for m, _, _ in models]}
         info = {"format": REPO_FORMAT, "format_version": 1,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": index}
         write_text_atomic(writer.stage / REPO_MARKER, json.dumps(info, indent=2) + "\n")
@@ -165,28 +165,15 @@ def export_triton(bundles: Sequence[os.PathLike], output: os.PathLike, options: 
     return destination
 
 
-# ONNX Runtime's dynamic quantization computes each activation's scale over the whole tensor, i.e. over
-# every row of the batch (DynamicQuantizeLinear, and the fused kernels ORT builds from it at load).
-_ROW_MIXING_OPS = (b"DynamicQuantizeLinear", b"DynamicQuantizeMatMul")
-
-
-def rows_mix(source: Path, manifest, entry: dict | None = None) -> str | None:
-    """Why a row's result depends on the other rows of its batch, or None. Read from the model files'
-    bytes (op types are plain strings in an ONNX protobuf), so no onnx package is needed to export.
-    Measured here on the zoo's cross-attention INT8 bundle: the same sample answered up to 0.04 apart
-    (abs, logits of ~1) alone and merged with other requests by Triton's dynamic batcher."""
-    if manifest["backend"]["name"] != "onnxruntime":
-        return None
+def rows_mix(source: Path, manifest: Manifest, entry: dict | None = None) -> str | None:
+    """Why a row's result depends on the other rows of its batch, or None (the backend's ``rows_mix``,
+    e.g. ONNX Runtime's dynamic INT8)."""
     if entry is not None:   # a split bundle's part: its own model file
         files = [entry["backend"].get("model")] if isinstance(entry["backend"].get("model"), str) else []
     else:
-        files = [rel for rel in manifest["files"] if rel.endswith(".onnx")]
-    for rel in files:
-        data = safe_relpath(source, rel, source=str(source / MANIFEST_NAME)).read_bytes()
-        if any(op in data for op in _ROW_MIXING_OPS):
-            return ("dynamic INT8 quantizes activations with one scale per batch, so a request's answer "
-                    "would depend on the requests merged with it")
-    return None
+        files = [rel for rel in manifest.files if rel.endswith(".onnx")]
+    return registry.get(manifest.backend.name).rows_mix(
+        files, lambda rel: safe_relpath(source, rel, source=str(source / MANIFEST_NAME)).read_bytes())
 
 
 def _check_output(output: Path, sources: list[Path]) -> None:
@@ -205,10 +192,10 @@ def _check_output(output: Path, sources: list[Path]) -> None:
                              field="-o", fix="write the repository outside the bundle")
 
 
-def _copy_bundle(source: Path, manifest: dict, target: Path) -> None:
+def _copy_bundle(source: Path, manifest: Manifest, target: Path) -> None:
     """The bundle whole (hashed files, manifest, reports, signature), then its hashes checked again."""
     target.mkdir(parents=True)
-    names = list(manifest["files"]) + [n for n in sorted(UNHASHED) if (source / n).is_file()]
+    names = list(manifest.files) + [n for n in sorted(UNHASHED) if (source / n).is_file()]
     for rel in names:
         src = safe_relpath(source, rel, source=str(source / MANIFEST_NAME))
         dst = target / rel
@@ -217,20 +204,13 @@ def _copy_bundle(source: Path, manifest: dict, target: Path) -> None:
     load_manifest(target, verify=True)  # the copy, not the source: what Triton will load
 
 
-def _copy_native(source: Path, manifest, version: Path, entry: dict | None = None) -> None:
-    """The files the native backend reads, each checked against the manifest's sha256 after copying. A
-    split bundle's part: its model file (and external data beside it) flat in the version folder."""
-    backend = manifest["backend"] if entry is None else {**manifest["backend"], **entry["backend"]}
-    if backend["name"] == "tensorrt":
-        copies = {backend["engine"]: PLAN_MODEL_FILE}
-    elif entry is not None:
-        model = backend["model"]
-        copies = {rel: PurePosixPath(rel).name for rel in manifest["files"]
-                  if rel == model or rel.startswith(model + ".")}
-    else:  # every hashed file (the ONNX model and its external data) under its own name: the model names them
-        copies = {rel: rel for rel in manifest["files"]}
+def _copy_native(source: Path, manifest: Manifest, version: Path, entry: dict | None = None) -> None:
+    """The files the native backend reads (the backend's ``triton_files``), each checked against the
+    manifest's sha256 after copying. A split bundle's part: its files flat in the version folder."""
+    section = manifest.backend.section if entry is None else {**manifest.backend.section, **entry["backend"]}
+    copies = registry.get(manifest.backend.name).triton_files(section, manifest.files, part=entry is not None)
     for rel, name in copies.items():
-        digest = manifest["files"].get(rel)
+        digest = manifest.files.get(rel)
         if digest is None:
             raise BundleError(f"{rel!r} has no sha256 in the manifest", file=source / MANIFEST_NAME, field="files",
                               fix="recompile the bundle")

@@ -40,9 +40,6 @@ STRING_KEY_READERS = {
     "edgemm/runtime/manifest.py": "validates the document itself",
     "edgemm/bundle.py": "reads a folder's JSON before it is known to be a bundle (--force)",
     "edgemm/pipeline/__init__.py": "builds the document that the writer validates",
-    "edgemm/serving/triton_config.py": "#15: still takes documents (its tests pass partial ones)",
-    "edgemm/serving/triton_ensemble.py": "#15: as triton_config",
-    "edgemm/serving/triton_repo.py": "#15: as triton_config",
 }
 # Modules over the limit that #15's other steps are splitting now (each entry fails once it is short).
 BEING_SPLIT = {

@@ -16,9 +16,7 @@ EDGEMM = Path(__file__).resolve().parents[2] / "edgemm"
 # Files that still branch on a backend's name, each with the step that removes it (issue #15).
 STILL_BRANCHING = {
     "quant/mixed.py": "per-branch planner (arch-quant)",
-    "serving/triton_config.py": "Triton platform per backend (a Backend hook for Triton when serving moves)",
     "split/build.py": "per-part packaging and placement (Backend.package per part when split moves onto it)",
-    "serving/triton_repo.py": "which files a native Triton model holds, per backend (same hook)",
 }
 
 
@@ -86,3 +84,22 @@ def test_no_backend_name_branches_outside_the_backends():
             if pattern.search(line):
                 offenders.append(f"{rel}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_serving_asks_the_backend_how_triton_serves_it():
+    """Triton's platform, the files a native model holds, its instance kinds and whether its requests may be
+    merged are the backend's answers (edgemm/serving/ reads them through the registry)."""
+    ort, trt = registry.get("onnxruntime"), registry.get("tensorrt")
+    files = {"parts/text.onnx": "0" * 64, "parts/text.onnx.data": "1" * 64, "parts/vision.onnx": "2" * 64}
+    assert ort.triton_files({"model": "parts/text.onnx"}, files, part=True) == {
+        "parts/text.onnx": "text.onnx", "parts/text.onnx.data": "text.onnx.data"}
+    assert ort.triton_files({"model": "model.onnx"}, {"model.onnx": "0" * 64}, part=False) == {"model.onnx": "model.onnx"}
+    assert trt.triton_files({"engine": "model.engine"}, {"model.engine": "0" * 64}, part=False) == {
+        "model.engine": "model.plan"}
+    assert (ort.triton_kinds, trt.triton_kinds) == (("cpu", "gpu"), ("gpu",))
+    assert trt.serving_refusal({"portable": True})[1] == "backend.engine" and trt.serving_refusal({"engine": "e"}) is None
+    dynamic = {"m.onnx": b"..DynamicQuantizeLinear..", "f.onnx": b"MatMul"}
+    assert "one scale per batch" in ort.rows_mix(["f.onnx", "m.onnx"], dynamic.__getitem__)
+    assert ort.rows_mix(["f.onnx"], dynamic.__getitem__) is None
+    assert trt.rows_mix(["m.onnx"], dynamic.__getitem__) is None
+    assert (ort.triton_profiles({}), trt.triton_profiles({"options": {"profiles": [{}, {}]}})) == (0, 2)

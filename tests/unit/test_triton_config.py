@@ -5,6 +5,7 @@ import pytest
 
 from edgemm.errors import InputError
 from edgemm.iospec import DimRange, TensorSpec
+from edgemm.runtime.manifest import Manifest
 from edgemm.serving.triton_config import TritonOptions, find_batching, model_config, to_pbtxt
 
 text_format = pytest.importorskip("google.protobuf.text_format")
@@ -17,14 +18,21 @@ LOGITS = TensorSpec("logits", "float32", ("batch", 14))
 SIMILARITY = TensorSpec("logits_per_image", "float32", ("batch", "batch"))
 
 
+def _manifest(backend: dict, **sections) -> Manifest:
+    """A bundle's typed manifest with ``backend`` (the fields serving reads; the rest minimal but valid)."""
+    return Manifest.from_dict({
+        "format": "edgemm-bundle", "format_version": 2, "name": "m", "inputs": [IMAGE.to_dict(), IDS.to_dict()],
+        "outputs": [LOGITS.to_dict()], "precision": {"mode": "fp32"}, "target": {"name": "cpu"}, "backend": backend,
+        "files": {"model.onnx": "0" * 64}, **sections})
+
+
 def ort_manifest(**backend):
-    return {"name": "m", "backend": {"name": "onnxruntime", "model": "model.onnx", **backend}}
+    return _manifest({"name": "onnxruntime", "model": "model.onnx", **backend})
 
 
 def trt_manifest(**backend):
-    return {"name": "m", "backend": {"name": "tensorrt", "engine": "model.engine", "portable": False,
-                                     "compute_capability": "8.7", "built": {"compute_capability": "8.7"},
-                                     **backend}}
+    return _manifest({"name": "tensorrt", "engine": "model.engine", "portable": False, "compute_capability": "8.7",
+                      "built": {"compute_capability": "8.7"}, **backend})
 
 
 def parsed(config: dict):
@@ -94,7 +102,7 @@ def test_native_tensorrt_engine_and_refusals():
     for flavor in ("native", "edgemm"):   # the runtime would refuse it on the server too
         with pytest.raises(InputError, match="backend.engine: is a portable TensorRT bundle with no engine yet"):
             model_config("m", portable, [IMAGE], [LOGITS], TritonOptions(flavor=flavor))
-    with pytest.raises(InputError, match="--kind: a TensorRT engine runs on the GPU only"):
+    with pytest.raises(InputError, match="--kind: a TensorRT model runs on the GPU only"):
         model_config("m", manifest, [IMAGE], [LOGITS], TritonOptions(flavor="native", kind="cpu"))
     with pytest.raises(InputError, match="--kind: this bundle's runtime runs on the CPU"):
         model_config("m", ort_manifest(), [IMAGE], [LOGITS], TritonOptions(kind="gpu"))
@@ -131,7 +139,8 @@ def split_manifest(fusion_out=LOGITS):
               "backend": {"model": "parts/text.onnx"}},
              {"name": "fusion", "inputs": [vis.to_dict(), txt.to_dict()], "outputs": [fusion_out.to_dict()],
               "after": ["vision", "text"], "backend": {"model": "parts/fusion.onnx"}}]
-    return {**ort_manifest(), "pipeline": {"parts": parts}}
+    return _manifest({"name": "onnxruntime", "model": "model.onnx"}, requires=["pipeline"],
+                     pipeline={"format": "edgemm-pipeline", "version": 1, "parts": parts})
 
 
 @pytest.mark.parametrize("flavor", ["edgemm", "native"])

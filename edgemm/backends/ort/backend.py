@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ..base import Backend, PackageRequest
+
+TRITON_MODEL_FILE = "model.onnx"   # Triton's ONNX Runtime backend's default file name
+# ONNX Runtime's dynamic quantization computes each activation's scale over the whole tensor, i.e. over
+# every row of the batch (DynamicQuantizeLinear, and the fused kernels ORT builds from it at load).
+_ROW_MIXING_OPS = (b"DynamicQuantizeLinear", b"DynamicQuantizeMatMul")
 
 
 class OrtBackend(Backend):
@@ -48,3 +53,41 @@ class OrtBackend(Backend):
         from ...runtime.ort_session import OrtSession
 
         return OrtSession(path, manifest, **options)
+
+    def triton_platform(self, section, bad, notes, model):
+        file = section.get("model") or TRITON_MODEL_FILE
+        if not isinstance(file, str) or "/" in file:
+            raise bad(f"model {file!r} is not at the bundle's top level", "backend.model", "use --flavor edgemm")
+        fields: dict = {"platform": "onnxruntime_onnx", "default_model_filename": file}
+        params = {}
+        threads = section.get("intra_op_threads")
+        if isinstance(threads, int) and threads > 0:
+            params["intra_op_thread_count"] = str(threads)
+        disabled = section.get("disabled_optimizers") or []
+        if disabled:
+            # ONNX Runtime's session key; Triton's ORT backend passes only the options its README lists.
+            params["edgemm.disabled_optimizers"] = ";".join(map(str, disabled))
+            notes.append(f"{model}: the bundle disables ORT optimizers ({', '.join(map(str, disabled))}); "
+                         f"Triton's ONNX Runtime backend cannot, so the native model may run slower "
+                         f"(--flavor edgemm applies them)")
+        if params:
+            fields["parameters"] = params
+        return fields
+
+    def triton_files(self, section, files, part):
+        if part:   # its model file and the external data beside it, flat
+            model = section["model"]
+            return {rel: PurePosixPath(rel).name for rel in files if rel == model or rel.startswith(model + ".")}
+        # every hashed file (the ONNX model and its external data) under its own name: the model names them
+        return {rel: rel for rel in files}
+
+    def rows_mix(self, model_files, read):
+        """Measured on the zoo's cross-attention INT8 bundle: the same sample answered up to 0.04 apart (abs,
+        logits of ~1) alone and merged with other requests by Triton's dynamic batcher. Read from the
+        files' bytes (op types are plain strings in an ONNX protobuf): no onnx package needed to export."""
+        for rel in model_files:
+            data = read(rel)
+            if any(op in data for op in _ROW_MIXING_OPS):
+                return ("dynamic INT8 quantizes activations with one scale per batch, so a request's answer "
+                        "would depend on the requests merged with it")
+        return None

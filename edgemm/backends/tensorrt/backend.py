@@ -7,6 +7,8 @@ from pathlib import Path
 
 from ..base import Backend, PackageRequest
 
+TRITON_MODEL_FILE = "model.plan"   # Triton's TensorRT backend's default file name
+
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
@@ -15,6 +17,9 @@ class TensorRTBackend(Backend):
     device = "gpu"
     sparse_kernels = True
     engine_options = True
+    part_placement = True      # GPU or a DLA core per split part
+    low_float_kernels = True
+    triton_kinds = ("gpu",)    # an engine runs on the GPU only
 
     def check_target(self, p, bad) -> None:
         """TensorRT's facts about a GPU: compute capability decides FP8, the stack names its versions."""
@@ -78,3 +83,25 @@ class TensorRTBackend(Backend):
         from ...runtime.tensorrt_session import TensorRTSession  # imports tensorrt lazily, inside
 
         return TensorRTSession(path, manifest, **options)
+
+    def serving_refusal(self, section):
+        if section.get("portable") or not section.get("engine"):
+            # the runtime refuses to load it too, on any server
+            return ("is a portable TensorRT bundle with no engine yet", "backend.engine",
+                    "run `edgemm build BUNDLE` on the device first, then export it")
+        return None
+
+    def triton_platform(self, section, bad, notes, model):
+        built = section.get("built") or {}
+        cc = built.get("compute_capability") or section.get("compute_capability")
+        fields = {"platform": "tensorrt_plan", "default_model_filename": TRITON_MODEL_FILE}
+        if cc:
+            fields["cc_model_filenames"] = [{"key": str(cc), "value": TRITON_MODEL_FILE}]
+        return fields
+
+    def triton_files(self, section, files, part):
+        return {section["engine"]: TRITON_MODEL_FILE}
+
+    def triton_profiles(self, section):
+        profiles = (section.get("options") or {}).get("profiles")
+        return len(profiles) if isinstance(profiles, list) and profiles else 1
