@@ -130,6 +130,34 @@ class OrtInt8Quantizer:
         quantizer.notes = notes
         return quantizer
 
+    @staticmethod
+    def plan_graph(fp32_onnx: Path, workdir: Path) -> Path:
+        """The graph a planner reads node names from before building: Gemm-normalized (as ``reference_path``)."""
+        source = Path(workdir) / "fp32_ort.onnx"
+        normalize_for_ort(fp32_onnx, source)
+        return source
+
+    @classmethod
+    def build_per_branch(cls, source: Path, out: Path, table: dict, branches, calib, workdir: Path,
+                         notes: list[str], *, int8_recipe: str | None = None, **_unused) -> dict:
+        """The per-branch plan (quant/mixed.py) on ONNX Runtime CPU: every unit outside the int8 branches kept
+        FP32, with ``--int8-recipe``'s arguments (or the default recipe's). ``source``: ``plan_graph``'s."""
+        int8 = [b for b, v in table.items() if v["precision"] == "int8"]
+        if not int8:
+            shutil.copyfile(source, out)
+            notes.append("no branch is int8 on this target: the bundle is FP32")
+            return {"recipe": {"tool": "none"}}
+        from .ort_recipes import search_recipe
+
+        recipe, recipe_notes = search_recipe(int8_recipe)
+        quantizer = cls(source, calib, Path(workdir) / "int8", recipe=recipe)
+        keep = [u for u in quantizer.units if branches.branch_of.get(u) not in int8]
+        quantizer.build(out, QuantPlan("int8", tuple(keep), params=recipe.params))
+        notes.extend(recipe_notes)
+        counts = {b: sum(1 for u in quantizer.units if branches.branch_of.get(u) == b and u not in keep)
+                  for b in table}
+        return {"quantized_nodes": counts, "recipe": {**quantizer.describe(), "kept_fp32_nodes": len(keep)}}
+
     def __init__(self, fp32_onnx: Path, calib: Mapping[str, np.ndarray], workdir: Path, *, recipe=None):
         import onnx
 

@@ -83,6 +83,12 @@ class Quantizer(Protocol):
     def variant(self, out: Path, exclude: Sequence[str]) -> Path: ...   # a candidate to measure
     def runner(self, path: Path) -> Runner: ...                   # run a built file here
     def describe(self) -> dict: ...                               # the manifest's recipe fields
+    # the per-branch planner (mixed.py): the graph its branch table names nodes of, then that table built
+    @staticmethod
+    def plan_graph(fp32_onnx: Path, workdir: Path) -> Path: ...
+    @classmethod
+    def build_per_branch(cls, source: Path, out: Path, table: dict, branches, calib, workdir: Path,
+                         notes: list[str], **options) -> dict: ...
 
 
 # backend -> "module:Class" (imported on first use: each pulls in its quantization toolkit)
@@ -93,7 +99,12 @@ QUANTIZERS: dict[str, str] = {
 
 
 def quantizer_for(backend: str):
-    """The quantizer class of ``backend`` (see ``QUANTIZERS``)."""
+    """The quantizer class of ``backend`` (see ``QUANTIZERS``; a backend that ``quantizes_as`` another
+    uses that one's)."""
+    from ..backends import registry
+
+    if backend not in QUANTIZERS and backend in registry.names():
+        backend = registry.get(backend).quantizes_as or backend
     if backend not in QUANTIZERS:
         raise InputError(f"no quantizer for backend {backend!r}", field="backend",
                          fix=f"use one of {', '.join(QUANTIZERS)}")

@@ -47,6 +47,49 @@ class QdqQuantizer:
                    **_unused):
         return cls(fp32_onnx, calib, workdir, mode=mode, high_precision=high_precision)
 
+    @staticmethod
+    def plan_graph(fp32_onnx: Path, workdir: Path) -> Path:
+        """The graph a planner reads node names from before building: the FP32 model itself."""
+        return Path(fp32_onnx)
+
+    @classmethod
+    def build_per_branch(cls, source: Path, out: Path, table: dict, branches, calib, workdir: Path,
+                         notes: list[str], *, high_precision: str | None = None, **_unused) -> dict:
+        """The per-branch plan (quant/mixed.py) for TensorRT: the quantized branches' precision, every node of
+        the other branches excluded; those run in their low float type, FP32 branches held in FP32 when both
+        kinds are asked for."""
+        from ..precision import LOW_FLOATS, QUANTIZED
+        from .branches import COMPUTE_OPS, FUSION
+        from .modelopt_qdq import inspect_qdq
+
+        quant = next((v["precision"] for v in table.values() if v["precision"] in QUANTIZED), None)
+        rest = {b: v["precision"] for b, v in table.items() if v["precision"] not in QUANTIZED}
+        low = sorted({p for p in rest.values() if p in LOW_FLOATS})
+        fp32_branches = [b for b, p in rest.items() if p == "fp32"]
+        fp32_nodes = [n for b in fp32_branches for n in branches.nodes(b)] if low else []
+        excluded = [n for b in rest for n in branches.nodes(b)] if quant else []
+        plan = QuantPlan(quant, tuple(excluded), float_precision=low[0] if low else "fp32",
+                         keep_fp32=tuple(fp32_nodes), params={"high_precision": high_precision} if high_precision else {})
+        recipe = cls(source, calib).build(out, plan)
+        if quant is None:
+            return {"recipe": recipe}
+        recipe.pop("excluded_nodes")   # the branch table lists them; nodes_to_exclude below says how many
+        if recipe.get("autocast"):
+            notes.append(f"unquantized branches: {', '.join(b for b, p in rest.items() if p != 'fp32')} in "
+                         f"{low[0]} (AutoCast), {', '.join(fp32_branches)} in fp32")
+        import onnx
+
+        quantized_model = onnx.load(str(out), load_external_data=False)
+        dq_out = {o for n in quantized_model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        counts = {b: 0 for b in table}
+        for node in quantized_model.graph.node:
+            if node.op_type in COMPUTE_OPS and dq_out & set(node.input):
+                branch = branches.branch_of.get(node.name, FUSION)
+                counts[branch] = counts.get(branch, 0) + 1
+        recipe["qdq"] = inspect_qdq(quantized_model)
+        recipe["nodes_to_exclude"] = f"{len(excluded)} nodes of the {', '.join(rest) or 'no'} branches"
+        return {"quantized_nodes": counts, "recipe": recipe}
+
     def __init__(self, fp32_onnx: Path, calib: Mapping[str, np.ndarray] | None, workdir: Path | None = None, *,
                  mode: str = "int8", high_precision: str = "fp16", fixed_exclude: Sequence[str] = ()):
         self.reference_path = Path(fp32_onnx)

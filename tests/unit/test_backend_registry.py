@@ -15,7 +15,6 @@ from edgemm.errors import InputError
 EDGEMM = Path(__file__).resolve().parents[2] / "edgemm"
 # Files that still branch on a backend's name, each with the step that removes it (issue #15).
 STILL_BRANCHING = {
-    "quant/mixed.py": "per-branch planner (arch-quant)",
     "split/build.py": "per-part packaging and placement (Backend.package per part when split moves onto it)",
 }
 
