@@ -62,6 +62,17 @@ class Backend:
         (``{"name": self.name, ...}``)."""
         raise NotImplementedError
 
+    def package_part(self, model_path: Path, stage: Path, part: str, folder: str, target, request: PackageRequest, *,
+                     precision: str, device: str) -> dict:
+        """A split bundle's part (edgemm/split/): its artefacts under ``stage / folder``; returns the part's
+        backend fields (paths relative to the bundle). ``precision``: what the part was built in; ``device``:
+        its placement (``part_placement``), else the backend's ``device``."""
+        raise NotImplementedError(f"{self.title} does not package split parts")
+
+    def split_section(self, stage: Path, parts: list[dict], target, bundle_name: str) -> dict:
+        """The top-level backend fields of a split bundle beside ``name`` (``parts``: the pipeline entries)."""
+        return {}
+
     def tune(self, section: dict, stage: Path, feeds: Mapping[str, Any], say: Callable[[str], None]) -> None:
         """Measure run-time settings on this host and record them in ``section`` (compile --tune-threads)."""
 

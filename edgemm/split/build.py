@@ -13,9 +13,11 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from ..backends import registry
+from ..backends.base import PackageRequest
 from ..errors import InputError
 from ..modality import BRANCHES, FUSION
-from ..precision import LOW_FLOATS, QUANTIZED, UNIFORM
+from ..precision import LOW_FLOATS, QUANTIZED
 from ..runtime.pipeline import PIPELINE_FORMAT, PIPELINE_VERSION
 from .graph import SplitPlan, split_onnx
 
@@ -37,7 +39,7 @@ def parse_placement(text: str | Mapping | None, target) -> dict[str, str]:
     cores (one-line InputError). ``dla`` means ``dla0``."""
     if not text:
         return {}
-    if target.backend != "tensorrt":
+    if not registry.get(target.backend).part_placement:
         raise InputError(f"target {target.name} runs {target.backend}: parts have no device to choose",
                          field="--place", fix="use --place with a TensorRT target (e.g. --target jetson-agx-orin)")
     items = text.items() if isinstance(text, Mapping) else (i.partition("=")[::2] for i in str(text).split(",") if i.strip())
@@ -80,6 +82,7 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
     from ..onnx_io import graph_outputs, load_graph
     from ..parity.output_kinds import graph_score_outputs
 
+    backend = registry.get(target.backend)
     placement = parse_placement(cfg.place, target)
     say("split: cutting the graph at its branch boundaries")
     plan = split_onnx(fp32, work / "split-fp32", branch_overrides=branch_overrides, samples=samples)
@@ -100,8 +103,7 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
     graph_specs = {s.name: s.to_dict() for s in specs}
 
     entries, recipes, modes, notes = [], {}, [], []
-    parts_dir = stage / PARTS_DIR
-    parts_dir.mkdir()
+    (stage / PARTS_DIR).mkdir()
     for part in plan.parts:
         prec = _part_precision_stage(part, cfg, target, part_calib, part_held, work, placement, say)
         modes.append(prec.mode)
@@ -111,11 +113,14 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
         out_specs = [_with_ranges(d, graph_specs) for d in io]
         in_specs = [graph_specs[i] if i in graph_specs else _interface_spec(prec.path, i, graph_specs)
                     for i in part.inputs]
-        backend = _package_part(part.name, prec, parts_dir, stage, target, cfg, placement, in_specs, name)
+        device = placement.get(part.name, backend.device)
+        fields = backend.package_part(prec.path, stage, part.name, PARTS_DIR, target, PackageRequest(
+            config=cfg, specs=in_specs, recipe=prec.recipe, bundle_name=f"{name}-{part.name}"),
+            precision=prec.mode, device=device)
         entries.append({"name": part.name, "after": part.after, "inputs": in_specs, "outputs": out_specs,
                         "precision": {"mode": prec.mode, "recipe": prec.recipe.get("name")},
-                        "placement": placement.get(part.name, "gpu") if target.backend == "tensorrt" else "cpu",
-                        "backend": backend, "nodes": part.nodes, "compute_nodes": part.compute_nodes})
+                        "placement": device, "backend": fields, "nodes": part.nodes,
+                        "compute_nodes": part.compute_nodes})
     interface = [{"name": t, "from": info["from"], "to": info["to"], "original": info["original"],
                   **{k: v for k, v in _spec_for(entries, t).items() if k in ("dtype", "shape")}}
                  for t, info in plan.interface.items()]
@@ -128,12 +133,8 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
     heads = graph_score_outputs(load_graph(fp32))   # the FP32 graph: the model's own structure (as without --split)
     built = Precision.of(modes, per_branch={e["name"]: e["precision"]["mode"] for e in entries})
     precision = {**built.to_manifest(), "recipe": {"name": "split", "parts": recipes}, "notes": notes}
-    backend = {"name": target.backend}
-    if target.backend == "onnxruntime":
-        backend["providers"] = ["CPUExecutionProvider"]
-    else:
-        backend.update(_write_pipeline_build_script(stage, entries, target, name))
-    return SplitBuild(backend, precision, outputs, pipeline, {o["name"]: bool(heads.get(o["name"])) for o in outputs})
+    section = {"name": target.backend, **backend.split_section(stage, entries, target, name)}
+    return SplitBuild(section, precision, outputs, pipeline, {o["name"]: bool(heads.get(o["name"])) for o in outputs})
 
 
 def _policy_branches(cfg) -> list[str]:
@@ -161,9 +162,10 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
     precision = part_precision(part.name, cfg)
     out = work / f"split-{part.name}.onnx"
     notes = []
-    if cfg.precision_policy and target.backend == "onnxruntime" and precision in LOW_FLOATS:
-        # As for --precision without --split (quant/mixed.py): ORT's CPU provider has few FP16 kernels.
-        notes.append(f"{precision} runs as fp32 on the CPU target (ONNX Runtime has few FP16 CPU kernels)")
+    backend = registry.get(target.backend)
+    if cfg.precision_policy and not backend.low_float_kernels and precision in LOW_FLOATS:
+        # As for --precision without --split (quant/mixed.py): casts would make the part slower, not faster.
+        notes.append(f"{precision} runs as fp32 on {backend.title} (it has few {precision} kernels)")
         precision = "fp32"
     if precision == "bf16":
         precision = "fp16"
@@ -247,67 +249,6 @@ def _spec_for(entries, tensor: str) -> dict:
             if spec["name"] == tensor:
                 return spec
     return {}
-
-
-def _package_part(part: str, prec, parts_dir: Path, stage: Path, target, cfg, placement, in_specs, name) -> dict:
-    """The part's backend fields, paths relative to the bundle."""
-    if target.backend == "onnxruntime":
-        rel = f"{PARTS_DIR}/{part}.onnx"
-        shutil.copyfile(prec.path, stage / rel)
-        section = {"model": rel}
-        disabled = (prec.recipe or {}).get("ort_disabled_optimizers")
-        if disabled:
-            section["disabled_optimizers"] = list(disabled)
-        return section
-    from ..backends.tensorrt.options import TensorRTOptions
-    from ..backends.tensorrt.package import package
-
-    device = placement.get(part, "gpu")
-    options = TensorRTOptions.from_compile(cfg, target, in_specs)
-    options = options.with_(precision=prec.mode if prec.mode in UNIFORM else options.precision)
-    if device.startswith("dla"):
-        from ..backends.tensorrt.options import options_for_target
-
-        # DLA pins shapes (options_for_target does it) and runs fp16/int8 only (the target checks).
-        target.validate(options.precision, dla=int(device[3:]))
-        options = options_for_target(target, options.precision, dla=int(device[3:]), inputs=in_specs,
-                                     workspace_mb=options.workspace_mb, opt_level=options.opt_level)
-    folder = parts_dir / part
-    section = package(prec.path, folder, target, options, build_now=False, bundle_name=f"{name}-{part}")
-    out = {}
-    for key, value in section.items():
-        if key in ("onnx", "engine", "build_config", "build_script", "model") and isinstance(value, str):
-            out[key] = f"{PARTS_DIR}/{part}/{value}"
-        elif key != "name":
-            out[key] = value
-    out["placement"] = device
-    return out
-
-
-def _write_pipeline_build_script(stage: Path, entries: list[dict], target, name: str) -> dict:
-    """build.sh at the bundle's top: one engine build per part (each part's own build.sh, which carries
-    its placement: --useDLACore=N --allowGPUFallback for DLA parts), engines written beside each other."""
-    from ..backends.tensorrt.package import BUILD_SCRIPT_NAME
-
-    lines = [
-        "#!/usr/bin/env bash",
-        f"# Build one TensorRT engine per part of the split bundle {name} (target {target.name}) with trtexec.",
-        "# Run it on the target device: ./build.sh [OUT_DIR] writes OUT_DIR/<part>.engine for every part.",
-        "set -euo pipefail",
-        'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-        'OUT_DIR="${1:-$PWD}"',
-        'case "$OUT_DIR" in /*) ;; *) OUT_DIR="$PWD/$OUT_DIR" ;; esac',
-        'mkdir -p "$OUT_DIR"',
-    ]
-    for entry in entries:
-        script = entry["backend"]["build_script"]
-        lines.append(f"# part {entry['name']}: placement {entry['placement']}, precision {entry['precision']['mode']}")
-        lines.append(f'bash "$HERE/{script}" "$OUT_DIR/{entry["name"]}.engine"')
-    lines += ['echo "engines written to $OUT_DIR"', ""]
-    path = stage / BUILD_SCRIPT_NAME
-    path.write_text("\n".join(lines), encoding="utf-8")
-    path.chmod(0o755)
-    return {"build_script": BUILD_SCRIPT_NAME, "portable": True}
 
 
 def ort_estimate_runner(stage: Path, manifest):

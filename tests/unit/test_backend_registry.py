@@ -13,10 +13,6 @@ from edgemm.backends.base import Backend
 from edgemm.errors import InputError
 
 EDGEMM = Path(__file__).resolve().parents[2] / "edgemm"
-# Files that still branch on a backend's name, each with the step that removes it (issue #15).
-STILL_BRANCHING = {
-    "split/build.py": "per-part packaging and placement (Backend.package per part when split moves onto it)",
-}
 
 
 def test_shipped_backends_by_name():
@@ -60,14 +56,9 @@ def test_target_profile_takes_a_registered_backend(tmp_path):
 
 def _branching_pattern() -> re.Pattern:
     names = "|".join(map(re.escape, registry.BACKENDS))
-    return re.compile(rf"""(==|!=|\bin\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
-
-
-def test_the_still_branching_list_only_shrinks():
-    """An entry whose file no longer compares backend names is removed (so the list stays true)."""
-    pattern = _branching_pattern()
-    stale = [rel for rel in STILL_BRANCHING if not pattern.search((EDGEMM / rel).read_text(encoding="utf-8"))]
-    assert stale == [], f"no longer branching on backend names, drop from STILL_BRANCHING: {stale}"
+    # a shipped backend's name compared, or any backend name compared with a literal (a backend to come)
+    return re.compile(rf"""(==|!=|\bin\b)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=)"""
+                      rf"""|\bbackend(\.name|_name)?\s*(==|!=|\bin\b)\s*[(\[{{]?\s*["']""")
 
 
 def test_no_backend_name_branches_outside_the_backends():
@@ -77,7 +68,7 @@ def test_no_backend_name_branches_outside_the_backends():
     offenders = []
     for path in sorted(EDGEMM.rglob("*.py")):
         rel = path.relative_to(EDGEMM).as_posix()
-        if rel.startswith("backends/") or re.fullmatch(r"runtime/\w+_session\.py", rel) or rel in STILL_BRANCHING:
+        if rel.startswith("backends/") or re.fullmatch(r"runtime/\w+_session\.py", rel):
             continue
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if pattern.search(line):

@@ -14,3 +14,14 @@ def package(onnx_path: Path, stage_dir: Path, target, recipe: dict | None = None
     if disabled:  # the recipe search timed the model with these off; the runtime must match
         section["disabled_optimizers"] = list(disabled)
     return section
+
+
+def package_part(onnx_path: Path, stage_dir: Path, part: str, folder: str, recipe: dict | None = None) -> dict:
+    """A split bundle's part: its ONNX file as ``folder/<part>.onnx`` (path relative to the bundle)."""
+    rel = f"{folder}/{part}.onnx"
+    shutil.copyfile(onnx_path, stage_dir / rel)
+    section = {"model": rel}
+    disabled = (recipe or {}).get("ort_disabled_optimizers")
+    if disabled:
+        section["disabled_optimizers"] = list(disabled)
+    return section

@@ -29,6 +29,14 @@ class OrtBackend(Backend):
 
         return package(model_path, stage, target, request.recipe)
 
+    def package_part(self, model_path, stage, part, folder, target, request, *, precision, device):
+        from . import package_part
+
+        return package_part(model_path, stage, part, folder, request.recipe)
+
+    def split_section(self, stage, parts, target, bundle_name):
+        return {"providers": ["CPUExecutionProvider"]}
+
     def tune(self, section, stage, feeds, say) -> None:
         """Record whether the bundle runs faster single-threaded (see threads.py)."""
         from .threads import tune_intra_op_threads

@@ -55,6 +55,16 @@ class TensorRTBackend(Backend):
         options = TensorRTOptions.from_compile(request.config, target, request.specs)
         return package(model_path, stage, target, options, bundle_name=request.bundle_name)
 
+    def package_part(self, model_path, stage, part, folder, target, request, *, precision, device):
+        from .split import package_part
+
+        return package_part(model_path, stage, part, folder, target, request, precision=precision, device=device)
+
+    def split_section(self, stage, parts, target, bundle_name):
+        from .split import write_pipeline_build_script
+
+        return write_pipeline_build_script(stage, parts, target, bundle_name)
+
     def parity_runner(self, stage: Path, manifest):
         """No GPU at compile time: the precision-marked ONNX runs on ORT CPU as an estimate, when ORT can
         run it (FP8 Q/DQ through the simulator); a split bundle part by part."""
