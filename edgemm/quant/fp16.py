@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -75,7 +75,11 @@ def _type_error(model) -> str | None:
     return None
 
 
-def _autocast(fp32_onnx: Path, low: str, keep_io_types: bool, calib: Mapping[str, np.ndarray] | None):
+def autocast(fp32_onnx: Path, low: str, *, keep_io_types: bool = True, calib: Mapping[str, np.ndarray] | None = None,
+             max_samples: int | None = None, exclude_patterns: Sequence[str] = ()):
+    """modelopt AutoCast of ``fp32_onnx`` to ``low`` (a ModelProto), the nodes matching ``exclude_patterns``
+    (regexes) kept FP32. Its data-range check runs on ``calib``'s real samples only (the first
+    ``max_samples``), never on random data; what it prints is logged, not shown."""
     try:
         from modelopt.onnx.autocast import convert_to_mixed_precision
         from modelopt.onnx.logging_config import configure_logging
@@ -88,7 +92,7 @@ def _autocast(fp32_onnx: Path, low: str, keep_io_types: bool, calib: Mapping[str
         calib_path = None
         if calib:
             calib_path = str(Path(tmp) / "reference.npz")
-            np.savez(calib_path, **{k: np.asarray(v) for k, v in calib.items()})
+            np.savez(calib_path, **{k: np.asarray(v)[:max_samples] for k, v in calib.items()})
         from ..capture import captured_output
 
         # AutoCast prints progress and notes ("Shared constants were detected..."): logged, not shown.
@@ -96,6 +100,7 @@ def _autocast(fp32_onnx: Path, low: str, keep_io_types: bool, calib: Mapping[str
             model = convert_to_mixed_precision(
                 onnx_path=str(fp32_onnx),
                 low_precision_type=low,
+                nodes_to_exclude=list(exclude_patterns) or None,
                 keep_io_types=keep_io_types,
                 calibration_data=calib_path,
                 data_max=_DATA_MAX if calib_path else np.inf,
@@ -127,7 +132,7 @@ def to_fp16(fp32_onnx: Path, out_onnx: Path, *, keep_io_types: bool = True, for_
         from modelopt import __version__ as modelopt_version
 
         try:
-            model = _autocast(fp32_onnx, low_precision, keep_io_types, calib)
+            model = autocast(fp32_onnx, low_precision, keep_io_types=keep_io_types, calib=calib)
         except DependencyError:
             raise
         except Exception as exc:  # noqa: BLE001 - AutoCast failures vary; fall back and record why
@@ -173,7 +178,7 @@ def to_fp16(fp32_onnx: Path, out_onnx: Path, *, keep_io_types: bool = True, for_
         problem = _type_error(model)
         if problem and not for_tensorrt:
             # The converter produced an inconsistent graph: AutoCast also runs on the CPU, use it instead.
-            model = _autocast(fp32_onnx, low_precision, keep_io_types, calib)
+            model = autocast(fp32_onnx, low_precision, keep_io_types=keep_io_types, calib=calib)
             from modelopt import __version__ as modelopt_version
             recipe.update(tool="modelopt.onnx.autocast.convert_to_mixed_precision", modelopt_version=modelopt_version,
                           fallback=f"onnxconverter-common produced an invalid graph: {problem}")

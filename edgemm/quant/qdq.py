@@ -13,10 +13,7 @@ there; FP8 through ``fp8_sim``); the device build uses ``build``'s own modelopt 
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -169,23 +166,11 @@ class QdqQuantizer:
 
 
 def autocast(onnx_path: Path, low: str, fp32_nodes: Sequence[str], calib):
-    """AutoCast to ``low`` with ``fp32_nodes`` kept FP32 (the data-range check runs on real samples only)."""
-    import logging
+    """AutoCast to ``low`` with ``fp32_nodes`` kept FP32 (fp16.autocast; 8 real samples for the range check)."""
+    from .fp16 import autocast as modelopt_autocast
 
-    from modelopt.onnx.autocast import convert_to_mixed_precision
-    from modelopt.onnx.logging_config import configure_logging
-
-    configure_logging(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="edgemm-autocast-") as tmp:
-        calib_path = None
-        if calib:
-            calib_path = str(Path(tmp) / "reference.npz")
-            np.savez(calib_path, **{k: np.asarray(v)[:8] for k, v in calib.items()})
-        with contextlib.redirect_stdout(sys.stderr):
-            return convert_to_mixed_precision(onnx_path=str(onnx_path), low_precision_type=low,
-                                              nodes_to_exclude=anchored(fp32_nodes) or None, keep_io_types=True,
-                                              calibration_data=calib_path,
-                                              data_max=512.0 if calib_path else np.inf, providers=["cpu"])
+    return modelopt_autocast(onnx_path, low, keep_io_types=True, calib=calib, max_samples=8,
+                             exclude_patterns=anchored(fp32_nodes))
 
 
 # ------------------------------------------------------------------------------------------------

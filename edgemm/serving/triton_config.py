@@ -8,7 +8,6 @@ Standard library and edgemm's torch-free modules only."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
