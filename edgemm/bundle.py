@@ -21,7 +21,7 @@ try:
     import fcntl
 except ImportError:  # no flock (Windows): staging folders are never swept, only left behind
     fcntl = None
-from .paths import is_within
+from .paths import is_within, missing_folders, remove_made_folders
 from .runtime.manifest import (FORMAT, MANIFEST_NAME, MAX_MANIFEST_BYTES, UNHASHED, Manifest, manifest_document,
                                sha256_file, write_json_atomic)
 
@@ -240,7 +240,7 @@ class BundleWriter:
             raise InputError(f"lies under {blocker}, which is not a folder", file=self.given, field="-o",
                              fix=_CHOOSE_ANOTHER)
         # Remember the folders made here, so a failed compile leaves nothing behind (not even them).
-        self._made_parents = [p for p in [parent, *parent.parents] if not p.exists()]
+        self._made_parents = missing_folders(parent)
         try:
             parent.mkdir(parents=True, exist_ok=True)
             sweep_stale_staging(parent)
@@ -248,7 +248,7 @@ class BundleWriter:
             self.stage = self.sibling()
         except OSError as exc:  # a file where a folder should be, no permission, read-only file system
             self._release()
-            self._remove_made_parents()
+            remove_made_folders(self._made_parents)
             raise InputError(f"cannot create the bundle's folder ({exc.strerror or exc})", file=self.given,
                              field="-o", fix=_CHOOSE_ANOTHER) from exc
         return self
@@ -256,13 +256,6 @@ class BundleWriter:
     def _appeared(self) -> InputError:
         return InputError("appeared while compiling (another compile wrote there?); nothing was replaced",
                           file=self.given, field="-o", fix="pass --force to replace it, or choose another -o")
-
-    def _remove_made_parents(self) -> None:
-        for folder in self._made_parents:  # innermost first; stops at the first one not empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
 
     def sibling(self, tag: str | None = None) -> Path:
         """A new private folder beside the destination, owned by this compile's lock: the staging folder
@@ -290,7 +283,7 @@ class BundleWriter:
     def __exit__(self, exc_type, exc, tb):
         self._release()
         if not self.committed and self.stage is not None:
-            self._remove_made_parents()
+            remove_made_folders(self._made_parents)
         return False
 
     def hashes(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Mapping
 
 from .errors import InputError
-from .paths import is_within
+from .paths import is_within, missing_folders, remove_made_folders
 from .runtime.atomic import atomic_open
 
 
@@ -87,17 +87,17 @@ def output_file(path, *, field: str) -> Iterator[BinaryIO]:
     folders are made (and removed again on failure); an OSError (no permission, disk full, read-only
     file system, a file where a folder should be) becomes one line naming ``field``."""
     path = Path(path)
-    made = [p for p in [path.parent, *path.parent.parents] if not os.path.lexists(p)]
+    made = missing_folders(path.parent)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path) as handle:
             yield handle
     except OSError as exc:
-        _remove_folders(made)
+        remove_made_folders(made)
         raise InputError(f"cannot be written ({exc.strerror or exc})", file=path, field=field,
                          fix="choose a writable path with free space") from exc
     except BaseException:
-        _remove_folders(made)
+        remove_made_folders(made)
         raise
 
 
@@ -105,11 +105,3 @@ def write_output_text(path, text: str, *, field: str) -> Path:
     with output_file(path, field=field) as f:
         f.write(text.encode("utf-8"))
     return Path(path)
-
-
-def _remove_folders(folders: Iterable[Path]) -> None:
-    for folder in folders:  # innermost first; stops at the first one not empty
-        try:
-            folder.rmdir()
-        except OSError:
-            break

@@ -47,3 +47,17 @@ def require_regular_file(path, *, field: str | None = None, allow_dir: bool = Fa
 def is_within(path: Path, folder: Path) -> bool:
     """``path`` is ``folder`` or lies inside it (both already resolved)."""
     return path == folder or folder in path.parents
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, innermost first (to remove again on failure)."""
+    return [p for p in [folder, *folder.parents] if not os.path.lexists(p)]
+
+
+def remove_made_folders(folders) -> None:
+    """Remove folders ``missing_folders`` listed, innermost first; stops at the first one not empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
