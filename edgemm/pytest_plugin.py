@@ -66,6 +66,8 @@ def baseline_name(nodeid_name: str) -> str:
 
 def format_failure(report: Mapping) -> str:
     """A readable multi-line account of a failed verification, for an assertion message."""
+    from .parity.metrics import top1_cell
+
     meta = report.get("bundle") or {}
     gate = report.get("baseline") or {}
     lines = [f"edgemm gate failed for bundle {meta.get('path', meta.get('name'))} "
@@ -86,10 +88,10 @@ def format_failure(report: Mapping) -> str:
                     bits.append(f"cosine {o['mean_cosine']:.6f}")
                 if "max_abs_limit" in o:
                     bits.append(f"max|err| {o['max_abs_error']:.4g} (limit {o['max_abs_limit']:.3g})")
-                if o.get("top1_agreement") is not None:
-                    bits.append(f"top-1 {o['top1_agreement']:.4f}")
                 if o.get("exact_match") is not None:
                     bits.append(f"exact {o['exact_match']:.4f}")
+                elif top1_cell(o) is not None:
+                    bits.append(f"top-1 {top1_cell(o)}")
                 detail = ", ".join(bits) or "changed"
             lines.append(f"    {name:<{width}}  {detail}  {'ok' if o.get('passed') else 'FAIL'}")
     lat = gate.get("latency") or {}

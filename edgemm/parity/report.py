@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..display import md_code, md_text
+from .metrics import NEAR_TIE_NOTE, top1_cell
 
 
 def _fmt(value, digits=6):
@@ -33,9 +34,10 @@ def render_markdown(report: dict) -> str:
     lines += ["| output | mean cosine | min cosine | max abs err | top-1 agree | pass |",
               "|---|---|---|---|---|---|"]
     for name, o in report.get("outputs", {}).items():
-        top1 = o.get("top1_agreement", o.get("exact_match"))
         lines.append(f"| {md_text(name)} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
-                     f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} | {'yes' if o.get('passed') else 'NO'} |")
+                     f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1_cell(o))} | {'yes' if o.get('passed') else 'NO'} |")
+    if any(o.get("top1_near_ties") for o in report.get("outputs", {}).values()):
+        lines += ["", f"> {md_text(NEAR_TIE_NOTE)}"]
     from .split_parts import render_parts
 
     lines += render_parts(report)
@@ -83,9 +85,8 @@ def _vs_original_section(section: dict | None) -> list[str]:
              f"pruning, on the same {section.get('samples')} samples.", "",
              "| output | mean cosine | min cosine | max abs err | top-1 agree |", "|---|---|---|---|---|"]
     for name, o in section.get("outputs", {}).items():
-        top1 = o.get("top1_agreement", o.get("exact_match"))
         lines.append(f"| {md_text(name)} | {_fmt(o.get('mean_cosine'))} | {_fmt(o.get('min_cosine'))} | "
-                     f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1, 4)} |")
+                     f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1_cell(o))} |")
     task = section.get("task")
     if task and "reference" in task:
         lines += ["", f"Task metric **{task['metric']}**: unpruned {_fmt(task['reference'], 2)}, "

@@ -15,13 +15,14 @@ class Thresholds:
     min_top1_agreement: float    # argmax agreement of logits outputs
     max_metric_drop: float       # task metric drop, absolute percentage points
     min_exact_match: float = 1.0  # integer outputs
+    score_noise: float = 0.0     # the precision's; decides which samples top-1 skips as near-ties (metrics.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # One bar set per precision, from the one table (edgemm/precision.py).
-DEFAULTS = {name: Thresholds(s.min_cosine, s.min_top1_agreement, s.max_metric_drop)
+DEFAULTS = {name: Thresholds(s.min_cosine, s.min_top1_agreement, s.max_metric_drop, score_noise=s.score_noise)
             for name, s in precision_table.TABLE.items()}
 
 

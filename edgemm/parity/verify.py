@@ -11,7 +11,7 @@ from ..data import Dataset
 from ..errors import InputError
 from ..task import resolve as task_of
 from .latency import measure_interleaved
-from .metrics import ParityAccumulator
+from .metrics import ParityAccumulator, top1_text
 from .thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, th
              heads: Mapping[str, bool] | None = None) -> dict:
     if batch_size < 1:
         raise InputError("must be >= 1", field="--batch-size", fix="e.g. --batch-size 16")
-    acc = ParityAccumulator(heads)
+    acc = ParityAccumulator(heads, score_noise=thresholds.score_noise)
     collected: dict[str, dict[str, list[np.ndarray]]] = {"bundle": {}, "reference": {}}
     task_outputs = task[1] if task and data.labels is not None else []
     for name in task_outputs:
@@ -78,7 +78,7 @@ def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, th
         if p.mean_cosine is not None and p.mean_cosine < thresholds.min_cosine:
             checks.append(f"output {name}: mean cosine {p.mean_cosine:.6f} < {thresholds.min_cosine}")
         if p.top1_agreement is not None and p.top1_agreement < thresholds.min_top1_agreement:
-            checks.append(f"output {name}: top-1 agreement {p.top1_agreement:.4f} < "
+            checks.append(f"output {name}: top-1 agreement {top1_text(p.to_dict())} < "
                           f"{thresholds.min_top1_agreement}")
         if p.exact_match is not None and p.exact_match < thresholds.min_exact_match:
             checks.append(f"output {name}: exact match {p.exact_match:.4f} < {thresholds.min_exact_match}")
@@ -152,8 +152,8 @@ def vs_original_lines(section: dict | None) -> list[str]:
     for name, o in section["outputs"].items():
         fig = f"mean cosine {o['mean_cosine']:.6f}" if o.get("mean_cosine") is not None else \
             f"exact {o.get('exact_match')}"
-        if o.get("top1_agreement") is not None:
-            fig += f", top-1 agreement {o['top1_agreement']:.4f}"
+        if o.get("top1_decisive") is not None or o.get("top1_agreement") is not None:
+            fig += f", top-1 agreement {top1_text(o)}" if o.get("top1_agreement") is not None else f", {top1_text(o)}"
         lines.append(f"  {name}: {fig}")
     task = section.get("task")
     if task and "reference" in task:

@@ -114,12 +114,12 @@ class Evaluator:
         return self._cos_outputs.get(c) or self._agreement_outputs.get(c) or self._task_for[c][1]
 
     def measure(self, runner: Runner) -> Measurement:
-        from ..parity.metrics import per_sample_cosine
+        from ..parity.metrics import Top1Count, per_sample_cosine
         from ..task import compute
 
         cosines: dict[str, list] = {o: [] for o in self.float_outputs}
-        agree_hits: dict[str, int] = {}
-        agree_total: dict[str, int] = {}
+        # The user's top1-agreement target counts every sample (accuracy_target.py), near-ties included.
+        agreement: dict[str, Top1Count] = {}
         agreement_outs = {o for outs in self._agreement_outputs.values() for o in outs}
         task_outs = {o for _, outs in self._task_for.values() for o in outs}
         collected: dict[str, list] = {o: [] for o in task_outs}
@@ -132,8 +132,7 @@ class Evaluator:
                 cos = per_sample_cosine(ref[o], got[o])
                 cosines[o].append(np.where(np.isfinite(got[o].reshape(len(cos), -1)).all(1), cos, -1.0))
             for o in agreement_outs:
-                agree_hits[o] = agree_hits.get(o, 0) + int((ref[o].argmax(-1) == got[o].argmax(-1)).sum())
-                agree_total[o] = agree_total.get(o, 0) + int(np.prod(ref[o].shape[:-1]))
+                agreement.setdefault(o, Top1Count()).add(ref[o], got[o])
             for o in task_outs:
                 collected[o].append(got[o])
         cos = {o: np.concatenate(v) for o, v in cosines.items()}
@@ -149,7 +148,7 @@ class Evaluator:
             elif c.metric == "min-cosine":
                 value = min(float(cos[o].min()) for o in self._cos_outputs[c])
             elif c.metric == "top1-agreement":
-                value = min(agree_hits[o] / max(agree_total[o], 1) for o in self._agreement_outputs[c])
+                value = min(agreement[o].all_hits / max(agreement[o].samples, 1) for o in self._agreement_outputs[c])
             else:
                 metric, outs = self._task_for[c]
                 got = {o: np.concatenate(collected[o]) for o in outs}

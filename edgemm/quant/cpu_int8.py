@@ -109,12 +109,18 @@ def output_agreement(ref: np.ndarray, got: np.ndarray) -> tuple[str, float]:
     return "cosine", float(np.mean(cos))
 
 
-def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
-    """Fraction of rows (all axes but the last) whose argmax is the same."""
+def top1_agreement(ref: np.ndarray, got: np.ndarray, precision: str = "int8") -> float | None:
+    """Agreement of argmax over the decisive rows (all axes but the last) as the parity gate counts it
+    (parity/metrics.py:Top1Count, near-ties by ``precision``'s noise); None when too few are decisive."""
+    from ..parity.metrics import Top1Count
+    from ..precision import spec
+
     ref, got = np.asarray(ref), np.asarray(got)
-    if ref.shape != got.shape or not ref.size:
-        return 0.0 if ref.shape != got.shape else 1.0
-    return float(np.mean(ref.argmax(-1) == got.argmax(-1)))
+    if ref.shape != got.shape:
+        return 0.0
+    count = Top1Count(spec(precision).score_noise)
+    count.add(ref, got)
+    return count.agreement
 
 
 def _scored_outputs(model_path: Path, names: Sequence[str], reference: Sequence[np.ndarray]) -> set[str]:
@@ -297,8 +303,8 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
             for name, ref, got in zip(output_names, reference, outputs):
                 metric, value = output_agreement(ref, got)
                 row.agreement[name] = {"metric": metric, "value": round(value, 6)}
-                if name in scored:
-                    row.agreement[name]["top1"] = round(top1_agreement(ref, got), 6)
+                if name in scored and (agree := top1_agreement(ref, got)) is not None:
+                    row.agreement[name]["top1"] = round(agree, 6)
             row.min_agreement = min(v["value"] for v in row.agreement.values())
             short = _top1_short(row, min_top1)
             row.ok = row.min_agreement >= min_cosine and short is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 
 def _report(bundle):
@@ -93,3 +94,41 @@ def test_failure_fix_names_the_flag_that_relaxes_it():
     assert relax_flags(["output foo: top-1 agreement 0.9000 < 0.95"]) == "--min-top1"
     assert relax_flags(["output a: mean cosine 0.98 < 0.99", "task top1: 80 vs reference 90 (drop 10 > 1)"]) \
         == "--min-cosine, --max-metric-drop"
+
+
+@pytest.mark.slow
+def test_a_broken_int8_bundle_fails_top1_on_its_decisive_samples(cli, tiny, tmp_path):
+    """A real INT8 bundle with its quantization broken (two output channels of the head's INT8 weight
+    swapped, the hashes redone): verify fails top-1 on decisive samples, even with the cosine bar off.
+    Near-ties are decided by the reference and the precision, so the broken bundle's error excuses nothing."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "int8"
+    r = cli("compile", tiny["torchscript"], "--int8", "--int8-recipe", "dynamic_per_channel", "--calib",
+            tiny["calib"], "-o", out, "--no-thread-tuning")
+    assert r.returncode == 0, r.stderr
+    good = _report(out)["outputs"]["logits"]
+    assert good["top1_agreement"] == 1.0 and good["top1_decisive"] >= 10   # compile's held-out gate passed it
+
+    model = onnx.load(str(out / "model.onnx"))
+    head = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2
+            and i.dims[-1] == 5]
+    assert len(head) == 1, [i.name for i in head]   # the 5-class head's INT8 weight
+    weight = numpy_helper.to_array(head[0])
+    head[0].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weight[:, [1, 0, 2, 3, 4]]), head[0].name))
+    onnx.save(model, str(out / "model.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    r = cli("verify", out, "--reference", tiny["torchscript"], "--data", tiny["eval"], "--json", "--no-write",
+            "--min-cosine", "0")
+    assert r.returncode == 1, r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    logits = report["outputs"]["logits"]
+    assert logits["top1_decisive"] >= 10 and logits["top1_agreement"] < 0.95, logits
+    assert [f for f in report["failures"] if f.startswith("output logits: top-1 agreement")], report["failures"]
+    assert not [f for f in report["failures"] if "cosine" in f]   # top-1 alone failed it

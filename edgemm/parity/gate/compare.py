@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
+from ...precision import parse as parse_precision
+from ..metrics import top1_text
 from .anchor import ANCHOR_NAME
 from .context import bundle_context, check_context
 from .golden import Baseline, _digest, _stats
@@ -29,6 +31,7 @@ def compare_to_baseline(baseline: Baseline, report: Mapping, manifest: "Manifest
                     "changes": changes, "notes": [], "outputs": {}, "failures": []}
     fail = result["failures"]
     golden = baseline.golden()
+    noise = parse_precision(manifest.precision.value).spec.score_noise
     for name, entry in doc["outputs"].items():
         now_batches = [b[name] for b in outputs if name in b]
         if len(now_batches) != len(outputs) or not now_batches:
@@ -43,7 +46,8 @@ def compare_to_baseline(baseline: Baseline, report: Mapping, manifest: "Manifest
         identical = _digest(now_batches) == entry["sha256"]
         res: dict = {"identical": identical}
         if golden is not None and name in golden:
-            acc = ParityAccumulator(report.get("output_heads"))   # the verdict verify used (output_kinds)
+            # the verdict verify used (output_kinds); near-ties as the bundle's precision makes them
+            acc = ParityAccumulator(report.get("output_heads"), score_noise=noise)
             # Identical bytes: compare with themselves, so float16 storage rounding is not shown as error.
             for g, b in zip(now_batches if identical else golden[name], now_batches):
                 acc.add({name: g.astype(b.dtype) if g.dtype.kind == "f" else g}, {name: b})
@@ -72,7 +76,7 @@ def _check_output(name: str, res: dict, entry: Mapping, tol: GateTolerances, fai
     if res.get("mean_cosine") is not None and res["mean_cosine"] < tol.min_cosine:
         fail.append(f"output {name}: mean cosine vs golden {res['mean_cosine']:.6f} < {tol.min_cosine}")
     if res.get("top1_agreement") is not None and res["top1_agreement"] < tol.min_top1_agreement:
-        fail.append(f"output {name}: top-1 agreement vs golden {res['top1_agreement']:.4f} < "
+        fail.append(f"output {name}: top-1 agreement vs golden {top1_text(res)} < "
                     f"{tol.min_top1_agreement}")
     scale = entry["stats"].get("abs_max", 0.0)
     limit = tol.max_abs_rel * scale + entry.get("golden_error", 0.0)

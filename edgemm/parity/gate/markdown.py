@@ -9,6 +9,8 @@ from ...display import md_code, md_text
 
 def render_gate_markdown(report: Mapping) -> str:
     """The baseline section: outputs vs golden, task metric, latency ratio, context changes."""
+    from ..metrics import top1_cell
+
     gate = report.get("baseline")
     if not gate:
         return ""
@@ -21,8 +23,8 @@ def render_gate_markdown(report: Mapping) -> str:
                                                   ("stats only" if o.get("golden") is False else "changed"))
         cos = f"{o['mean_cosine']:.6f}" if o.get("mean_cosine") is not None else "–"
         mae = (f"{o['max_abs_error']:.4g} ({o['max_abs_limit']:.3g})" if "max_abs_limit" in o else "–")
-        agree = o.get("top1_agreement", o.get("exact_match"))
-        lines.append(f"| {md_text(name)} | {how} | {cos} | {mae} | {'–' if agree is None else f'{agree:.4f}'} | "
+        agree = top1_cell(o)
+        lines.append(f"| {md_text(name)} | {how} | {cos} | {mae} | {'–' if agree is None else md_text(agree)} | "
                      f"{'yes' if o.get('passed') else '**NO**'} |")
     task = gate.get("task")
     if task:
