@@ -193,6 +193,14 @@ def call_batch(specs, preferred: int = 16) -> int:
     return min(preferred, top) if top else preferred
 
 
+def check_feed(spec: TensorSpec, value, *, where: str, enforce_ranges: bool) -> None:
+    """A value fed to a bundle (or a split bundle's part): a numpy array that fits ``spec`` (one line)."""
+    if not isinstance(value, np.ndarray):
+        raise InputError(f"expected a numpy array, got {type(value).__name__}", field=spec.name,
+                         fix="wrap it with numpy.asarray(...)")
+    check_array_against_spec(spec, value, where=where, enforce_ranges=enforce_ranges)
+
+
 def check_array_against_spec(spec: TensorSpec, array: np.ndarray, *, where: str,
                              fix: str | None = None, enforce_ranges: bool = False) -> None:
     """Raise InputError naming the tensor when dtype or rank/static dims disagree."""

@@ -14,7 +14,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BundleError, DependencyError, EdgemmError, InputError
-from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_array_against_spec, describe_shape, dynamic_batch_input
+from ..iospec import SUPPORTED_DTYPES, TensorSpec, check_feed, describe_shape, dynamic_batch_input
 from . import calibration_section, signing
 from . import variants as _variants  # noqa: F401  (registers the "variants" manifest section)
 from . import pipeline as _pipeline  # noqa: F401  (registers the "pipeline" manifest section)
@@ -74,10 +74,7 @@ class Bundle:
             if spec.name not in feeds:
                 continue
             value = feeds[spec.name]
-            if not isinstance(value, np.ndarray):
-                raise InputError(f"expected a numpy array, got {type(value).__name__}", field=spec.name,
-                                 fix="wrap it with numpy.asarray(...)")
-            check_array_against_spec(spec, value, where="feeds", enforce_ranges=self._enforce_ranges)
+            check_feed(spec, value, where="feeds", enforce_ranges=self._enforce_ranges)
             for axis, dim in enumerate(spec.shape):
                 if isinstance(dim, str):
                     if dim in batch and batch[dim][0] != value.shape[axis]:

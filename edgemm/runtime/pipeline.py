@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import BundleError, EdgemmError, InputError
 from ..modality import FUSION
 from ..precision import label_of
-from ..iospec import TensorSpec, check_array_against_spec, describe_shape
+from ..iospec import TensorSpec, check_array_against_spec, check_feed, describe_shape
 from .manifest import BACKEND_FIELD_TYPES, MANIFEST_NAME, register_section
 
 __all__ = ["PipelineSession", "PipelinePart", "BranchCache", "check_pipeline_section", "PIPELINE_FORMAT"]
@@ -162,13 +162,9 @@ class PipelineSession:
         checked = {}
         for spec in part.inputs:
             value = feeds[spec.name]
-            if not isinstance(value, np.ndarray):
-                raise InputError(f"expected a numpy array, got {type(value).__name__}", field=spec.name,
-                                 fix="wrap it with numpy.asarray(...)")
             # Graph inputs keep the bundle's contract (ranges); interface tensors only dtype and rank/dims.
             own = self.graph_inputs.get(spec.name)
-            check_array_against_spec(own or spec, value, where=f"feeds of part {part.name}",
-                                     enforce_ranges=own is not None)
+            check_feed(own or spec, value, where=f"feeds of part {part.name}", enforce_ranges=own is not None)
             if own is not None and value.size and value.dtype.kind == "f" and not np.isfinite(value).all():
                 raise InputError("contains NaN or Inf", field=spec.name, fix="clean the input data")
             checked[spec.name] = np.ascontiguousarray(value)

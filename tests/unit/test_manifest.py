@@ -103,3 +103,18 @@ def test_precision_reads_the_old_text_form_and_the_structured_one(v1_copy):
     new = mf.load_manifest(v1_copy).precision
     assert old.label == new.label == "mixed:fp32+int8"
     assert new.value.per_branch == {"vision": "int8", "text": "fp32"} and old.value.parts == ("fp32", "int8")
+
+
+def test_a_feed_that_is_not_an_array_is_one_line_naming_it():
+    """iospec.check_feed: the runtime's (and a split part's) check of what a caller feeds."""
+    import numpy as np
+
+    from edgemm import runtime
+    from edgemm.errors import InputError
+
+    bundle = runtime.load(V1_BUNDLE)
+    ids = np.zeros((1, 8), np.int64)
+    with pytest.raises(InputError, match=r"^image: expected a numpy array, got list \(fix: wrap it with numpy"):
+        bundle.run({"image": [[0.0]], "input_ids": ids})
+    with pytest.raises(InputError, match=r"^feeds: input_ids: dtype int32 but expected int64"):
+        bundle.run({"image": np.zeros((1, 3, 16, 16), np.float32), "input_ids": ids.astype(np.int32)})
