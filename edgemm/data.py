@@ -174,14 +174,14 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not (magic.startswith(b"PK") or magic.startswith(b"\x93NUMPY")):
         raise InputError("not a readable .npz file (no zip/npy header)", file=path,
                          fix="write it with numpy.savez(path, **{input_name: array})")
-    if magic.startswith(b"PK"):
-        check_npz_sizes(path)
+    if magic.startswith(b"\x93NUMPY"):
+        # Refused before numpy parses its header: a forged one raises IndexError, AttributeError, ... there.
+        raise InputError("is a single .npy array, not an .npz of named inputs", file=path,
+                         fix="save with numpy.savez(path, **{input_name: array})")
+    check_npz_sizes(path)
     key = None  # the member being read, to name it in errors
     try:
         loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            raise InputError("is a single .npy array, not an .npz of named inputs", file=path,
-                             fix="save with numpy.savez(path, **{input_name: array})")
         arrays = {}
         with loaded as npz:
             for key in npz.files:

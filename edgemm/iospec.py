@@ -90,7 +90,8 @@ def describe_shape(shape: Iterable[Dim]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-_INPUT_RE = re.compile(r"^(?P<name>[^:]+):(?P<shape>[0-9]+(?:x[0-9]+)*|scalar):(?P<dtype>[a-z0-9]+)$")
+# Digit runs are bounded: int() raises ValueError past Python's 4300-digit limit, and no size needs 19 digits.
+_INPUT_RE = re.compile(r"^(?P<name>[^:]+):(?P<shape>[0-9]{1,18}(?:x[0-9]{1,18})*|scalar):(?P<dtype>[a-z0-9]+)$")
 
 
 def parse_input_flag(text: str) -> TensorSpec:
@@ -116,7 +117,8 @@ MAX_RANK = 32
 MAX_SAMPLE_ELEMENTS = 1 << 31
 
 
-_DYNAMIC_RE = re.compile(r"^(?P<name>[^:=]+):(?P<axis>[0-9]+)=(?P<min>[0-9]+):(?P<opt>[0-9]+):(?P<max>[0-9]+)$")
+_DYNAMIC_RE = re.compile(r"^(?P<name>[^:=]+):(?P<axis>[0-9]{1,18})=(?P<min>[0-9]{1,18}):(?P<opt>[0-9]{1,18}):"
+                         r"(?P<max>[0-9]{1,18})$")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+import tests.hypothesis_profiles  # noqa: F401 - loads the hypothesis profile before any test module
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

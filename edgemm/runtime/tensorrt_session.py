@@ -112,11 +112,9 @@ def select_device(index: int):
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in str(text).split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    from ..text_numbers import version_numbers
+
+    return version_numbers(text)
 
 
 def plan_version(data: bytes) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..text_numbers import ascii_int
 from .manifest import BACKEND_FIELD_TYPES, register_section
 
 
@@ -106,11 +107,11 @@ def batch_routes(variants: list[dict], chosen: int, isa, *, installed=backend_in
     routes = {}
     for batch in (variants[chosen].get("measured") or {}).get("p50_ratio") or {}:
         own = ratio(variants[chosen], batch)
-        if own is None or not str(batch).isdigit():
+        if own is None or ascii_int(batch) is None:
             continue
         timed = [(ratio(variants[i], batch), i) for i in eligible if ratio(variants[i], batch) is not None]
         best_ratio, best = min(timed)
-        routes[int(batch)] = best if best_ratio <= ROUTE_GAIN * own else chosen
+        routes[ascii_int(batch)] = best if best_ratio <= ROUTE_GAIN * own else chosen
     return routes if len(set(routes.values())) > 1 else None
 
 
@@ -136,7 +137,7 @@ class BatchRoutedSession:
 def parse_variants(value, bad) -> list[dict]:
     """The ``variants`` manifest section, checked field by field: a non-empty list of {name (unique),
     backend (an object with a name, its fields typed as the top-level backend's), requires_any (feature
-    names)}. Registered as critical: an edgemm that ignored it would run only the fallback silently."""
+    names), measured (an object, optional)}. Registered as critical: an edgemm that ignored it would run only the fallback silently."""
     if not isinstance(value, list) or not value:
         raise bad("must be a non-empty list")
     names = set()
@@ -155,6 +156,11 @@ def parse_variants(value, bad) -> list[dict]:
         need = variant.get("requires_any", [])
         if not isinstance(need, list) or not all(isinstance(f, str) for f in need):
             raise bad("must be a list of ISA feature names", f"{field_name}.requires_any")
+        # read by the batch routing and inspect as objects (values that are not numbers are skipped there)
+        measured = variant.get("measured")
+        if measured is not None and (not isinstance(measured, dict)
+                                     or not isinstance(measured.get("p50_ratio") or {}, dict)):
+            raise bad("must be an object, its p50_ratio an object of batch: ratio", f"{field_name}.measured")
     return value
 
 

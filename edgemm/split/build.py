@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..modality import BRANCHES, FUSION
 from ..precision import LOW_FLOATS, QUANTIZED
 from ..runtime.pipeline import PIPELINE_FORMAT, PIPELINE_VERSION
+from ..text_numbers import ascii_int
 from .graph import SplitPlan, split_onnx
 
 PARTS_DIR = "parts"
@@ -50,10 +51,10 @@ def parse_placement(text: str | Mapping | None, target) -> dict[str, str]:
             raise InputError(f"{part}={device!r} is not PART=DEVICE", field="--place",
                              fix=f"e.g. --place vision=dla0,text=gpu (parts: {', '.join(BRANCHES)})")
         device = "dla0" if device == "dla" else device
-        if device != "gpu" and not (device.startswith("dla") and device[3:].isdigit()):
+        core = ascii_int(device[3:]) if device.startswith("dla") else None
+        if device != "gpu" and core is None:
             raise InputError(f"unknown device {device!r} for {part}", field="--place", fix="use gpu, dla0 or dla1")
-        if device.startswith("dla"):
-            core = int(device[3:])
+        if core is not None:
             if target.dla_cores == 0:
                 raise InputError(f"target {target.name} has no DLA cores (asked for {part}={device})", field="--place",
                                  fix=f"place {part} on gpu, or use a target with DLA (jetson-agx-orin, jetson-orin-nx)")

@@ -22,6 +22,7 @@ else:  # pragma: no cover - Python 3.10
 
 from .. import precision as precision_table
 from ..errors import InputError
+from ..paths import require_regular_file
 
 __all__ = ["TargetProfile", "load", "all_targets", "names", "PRECISIONS", "FP8_MIN_CC", "dla_supported",
            "dla_precision_supported", "version_parts"]
@@ -43,8 +44,10 @@ DLA_TENSORRT_RANGES = (((10, 0, 0), (10, 8, 0)), ((11, 4, 1), (11, 5, 0)))
 
 def version_parts(text: str) -> tuple[int, ...]:
     """"10.3.0" -> (10, 3, 0); digits only, missing parts are 0 (a build number, 4th part, is dropped)."""
-    parts = [int("".join(c for c in p if c.isdigit()) or 0) for p in str(text).split(".")[:3]]
-    return tuple(parts + [0] * (3 - len(parts)))
+    from ..text_numbers import version_numbers
+
+    parts = version_numbers(text)
+    return parts + (0,) * (3 - len(parts))
 
 
 def dla_supported(tensorrt_version: str) -> bool:
@@ -263,9 +266,9 @@ def load(name: str) -> TargetProfile:
         return _CACHE[name]
     if name.endswith(".toml"):
         path = Path(name)
-        if not path.is_file():
-            raise InputError("no such target profile file", file=name, field="--target",
-                             fix="pass a shipped target name (edgemm targets) or an existing .toml")
+        # stat errors (a name too long, a NUL byte, a FIFO) are one InputError too, not an OSError.
+        require_regular_file(path, field="--target",
+                             fix="pass a shipped target name (edgemm targets) or an existing .toml profile")
         return _load_file(path, name)
     known = names()
     if name not in known:

@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -22,9 +22,10 @@ from edgemm.data import load_dataset
 from edgemm.errors import EdgemmError
 from edgemm.iospec import TensorSpec
 from tests.fixtures.tiny_models import make_data
+from tests.hypothesis_profiles import examples
 
-FUZZ = settings(max_examples=150, deadline=None, database=None, derandomize=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+# Derandomized in CI, random and larger with EDGEMM_HYPOTHESIS=explore: tests/hypothesis_profiles.py.
+FUZZ = settings(max_examples=examples(150))
 _counter = itertools.count()
 
 json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True) | st.text(max_size=12)
@@ -81,7 +82,7 @@ def _load_and_run(bundle_dir):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=examples(300))
 @given(data=st.data())
 def test_mutated_manifests(fuzz_bundles, backend, data):
     """Replace or delete any value of a valid manifest (hashes stay valid: the model is untouched)."""

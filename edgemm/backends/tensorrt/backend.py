@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...text_numbers import ascii_int
 from ..base import Backend, PackageRequest
 
 TRITON_MODEL_FILE = "model.plan"   # Triton's TensorRT backend's default file name
@@ -39,7 +40,7 @@ class TensorRTBackend(Backend):
         for v in p.tensorrt_versions:
             parts = v.split(".")
             # The patch matters: 11.4.0 has no JetPack/DLA, 11.4.1 has both.
-            if len(parts) != 3 or not all(x.isdigit() for x in parts):
+            if len(parts) != 3 or any(ascii_int(x) is None for x in parts):
                 raise bad("tensorrt_versions", f"{v!r} is not MAJOR.MINOR.PATCH (e.g. 10.3.0)")
             if int(parts[0]) < 10:
                 raise bad("tensorrt_versions", f"{v!r}: edgemm builds with TensorRT 10 or newer")
