@@ -161,7 +161,7 @@ def _print_summary(result) -> None:
         t = r["task"]
         click.echo(f"  task {t['metric']}: reference {t.get('reference', float('nan')):.2f}, "
                    f"bundle {t.get('bundle', float('nan')):.2f}")
-    for note in m["precision"].get("notes", []):
+    for note in m.precision.notes:
         click.echo(f"  note: {note}")
 
 
