@@ -93,3 +93,16 @@ def test_serving_asks_the_backend_how_triton_serves_it():
     assert ort.rows_mix(["f.onnx"], dynamic.__getitem__) is None
     assert trt.rows_mix(["m.onnx"], dynamic.__getitem__) is None
     assert (ort.triton_profiles({}), trt.triton_profiles({"options": {"profiles": [{}, {}]}})) == (0, 2)
+
+
+def test_no_target_name_branches_outside_the_targets():
+    """Targets are data (targets/profiles/*.toml): code reads a profile's fields (kind, dla_cores,
+    precisions, ...) and its backend, never which target it is by name, so a new profile needs no code."""
+    names = "|".join(map(re.escape, sorted(p.stem for p in (EDGEMM / "targets" / "profiles").glob("*.toml"))))
+    pattern = re.compile(rf"""\b(target|target_name|profile)(\.name)?\s*(==|!=|\bin\b)\s*[(\[{{]?\s*["']"""
+                         rf"""|(==|!=)\s*["']({names})["']|["']({names})["']\s*(==|!=)""")
+    offenders = [f"{path.relative_to(EDGEMM).as_posix()}:{i}: {line.strip()}"
+                 for path in sorted(EDGEMM.rglob("*.py")) if not path.relative_to(EDGEMM).as_posix().startswith("targets/")
+                 for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert pattern.search('if cfg.target == "jetson-orin-nano":') and pattern.search('if profile.name in ("cpu",):')
+    assert not offenders, "\n".join(offenders)
