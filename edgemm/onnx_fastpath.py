@@ -8,6 +8,12 @@ cannot be re-traced through the slow path (its Python code is gone), so the ops 
 here - the same math as torch's slow path, written with standard ONNX ops (opset >= 17 for
 LayerNormalization, 20 for Gelu) - and registered only while edgemm's TorchScript export runs.
 
+A *cross*-attention ``nn.MultiheadAttention`` (key != query) is traced on the slow path, whose packed
+key/value projection is ``kv.unflatten(-1, (2, E)).unsqueeze(0).transpose(0, -2)``: torch's symbolic for
+``aten::unflatten`` builds the new shape at run time, so the exporter loses the tensor's rank and refuses
+the ``transpose`` ("transpose for tensor of unknown rank"). ``_unflatten`` below is torch's own symbolic
+with the output rank restored (input rank + number of sizes - 1), which the rank-dependent ops after it need.
+
 Not covered (the export still fails with edgemm's one-line error): the padded-batch path with a
 ``src_key_padding_mask`` (torch turns it into nested tensors, ``aten::_nested_tensor_from_mask``).
 """
@@ -18,7 +24,7 @@ import contextlib
 import math
 
 OPSET = 20
-_OPS = ("aten::_transformer_encoder_layer_fwd", "aten::_native_multi_head_attention")
+_OPS = ("aten::_transformer_encoder_layer_fwd", "aten::_native_multi_head_attention", "aten::unflatten")
 
 
 @contextlib.contextmanager
@@ -28,13 +34,29 @@ def fastpath_symbolics():
 
     registered = []
     try:
-        for name, fn in zip(_OPS, (_encoder_layer, _multi_head_attention)):
+        for name, fn in zip(_OPS, (_encoder_layer, _multi_head_attention, _unflatten)):
             torch.onnx.register_custom_op_symbolic(name, fn, OPSET)
             registered.append(name)
         yield
     finally:
         for name in registered:
             torch.onnx.unregister_custom_op_symbolic(name, OPSET)
+
+
+def _unflatten(g, x, dim, sizes):
+    """torch's ``aten::unflatten`` symbolic, with the output's rank set when the sizes are a list."""
+    from torch.onnx import symbolic_helper as sym
+
+    try:
+        from torch.onnx._internal.torchscript_exporter import symbolic_opset13 as torch_symbolics
+    except ImportError:  # torch < 2.9 kept the TorchScript exporter's symbolics at the top level
+        from torch.onnx import symbolic_opset13 as torch_symbolics
+    out = torch_symbolics.unflatten(g, x, dim, sizes)
+    rank = sym._get_tensor_rank(x)
+    parts = len(list(sizes.node().inputs())) if sizes.node().kind() == "prim::ListConstruct" else None
+    if rank is not None and parts and out.type().kind() == "TensorType":
+        out.setType(x.type().with_sizes([None] * (rank + parts - 1)))
+    return out
 
 
 def _const(g, value, dtype=None):

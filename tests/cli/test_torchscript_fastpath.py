@@ -52,3 +52,49 @@ def test_fast_path_attention_and_encoder_layer_compile_from_torchscript(cli, tmp
             "--iterations", "0", "--no-write")
     assert v.returncode == 0, v.stdout + v.stderr
     assert "mean cosine 1.0000" in v.stdout or "1.000000" in v.stdout, v.stdout
+
+
+class _CrossAttention(nn.Module):
+    """Tokens attend to patches (key != query: nn.MultiheadAttention's slow path, packed K/V projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Linear(8, 32)
+        self.tokens = nn.Embedding(50, 32)
+        self.cross = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, image, tokens):
+        q = self.tokens(tokens)
+        kv = self.patches(image)
+        y, _ = self.cross(q, kv, kv, need_weights=False)
+        return self.head((q + y)[:, 0])
+
+
+def test_cross_attention_traced_on_the_slow_path_compiles_from_torchscript(cli, tmp_path):
+    """torch's own TorchScript exporter refuses this archive ("transpose for tensor of unknown rank" after
+    aten::unflatten); edgemm's export restores the rank and the bundle matches the archive at another batch."""
+    torch.manual_seed(0)
+    model = _CrossAttention().eval()
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        return {"image": rng.standard_normal((n, 6, 8)).astype(np.float32),
+                "tokens": rng.integers(0, 50, (n, 7)).astype(np.int64)}
+
+    np.savez(tmp_path / "calib.npz", **data(32))
+    np.savez(tmp_path / "eval.npz", **data(24))
+    example = tuple(torch.from_numpy(v[:2]) for v in data(2).values())
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    assert "aten::unflatten" in str(traced.inlined_graph)
+    torch.jit.save(traced, str(tmp_path / "model.pt"))
+    with pytest.raises(Exception, match="unknown rank"):   # torch alone cannot export it
+        torch.onnx.export(torch.jit.load(str(tmp_path / "model.pt")), example, str(tmp_path / "plain.onnx"),
+                          dynamo=False)
+    r = cli("compile", tmp_path / "model.pt", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "b",
+            "--no-thread-tuning")
+    assert r.returncode == 0, r.stdout + r.stderr
+    v = cli("verify", tmp_path / "b", "--reference", tmp_path / "model.pt", "--data", tmp_path / "eval.npz",
+            "--iterations", "0", "--no-write", "--batch-size", "5")
+    assert v.returncode == 0, v.stdout + v.stderr
