@@ -49,6 +49,7 @@ def precision_stage(fp32: Path, work: Path, cfg: CompileConfig, target, calib_ar
     return apply_precision(fp32, out, PrecisionRequest(
         precision=cfg.precision, backend=target.backend, calib=calib_arrays, workdir=work,
         int8_recipe=cfg.int8_recipe, min_cosine=cfg.min_cosine, min_top1=cfg.min_top1, dla=cfg.dla,
+        max_metric_drop=cfg.max_metric_drop,
         exclude=exclude_patterns(cfg),
         held_out=held_out, batches=tuple(batches), cpu_engines=cfg.cpu_engines, log=say,
         labelled=_labelled(evald, judge), task=_task_of(loaded)))

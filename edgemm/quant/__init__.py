@@ -31,6 +31,7 @@ class PrecisionRequest:
     int8_recipe: str | None = None
     min_cosine: float | None = None
     min_top1: float | None = None                       # top-1 bar of class-score outputs (the gate's --min-top1)
+    max_metric_drop: float | None = None                # task-metric drop bar, points (the gate's --max-metric-drop)
     dla: bool = False
     exclude: list[str] = field(default_factory=list)   # --exclude patterns (quant/exclusions.py)
     held_out: dict[str, np.ndarray] | None = None      # samples to judge choices on, never calibrated on
@@ -108,7 +109,8 @@ def _int8_ort(fp32_onnx: Path, out: Path, req: PrecisionRequest) -> PrecisionRes
         from .cpu_engines import engine_search_for
 
         engines = engine_search_for(fp32_onnx, selection, req.calib, req.held_out, batches=req.batches,
-                                    min_cosine=selection.min_cosine, exclude=req.exclude, log=req.log,
+                                    min_cosine=selection.min_cosine, min_top1=req.min_top1,
+                                    max_metric_drop=req.max_metric_drop, exclude=req.exclude, log=req.log,
                                     task=req.task, labelled=req.labelled)
     shutil.copyfile(selection.path, out)
     recipe = {"name": selection.recipe.name, **selection.recipe.params, "selected_by": "search",
@@ -146,8 +148,8 @@ def _engines_without_ort_int8(fp32_onnx: Path, out: Path, req: PrecisionRequest,
 
     req.log(f"  {failure.detail}; measuring OpenVINO's candidates against the FP32 ONNX Runtime model")
     engines = engine_search_for(fp32_onnx, None, req.calib, req.held_out, batches=req.batches,
-                                min_cosine=min_cosine, exclude=req.exclude, log=req.log, task=req.task,
-                                labelled=req.labelled)
+                                min_cosine=min_cosine, min_top1=req.min_top1, max_metric_drop=req.max_metric_drop,
+                                exclude=req.exclude, log=req.log, task=req.task, labelled=req.labelled)
     if not engines.variants:
         raise failure
     shutil.copyfile(fp32_onnx, out)

@@ -65,6 +65,72 @@ class EngineChoice:
     seconds: float
 
 
+JUDGE_SAMPLES = 128   # labelled samples each candidate is judged on when the task metric can be scored
+
+
+class CandidateJudge:
+    """Judges a candidate as ``edgemm verify`` and the compile gate judge a bundle: ``parity.verify.evaluate``
+    (each output's mean cosine, top-1 agreement of class-score outputs, exact match of integer outputs, the
+    task metric's drop when labelled) against ORT FP32, by the same thresholds, on the same call size. Judged
+    on the labelled samples when there are (up to JUDGE_SAMPLES: the task metric needs them), else on the
+    held-out samples. The FP32 reference runs once and is replayed for each candidate."""
+
+    def __init__(self, onnx_graph, names: Sequence[str], eval_feeds: Sequence[dict], reference_run: Callable,
+                 thresholds, *, task=None, labelled=None):
+        from ..data import Dataset
+        from ..parity.output_kinds import graph_score_outputs
+        from .cpu_int8 import JUDGE_BATCH
+        from .ort_calib import check_calib, input_specs
+
+        specs = input_specs(onnx_graph)
+        fixed = next((dims[0] for _, dims in specs.values() if dims and dims[0]), None)
+        self.batch_size = fixed or JUDGE_BATCH
+        arrays, labels = _stack(eval_feeds), None
+        if labelled is not None and task is not None:
+            n = min(JUDGE_SAMPLES, len(labelled[1]))
+            n -= n % (fixed or 1)   # whole calls of a fixed-batch model
+            if n:
+                arrays = check_calib({k: np.asarray(v)[:n] for k, v in labelled[0].items()}, specs, "labelled samples")
+                labels = np.asarray(labelled[1])[:n]
+        self.data = Dataset(Path("held-out samples"), arrays, labels, "")
+        self.names, self.thresholds = list(names), thresholds
+        self.task = task if labels is not None else None
+        self.heads = graph_score_outputs(onnx_graph)
+        self.reference_task_metric: float | None = None
+        self._reference = [self._named(reference_run(b)) for b in self.data.batches(self.batch_size)]
+
+    def _named(self, outputs) -> dict[str, np.ndarray]:
+        return {n: np.asarray(o) for n, o in zip(self.names, outputs)}
+
+    def __call__(self, row: "EngineRow", run: Callable) -> None:
+        """Fill ``row``'s agreement, min cosine, task metric and status ("ok" / "inaccurate", the failures
+        in its note) from ``run`` (feed -> outputs in model order)."""
+        from ..errors import InputError
+        from ..parity.verify import evaluate
+
+        replay = iter(self._reference)
+        try:
+            report = evaluate(lambda b: self._named(run(b)), lambda b: next(replay), self.data, self.thresholds,
+                              output_names=self.names, batch_size=self.batch_size, task=self.task, heads=self.heads)
+        except InputError:
+            if self.task is None:
+                raise
+            self.task = None   # a task metric that does not fit these outputs is a missing figure, not a crash
+            return self(row, run)
+        for name, entry in report["outputs"].items():
+            cosine = entry.get("mean_cosine")
+            row.agreement[name] = {"metric": "cosine" if cosine is not None else "equal",
+                                   "value": round(cosine if cosine is not None else entry["exact_match"], 6)}
+            if entry.get("top1_agreement") is not None:
+                row.agreement[name]["top1"] = round(entry["top1_agreement"], 6)
+        row.min_cosine = min(v["value"] for v in row.agreement.values())
+        if "task" in report:
+            row.task_metric = round(report["task"]["bundle"], 3)
+            self.reference_task_metric = round(report["task"]["reference"], 3)
+        row.status = "ok" if report["passed"] else "inaccurate"
+        row.note = "; ".join(report["failures"])
+
+
 def _requirements(engine: str, precision: str) -> list[str]:
     """The ISA features one of which a host needs to run ``precision`` ("int8", "int8+bf16") at speed."""
     from ..precision import Precision
@@ -97,43 +163,41 @@ def _stack(feeds: Sequence[dict]) -> dict[str, np.ndarray]:
 
 def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, calib_feeds: Sequence[dict],
                    eval_feeds: Sequence[dict], *, batches: Sequence[int], min_cosine: float, isa: frozenset[str],
+                   min_top1: float | None = None, max_metric_drop: float | None = None,
                    ignored: Sequence[str] = (), log: Callable[[str], None] = print,
                    timing_budget_s: float = 8.0, fallback: str = "int8", task=None,
                    labelled: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None) -> EngineChoice:
-    """Build the OpenVINO candidates this host's ISA supports, check them against FP32 on ``eval_feeds``,
-    time them with ORT FP32 and ORT INT8 (``ort_int8_session``: cpu_session kwargs) at each batch size.
-    ``task`` (metric, outputs) and ``labelled`` (arrays, labels): the table's task metric column."""
+    """Build the OpenVINO candidates this host's ISA supports, judge each against ORT FP32 as verify judges a
+    bundle (``CandidateJudge``: every output's mean cosine >= ``min_cosine``, class scores' top-1 agreement
+    >= ``min_top1``, the task metric's drop <= ``max_metric_drop`` when ``labelled``; the INT8 bars by
+    default), time them with ORT FP32 and ORT INT8 (``ort_int8_session``: cpu_session kwargs) at each
+    batch size. ``task`` (metric, outputs) and ``labelled`` (arrays, labels): the task metric."""
     from ..backends import openvino as ovb
-    from ..parity.latency import measure_interleaved_within
     from ..onnx_io import cpu_session
-    from .cpu_int8 import output_agreement, run_all
+    from ..parity.latency import measure_interleaved_within
+    from ..parity.thresholds import defaults_for, with_overrides
 
     started = time.perf_counter()
     fp32_sess = cpu_session(fp32_onnx, spinning=False)
     names = [o.name for o in fp32_sess.get_outputs()]
-    reference = run_all(fp32_sess, eval_feeds)
     base = ovb.read_onnx(fp32_onnx)
     import onnx
 
     onnx_graph = onnx.load(str(fp32_onnx), load_external_data=False)
+    judge = CandidateJudge(onnx_graph, names, eval_feeds, lambda feed: fp32_sess.run(None, feed),
+                           with_overrides(defaults_for("int8"), min_cosine=min_cosine, min_top1_agreement=min_top1,
+                                          max_metric_drop=max_metric_drop), task=task, labelled=labelled)
 
     rows: list[EngineRow] = []
     runners: dict[str, Callable] = {}   # name -> feed -> None (timed)
     models: dict[str, tuple[object, str]] = {}   # name -> (openvino.Model, inference precision)
 
-    def judge(row: EngineRow, outputs) -> None:
-        for name, ref, got in zip(names, reference, outputs):
-            metric, value = output_agreement(ref, got)
-            row.agreement[name] = {"metric": metric, "value": round(value, 6)}
-        row.min_cosine = min(v["value"] for v in row.agreement.values())
-        row.status = "ok" if row.min_cosine >= min_cosine else "inaccurate"
-
     # The ONNX Runtime model the bundle always carries: ``ort_int8`` (select_recipe's pick), or with
-    # ``fallback="fp32"`` the FP32 model itself (no INT8 recipe met the bar).
+    # ``fallback="fp32"`` the FP32 model itself (no INT8 recipe met the bar). Judged like every candidate;
+    # carried whatever the verdict (it is what a host without the other variants' features runs).
     ort_row = EngineRow(f"onnxruntime-{fallback}", "onnxruntime", fallback, _requirements("onnxruntime", fallback))
     ort_sess = cpu_session(ort_int8, spinning=False, **ort_int8_session)
-    judge(ort_row, run_all(ort_sess, eval_feeds))
-    ort_row.status = "ok"  # select_recipe held it to the bar already (same samples)
+    judge(ort_row, lambda feed, s=ort_sess: s.run(None, feed))
     rows.append(ort_row)
     runners[ort_row.name] = lambda feed, s=ort_sess: s.run(None, feed)
 
@@ -173,8 +237,7 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
             model, row.ignored_nodes = build_int8(int8_kind) if int8_kind else (base, 0)
             compiled = ovb.compile_for_timing(model, hint)
             request = compiled.create_infer_request()
-            outputs = [[np.array(r) for r in request.infer(f).to_tuple()] for f in eval_feeds]
-            judge(row, [np.concatenate([o[i] for o in outputs]) for i in range(len(names))])
+            judge(row, lambda feed, r=request: r.infer(feed).to_tuple())
         except Exception as exc:  # a candidate OpenVINO cannot build or run is a result, not a crash
             row.note = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             log(f"  {name}: failed ({row.note})")
@@ -182,7 +245,7 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
         finally:
             row.build_s = round(time.perf_counter() - t0, 2)
         log(f"  {name}: min cosine {row.min_cosine:.5f} (built in {row.build_s:.1f} s)"
-            f"{'' if row.status == 'ok' else ' - below min cosine'}")
+            f"{'' if row.status == 'ok' else ' - ' + row.note}")
         if row.status == "inaccurate" and int8_kind == "plain" and not any(p[3] == "guarded" for p in plan):
             # Like cpu_int8's guarded rung: the outlier-heavy MatMuls and output projections kept float.
             plan.append(("openvino-int8-guarded", "int8", "f32", "guarded"))
@@ -193,10 +256,9 @@ def search_engines(fp32_onnx: Path, ort_int8: Path, ort_int8_session: Mapping, c
             models[name] = (model, hint)
 
     if fallback != "fp32":   # else the fallback row is the reference itself
-        rows.insert(0, EngineRow("onnxruntime-fp32", "onnxruntime", "fp32", [], status="reference", min_cosine=1.0))
+        rows.insert(0, EngineRow("onnxruntime-fp32", "onnxruntime", "fp32", [], status="reference", min_cosine=1.0,
+                                 task_metric=judge.reference_task_metric))
     runners_with_ref = {"onnxruntime-fp32": lambda feed: fp32_sess.run(None, feed), **runners}
-    if task is not None and labelled is not None:
-        _score_task(rows, runners_with_ref, task, labelled, names)
     held = _stack(eval_feeds)
     for batch in batches:
         feed = _feeds_at(held, batch)
@@ -256,29 +318,6 @@ def _float_far_behind(runners: Mapping[str, Callable], ort_name: str, held: Mapp
         return ""
     return (f"not built: OpenVINO's best float candidate ran {behind:.1f}x ORT INT8's p50 at batch {batch}, "
             f"more than INT8 recovers")
-
-
-TASK_SAMPLES = 128   # labelled samples each accurate candidate runs for the task metric column
-
-
-def _score_task(rows, runners: Mapping[str, Callable], task, labelled, names: Sequence[str]) -> None:
-    """Each runnable candidate's task metric (edgemm.task, percent) on up to TASK_SAMPLES labelled samples,
-    one call per sample."""
-    from ..task import compute
-
-    metric, metric_outputs = task
-    arrays, labels = labelled
-    n = min(TASK_SAMPLES, len(labels))
-    feeds = [{k: np.ascontiguousarray(v[i:i + 1]) for k, v in arrays.items()} for i in range(n)]
-    for row in rows:
-        if row.name not in runners:
-            continue
-        runs = [[np.atleast_1d(np.asarray(o)) for o in runners[row.name](f)] for f in feeds]
-        outputs = {name: np.concatenate([r[i] for r in runs]) for i, name in enumerate(names)}
-        try:
-            row.task_metric = round(compute(metric, outputs, np.asarray(labels)[:n], list(metric_outputs)), 3)
-        except Exception:  # a metric that does not fit these outputs is a missing figure, not a failed compile
-            row.task_metric = None
 
 
 def _measured(row: EngineRow) -> dict:
@@ -356,6 +395,7 @@ def format_table(rows: Sequence[Mapping], batches: Sequence[int]) -> str:
 
 def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray],
                       held_out: Mapping[str, np.ndarray] | None, *, batches: Sequence[int], min_cosine: float,
+                      min_top1: float | None = None, max_metric_drop: float | None = None,
                       exclude: Sequence[str] = (), log: Callable[[str], None] = print, task=None,
                       labelled: tuple[Mapping[str, np.ndarray], np.ndarray] | None = None) -> EngineChoice:
     """search_engines on the samples cpu_int8.select_recipe used: its calibration feeds and held-out feeds.
@@ -380,7 +420,7 @@ def engine_search_for(fp32_onnx: Path, selection, calib: Mapping[str, np.ndarray
         calib_feeds, eval_feeds, _ = split_samples(feeds, n_calib, n_eval)
     ignored = resolve_exclude(model, exclude) if exclude else []
     del model
-    scoring = {"task": task, "labelled": labelled}
+    scoring = {"task": task, "labelled": labelled, "min_top1": min_top1, "max_metric_drop": max_metric_drop}
     if selection is None:
         log(f"CPU engine search: OpenVINO candidates for this host against ONNX Runtime FP32, "
             f"batch {', '.join(map(str, batches))}")

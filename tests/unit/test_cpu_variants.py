@@ -364,3 +364,66 @@ def test_engine_table_has_the_task_metric_when_eval_is_labelled(tmp_path, cli):
     assert {"onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32"} <= set(scored)
     assert all(0 <= v <= 100 for v in scored.values()) and scored["onnxruntime-fp32"] > 90
     assert "| task metric |" in (out / "report.md").read_text()
+
+
+def _flip_top1(logits: np.ndarray, rows) -> np.ndarray:
+    """``logits`` with the runner-up of each row in ``rows`` raised just above its winner."""
+    out = np.array(logits, copy=True)
+    flat = out.reshape(-1, out.shape[-1])
+    for i in rows:
+        first, second = np.argsort(flat[i])[-1], np.argsort(flat[i])[-2]
+        flat[i, second] = flat[i, first] + 1e-3 * abs(flat[i, first])
+    return out
+
+
+def test_engine_candidates_are_judged_by_verifys_metrics_not_cosine_alone(tiny_bundle, monkeypatch):
+    """An OpenVINO candidate whose class scores keep FP32's cosine but not its top-1 is inaccurate in the
+    engine table (cosine-only judging passed it), with verify's own failure line."""
+    pytest.importorskip("nncf")
+    from edgemm.backends import openvino as ovb
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+    from edgemm.parity.metrics import per_sample_cosine
+    from edgemm.quant import cpu_engines
+
+    real_compile = ovb.compile_for_timing
+
+    class FlippedRequest:
+        def __init__(self, request):
+            self.request = request
+
+        def infer(self, feed):   # flips the one sample with the closest-run top-2, whatever the call size
+            outputs = [np.array(o) for o in self.request.infer(feed).to_tuple()]
+            outputs[0] = _flip_top1(outputs[0], np.flatnonzero(feed["image"][:, 0, 0, 0] == target))
+            return type("Result", (), {"to_tuple": lambda self_: tuple(outputs)})()
+
+    class Flipped:
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def create_infer_request(self):
+            return FlippedRequest(self.compiled.create_infer_request())
+
+    monkeypatch.setattr(ovb, "compile_for_timing", lambda model, hint, threads=0: Flipped(real_compile(model, hint)))
+    monkeypatch.setattr(latency, "measure_interleaved_within",
+                        lambda fns, **kw: {n: LatencyStats(5.0 if n.startswith("openvino") else 10.0, 0, 0, 0, 5)
+                                           for n in fns})
+    data = make_data(16, seed=4)
+    feeds = [{k: v[i:i + 1] for k, v in data.items()} for i in range(16)]
+    model = tiny_bundle / "model.onnx"
+    import onnxruntime as ort
+
+    logits = ort.InferenceSession(str(model)).run(None, data)[0]
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    closest = int(np.argmin(top2[:, 1] - top2[:, 0]))
+    target = data["image"][closest, 0, 0, 0]
+    flipped = _flip_top1(logits, [closest])
+    assert (flipped.argmax(-1) != logits.argmax(-1)).sum() == 1
+    assert per_sample_cosine(logits, flipped).mean() > 0.99   # cosine alone passes it
+    choice = cpu_engines.search_engines(model, model, {}, feeds, feeds, batches=(1,), min_cosine=0.99,
+                                        isa=HASWELL, log=lambda m: None)
+    row = {r.name: r for r in choice.table}["openvino-fp32"]
+    assert row.status == "inaccurate" and row.min_cosine > 0.99, row
+    assert row.agreement["logits"]["top1"] == 15 / 16
+    assert "output logits: top-1 agreement 0.9375 < 0.95" in row.note   # verify's failure line, the INT8 bar
+    assert choice.variants == []    # the faster but inaccurate candidate is not carried
