@@ -150,11 +150,21 @@ def _interface_data(plan: SplitPlan, arrays: Mapping[str, np.ndarray]) -> dict[s
     from ..onnx_io import cpu_session
 
     env = dict(arrays)
+    n = used = next(iter(env.values())).shape[0]
     for part in plan.parts:
         sess = cpu_session(part.path)
-        # In one call: an interface tensor need not keep the batch on axis 0 (a transposed [dim, batch]).
-        env.update(zip(part.outputs, sess.run(part.outputs, {i: env[i] for i in part.inputs})))
-    return env
+        # Interface tensors are batch-first (split/interface.py): a model whose batch is fixed runs its
+        # own batch per call and the calls' outputs stack along axis 0.
+        fixed = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+        step = fixed.pop() if len(fixed) == 1 else n
+        if step > n:
+            raise InputError(f"{n} calibration samples, but the model's batch size is fixed at {step}",
+                             field="--calib", fix=f"provide at least {step} samples, or export with a dynamic batch")
+        calls = [sess.run(part.outputs, {i: env[i][s:s + step] for i in part.inputs})
+                 for s in range(0, n - step + 1, step)]
+        env.update({name: np.concatenate([c[k] for c in calls]) for k, name in enumerate(part.outputs)})
+        used = min(used, (n // step) * step)   # a fixed batch drops the last partial call, for every tensor
+    return {k: v[:used] for k, v in env.items()}
 
 
 def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement, say):

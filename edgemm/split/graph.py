@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..modality import FUSION, MODALITIES, order_branches
+from .interface import LAYOUT_OPS, ShapeProbe, refuse_unbatched, transpose_pair
 
 MIN_TOWER_COMPUTE = 2
 # One of these is a tower by itself (a one-layer GRU text encoder does several MatMuls per step inside).
@@ -123,28 +124,20 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
         raise InputError(f"every node falls in one part ({names[0]}): nothing to split", field="--split",
                          fix="compile without --split, or name a second tower with --branch BRANCH=MODULE_PATTERN")
 
-    # Free nodes serve the parts their consumers are in (or serve).
-    consumers: dict[str, list] = defaultdict(list)
-    for node in graph.node:
-        for i in node.input:
-            consumers[i].append(node)
-    serves: dict[str, set[str]] = defaultdict(set)
-    for node in reversed(graph.node):
-        if node.name in part_of:
-            continue
-        for o in node.output:
-            for c in consumers.get(o, []):
-                serves[node.name] |= {part_of[c.name]} if c.name in part_of else serves[c.name]
+    # The boundary, redrawn until every tensor crossing it keeps the batch on axis 0 (split/interface.py).
+    probe, redrawn = ShapeProbe(model, samples), set()
+    while True:
+        readers, own_use, crossing = _boundary(graph, part_of)
+        probe.observe(crossing)
+        wrong = [t for t in crossing if probe and probe.batch_axis(t) != 0]
+        if not wrong:
+            break
+        if wrong[0] in redrawn:   # each step takes the tensor off the boundary: a repeat is a bug, not a loop
+            raise RuntimeError(f"split: the interface tensor {wrong[0]!r} could not be made batch-first")
+        redrawn.add(wrong[0])
+        _put_batch_first(model, wrong[0], part_of, readers, own_use, probe)
+    producer = {o: n for n in graph.node for o in n.output if o}
     out_part = {o: part_of[producer[o].name] for o in graph_outputs if o in producer and producer[o].name in part_of}
-
-    # Interface tensors: made by a node of one part, read by a node of (or a free node serving) another.
-    readers: dict[str, set[str]] = defaultdict(set)
-    for node in graph.node:
-        users = {part_of[node.name]} if node.name in part_of else serves.get(node.name, set())
-        for i in node.input:
-            if i in producer and producer[i].name in part_of:
-                readers[i] |= users - {part_of[producer[i].name]}
-    crossing = [t for n in graph.node if n.name in part_of for t in n.output if readers.get(t)]
     after: dict[str, set[str]] = defaultdict(set)
     for tensor in crossing:
         for reader in readers[tensor]:
@@ -161,7 +154,9 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
             renames[tensor] = new
             interface[new] = {"from": part, "to": order_branches(readers[tensor]), "original": tensor}
     _rename_tensors(model, renames)
-    _observe_shapes(model, list(interface), samples)
+    if probe:
+        _write_dims(model, {new: probe.dims(info["original"], new) for new, info in interface.items()},
+                    {new: probe.dtypes[info["original"]] for new, info in interface.items()})
     model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     _check_typed(model, list(interface))
 
@@ -260,47 +255,83 @@ def _still_reads(model, graph_input: str, outputs: list[str], inputs: list[str])
     return False
 
 
-def _observe_shapes(model, tensors: list[str], samples) -> None:
-    """Write each interface tensor's shape into value_info as observed on the FP32 graph at two batch
-    sizes: a dim that follows the batch becomes ``batch``, one that varies otherwise a symbol of its own,
-    the rest static. (Exporters' value_info can carry dims specialised to the example batch.)"""
-    if not tensors or not samples:
-        return
-    import copy
-
+def _write_dims(model, dims: dict[str, list], dtypes: dict) -> None:
+    """Each interface tensor's shape into value_info as observed on the FP32 graph (ShapeProbe.dims):
+    exporters' value_info can carry dims specialised to the example batch."""
     from onnx import helper
 
-    from ..onnx_io import cpu_session
-
-    probe = copy.deepcopy(model)
-    known = {vi.name: vi for vi in probe.graph.value_info}
-    for t in tensors:
-        if t not in {o.name for o in probe.graph.output}:
-            probe.graph.output.append(known[t] if t in known else helper.make_empty_tensor_value_info(t))
-    sess = cpu_session(probe.SerializeToString())
-    runs = [dict(zip(tensors, sess.run(tensors, feeds))) for feeds in samples]
-    batches = [next(iter(feeds.values())).shape[0] for feeds in samples]
     for vi in list(model.graph.value_info):
-        if vi.name in tensors:
+        if vi.name in dims:
             model.graph.value_info.remove(vi)
     outputs = {o.name: o for o in model.graph.output}
-    for t in tensors:
-        shapes = [r[t].shape for r in runs]
-        dims = []
-        for axis, size in enumerate(shapes[0]):
-            sizes = [s[axis] for s in shapes]
-            if len(set(sizes)) == 1:
-                dims.append(int(size))
-            elif sizes == batches:
-                dims.append("batch")
-            else:
-                dims.append(f"{t}.d{axis}")
-        elem = helper.np_dtype_to_tensor_dtype(runs[0][t].dtype)
-        vi = helper.make_tensor_value_info(t, elem, dims)
+    for t, shape in dims.items():
+        vi = helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(dtypes[t]), shape)
         if t in outputs:
             outputs[t].CopyFrom(vi)
         else:
             model.graph.value_info.append(vi)
+
+
+def _boundary(graph, part_of: dict[str, str]):
+    """(readers: tensor -> the other parts reading it, own_use: tensors their maker's part reads too,
+    crossing: the tensors other parts read, in graph order). A free node (constant or shape arithmetic,
+    copied where needed) reads for the parts its consumers are in."""
+    producer = {o: n for n in graph.node for o in n.output if o}
+    consumers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for i in node.input:
+            consumers[i].append(node)
+    serves: dict[str, set[str]] = defaultdict(set)
+    for node in reversed(graph.node):
+        if node.name in part_of:
+            continue
+        for o in node.output:
+            for c in consumers.get(o, []):
+                serves[node.name] |= {part_of[c.name]} if c.name in part_of else serves[c.name]
+    readers: dict[str, set[str]] = defaultdict(set)
+    own_use: set[str] = set()
+    for node in graph.node:
+        users = {part_of[node.name]} if node.name in part_of else serves.get(node.name, set())
+        for i in node.input:
+            if i in producer and producer[i].name in part_of:
+                maker = part_of[producer[i].name]
+                readers[i] |= users - {maker}
+                if maker in users:
+                    own_use.add(i)
+    crossing = [t for n in graph.node if n.name in part_of for t in n.output if readers.get(t)]
+    return readers, own_use, crossing
+
+
+def _put_batch_first(model, tensor: str, part_of, readers, own_use, probe: ShapeProbe) -> None:
+    """One step towards a batch-first boundary for ``tensor`` (split/interface.py): move the layout node
+    making it into the part reading it, else cross it transposed batch-first, else refuse."""
+    graph = model.graph
+    nodes = list(graph.node)
+    maker = next(n for n in nodes if tensor in n.output)
+    source, targets = part_of[maker.name], sorted(readers[tensor])
+    axis = probe.batch_axis(tensor)
+    if maker.op_type in LAYOUT_OPS and len(targets) == 1 and not any(o in own_use for o in maker.output) \
+            and all(readers.get(o, set()) <= set(targets) for o in maker.output):
+        part_of[maker.name] = targets[0]
+        return
+    if axis is None:
+        refuse_unbatched(tensor, source, targets, probe)
+    moved, there, back = transpose_pair(tensor, axis, len(probe.shapes[tensor][0]), targets)
+    added = [there] if not any(n.name == there.name for n in nodes) else []
+    part_of[there.name] = source
+    for part, (node, restored) in back.items():
+        if not any(n.name == node.name for n in nodes):
+            added.append(node)
+        part_of[node.name] = part
+        for reader in nodes:
+            if part_of.get(reader.name) == part and reader.name != node.name:
+                for k, name in enumerate(reader.input):
+                    if name == tensor:
+                        reader.input[k] = restored
+    at = nodes.index(maker) + 1
+    nodes[at:at] = added
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _refuse_unsplittable(bmap, compute, towers) -> None:

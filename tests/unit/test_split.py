@@ -63,9 +63,10 @@ def test_split_dual_encoder_equals_the_unsplit_bundle(dual):
     assert [p["name"] for p in pipeline["parts"]] == pipeline["order"] == ["vision", "text", "fusion"]
     fusion = pipeline["parts"][2]
     assert fusion["after"] == ["vision", "text"]
-    assert [s["name"] for s in fusion["inputs"]] == ["vision.embeds", "text.embeds"]
-    assert {i["name"]: (i["from"], i["to"]) for i in pipeline["interface"]} == {
-        "vision.embeds": ("vision", ["fusion"]), "text.embeds": ("text", ["fusion"])}
+    # The text tower sends its batch-first output; the transpose of logits = image @ text.T runs in fusion.
+    assert [s["name"] for s in fusion["inputs"]] == ["vision.embeds", "text_embeds"]
+    assert {i["name"]: (i["from"], i["to"], i["shape"]) for i in pipeline["interface"]} == {
+        "vision.embeds": ("vision", ["fusion"], ["batch", 64]), "text_embeds": ("text", ["fusion"], ["batch", 64])}
     # Every part file is hashed like any bundle file.
     files = dual["manifest"]["files"]
     assert all(p["backend"]["model"] in files for p in pipeline["parts"])
@@ -76,7 +77,7 @@ def test_a_branch_runs_alone_and_is_reused(dual):
     feeds = dual["feeds"]
     full = split.run(feeds)
     text = split.part("text").run({"input_ids": feeds["input_ids"]})
-    assert set(text) == {"text_embeds", "text.embeds"}
+    assert set(text) == {"text_embeds"}   # a model output that is also the interface tensor
     np.testing.assert_array_equal(text["text_embeds"], full["text_embeds"])
     # The text feeds may be left out once its outputs are given.
     again = split.run({"image": feeds["image"]}, reuse={"text": text})
@@ -95,8 +96,8 @@ def test_reuse_and_part_errors_are_one_line(dual):
         split.run({"image": feeds["image"]})
     with pytest.raises(InputError, match="no part 'audio'"):
         split.part("audio")
-    with pytest.raises(InputError, match="lacks 'text.embeds'"):
-        split.run({"image": feeds["image"]}, reuse={"text": {"text_embeds": feeds["image"]}})
+    with pytest.raises(InputError, match="lacks 'text_embeds'"):
+        split.run({"image": feeds["image"]}, reuse={"text": {"embeds": feeds["image"]}})
     with pytest.raises(InputError, match="needs 'input_ids'"):
         split.part("text").run({"image": feeds["image"]})
 
@@ -386,6 +387,117 @@ def test_a_one_layer_gru_text_tower_is_a_part_of_its_own(tmp_path):
     assert plan.part("text").inputs == ["input_ids"]
 
 
+def _run_parts(plan, feeds):
+    import onnxruntime as ort
+
+    env = dict(feeds)
+    for part in plan.parts:
+        sess = ort.InferenceSession(str(part.path))
+        env.update(zip(part.outputs, sess.run(part.outputs, {i: env[i] for i in part.inputs})))
+    return env
+
+
+def _interface_dims(plan) -> dict[str, list]:
+    import onnx
+
+    dims = {}
+    for part in plan.parts:
+        for vi in onnx.load(str(part.path)).graph.input:
+            if vi.name in plan.interface:
+                dims[vi.name] = [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+    return dims
+
+
+def test_interface_tensors_keep_the_batch_on_axis_0(tmp_path):
+    """Each part is calibrated and judged along axis 0, so no tensor may cross a cut batch-last: a
+    transpose made in a tower (CLIP's image_embeds.T) moves into the part reading it, and a tensor a
+    compute node makes batch-second (a GRU's h_n: [1, batch, hidden]) crosses transposed batch-first."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from edgemm.split.graph import split_onnx
+
+    feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64)} for b in (2, 3)]
+    onnx.save(_tiny_graph(False), str(tmp_path / "late.onnx"))   # ends in MatMul(v, Transpose(t))
+    plan = split_onnx(tmp_path / "late.onnx", tmp_path / "parts", samples=feeds)
+    assert _interface_dims(plan) == {"vision.embeds": ["batch", 4], "text.embeds": ["batch", 4]}
+    assert "Transpose" in {n.op_type for n in onnx.load(str(plan.part("fusion").path)).graph.node}
+    assert "Transpose" not in {n.op_type for n in onnx.load(str(plan.part("text").path)).graph.node}
+
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = {"w0": f(4, 4), "w1": f(4, 4), "table": f(16, 4), "W": f(1, 12, 4), "R": f(1, 12, 4),
+             "axes": np.array([0], np.int64)}
+    nodes = [helper.make_node("MatMul", ["image", "w0"], ["v1"], name="v1"),
+             helper.make_node("MatMul", ["v1", "w1"], ["v"], name="v2"),
+             helper.make_node("Unsqueeze", ["v", "axes"], ["v3"], name="vu"),       # [1, batch, 4]
+             helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
+             helper.make_node("Transpose", ["t3"], ["seq"], name="tseq", perm=[1, 0, 2]),
+             helper.make_node("GRU", ["seq", "W", "R"], ["y", "h"], name="gru", hidden_size=4),  # h: [1, batch, 4]
+             helper.make_node("Add", ["v3", "h"], ["j"], name="join"),
+             helper.make_node("Squeeze", ["j", "axes"], ["logits"], name="out")]
+    onnx.save(_graph(nodes, ["image", "input_ids"], inits), str(tmp_path / "gru.onnx"))
+    feeds = [{"image": f(b, 4), "input_ids": rng.integers(0, 16, (b, 4)).astype(np.int64)} for b in (2, 3)]
+    plan = split_onnx(tmp_path / "gru.onnx", tmp_path / "gru-parts", samples=feeds)
+    assert plan.names == ["vision", "text", "fusion"]
+    assert _interface_dims(plan) == {"vision.embeds": ["batch", 4], "text.embeds": ["batch", 1, 4]}
+    assert plan.interface["text.embeds"]["original"] == "h.batch_first"
+    want = ort.InferenceSession(str(tmp_path / "gru.onnx")).run(None, feeds[1])[0]
+    np.testing.assert_allclose(_run_parts(plan, feeds[1])["logits"], want, atol=1e-6)
+
+
+def test_a_fixed_batch_model_is_cut_batch_first_and_its_parts_calibrated_call_by_call(tmp_path):
+    """One probe batch (the model's own, 2): a [4, 2] transpose still moves out of the tower, and the
+    downstream parts' calibration data is made 2 samples per call (one call of all samples failed)."""
+    import onnx
+    import onnxruntime as ort
+
+    from edgemm.split.build import _interface_data
+    from edgemm.split.graph import split_onnx
+
+    model = _tiny_graph(False)
+    for vi in model.graph.input:
+        vi.type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    rng = np.random.default_rng(1)
+    data = {"image": rng.standard_normal((5, 4)).astype(np.float32),
+            "input_ids": rng.integers(0, 16, (5, 4)).astype(np.int64)}
+    plan = split_onnx(tmp_path / "fixed.onnx", tmp_path / "parts", samples=[{k: v[:2] for k, v in data.items()}])
+    assert _interface_dims(plan) == {"vision.embeds": [2, 4], "text.embeds": [2, 4]}
+    env = _interface_data(plan, data)
+    assert {k: v.shape[0] for k, v in env.items()} == dict.fromkeys(env, 4)   # 2 calls of 2; the 5th dropped
+    sess = ort.InferenceSession(str(tmp_path / "fixed.onnx"))
+    for start in (0, 2):
+        want = sess.run(None, {k: v[start:start + 2] for k, v in data.items()})[0]
+        np.testing.assert_allclose(env["logits"][start:start + 2], want, atol=1e-5)
+
+
+def test_an_interface_tensor_with_no_batch_axis_is_refused_naming_it(tmp_path):
+    """A tower's mean over the batch has no sample axis to calibrate along: refused in one line."""
+    import onnx
+    from onnx import helper
+
+    from edgemm.split.graph import split_onnx
+
+    rng = np.random.default_rng(0)
+    inits = {n: rng.standard_normal((4, 4)).astype(np.float32) for n in ("w0", "w1", "w2", "w3")}
+    inits["table"] = rng.standard_normal((16, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["image", "w0"], ["v1"], name="v1"),
+             helper.make_node("MatMul", ["v1", "w1"], ["v2"], name="v2"),
+             helper.make_node("ReduceMean", ["v2"], ["v"], name="batch_mean", keepdims=1, axes=[0]),  # [1, 4]
+             helper.make_node("Gather", ["table", "input_ids"], ["t0"], name="embed"),
+             helper.make_node("ReduceMean", ["t0"], ["t1"], name="pool", keepdims=0, axes=[1]),
+             helper.make_node("MatMul", ["t1", "w2"], ["t2"], name="t2"),
+             helper.make_node("MatMul", ["t2", "w3"], ["t"], name="t3"),
+             helper.make_node("Add", ["t", "v"], ["logits"], name="join")]
+    onnx.save(_graph(nodes, ["image", "input_ids"], inits), str(tmp_path / "mean.onnx"))
+    feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64)} for b in (2, 3)]
+    with pytest.raises(InputError, match=r"tensor 'v' crossing from part vision to fusion has no batch axis") as err:
+        split_onnx(tmp_path / "mean.onnx", tmp_path / "parts", samples=feeds)
+    assert "\n" not in str(err.value) and "[1, 4] at batch 2" in str(err.value) and "--branch" in str(err.value)
+
+
 def test_two_towers_of_one_modality_are_refused_not_split_into_one_part(tmp_path):
     """Query and document towers sharing an embedding are both 'text': one part, nothing to split."""
     import onnx
@@ -517,6 +629,53 @@ def test_split_hf_clip_from_config_equals_unsplit(tmp_path):
     text = bundle.part("text").run({k: feeds[k] for k in ("input_ids", "attention_mask")})
     again = bundle.run({"pixel_values": feeds["pixel_values"]}, reuse={"text": text})
     assert _max_err(again, bundle.run(feeds)) == 0.0
+
+
+@pytest.mark.slow   # four CLI runs on a CLIPModel: ~70 s on the shared 2 cores
+def test_split_hf_clip_int8_and_fp32_verify_through_the_cli_and_the_api(tmp_path, cli):
+    """CLIPModel's fusion reads image_embeds.T ([proj, batch]): its INT8 calibration read axis 0 as the
+    sample count ('inputs have different sample counts [16, 24]'). Split FP32 and INT8 bundles verify
+    against the torch model, and prompts cached at one count classify images given at another."""
+    import torch
+
+    from tests.fixtures import io_models
+
+    saved = io_models.save("clip", tmp_path / "data", formats=())
+    factory = f"{io_models.FACTORY}:clip"
+    for mode, extra in (("fp32", ()), ("int8", ("--int8", "--int8-recipe", "dynamic_per_channel"))):
+        out = tmp_path / mode
+        proc = cli("compile", factory, "--trust-pickle", "--split", "--calib", saved["calib"], "--eval", saved["eval"],
+                   "-o", out, "--no-thread-tuning", *extra)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        interface = {t["name"]: t["shape"] for t in manifest["pipeline"]["interface"]}
+        assert interface == {"image_embeds": ["batch", 16], "text_embeds": ["batch", 16]}
+        proc = cli("verify", out, "--reference", factory, "--trust-pickle", "--data", saved["eval"],
+                   "--iterations", "0", "--json", "--no-write")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        report = json.loads(proc.stdout)
+        assert all(p["passed"] for p in report["split_parts"].values())
+        if mode == "fp32":
+            assert max(o["max_abs_error"] for o in report["outputs"].values()) <= 1e-4
+        else:
+            assert manifest["pipeline"]["parts"][0]["precision"]["mode"] == "int8"
+            assert min(o["mean_cosine"] for o in report["outputs"].values()) >= 0.99
+    # The Python API: 5 prompts encoded once, 3 images against them ([3, 5] logits), as torch computes them.
+    data = io_models.data("clip", n=8, seed=3)
+    texts = {k: data[k][:5] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        want = io_models.clip()(pixel_values=torch.from_numpy(data["pixel_values"][:3]),
+                                **{k: torch.from_numpy(v) for k, v in texts.items()}).logits_per_image.numpy()
+    for mode, tol in (("fp32", 1e-4), ("int8", None)):
+        bundle = rt.load(tmp_path / mode)
+        cached = bundle.part("text").run(texts)
+        got = bundle.run({"pixel_values": data["pixel_values"][:3]}, reuse={"text": cached})["logits_per_image"]
+        assert got.shape == (3, 5)
+        if tol is not None:
+            assert float(np.abs(got - want).max()) <= tol
+        else:
+            cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            assert cos.min() >= 0.99
 
 
 def test_a_part_with_nothing_quantized_is_not_labelled_int8(tmp_path):
