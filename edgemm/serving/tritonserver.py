@@ -83,11 +83,22 @@ def prepare_backends(install: TritonInstall, workdir: Path) -> Path:
     return target.parent
 
 
-def free_port() -> int:
-    """A port nothing listens on now (the OS picks it); the server binds it a moment later."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` ports nothing listens on now, picked by the OS while all are bound at once (ports picked
+    one by one may repeat). The server binds them a moment later, so another process may take one first:
+    ``TritonServer.start`` then picks again."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((LOOPBACK, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+PORT_TAKEN = "already in use"   # tritonserver's log when its HTTP or GRPC port is taken
+PORT_TRIES = 3
 
 
 def _this_libpython_dir() -> str | None:
@@ -114,9 +125,8 @@ class TritonServer:
         self.repository = Path(repository)
         self.workdir = Path(workdir)
         self.install = install or require_tritonserver()
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        self._asked_ports = (http_port, grpc_port, metrics_port)
+        self._pick_ports()
         self.exit_on_error = exit_on_error
         self.extra_env = dict(env or {})
         self.log_path = self.workdir / "tritonserver.log"
@@ -156,13 +166,35 @@ class TritonServer:
         env.update(self.extra_env)
         return env
 
+    def _pick_ports(self) -> None:
+        picked = iter(free_ports(3))
+        self.http_port, self.grpc_port, self.metrics_port = (port or next(picked) for port in self._asked_ports)
+        self._picked = {p for p, asked in zip((self.http_port, self.grpc_port, self.metrics_port),
+                                              self._asked_ports) if not asked}
+
+    def _picked_port_taken(self) -> bool:
+        error = self.last_error()
+        return PORT_TAKEN in error and any(f":{port}'" in error for port in self._picked)
+
     def start(self, timeout: float = 120.0) -> "TritonServer":
         """Start and wait (at most ``timeout`` seconds) until the server answers and every model has
-        finished loading; a server that exits or stays silent is stopped and reported in one line."""
+        finished loading; a server that exits or stays silent is stopped and reported in one line. A port
+        edgemm picked that another process took meanwhile is picked again (a port the caller gave is not)."""
         if not self.repository.is_dir():
             raise InputError("is not a folder", file=self.repository, fix="pass a model repository folder")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        backends = prepare_backends(self.install, self.workdir)
+        backends = prepare_backends(self.install, self.workdir)   # once: a retry's stub may still be running
+        tries = 1
+        while True:
+            try:
+                return self._start(backends, timeout)
+            except DependencyError:
+                if tries == PORT_TRIES or not self._picked_port_taken():
+                    raise
+                tries += 1
+                self._pick_ports()
+
+    def _start(self, backends: Path, timeout: float) -> "TritonServer":
         log = open(self.log_path, "wb")
         try:
             # A session of its own: Ctrl-C in a terminal reaches edgemm, which stops the server in order.
