@@ -1,7 +1,8 @@
 """Backends: how a precision-marked ONNX file becomes deployable artefacts, and how they run.
 
 - ``base.py``: the ``Backend`` interface (package, tune, parity runner, runtime session, target checks,
-  quantizes_as); ``registry.py``: backends by name (``registry.get(manifest.backend.name)``).
+  quantizes_as, split parts, Triton serving); ``registry.py``: backends by name
+  (``registry.get(manifest.backend.name)``).
 - ``ort/``: ONNX Runtime (the embedded CPU default): the bundle holds the ONNX file itself.
 - ``tensorrt/``: TensorRT engines, or portable bundles finished on the device (``edgemm build``).
 
