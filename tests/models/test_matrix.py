@@ -51,7 +51,11 @@ def test_fast_subset(matrix_runner, model, fmt, mode):
 # Slow sample (CI): every non-FP32 mode, early fusion, cross-attention, audio and video towers, keyword .pt2.
 SLOW_SAMPLE = [("early_fusion_transformer", "pt2-kw", "branch"), ("early_fusion_transformer", "pt2-kw", "prune"),
                ("early_fusion_transformer", "pt2-kw", "int8-orin"), ("timesformer_text", "pt2-kw", "fp8-h100"),
-               ("vit_distilbert_xattn", "pt2-kw", "branch"), ("vit_distilbert_xattn", "pt2", "int8"),
+               ("vit_distilbert_xattn", "pt2-kw", "branch"),
+               # cross-attention nn.MultiheadAttention from TorchScript (the rank aten::unflatten loses)
+               ("vit_distilbert_xattn", "torchscript", "int8"),
+               # stock CLIP's near-tied random-init similarity rows: top-1 over decisive samples
+               ("clip", "pt2-kw", "int8"),
                ("wav2vec2_text", "pt2-kw", "int8"), ("wav2vec2_text", "pt2-kw", "prune"),
                ("kwonly_xattn", "pt2-kw", "int8"),
                # torch-pruning's dependency walk looped (> 9 min) / raised on these: bounded, group left whole
