@@ -204,10 +204,15 @@ class CompileConfig:
 
                     refuse_on_dla(refittable=self.refittable, several_profiles=bool(self.profile_batches),
                                   dla="the DLA placement", parts=", ".join(on_dla))
-            for flag, value in (("--accuracy-target", self.accuracy_target), ("--exclude", self.exclude)):
-                if value:
-                    raise InputError("is not available with --split yet (each part is quantized on its own)",
-                                     field=flag, fix="drop it, or compile without --split")
+            if self.accuracy_target:
+                # The search ranks layers by what they cost the model's outputs; a split part is quantized
+                # alone on its own outputs, and a bar met there bounds nothing the parts after it compute.
+                raise InputError("is not available with --split: the search measures the model's outputs, "
+                                 "but each part is quantized alone, and a bar met on one part's outputs says "
+                                 "nothing of the outputs the parts after it compute from them",
+                                 field="--accuracy-target",
+                                 fix="choose per-part precisions (--precision vision=int8,text=fp32,fusion=fp32) "
+                                     "and keep sensitive nodes with --exclude, or compile without --split")
         self._check_specs(target)
         if self.output is not None:  # before any work: --force must never delete the user's files
             from .bundle import check_destination

@@ -189,7 +189,7 @@ def write_manifest(c: Compilation) -> None:
                    "format": c.loaded.format, "sha256": c.loaded.sha256, "notes": c.loaded.notes},
         "inputs": [s.to_dict() for s in c.specs],
         "outputs": split.outputs if cfg.split else graph_outputs(prec.path),
-        "precision": {**split.precision, "simulated_accuracy": False, "exclusions": None} if cfg.split else {
+        "precision": {"simulated_accuracy": False, "exclusions": None, **split.precision} if cfg.split else {
             **prec.precision.to_manifest(), "recipe": prec.recipe, "notes": prec.notes,
             "simulated_accuracy": prec.simulated, "exclusions": exclusions(cfg, prec)},
         "target": {"name": c.target.name, "kind": c.target.kind, "backend": c.target.backend,

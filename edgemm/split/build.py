@@ -99,6 +99,7 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
         if named:
             raise InputError(f"the split has no part {named[0]!r} (parts: {', '.join(plan.names)})",
                              field="--precision", fix="name only the parts the model has")
+    exclude = _exclude_per_part(plan, fp32, cfg)
     part_calib = _interface_data(plan, calib) if calib is not None else None
     part_held = _interface_data(plan, held_out) if held_out is not None else None
     graph_specs = {s.name: s.to_dict() for s in specs}
@@ -106,7 +107,8 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
     entries, recipes, modes, notes = [], {}, [], []
     (stage / PARTS_DIR).mkdir()
     for part in plan.parts:
-        prec = _part_precision_stage(part, cfg, target, part_calib, part_held, work, placement, say)
+        prec = _part_precision_stage(part, cfg, target, part_calib, part_held, work, placement, say,
+                                     exclude=exclude.get(part.name, ()))
         modes.append(prec.mode)
         recipes[part.name] = {"mode": prec.mode, **prec.recipe}
         notes += [f"{part.name}: {n}" for n in prec.notes]
@@ -133,7 +135,8 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
     outputs = graph_outputs(fp32)
     heads = graph_score_outputs(load_graph(fp32))   # the FP32 graph: the model's own structure (as without --split)
     built = Precision.of(modes, per_branch={e["name"]: e["precision"]["mode"] for e in entries})
-    precision = {**built.to_manifest(), "recipe": {"name": "split", "parts": recipes}, "notes": notes}
+    precision = {**built.to_manifest(), "recipe": {"name": "split", "parts": recipes}, "notes": notes,
+                 "exclusions": _exclusions(cfg, exclude, recipes)}
     section = {"name": target.backend, **backend.split_section(stage, entries, target, name)}
     return SplitBuild(section, precision, outputs, pipeline, {o["name"]: bool(heads.get(o["name"])) for o in outputs})
 
@@ -167,7 +170,44 @@ def _interface_data(plan: SplitPlan, arrays: Mapping[str, np.ndarray]) -> dict[s
     return {k: v[:used] for k, v in env.items()}
 
 
-def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement, say):
+def _exclude_per_part(plan: SplitPlan, fp32: Path, cfg) -> dict[str, list[str]]:
+    """--exclude's patterns per part: each part gets those selecting one of its nodes (parts keep the
+    exported graph's node names and module paths). A pattern selecting no node anywhere is refused as
+    without --split (a typo would quantize what the user asked to keep)."""
+    from ..pipeline.precision_stage import exclude_patterns
+    from ..quant.exclusions import resolve_exclude
+
+    patterns = exclude_patterns(cfg)
+    if not patterns:
+        return {}
+    import onnx
+
+    out = {}
+    for part in plan.parts:
+        model = onnx.load(str(part.path), load_external_data=False)
+        out[part.name] = [p for p in patterns if resolve_exclude(model, [p], strict=False)]
+    unmatched = [p for p in patterns if not any(p in found for found in out.values())]
+    if unmatched:
+        resolve_exclude(onnx.load(str(fp32), load_external_data=False), unmatched)   # the one-line refusal
+        raise InputError(f"{unmatched[0]!r} selects only constants, in no part", field="--exclude",
+                         fix="select nodes that compute on the inputs")
+    return out
+
+
+def _exclusions(cfg, exclude: dict[str, list[str]], recipes: dict[str, dict]) -> dict | None:
+    """What stayed out of quantization, per part (the unsplit manifest's exclusions, part by part)."""
+    auto = {name: r["auto_excluded"] for name, r in recipes.items() if r.get("auto_excluded")}
+    if not exclude and not auto:
+        return None
+    from ..pipeline.precision_stage import exclude_patterns
+
+    return {"patterns": exclude_patterns(cfg), "per_part": exclude,
+            "nodes": sorted({n for r in recipes.values()
+                             for n in r.get("excluded_nodes") or r.get("nodes_to_exclude") or []}),
+            "automatic": {f"{part}/{node}": why for part, nodes in auto.items() for node, why in nodes.items()}}
+
+
+def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement, say, *, exclude=()):
     from ..quant import PrecisionRequest, PrecisionResult, apply_precision
 
     precision = part_precision(part.name, cfg)
@@ -189,7 +229,7 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
     req = PrecisionRequest(
         precision=precision, backend=target.backend, workdir=_fresh(work / f"split-prec-{part.name}"),
         calib={n: calib[n] for n in names} if calib is not None else None, int8_recipe=cfg.int8_recipe,
-        min_cosine=cfg.min_cosine, dla=placement.get(part.name, "gpu").startswith("dla"),
+        min_cosine=cfg.min_cosine, dla=placement.get(part.name, "gpu").startswith("dla"), exclude=list(exclude),
         held_out={n: held[n] for n in names} if held is not None else None, log=lambda m: say("    " + m),
         # A part is packaged as its ONNX Runtime model only (no per-part engine variants yet): building
         # and timing OpenVINO candidates for it would be work thrown away.

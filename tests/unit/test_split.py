@@ -473,6 +473,41 @@ def test_a_fixed_batch_model_is_cut_batch_first_and_its_parts_calibrated_call_by
         np.testing.assert_allclose(env["logits"][start:start + 2], want, atol=1e-5)
 
 
+def test_exclude_patterns_reach_the_parts_holding_their_nodes(tmp_path):
+    """--exclude with --split: each part gets the patterns selecting its nodes; one selecting nothing is
+    refused in one line as without --split."""
+    import onnx
+
+    from edgemm.split.build import _exclude_per_part
+    from edgemm.split.graph import split_onnx
+
+    feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64)} for b in (2, 3)]
+    onnx.save(_tiny_graph(False), str(tmp_path / "late.onnx"))
+    plan = split_onnx(tmp_path / "late.onnx", tmp_path / "parts", samples=feeds)
+    cfg = CompileConfig(model="m.onnx", split=True, precision="int8", calib="c.npz", exclude=["op:Transpose,v2", "t1"])
+    assert _exclude_per_part(plan, tmp_path / "late.onnx", cfg) == {
+        "vision": ["v2"], "text": ["t1"], "fusion": ["op:Transpose"]}
+    cfg = CompileConfig(model="m.onnx", split=True, precision="int8", calib="c.npz", exclude=["v2,nothing.*"])
+    with pytest.raises(InputError, match="'nothing.\\*' matches no node") as err:
+        _exclude_per_part(plan, tmp_path / "late.onnx", cfg)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow   # an INT8 split compile: ~40 s on the shared 2 cores
+def test_split_int8_keeps_excluded_modules_in_float_in_their_part(zoo_examples, tmp_path):
+    ex = zoo_examples["dual-encoder"]
+    result = _compile(ex["exported_program"], tmp_path / "excl", calib=str(ex["calib"]), split=True,
+                      precision="int8", int8_recipe="dynamic_per_channel", exclude=["module:image_proj"])
+    exclusions = result.manifest["precision"]["exclusions"]
+    assert exclusions["per_part"] == {"vision": ["module:image_proj"], "text": [], "fusion": []}
+    import onnx
+
+    vision = {n.name: n.op_type for n in onnx.load(str(result.bundle / "parts/vision.onnx")).graph.node}
+    assert exclusions["nodes"] and all(vision[n] in ("MatMul", "Add", "Gemm") for n in exclusions["nodes"])
+    assert "MatMulInteger" in vision.values()   # the rest of the tower is INT8
+    assert result.report["passed"]
+
+
 def test_an_interface_tensor_with_no_batch_axis_is_refused_naming_it(tmp_path):
     """A tower's mean over the batch has no sample axis to calibrate along: refused in one line."""
     import onnx
@@ -564,6 +599,7 @@ def test_placement_is_checked_against_the_target(tmp_path):
     with pytest.raises(InputError, match="not available with --split"):
         CompileConfig(model="m.pt2", split=True, precision="int8", calib="c.npz",
                       accuracy_target="cosine>=0.99").validate()
+    CompileConfig(model="m.pt2", split=True, precision="int8", calib="c.npz", exclude=["op:Softmax"]).validate()
     # A DLA part refuses what --dla refuses on a whole model (it used to drop them silently for that part).
     orin = dict(model="m.pt2", split=True, precision="fp16", target="jetson-agx-orin", place="vision=dla0")
     CompileConfig(**orin).validate()
