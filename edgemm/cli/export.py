@@ -48,6 +48,12 @@ def triton(bundles, output, flavor, max_batch, instances, kind, preferred_batch,
                             require_signature=require_signature, monitor=monitor)
     repo = export_triton(bundles, output, options, force=force, trusted_keys=list(trusted_keys) or None,
                          say=lambda m: click.echo(m, err=True))
-    click.echo(f"wrote {repo}: {len(bundles)} model(s), flavor {flavor}; serve it with "
+    import json
+
+    from ..serving.triton_repo import REPO_MARKER
+
+    served = json.loads((repo / REPO_MARKER).read_text())["models"]   # a split bundle: ensemble + parts
+    count = sum(len(entry["models"]) for entry in served.values())
+    click.echo(f"wrote {repo}: {count} model(s) from {len(bundles)} bundle(s), flavor {flavor}; serve it with "
                f"tritonserver --model-repository={repo}")
     return 0

@@ -56,19 +56,27 @@ def ensemble_configs(name: str, manifest: Manifest, inputs: list[TensorSpec], ou
     checks = [find_batching(inputs, outputs)] + [find_batching(i, o) for i, o in specs.values()]
     unbatched = next((c.reason for c in checks if not c.max_batch), None)
     # the ensemble's notes say it once, for the whole model
-    part_options = replace(options, notes=[], monitor=False)   # parts are not monitored (note below)
+    part_options = replace(options, notes=[], monitor=False)
+    # --monitor: the model's inputs are checked where they enter, by the parts reading them (triton_model's
+    # MonitoredPart); a part reading interface tensors only has nothing the calibration profile describes.
+    graph_inputs = {s.name for s in inputs}
+    watching = [e["name"] for e in parts if any(s["name"] in graph_inputs for s in e["inputs"])] \
+        if options.monitor else []
     configs = []
     for entry in parts:
         part = entry["name"]
         config = triton_config.model_config(
-            part_model_name(name, part), part_manifest(manifest, entry, source), *specs[part], part_options, source=source,
+            part_model_name(name, part), part_manifest(manifest, entry, source), *specs[part],
+            replace(part_options, monitor=part in watching), source=source,
             lenient=True, rows_mix=rows_mix.get(part), unbatched=unbatched)
         if options.flavor == "edgemm":
             config.setdefault("parameters", []).append({"key": "edgemm.part", "value": {"string_value": part}})
         configs.append((part_model_name(name, part), config, entry))
     options.notes.extend(n for n in part_options.notes if "dynamic INT8" in n)
     if options.monitor:
-        options.notes.append(f"{name}: --monitor is not applied to a split bundle's parts (each sees only its part)")
+        options.notes.append(f"{name}: --monitor checks the model's inputs in the parts reading them "
+                             f"({', '.join(part_model_name(name, p) for p in watching)}): their metrics carry "
+                             "those models' names")
     max_batch = min(config["max_batch_size"] for _, config, _ in configs)
     if unbatched:
         options.notes.append(f"{name}: max_batch_size 0 for the ensemble and its parts: {unbatched}")

@@ -30,12 +30,17 @@ class TritonPythonModel:
         # A split bundle's part (one step of a Triton ensemble): the whole bundle is copied and verified
         # (its hashes and signature cover every part), and this model runs only its part.
         part = params.get("edgemm.part")
-        monitor = params.get("edgemm.monitor") == "true" and not part
+        monitor = params.get("edgemm.monitor") == "true"
         # require_signature None: the runtime's default (a signature is required whenever a key is trusted)
-        self.bundle = rt.load(bundle_dir, require_signature=True if require else None, monitor=monitor)
+        self.bundle = rt.load(bundle_dir, require_signature=True if require else None, monitor=monitor and not part)
         self.runner = self.bundle.part(part) if part else self.bundle
-        self.drift = DriftMetrics(args["model_name"], args["model_version"], [s.name for s in self.bundle.inputs]) \
-            if monitor else None
+        self.stats = self.bundle.stats if monitor and not part else None
+        if monitor and part:   # a part reading the model's inputs checks those it reads (export asks no other)
+            self.runner = MonitoredPart(self.runner, self.bundle)
+            self.stats = self.runner.monitor.stats
+        watched = self.runner.monitored_inputs if part else [s.name for s in self.bundle.inputs]
+        self.drift = DriftMetrics(args["model_name"], args["model_version"], watched) \
+            if self.stats is not None else None
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.input_names = [s.name for s in self.runner.inputs]
 
@@ -62,7 +67,7 @@ class TritonPythonModel:
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[_tensor(name, value) for name, value in out.items()])
         if self.drift is not None:
-            self.drift.publish(self.bundle.stats())
+            self.drift.publish(self.stats())
         return responses
 
     def _groups(self, feeds: dict) -> list[list[int]]:
@@ -86,6 +91,25 @@ class TritonPythonModel:
 
     def finalize(self):
         self.bundle = self.runner = self.drift = None
+
+
+class MonitoredPart:
+    """A split bundle's part under the runtime monitor's input checks, for the model inputs it reads
+    (calibration ranges from the bundle's profile): a tower of a Triton ensemble sees the inputs first."""
+
+    def __init__(self, part, bundle):
+        from edgemm.runtime.monitor import Monitor
+
+        graph = {s.name for s in bundle.inputs}
+        self.part, self.inputs = part, part.inputs
+        self.monitored_inputs = [s.name for s in part.inputs if s.name in graph]
+        self.monitor = Monitor(self.monitored_inputs, bundle.calibration_profile,
+                               bundle_name=f"{bundle.manifest.name}.{part.name}")
+
+    def run(self, feeds):
+        from edgemm.runtime.monitor import timed_run
+
+        return timed_run(self.monitor, self.part.run, feeds, self.monitored_inputs[0])
 
 
 class DriftMetrics:

@@ -230,6 +230,66 @@ def test_the_pipeline_runtime_is_torch_free(dual, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+def _param(pbtxt: str, key: str) -> str:
+    import re
+
+    found = re.search(r'key: "' + re.escape(key) + r'"\s*value \{\s*string_value: "([^"]*)"', pbtxt)
+    return found.group(1) if found else None
+
+
+def test_triton_export_counts_every_model_and_monitors_the_parts_reading_inputs(dual, tmp_path, cli, monkeypatch):
+    """A split bundle is 4 Triton models (ensemble + 3 parts), and --monitor checks the model's inputs in the
+    towers reading them (the parts' configs asked for no monitor, and the python model applied none)."""
+    import sys
+    import types
+
+    repo = tmp_path / "repo"
+    proc = cli("export", "triton", dual["split"], "-o", repo, "--monitor")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 model(s) from 1 bundle(s)" in proc.stdout
+    name = dual["split"].name
+    monitored = {part: _param((repo / f"{name}.{part}" / "config.pbtxt").read_text(), "edgemm.monitor")
+                 for part in ("vision", "text", "fusion")}
+    assert monitored == {"vision": "true", "text": "true", "fusion": "false"}
+    assert f"{name}.vision, {name}.text" in proc.stderr
+
+    # The python model of the vision part, on a stand-in for Triton's python-backend module.
+    families = []
+
+    class Family:
+        COUNTER = "counter"
+
+        def __init__(self, name, description, kind):
+            self.name, self.values = name, {}
+            families.append(self)
+
+        def Metric(self, labels):
+            family, key = self, labels.get("input")
+
+            class Metric:
+                def increment(self, value):
+                    family.values[key] = family.values.get(key, 0) + value
+            return Metric()
+
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", types.SimpleNamespace(MetricFamily=Family))
+    monkeypatch.delitem(sys.modules, "edgemm.serving.triton_model", raising=False)
+    from edgemm.serving.triton_model import TritonPythonModel
+
+    model = TritonPythonModel()
+    config = {"max_batch_size": 8, "parameters": {"edgemm.part": {"string_value": "vision"},
+                                                  "edgemm.monitor": {"string_value": "true"}}}
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / f"{name}.vision"),
+                      "model_version": "1", "model_name": f"{name}.vision"})
+    image = dual["feeds"]["image"][:2]
+    out = model.runner.run({"image": image * 1000})   # far outside the calibration range
+    np.testing.assert_array_equal(out["image_embeds"], rt.load(dual["split"]).part("vision").run(
+        {"image": image * 1000})["image_embeds"])
+    model.drift.publish(model.stats())
+    figures = {f.name: f.values for f in families}
+    assert figures["edgemm_input_values_total"] == {"image": image.size}
+    assert figures["edgemm_input_out_of_range_total"]["image"] > 0
+
+
 def test_branch_cache_bounds():
     cache = BranchCache(max_entries=2, max_bytes=100)
     arr = np.zeros(10, np.float32)   # 40 bytes

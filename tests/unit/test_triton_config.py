@@ -182,11 +182,14 @@ def test_ensemble_batches_all_parts_or_none():
     assert any("ensemble and its parts" in n for n in opts.notes)
 
 
-def test_monitor_is_not_claimed_on_an_ensembles_parts():
-    """--monitor does not apply to a split bundle's parts: their configs must not ask for it either."""
+def test_monitor_is_asked_of_the_ensemble_parts_reading_the_model_inputs():
+    """--monitor on a split bundle: the towers (reading the model's inputs) check them; the fusion part
+    reads interface tensors only, which no calibration profile describes."""
     from edgemm.serving.triton_ensemble import ensemble_configs
 
     opts = TritonOptions(monitor=True)
     _, parts = ensemble_configs("vqa", split_manifest(), [IMAGE, IDS], [LOGITS], opts, source="b", rows_mix={})
-    assert [parsed(config).parameters["edgemm.monitor"].string_value for _, config, _ in parts] == ["false"] * 3
-    assert any("--monitor is not applied" in n for n in opts.notes)
+    assert [parsed(config).parameters["edgemm.monitor"].string_value for _, config, _ in parts] == \
+        ["true", "true", "false"]
+    assert any("--monitor checks the model's inputs in the parts reading them (vqa.vision, vqa.text)" in n
+               for n in opts.notes)
