@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError, first_line
+from .errors import EdgemmError, InputError, first_line
 from .frontends import LoadedModel
 from .model_outputs import flatten_outputs  # noqa: F401  (re-exported: prune/ imports it from here)
 
@@ -76,7 +76,12 @@ class Reference:
 
         values = {n: torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in self.input_names}
         with torch.inference_mode():
-            out = self.loaded.call(values)
+            try:
+                out = self.loaded.call(values)
+            except (EdgemmError, MemoryError):
+                raise
+            except Exception as exc:  # the model's own code refused the data (dtype, shape, index)
+                raise model_refused(self.loaded.source, exc, feeds, self.input_names) from exc
         names, leaves = flatten_outputs(out)
         if self.rename:
             if len(self.rename) != len(names):
@@ -111,3 +116,14 @@ class Reference:
             with torch.inference_mode():
                 return module(*args, **kwargs)
         return call
+
+
+def model_refused(source, exc: BaseException, feeds: Mapping[str, np.ndarray], names: Sequence[str]) -> InputError:
+    """A model whose forward() raised on the user's data (a float16 array into float32 weights, a width
+    its Linear does not take, a token id past its embedding) is an input error naming what was fed,
+    not an internal error."""
+    fed = ", ".join(f"{n} {np.asarray(feeds[n]).dtype}{list(np.shape(feeds[n]))}" for n in names if n in feeds)
+    return InputError(f"raised {type(exc).__name__}: {first_line(exc, limit=200)} on inputs {fed}",
+                      file=source, field="forward()",
+                      fix="give each input the dtype and shape the model takes (see `edgemm inspect MODEL "
+                          "--data FILE`), or pass the model these data were made for")
