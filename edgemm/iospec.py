@@ -61,7 +61,7 @@ class TensorSpec:
                 if not (isinstance(dim, str) or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0)):
                     raise TypeError
             ranges = {k: DimRange(*v) for k, v in (d.get("ranges") or {}).items()}
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:   # AttributeError: ranges not an object
             raise InputError(f"malformed tensor spec {d!r}", file=source, field="inputs/outputs",
                              fix="regenerate the bundle with `edgemm compile`") from exc
         return cls(name, dtype, tuple(shape), ranges)

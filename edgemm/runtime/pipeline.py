@@ -276,6 +276,11 @@ def parse_pipeline(section, bad) -> dict:
             if not isinstance(specs, list) or not specs or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
                                                                    for s in specs):
                 raise bad("must be a non-empty list of tensor specs", f"{where}.{key}")
+            for j, spec in enumerate(specs):   # the sessions read dtype and shape of each
+                try:
+                    TensorSpec.from_dict(spec)
+                except InputError as exc:
+                    raise bad(exc.detail, f"{where}.{key}[{j}]") from exc
         after = entry.get("after", [])
         if not isinstance(after, list) or not all(a in names for a in after):
             raise bad("must name parts listed before it (the run order)", f"{where}.after")

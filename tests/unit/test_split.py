@@ -198,6 +198,11 @@ def test_an_edited_pipeline_section_is_refused_in_one_line(dual, tmp_path):
                         (lambda p: p.update(version=9), "not supported"),
                         (lambda p: p["parts"][2]["inputs"][0].update(name="nowhere"), "no input or earlier part"),
                         (lambda p: p["parts"].pop(2), "no part makes the output"),
+                        # a part's tensor spec missing a field or with ranges not an object (fuzzing found
+                        # KeyError/AttributeError from the sessions' feed checks)
+                        (lambda p: p["parts"][0]["inputs"][0].pop("dtype"), r"parts\[0\]\.inputs\[0\]: malformed"),
+                        (lambda p: p["parts"][1]["outputs"][0].pop("shape"), r"parts\[1\]\.outputs\[0\]: malformed"),
+                        (lambda p: p["parts"][2]["inputs"][0].update(ranges=[1]), r"parts\[2\]\.inputs\[0\]: malformed"),
                         # refused by the part's own session: the error says which part (it read "backend.model")
                         (lambda p: p["parts"][2]["backend"].update(model="../../x.onnx"),
                          r"pipeline\.parts\[2\]\.backend\.model: file path '\.\./\.\./x\.onnx' escapes the bundle")):
