@@ -427,3 +427,43 @@ def test_engine_candidates_are_judged_by_verifys_metrics_not_cosine_alone(tiny_b
     assert row.agreement["logits"]["top1"] == 15 / 16
     assert "output logits: top-1 agreement 0.9375 < 0.95" in row.note   # verify's failure line, the INT8 bar
     assert choice.variants == []    # the faster but inaccurate candidate is not carried
+
+
+def test_guarded_int8_rungs_keep_more_outlier_matmuls_float_while_the_bar_is_missed(tiny_bundle, monkeypatch):
+    """Plain NNCF INT8 misses the bar -> guarded rungs: the outlier-ranked MatMuls (1, 2, 4 ...) and the output
+    projections kept float, SmoothQuant at GUARDED_SQ_ALPHA; at most GUARDED_RUNGS builds after the plain one."""
+    pytest.importorskip("nncf")
+    from edgemm.backends import openvino as ovb
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+    from edgemm.quant import cpu_engines
+
+    built = []
+    real = ovb.quantize_int8
+
+    def spy(model, feeds, *, ignored=(), smooth_quant_alpha=None):
+        built.append((len(ignored), smooth_quant_alpha))
+        return real(model, feeds, ignored=ignored, smooth_quant_alpha=smooth_quant_alpha)
+
+    monkeypatch.setattr(ovb, "quantize_int8", spy)
+    monkeypatch.setattr(latency, "measure_interleaved_within",
+                        lambda fns, **kw: {n: LatencyStats(10.0, 0, 0, 0, 5) for n in fns})
+    data = make_data(8, seed=4)
+    feeds = [{k: v[i:i + 1] for k, v in data.items()} for i in range(8)]
+    model = tiny_bundle / "model.onnx"
+    ranked, heads = cpu_engines._outlier_ranking(model, feeds)
+    assert len(ranked) == 2 and heads   # the tiny model's qkv and out projections
+    # A bar no quantized model meets: every rung is built, and no more.
+    choice = cpu_engines.search_engines(model, model, {}, feeds, feeds, batches=(1,), min_cosine=1.0, isa=HASWELL,
+                                        log=lambda m: None)
+    rows = {r.name: r for r in choice.table}
+    assert [r.name for r in choice.table if r.name.startswith("openvino-int8")] == [
+        "openvino-int8", "openvino-int8-guarded"]   # a second rung would keep no more nodes (out is a head)
+    guarded = rows["openvino-int8-guarded"]
+    assert guarded.ignored_nodes == len(cpu_engines._guarded_nodes(ranked, heads, 1)) and guarded.status == "inaccurate"
+    assert [alpha for _, alpha in built] == [None, cpu_engines.GUARDED_SQ_ALPHA]   # one NNCF build per rung
+    assert built[0][0] == 0 and built[1][0] >= guarded.ignored_nodes   # (+ the outputs' friendly names)
+    # The doubling on a BERT-like ranking (MiniLM: 4 FFN down-projections past 50): 4, 8, 16 MatMuls.
+    bert = [(f"m{i}", r) for i, r in enumerate([96, 95, 84, 61, 43, 43, 39, 38, 36, 32, 29, 19, 19, 19, 9, 8, 7, 5])]
+    assert [cpu_engines._guarded_count(bert, rung) for rung in range(cpu_engines.GUARDED_RUNGS)] == [4, 8, 16]
+    assert cpu_engines._guarded_count(bert[:6], 2) == 6 and cpu_engines._guarded_count([("x", 3.0)], 0) == 1

@@ -51,9 +51,11 @@ def openvino_names(onnx_model, nodes: Sequence[str]) -> list[str]:
     return sorted(names)
 
 
-def quantize_int8(model, feeds: Sequence[dict[str, np.ndarray]], *, ignored: Sequence[str] = ()):
+def quantize_int8(model, feeds: Sequence[dict[str, np.ndarray]], *, ignored: Sequence[str] = (),
+                  smooth_quant_alpha: float | None = None):
     """NNCF PTQ of an ``openvino.Model`` on ``feeds`` (one model call each); ``ignored``: OpenVINO friendly
-    names (``openvino_names``) kept float."""
+    names (``openvino_names``) kept float; ``smooth_quant_alpha``: SmoothQuant's migration strength for
+    MatMuls (NNCF's TRANSFORMER default, 0.95, when None)."""
     import contextlib
     import io
     import logging
@@ -62,6 +64,13 @@ def quantize_int8(model, feeds: Sequence[dict[str, np.ndarray]], *, ignored: Seq
 
     scope = nncf.IgnoredScope(patterns=[re.escape(n) + r"(/.*)?" for n in ignored], validate=False) \
         if ignored else None
+    advanced = None
+    if smooth_quant_alpha is not None:
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                           AdvancedSmoothQuantParameters)
+
+        advanced = AdvancedQuantizationParameters(
+            smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=smooth_quant_alpha))
     nncf_log = logging.getLogger("nncf")
     level = nncf_log.level
     nncf_log.setLevel(logging.ERROR)  # its INFO lines and progress bars are not edgemm's log
@@ -69,7 +78,7 @@ def quantize_int8(model, feeds: Sequence[dict[str, np.ndarray]], *, ignored: Seq
         # NNCF draws rich progress bars on sys.stdout/stderr whatever the log level: keep them off the console.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return nncf.quantize(model, nncf.Dataset(list(feeds)), model_type=nncf.ModelType.TRANSFORMER,
-                             subset_size=max(1, len(feeds)), ignored_scope=scope)
+                                 subset_size=max(1, len(feeds)), ignored_scope=scope, advanced_parameters=advanced)
     finally:
         nncf_log.setLevel(level)
 
