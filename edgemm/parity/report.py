@@ -68,7 +68,7 @@ def _engines_section(section: dict | None) -> list[str]:
     """The CPU engine search's candidates, measured on the compiling host (quant/cpu_engines.py)."""
     if not section or not isinstance(section.get("table"), list) or not isinstance(section.get("batches"), list):
         return []
-    from ..quant.cpu_engines import format_table
+    from ..quant.engine_table import format_table
 
     title, *table = format_table(section["table"], section["batches"]).splitlines()
     carried = ", ".join(section.get("variants") or []) or "the ONNX Runtime model only"
