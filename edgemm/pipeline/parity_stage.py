@@ -56,8 +56,11 @@ def parity_report(stage: Path, manifest: Manifest, loaded: LoadedModel, specs, d
     if cfg.accuracy_target:
         # The search already held the bundle to the user's own target on this data; the per-precision
         # defaults would judge it by a bar the user did not ask for. The report still shows every figure.
+        # A task metric is in percent (task.compute), so a 100-point bar is "off" while staying a finite
+        # number: with_overrides refuses inf (a user's inf would silently disable a check), and report.json
+        # must stay strict JSON (inf is written as the non-standard `Infinity`).
         thresholds = with_overrides(thresholds, min_cosine=cfg.min_cosine if cfg.min_cosine is not None else -1.0,
-                                    min_top1_agreement=0.0, max_metric_drop=float("inf"))
+                                    min_top1_agreement=0.0, max_metric_drop=100.0)
     heads = manifest.output_heads
     task_t = task_of_section(manifest.task) or guess_task(manifest.output_names, heads)
     say(f"parity: bundle vs reference on {judged_on['description'] if judged_on else 'synthetic inputs'}")
