@@ -238,6 +238,19 @@ def _name_output_dims(model, specs, example, ref_example, check_feeds, reference
     name_output_dims(model, input_dims, sizes, batches)
 
 
+def name_onnx_file_dims(path: Path, specs: Sequence[TensorSpec]) -> None:
+    """An ONNX input file keeps its graph but takes the spec's dim names everywhere: the manifest calls
+    its batch axis ``batch`` whatever the file called it (``b``, ``batch_size``), so its outputs must too,
+    or they read [b, 7] beside inputs [batch, ...] and a Triton export finds no shared batch axis.
+    Exporter expressions left on outputs (``Divembedding_dim_1``) become ``<output>_dim<i>``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    rename_symbolic_dims(model, specs)
+    name_output_dims(model, {d for s in specs for d in s.shape if isinstance(d, str)})
+    onnx.save(model, str(path))
+
+
 def rename_symbolic_dims(model, specs: Sequence[TensorSpec]) -> None:
     """Exporters name dims s0, s40, ...; use the spec's names (batch, ...) everywhere in the graph, so
     output shapes read [batch, 512] in the manifest."""

@@ -137,7 +137,10 @@ def export(c: Compilation) -> None:
             c.prune_info["comparison"]["onnx_latency"] = onnx_prune_latency(
                 c.unpruned, c.fp32, c.work, c.specs, c.calib, c.check_data, c.cfg, c.say)
     else:
+        from ..export import name_onnx_file_dims
+
         copy_inline(c.loaded.onnx_path, c.fp32)
+        name_onnx_file_dims(c.fp32, c.specs)
         c.export_info = {"exporter": "none", "notes": ["ONNX input: export skipped"]}
     check_token_ids_onnx(c.fp32, (c.calib, c.evald))
 
