@@ -467,3 +467,25 @@ def test_guarded_int8_rungs_keep_more_outlier_matmuls_float_while_the_bar_is_mis
     bert = [(f"m{i}", r) for i, r in enumerate([96, 95, 84, 61, 43, 43, 39, 38, 36, 32, 29, 19, 19, 19, 9, 8, 7, 5])]
     assert [cpu_engines._guarded_count(bert, rung) for rung in range(cpu_engines.GUARDED_RUNGS)] == [4, 8, 16]
     assert cpu_engines._guarded_count(bert[:6], 2) == 6 and cpu_engines._guarded_count([("x", 3.0)], 0) == 1
+
+
+def test_a_failing_outlier_probe_costs_the_guarded_rungs_not_the_compile(tiny_bundle, monkeypatch):
+    pytest.importorskip("nncf")
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+    from edgemm.quant import cpu_engines
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe cannot augment this graph")
+
+    monkeypatch.setattr(cpu_engines, "_outlier_ranking", broken)
+    monkeypatch.setattr(latency, "measure_interleaved_within",
+                        lambda fns, **kw: {n: LatencyStats(10.0, 0, 0, 0, 5) for n in fns})
+    data = make_data(8, seed=4)
+    feeds = [{k: v[i:i + 1] for k, v in data.items()} for i in range(8)]
+    model = tiny_bundle / "model.onnx"
+    logs = []
+    choice = cpu_engines.search_engines(model, model, {}, feeds, feeds, batches=(1,), min_cosine=1.0, isa=HASWELL,
+                                        log=logs.append)
+    assert [r.name for r in choice.table if r.name.startswith("openvino-int8")] == ["openvino-int8"]
+    assert any("guarded INT8 not built: outlier probe failed (RuntimeError" in line for line in logs)
