@@ -50,9 +50,10 @@ def command(bundle, timing_cache, from_engine, refit_onnx, trusted_keys, require
         click.echo(f"adopted {from_engine} (TensorRT {built['tensorrt_version']}, {built['gpu']}, "
                    f"{built['smoke_ms']} ms per run on zero inputs)")
     else:
-        engine = finish_portable_bundle(bundle, timing_cache=timing_cache,
-                                        **trust_options(trusted_keys, require_signature))
-        click.echo(f"built {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
+        engines = finish_portable_bundle(bundle, timing_cache=timing_cache,
+                                         **trust_options(trusted_keys, require_signature))
+        for engine in engines if isinstance(engines, list) else [engines]:   # a split bundle: one per part
+            click.echo(f"built {engine} ({engine.stat().st_size / 1e6:.1f} MB)")
     if is_signed(bundle):
         click.echo(f"note: {bundle / SIGNATURE_NAME} no longer covers the rebuilt manifest and engine: re-sign the "
                    f"bundle here (`edgemm sign {bundle} --key KEY --force`) before loading it with --trusted-key",

@@ -174,10 +174,9 @@ def _exclude_per_part(plan: SplitPlan, fp32: Path, cfg) -> dict[str, list[str]]:
     """--exclude's patterns per part: each part gets those selecting one of its nodes (parts keep the
     exported graph's node names and module paths). A pattern selecting no node anywhere is refused as
     without --split (a typo would quantize what the user asked to keep)."""
-    from ..pipeline.precision_stage import exclude_patterns
-    from ..quant.exclusions import resolve_exclude
+    from ..quant.exclusions import parse_exclude, resolve_exclude
 
-    patterns = exclude_patterns(cfg)
+    patterns = parse_exclude(cfg.exclude)
     if not patterns:
         return {}
     import onnx
@@ -199,9 +198,9 @@ def _exclusions(cfg, exclude: dict[str, list[str]], recipes: dict[str, dict]) ->
     auto = {name: r["auto_excluded"] for name, r in recipes.items() if r.get("auto_excluded")}
     if not exclude and not auto:
         return None
-    from ..pipeline.precision_stage import exclude_patterns
+    from ..quant.exclusions import parse_exclude
 
-    return {"patterns": exclude_patterns(cfg), "per_part": exclude,
+    return {"patterns": parse_exclude(cfg.exclude), "per_part": exclude,
             "nodes": sorted({n for r in recipes.values()
                              for n in r.get("excluded_nodes") or r.get("nodes_to_exclude") or []}),
             "automatic": {f"{part}/{node}": why for part, nodes in auto.items() for node, why in nodes.items()}}

@@ -691,16 +691,68 @@ def test_tensorrt_split_bundle_builds_one_engine_per_part_with_its_placement(zoo
     assert "--useDLACore=0" in vision and "--allowGPUFallback" in vision
     assert "--useDLACore" not in text
     assert top.index("parts/vision") < top.index("parts/text") < top.index("parts/fusion")
-    from edgemm.backends.tensorrt.package import finish_portable_bundle
-    from edgemm.errors import BundleError
-
-    with pytest.raises(BundleError, match="split into parts") as err:   # no half-built engine, one line
-        finish_portable_bundle(bundle)
-    assert "build.sh" in str(err.value) and "\n" not in str(err.value)
     config = json.loads((bundle / "parts/vision/build_config.json").read_text())
     assert config["options"]["dla_core"] == 0
     # No GPU here: the parts' ONNX ran on ONNX Runtime CPU as the pipeline, and the compile gate judged it.
     assert result.report["passed"] and "each part's ONNX" in result.report["simulated"]
+    _check_edgemm_build_records_one_engine_per_part(bundle, tmp_path)
+
+
+def _engines_that_no_tensorrt_built(bundle, manifest) -> dict:
+    """TEST ONLY, where no TensorRT exists: stands in for split_build.build_parts by writing each part's
+    ``<engine>.building`` with bytes that are not an engine, and a ``built`` record saying no TensorRT ran,
+    so that the manifest logic can be checked; nothing here can pass for a real build."""
+    from edgemm.backends.tensorrt.split_build import BUILDING_SUFFIX, part_engine_paths
+
+    built = {}
+    for part, (_entry, _rel, path, _onnx) in part_engine_paths(bundle, manifest, str(bundle / "manifest.json")).items():
+        path.with_name(path.name + BUILDING_SUFFIX).write_bytes(f"not an engine: {part}".encode())
+        built[part] = {"builder": "test stand-in: no TensorRT ran", "tensorrt_version": None}
+    return built
+
+
+def _check_edgemm_build_records_one_engine_per_part(bundle, tmp_path):
+    import hashlib
+    import shutil
+
+    from edgemm.backends.tensorrt.package import adopt_engine, finish_portable_bundle
+    from edgemm.backends.tensorrt.split_build import record_part_engines
+    from edgemm.errors import BundleError, DependencyError
+    from edgemm.runtime.manifest import load_manifest
+
+    before = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(DependencyError, match="cannot build here") as err:   # no TensorRT here: nothing written
+        finish_portable_bundle(bundle)
+    assert f"bash {bundle / 'build.sh'}" in str(err.value) and "\n" not in str(err.value)
+    assert (bundle / "manifest.json").read_bytes() == before and not list(bundle.rglob("*.engine*"))
+    with pytest.raises(BundleError, match="--from-engine and --refit handle single-engine bundles"):
+        adopt_engine(bundle, tmp_path / "x.engine")
+
+    # A part without its built engine: refused before anything moves.
+    half = tmp_path / "half"
+    shutil.copytree(bundle, half)
+    manifest = load_manifest(half, verify=True)   # as edgemm build reads it, before building
+    built = _engines_that_no_tensorrt_built(half, manifest)
+    (half / "parts/text/model.engine.building").unlink()
+    with pytest.raises(BundleError, match="no engine was built for part text"):
+        record_part_engines(half, manifest, str(half / "manifest.json"), built)
+    assert (half / "manifest.json").read_bytes() == before and not (half / "parts/vision/model.engine").exists()
+
+    manifest = load_manifest(bundle, verify=True)
+    built = _engines_that_no_tensorrt_built(bundle, manifest)
+    engines = record_part_engines(bundle, manifest, str(bundle / "manifest.json"), built)
+    assert engines == [bundle / f"parts/{p}/model.engine" for p in ("vision", "text", "fusion")]
+    manifest = load_manifest(bundle, verify=True)   # every file, the engines included, matches its sha256
+    document = manifest.to_dict()
+    assert document["backend"]["portable"] is False
+    for entry in document["pipeline"]["parts"]:
+        rel = f"parts/{entry['name']}/model.engine"
+        assert entry["backend"]["engine"] == rel and entry["backend"]["portable"] is False
+        assert entry["backend"]["built"]["builder"] == "test stand-in: no TensorRT ran"
+        assert document["files"][rel] == hashlib.sha256((bundle / rel).read_bytes()).hexdigest()
+    assert {e["name"]: e["placement"] for e in document["pipeline"]["parts"]} == {
+        "vision": "dla0", "text": "gpu", "fusion": "gpu"}
+    assert not list(bundle.rglob("*.building"))
 
 
 @pytest.mark.slow

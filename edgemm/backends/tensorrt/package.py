@@ -208,7 +208,7 @@ def _bundle_paths(bundle_dir: Path, manifest: Manifest, source: str) -> tuple[st
 
 
 def _verified_tensorrt_bundle(bundle_dir: Path, trusted_keys, require_signature, *, what: str,
-                              fix: str) -> tuple[Manifest, str, BackendInfo]:
+                              fix: str, split_ok: bool = False) -> tuple[Manifest, str, BackendInfo]:
     """The bundle's signature and files checked (as ``edgemm.runtime.load`` does) before anything reads
     it, and its backend section: (manifest, manifest path for errors, backend). A bundle for another
     backend is refused with ``what`` (why it cannot be used here) and ``fix``."""
@@ -220,17 +220,19 @@ def _verified_tensorrt_bundle(bundle_dir: Path, trusted_keys, require_signature,
     if backend.name != "tensorrt":
         raise BundleError(f"bundle {bundle_dir} runs on {backend.name}, {what}", file=source,
                           field="backend.name", fix=fix)
-    if manifest.sections.get("pipeline") is not None:
-        # A split bundle has one engine per part (edgemm/split/build.py); recording them is not done yet.
-        raise BundleError(f"bundle {bundle_dir} is split into parts (one engine each); edgemm build and "
-                          "--from-engine handle single-engine bundles", file=source, field="pipeline",
-                          fix="run the bundle's build.sh on the device (it builds <part>.engine for every part)")
+    if manifest.sections.get("pipeline") is not None and not split_ok:
+        # A split bundle has one engine per part: `edgemm build` builds and records them (split_build.py).
+        raise BundleError(f"bundle {bundle_dir} is split into parts (one engine each); --from-engine and "
+                          "--refit handle single-engine bundles", file=source, field="pipeline",
+                          fix=f"run `edgemm build {bundle_dir}` on the device (it builds and records every "
+                              "part's engine)")
     return manifest, source, backend
 
 
 def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None, trusted_keys=None,
-                           require_signature: bool | None = None) -> Path:
-    """Build (or rebuild) the engine of a TensorRT bundle here; record it in the manifest.
+                           require_signature: bool | None = None) -> Path | list[Path]:
+    """Build (or rebuild) the engine of a TensorRT bundle here; record it in the manifest. A split
+    bundle gets one engine per part (split_build.py): the list of them, in run order.
 
     The bundle's signature (with ``trusted_keys``, as for ``edgemm.runtime.load``) and files are verified
     first; the engine goes to a temporary file, is renamed into place, then the manifest (backend.engine,
@@ -239,7 +241,11 @@ def finish_portable_bundle(bundle_dir: Path, *, timing_cache: Path | None = None
     manifest_name, load_manifest, sha256_file, write_json_atomic = _manifest_io()
     manifest, source, backend = _verified_tensorrt_bundle(
         bundle_dir, trusted_keys, require_signature, what="there is no engine to build",
-        fix="only TensorRT bundles need `edgemm build`")
+        fix="only TensorRT bundles need `edgemm build`", split_ok=True)
+    if manifest.sections.get("pipeline") is not None:   # one engine per part (a list, in run order)
+        from .split_build import finish_split_bundle
+
+        return finish_split_bundle(bundle_dir, manifest, source, timing_cache=timing_cache)
     onnx_rel, onnx_path, engine_rel, engine_path, script_rel = _bundle_paths(bundle_dir, manifest, source)
     options = TensorRTOptions.from_dict(backend.options or {}, source=source)
 
