@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,11 +196,16 @@ def _export_fix(errors: Sequence[str], fmt: str) -> str:
     joined = " ".join(errors)
     op = next((o for o in _FAST_PATH_OPS if o in joined), None)
     attention = op or ("torch.nn.modules.transformer" in joined or "MultiheadAttention" in joined)
+    save_pt2 = ("save the model as .pt2 (torch.export.save(torch.export.export(model.eval(), args), 'model.pt2')) "
+                "or compile its factory (package.module:function --weights FILE)")
     if fmt == "torchscript" and attention:
         what = f"aten::{op}" if op else "nn.TransformerEncoder / nn.MultiheadAttention"
-        return (f"the TorchScript exporter cannot export {what} from a TorchScript archive: save the model as "
-                f".pt2 (torch.export.save(torch.export.export(model.eval(), args), 'model.pt2')) or compile its "
-                f"factory (package.module:function --weights FILE)")
+        return f"the TorchScript exporter cannot export {what} from a TorchScript archive: {save_pt2}"
+    unsupported = re.search(r"Exporting the operator '([\w:.]+)'", joined)
+    if fmt == "torchscript" and unsupported:
+        # e.g. aten::is_autocast_enabled: the fast-path checks of a torch.jit.script-ed nn.TransformerEncoder
+        return (f"torch's TorchScript exporter has no ONNX form for {unsupported.group(1)}: {save_pt2}; an archive "
+                f"made with torch.jit.script may trace instead (torch.jit.trace(model.eval(), args))")
     if "data-dependent" in joined:
         return ("torch.export cannot trace a shape that depends on the input values (e.g. sampling or nonzero); "
                 "make that step static in forward(), or export ONNX yourself and pass the .onnx file")

@@ -98,3 +98,22 @@ def test_cross_attention_traced_on_the_slow_path_compiles_from_torchscript(cli, 
     v = cli("verify", tmp_path / "b", "--reference", tmp_path / "model.pt", "--data", tmp_path / "eval.npz",
             "--iterations", "0", "--no-write", "--batch-size", "5")
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_a_scripted_transformer_encoder_fails_in_one_line_naming_the_op_and_what_to_do(cli, tmp_path):
+    """torch.jit.script keeps nn.TransformerEncoder's fast-path checks (aten::is_autocast_enabled), for
+    which torch's TorchScript exporter has no ONNX form: the error names the op and says to save a .pt2,
+    use the factory, or trace instead of script."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.Linear(4, 16), nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)).eval()
+    torch.jit.save(torch.jit.script(model), str(tmp_path / "model.pt"))
+    np.savez(tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((8, 5, 4)).astype(np.float32))
+    r = cli("compile", tmp_path / "model.pt", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "b",
+            "--no-thread-tuning")
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "aten::is_autocast_enabled" in errors[0] and "(fix:" in errors[0] and ".pt2" in errors[0]
+    assert "torch.jit.trace" in errors[0]
+    assert not (tmp_path / "b").exists()
