@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .errors import InputError
-from .iospec import TensorSpec, describe_shape
+from .iospec import TensorSpec, describe_shape, token_id_outside
 from .paths import require_regular_file
 
 LABELS_KEY = "labels"
@@ -308,11 +308,8 @@ def check_token_ids(dataset: "Dataset", vocab: dict[str, int], *, largest: bool 
     only the largest table of the model (which one an input feeds is not known yet)."""
     for name, rows in vocab.items():
         array = dataset.arrays.get(name)
-        if array is None or array.dtype.kind not in "iu" or not array.size:
-            continue
-        low, high = int(array.min()), int(array.max())
-        if low < 0 or high >= rows:
-            bad = low if low < 0 else high
+        bad = None if array is None else token_id_outside(array, rows)
+        if bad is not None:
             table = (f"every embedding table of the model (the largest has {rows} rows)" if largest
                      else f"the model's embedding table of {rows} rows")
             raise InputError(f"token id {bad} is outside {table}; ids must be 0..{rows - 1}",

@@ -195,6 +195,16 @@ def call_batch(specs, preferred: int = 16) -> int:
     return min(preferred, top) if top else preferred
 
 
+def token_id_outside(array: np.ndarray, rows: int) -> int | None:
+    """The first token id of ``array`` that indexes no row of an embedding table of ``rows`` rows (an
+    id < 0 or >= rows), else None. Negative ids matter as much as large ones: ONNX Runtime's Gather
+    takes -rows..-1 as Python-style indices and answers with another token's row, silently."""
+    if array.dtype.kind not in "iu" or not array.size:
+        return None
+    low, high = int(array.min()), int(array.max())
+    return low if low < 0 else high if high >= rows else None
+
+
 def check_feed(spec: TensorSpec, value, *, where: str, enforce_ranges: bool) -> None:
     """A value fed to a bundle (or a split bundle's part): a numpy array that fits ``spec`` (one line)."""
     if not isinstance(value, np.ndarray):

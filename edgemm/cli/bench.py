@@ -147,9 +147,10 @@ def _feeds(bundle, data, batch):
     import numpy as np
 
     if data:
-        from ..data import load_dataset
+        from ..data import check_token_ids, load_dataset
 
         ds = load_dataset(data, specs=bundle.inputs, allow_labels=True, role="--data")
+        check_token_ids(ds, bundle.token_vocab)  # naming the file, before any call
         idx = np.arange(batch) % ds.num_samples
         return {k: np.ascontiguousarray(v[idx]) for k, v in ds.arrays.items()}
     rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ def command(bundle, data, output, batch_size, trusted_keys, require_signature):
     import numpy as np
 
     from .. import runtime
-    from ..data import load_dataset
+    from ..data import check_token_ids, load_dataset
     from ..errors import InputError
     from ..display import printable
     from ..outputs import output_file
@@ -35,6 +35,7 @@ def command(bundle, data, output, batch_size, trusted_keys, require_signature):
     _check_output(out_path, bundle, data)  # before the run, which may be long
     b = runtime.load(bundle, **trust_options(trusted_keys, require_signature))
     ds = load_dataset(data, specs=b.inputs, allow_labels=True, role="--data")
+    check_token_ids(ds, b.token_vocab)  # naming the file, before any call
     batch_size = batch_size or call_batch(b.inputs, 32)
     chunks: dict[str, list] = {o.name: [] for o in b.outputs}
     sizes = []  # samples in each call

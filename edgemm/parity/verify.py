@@ -188,7 +188,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
     for ``edgemm.runtime.load``; a signed bundle's reports are not rewritten (that would void the signature).
     """
     from .. import runtime
-    from ..data import load_dataset
+    from ..data import check_token_ids, load_dataset
     from ..iospec import call_batch
     from .thresholds import defaults_for, with_overrides
 
@@ -202,6 +202,7 @@ def verify_bundle(bundle_path, data_path, *, reference: str | None = None, weigh
 
         check_report_places(bundle_path)  # fail now, not after the evaluation
     data = load_dataset(data_path, specs=bundle.inputs, allow_labels=True, role="--data")
+    check_token_ids(data, bundle.token_vocab)  # naming the file, before any call
     output_names = [o.name for o in bundle.outputs]
     batch_size = batch_size or call_batch(bundle.inputs)   # 16, or less where the bundle's range ends
     thresholds = with_overrides(defaults_for(bundle.precision), **(overrides or {}))

@@ -41,3 +41,36 @@ def test_cli_compile_with_calibration_the_model_refuses(cli, tmp_path):
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {FACTORY}: forward(): raised RuntimeError") and "image float16" in last
     assert not (tmp_path / "b").exists()
+
+
+# -- token ids the bundle's embedding has no row for ------------------------------------------------
+
+@pytest.mark.parametrize("bad", [-1, -50, 50, 10 ** 6])
+def test_runtime_refuses_token_ids_outside_the_embedding(tiny_bundle, bad):
+    """ONNX Runtime's Gather takes -rows..-1 as Python-style indices: a negative id ran and answered with
+    another token's row (exit 0, wrong output); ids past the table failed inside ONNX Runtime."""
+    import edgemm.runtime as rt
+
+    bundle = rt.load(tiny_bundle)
+    assert bundle.token_vocab == {"input_ids": 50}
+    feeds = make_data(2)
+    bundle.run(feeds)                                   # the calibrated ids run
+    feeds["input_ids"][1, 3] = bad
+    with pytest.raises(InputError) as info:
+        bundle.run(feeds)
+    line = str(info.value)
+    assert line.startswith("input_ids: ") and f"token id {bad} is outside" in line and "0..49" in line
+
+
+@pytest.mark.parametrize("command", ["run", "verify", "bench"])
+def test_cli_names_the_data_file_holding_a_negative_token_id(cli, tiny, tiny_bundle, tmp_path, command):
+    data = make_data(4)
+    data["input_ids"][2, 0] = -3
+    np.savez(tmp_path / "d.npz", **data)
+    args = {"run": ["-o", tmp_path / "o.npz"], "verify": ["--reference", tiny["torchscript"]], "bench": []}
+    res = cli(command, tiny_bundle, "--data", tmp_path / "d.npz", *args[command], cwd=tmp_path)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'd.npz'}: input_ids: token id -3 is outside"), last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]
