@@ -4,9 +4,9 @@ BF16, NNCF INT8 and INT8 with BF16 islands, on the compiling host, at the batch 
 Why: the fastest faithful CPU deployment depends on the host's ISA (issue #20, MiniLM-fused seq 128): on an
 AMX Xeon OpenVINO's BF16 ran 0.22-0.48x edgemm's FP32 ORT bundle where ORT INT8 ran 0.40-0.47x; on this
 session's AMD EPYC (AVX512-BF16 + VNNI, no AMX) OpenVINO BF16 ran 0.57x and NNCF INT8 0.41x at batch 1.
-Candidates are built only where the ISA gives them a reason to exist (BF16 needs AMX-BF16 or AVX512-BF16),
-judged by the same bar as the INT8 recipes (every output's mean cosine vs FP32 on held-out samples),
-timed interleaved with the FP32 ORT model per batch size, and ranked by the geometric mean of their p50
+Candidates are built only where the ISA gives them a reason to exist (BF16 needs AMX-BF16 or AVX512-BF16;
+guarded INT8 rungs only while INT8 misses the bar), judged as verify judges a bundle (``CandidateJudge``:
+parity.verify.evaluate against ORT FP32 with the gate's bars), timed interleaved with the FP32 ORT model per batch size, and ranked by the geometric mean of their p50
 ratios. The bundle carries the winner, any faster candidate that serves hosts the winner's features do
 not, and always the ORT INT8 model as the fallback (runtime/variants.py picks on the device).
 """
