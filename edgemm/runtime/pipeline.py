@@ -302,19 +302,26 @@ register_section("pipeline", parse_pipeline, critical=True)
 
 def check_pipeline_section(manifest, bundle_dir: Path) -> dict:
     """The parsed ``pipeline`` section, with its parts linked to the bundle's IO: every part reads only the
-    bundle's inputs and what earlier parts make, and some part makes every output."""
+    bundle's inputs and what the parts it runs after (``after``, followed through) make, and some part makes
+    every output. Not list order: the runtime runs a part as soon as its ``after`` parts are done, beside
+    any other part, so reading from one not named there raced (KeyError, found by fuzzing)."""
     source = bundle_dir / MANIFEST_NAME
 
     def bad(what: str, field: str) -> BundleError:
         return BundleError(what, file=source, field=field, fix="recompile the bundle; never edit a manifest by hand")
 
     section = manifest.section("pipeline")
-    made = {d["name"] for d in manifest.inputs}
+    inputs = {d["name"] for d in manifest.inputs}
+    made: set[str] = set()
+    ready: dict[str, set[str]] = {}   # part -> what is there when it has run (its own and its after parts')
     for i, entry in enumerate(section["parts"]):
-        unmade = [s["name"] for s in entry["inputs"] if s["name"] not in made]
+        before = set().union(*(ready[name] for name in entry.get("after", [])))
+        unmade = [s["name"] for s in entry["inputs"] if s["name"] not in inputs | before]
         if unmade:
-            raise bad(f"reads {unmade[0]!r}, which no input or earlier part makes", f"pipeline.parts[{i}].inputs")
-        made |= {s["name"] for s in entry["outputs"]}
+            raise bad(f"reads {unmade[0]!r}, which no input or part it runs after makes",
+                      f"pipeline.parts[{i}].inputs")
+        ready[entry["name"]] = before | {s["name"] for s in entry["outputs"]}
+        made |= ready[entry["name"]]
     missing = [d["name"] for d in manifest.outputs if d["name"] not in made]
     if missing:
         raise bad(f"no part makes the output {missing[0]!r}", "pipeline.parts")

@@ -196,8 +196,10 @@ def test_an_edited_pipeline_section_is_refused_in_one_line(dual, tmp_path):
 
     for edit, match in ((lambda p: p["parts"][0].update(after=["fusion"]), "parts listed before it"),
                         (lambda p: p.update(version=9), "not supported"),
-                        (lambda p: p["parts"][2]["inputs"][0].update(name="nowhere"), "no input or earlier part"),
+                        (lambda p: p["parts"][2]["inputs"][0].update(name="nowhere"), "no input or part it runs after"),
                         (lambda p: p["parts"].pop(2), "no part makes the output"),
+                        # fusion no longer after vision: it would run beside it and miss its output
+                        (lambda p: p["parts"][2].update(after=["text"]), "no input or part it runs after"),
                         # a part's tensor spec missing a field or with ranges not an object (fuzzing found
                         # KeyError/AttributeError from the sessions' feed checks)
                         (lambda p: p["parts"][0]["inputs"][0].pop("dtype"), r"parts\[0\]\.inputs\[0\]: malformed"),
