@@ -13,7 +13,8 @@ Which node belongs to which branch comes from ``quant/branches.find_branches`` (
   gets its own copy (``onnx.utils.Extractor`` pulls them in), as does every initializer a part reads
   (weights shared between branches are copied into each part that uses them, and listed);
 - a tensor made in one part and read by another is an *interface tensor*: renamed ``<part>.embeds``
-  (``<part>.embeds.1`` ... when a part sends several), unless it is a model output, which keeps its name.
+  (``<part>.embeds.1`` ... when a part sends several), unless it is a model output, which keeps its name;
+  every interface tensor carries the batch on axis 0 (``split/interface.py`` redraws the cut until it does).
 
 The parts are extracted with ``onnx.utils.Extractor`` from the renamed, shape-inferred graph; the only
 hand-written piece is the renaming (onnx has no API to rename one tensor across a graph).
