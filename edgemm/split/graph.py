@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..modality import FUSION, MODALITIES, order_branches
-from .interface import LAYOUT_OPS, ShapeProbe, refuse_unbatched, transpose_pair
+from .interface import ShapeProbe, put_batch_first
 
 MIN_TOWER_COMPUTE = 2
 # One of these is a tower by itself (a one-layer GRU text encoder does several MatMuls per step inside).
@@ -136,7 +136,7 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
         if wrong[0] in redrawn:   # each step takes the tensor off the boundary: a repeat is a bug, not a loop
             raise RuntimeError(f"split: the interface tensor {wrong[0]!r} could not be made batch-first")
         redrawn.add(wrong[0])
-        _put_batch_first(model, wrong[0], part_of, readers, own_use, probe)
+        put_batch_first(model, wrong[0], part_of, readers, own_use, probe)
     producer = {o: n for n in graph.node for o in n.output if o}
     out_part = {o: part_of[producer[o].name] for o in graph_outputs if o in producer and producer[o].name in part_of}
     after: dict[str, set[str]] = defaultdict(set)
@@ -301,38 +301,6 @@ def _boundary(graph, part_of: dict[str, str]):
                     own_use.add(i)
     crossing = [t for n in graph.node if n.name in part_of for t in n.output if readers.get(t)]
     return readers, own_use, crossing
-
-
-def _put_batch_first(model, tensor: str, part_of, readers, own_use, probe: ShapeProbe) -> None:
-    """One step towards a batch-first boundary for ``tensor`` (split/interface.py): move the layout node
-    making it into the part reading it, else cross it transposed batch-first, else refuse."""
-    graph = model.graph
-    nodes = list(graph.node)
-    maker = next(n for n in nodes if tensor in n.output)
-    source, targets = part_of[maker.name], sorted(readers[tensor])
-    axis = probe.batch_axis(tensor)
-    if maker.op_type in LAYOUT_OPS and len(targets) == 1 and not any(o in own_use for o in maker.output) \
-            and all(readers.get(o, set()) <= set(targets) for o in maker.output):
-        part_of[maker.name] = targets[0]
-        return
-    if axis is None:
-        refuse_unbatched(tensor, source, targets, probe)
-    moved, there, back = transpose_pair(tensor, axis, len(probe.shapes[tensor][0]), targets)
-    added = [there] if not any(n.name == there.name for n in nodes) else []
-    part_of[there.name] = source
-    for part, (node, restored) in back.items():
-        if not any(n.name == node.name for n in nodes):
-            added.append(node)
-        part_of[node.name] = part
-        for reader in nodes:
-            if part_of.get(reader.name) == part and reader.name != node.name:
-                for k, name in enumerate(reader.input):
-                    if name == tensor:
-                        reader.input[k] = restored
-    at = nodes.index(maker) + 1
-    nodes[at:at] = added
-    del graph.node[:]
-    graph.node.extend(nodes)
 
 
 def _refuse_unsplittable(bmap, compute, towers) -> None:

@@ -110,4 +110,36 @@ def transpose_pair(tensor: str, axis: int, rank: int, readers: Sequence[str]):
     return moved, there, back
 
 
-__all__ = ["LAYOUT_OPS", "ShapeProbe", "refuse_unbatched", "transpose_pair"]
+def put_batch_first(model, tensor: str, part_of, readers, own_use, probe: ShapeProbe) -> None:
+    """One step towards a batch-first boundary for ``tensor`` (split/interface.py): move the layout node
+    making it into the part reading it, else cross it transposed batch-first, else refuse."""
+    graph = model.graph
+    nodes = list(graph.node)
+    maker = next(n for n in nodes if tensor in n.output)
+    source, targets = part_of[maker.name], sorted(readers[tensor])
+    axis = probe.batch_axis(tensor)
+    if maker.op_type in LAYOUT_OPS and len(targets) == 1 and not any(o in own_use for o in maker.output) \
+            and all(readers.get(o, set()) <= set(targets) for o in maker.output):
+        part_of[maker.name] = targets[0]
+        return
+    if axis is None:
+        refuse_unbatched(tensor, source, targets, probe)
+    moved, there, back = transpose_pair(tensor, axis, len(probe.shapes[tensor][0]), targets)
+    added = [there] if not any(n.name == there.name for n in nodes) else []
+    part_of[there.name] = source
+    for part, (node, restored) in back.items():
+        if not any(n.name == node.name for n in nodes):
+            added.append(node)
+        part_of[node.name] = part
+        for reader in nodes:
+            if part_of.get(reader.name) == part and reader.name != node.name:
+                for k, name in enumerate(reader.input):
+                    if name == tensor:
+                        reader.input[k] = restored
+    at = nodes.index(maker) + 1
+    nodes[at:at] = added
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+__all__ = ["LAYOUT_OPS", "ShapeProbe", "put_batch_first", "refuse_unbatched", "transpose_pair"]
