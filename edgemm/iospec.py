@@ -205,6 +205,18 @@ def token_id_outside(array: np.ndarray, rows: int) -> int | None:
     return low if low < 0 else high if high >= rows else None
 
 
+def check_graph_values(spec: TensorSpec, value: np.ndarray, token_rows: int | None) -> None:
+    """What a model input's values must hold beyond its shape, on every path into a bundle (``run``, a
+    split bundle's ``part(name).run``): no NaN/Inf, and token ids inside the embedding table."""
+    if value.size and value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise InputError("contains NaN or Inf", field=spec.name, fix="clean the input data")
+    bad = None if token_rows is None else token_id_outside(value, token_rows)
+    if bad is not None:
+        raise InputError(f"token id {bad} is outside the model's embedding table of {token_rows} rows; ids "
+                         f"must be 0..{token_rows - 1}", field=spec.name,
+                         fix="tokenize with the model's own vocabulary")
+
+
 def check_feed(spec: TensorSpec, value, *, where: str, enforce_ranges: bool) -> None:
     """A value fed to a bundle (or a split bundle's part): a numpy array that fits ``spec`` (one line)."""
     if not isinstance(value, np.ndarray):

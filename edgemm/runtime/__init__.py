@@ -14,8 +14,8 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import BundleError, DependencyError, EdgemmError, InputError
-from ..iospec import (SUPPORTED_DTYPES, TensorSpec, check_feed, describe_shape, dynamic_batch_input,
-                      token_id_outside)
+from ..iospec import (SUPPORTED_DTYPES, TensorSpec, check_feed, check_graph_values, describe_shape,
+                      dynamic_batch_input)
 from . import calibration_section, signing
 from . import variants as _variants  # noqa: F401  (registers the "variants" manifest section)
 from . import pipeline as _pipeline  # noqa: F401  (registers the "pipeline" manifest section)
@@ -43,9 +43,7 @@ class Bundle:
         self._enforce_ranges = True
         # Rows of the embedding table each token input indexes (compile records them with --calib):
         # a call with an id outside is refused (ONNX Runtime would take -1 as the last row, silently).
-        profile = self.calibration_profile
-        self.token_vocab = {} if profile is None else {name: p.vocab_size for name, p in profile.inputs.items()
-                                                   if p.vocab_size}
+        self.token_vocab = calibration_section.token_rows(self.calibration_profile)
 
     @property
     def precision(self) -> str:
@@ -89,14 +87,7 @@ class Bundle:
                                          f"{batch[dim][0]}", field=spec.name,
                                          fix=f"give every input the same {dim} size")
                     batch.setdefault(dim, (value.shape[axis], spec.name))
-            if value.size and value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise InputError("contains NaN or Inf", field=spec.name, fix="clean the input data")
-            rows = self.token_vocab.get(spec.name)
-            bad = None if rows is None else token_id_outside(value, rows)
-            if bad is not None:
-                raise InputError(f"token id {bad} is outside the model's embedding table of {rows} rows; ids "
-                                 f"must be 0..{rows - 1}", field=spec.name,
-                                 fix="tokenize with the model's own vocabulary")
+            check_graph_values(spec, value, self.token_vocab.get(spec.name))
             checked[spec.name] = np.ascontiguousarray(value)
         return checked
 

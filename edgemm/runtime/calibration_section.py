@@ -41,6 +41,13 @@ class CalibrationProfile:
     outputs: Mapping[str, TensorProfile] | None = None
 
 
+def token_rows(profile: "CalibrationProfile | None") -> dict[str, int]:
+    """Token input name -> rows of the embedding table it indexes ({} without a profile)."""
+    if profile is None:
+        return {}
+    return {name: p.vocab_size for name, p in profile.inputs.items() if p.vocab_size}
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

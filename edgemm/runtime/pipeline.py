@@ -27,7 +27,8 @@ import numpy as np
 from ..errors import BundleError, EdgemmError, InputError
 from ..modality import FUSION
 from ..precision import label_of
-from ..iospec import TensorSpec, check_array_against_spec, check_feed, describe_shape
+from ..iospec import TensorSpec, check_array_against_spec, check_feed, check_graph_values, describe_shape
+from . import calibration_section
 from .manifest import BACKEND_FIELD_TYPES, MANIFEST_NAME, register_section
 
 __all__ = ["PipelineSession", "PipelinePart", "BranchCache", "check_pipeline_section", "PIPELINE_FORMAT"]
@@ -131,6 +132,7 @@ class PipelineSession:
         self.path = bundle_dir
         section = check_pipeline_section(manifest, bundle_dir)
         self.graph_inputs = {d["name"]: TensorSpec.from_dict(d) for d in manifest.inputs}
+        self.token_vocab = calibration_section.token_rows(manifest.section(calibration_section.SECTION))
         self.output_names = [d["name"] for d in manifest.outputs]
         self.parts: dict[str, PipelinePart] = {}
         for index, entry in enumerate(section["parts"]):
@@ -165,8 +167,8 @@ class PipelineSession:
             # Graph inputs keep the bundle's contract (ranges); interface tensors only dtype and rank/dims.
             own = self.graph_inputs.get(spec.name)
             check_feed(own or spec, value, where=f"feeds of part {part.name}", enforce_ranges=own is not None)
-            if own is not None and value.size and value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise InputError("contains NaN or Inf", field=spec.name, fix="clean the input data")
+            if own is not None:   # the checks Bundle.run makes, so a part called alone is no way around them
+                check_graph_values(own, value, self.token_vocab.get(spec.name))
             checked[spec.name] = np.ascontiguousarray(value)
         cache = self.cache if part.name != FUSION else None   # towers: what is worth keeping
         key = cache.key(part.name, checked) if cache is not None else None

@@ -102,6 +102,24 @@ def test_reuse_and_part_errors_are_one_line(dual):
         split.part("text").run({"image": feeds["image"]})
 
 
+def test_a_part_run_alone_checks_its_inputs_as_run_does(dual):
+    """``part(name).run`` is no way around ``run``'s checks: a token id outside the embedding table (-1
+    would silently read the last row) and NaN are refused in one line naming the input."""
+    split = rt.load(dual["split"])
+    rows = split.token_vocab["input_ids"]
+    ids = dual["feeds"]["input_ids"]
+    for bad in (-1, rows):
+        with pytest.raises(InputError, match=f"input_ids: token id {bad} is outside"):
+            split.part("text").run({"input_ids": np.full_like(ids, bad)})
+        with pytest.raises(InputError, match=f"input_ids: token id {bad} is outside"):
+            split.run({**dual["feeds"], "input_ids": np.full_like(ids, bad)})
+    image = dual["feeds"]["image"].copy()
+    image[0, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="image: contains NaN"):
+        split.part("vision").run({"image": image})
+    assert split.part("text").run({"input_ids": ids})   # in-range ids still run
+
+
 def test_a_monitored_split_bundle_keeps_parts_reuse_and_cache(dual):
     """load(monitor=True) on a split bundle: monitored, and part()/reuse=/enable_cache still there."""
     split = rt.load(dual["split"], monitor=True)
