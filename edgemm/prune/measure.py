@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Mapping, Sequence
 
@@ -12,6 +13,22 @@ from ..signature import call_module
 from .branches import branch_of
 
 OTHER = "other"   # parameters and ops outside every branch (e.g. a logit scale, the final similarity)
+
+
+@contextlib.contextmanager
+def _frozen(module):
+    """Parameters with requires_grad off for the block. FlopCounterMode's module tracker hooks the
+    autograd graph of every submodule input that requires grad; under no_grad a parameter fed straight
+    to a submodule (a .pt2's unflattened Perceiver latents into its MultiheadAttention) has no grad
+    function there, and torch asserts "Expected gradient function to be set"."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def branch_costs(module, input_names: Sequence[str], feeds: Mapping[str, np.ndarray],
@@ -29,7 +46,7 @@ def branch_costs(module, input_names: Sequence[str], feeds: Mapping[str, np.ndar
     counter = FlopCounterMode(display=False)
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in input_names)
     batch = int(args[0].shape[0]) if args and args[0].ndim else 1
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), _frozen(module):
         call_module(module, input_names, args)
     counts = counter.get_flop_counts()
     root = next((k for k in counts if k != "Global" and "." not in k), None)
