@@ -113,7 +113,7 @@ def test_baseline_dir_option_ini_and_junit_properties(team_repo):
     result.stdout.fnmatch_lines(["*edgemm: baselines in *ci/golden (gating)*"])
     props = {p.get("name"): p.get("value") for p in ET.parse(team_repo.path / "out.xml").iter("property")}
     assert float(props["edgemm.logits.cosine_vs_golden"]) == pytest.approx(1.0)
-    assert 0.5 < float(props["edgemm.latency_change"]) < 1.5
+    assert 0.25 < float(props["edgemm.latency_change"]) < 4  # same bundle: a sane ratio, not a timing test
 
 
 def test_assert_gate_passed_is_usable_on_its_own():
