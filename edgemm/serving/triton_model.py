@@ -38,9 +38,10 @@ class TritonPythonModel:
         if monitor and part:   # a part reading the model's inputs checks those it reads (export asks no other)
             self.runner = MonitoredPart(self.runner, self.bundle)
             self.stats = self.runner.monitor.stats
-        watched = self.runner.monitored_inputs if part else [s.name for s in self.bundle.inputs]
-        self.drift = DriftMetrics(args["model_name"], args["model_version"], watched) \
-            if self.stats is not None else None
+        self.drift = None
+        if self.stats is not None:
+            watched = self.runner.monitored_inputs if part else [s.name for s in self.bundle.inputs]
+            self.drift = DriftMetrics(args["model_name"], args["model_version"], watched)
         self.batched = int(config.get("max_batch_size", 0)) > 0
         self.input_names = [s.name for s in self.runner.inputs]
 

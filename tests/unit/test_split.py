@@ -313,6 +313,12 @@ def test_triton_export_counts_every_model_and_monitors_the_parts_reading_inputs(
     figures = {f.name: f.values for f in families}
     assert figures["edgemm_input_values_total"] == {"image": image.size}
     assert figures["edgemm_input_out_of_range_total"]["image"] > 0
+    # The fusion part of the same --monitor export asks for no monitor and loads without one.
+    fusion = TritonPythonModel()
+    config["parameters"] = {"edgemm.part": {"string_value": "fusion"}, "edgemm.monitor": {"string_value": "false"}}
+    fusion.initialize({"model_config": json.dumps(config), "model_repository": str(repo / f"{name}.fusion"),
+                       "model_version": "1", "model_name": f"{name}.fusion"})
+    assert fusion.drift is None and fusion.runner.name == "fusion"
 
 
 def test_branch_cache_bounds():
