@@ -439,3 +439,26 @@ def test_cli_serve_until_sigterm(tiny_bundle, tiny, tmp_path):
     assert not list(tmp_path.glob("edgemm-serve-*"))  # its temporary repository is gone
     with pytest.raises(Exception):
         httpclient.InferenceServerClient(host, connection_timeout=2, network_timeout=2).is_server_live()
+
+
+@pytest.mark.slow   # a split compile and a server start: ~60 s on the shared 2 cores
+def test_a_monitored_split_ensemble_checks_its_inputs_in_the_towers(tmp_path):
+    """--monitor on a split bundle: every part loads (the fusion part unmonitored), the ensemble answers
+    as the runtime does, and each tower publishes the input checks of the model inputs it reads."""
+    from tests.conftest import run_cli
+
+    path, data_path = _zoo_bundle(run_cli, tmp_path, "cross-attention", "vqa-mon", "--split", "--no-thread-tuning")
+    bundle = rt.load(path, monitor=True)
+    repo = export_triton([path], tmp_path / "repository", TritonOptions(monitor=True), say=lambda m: None)
+    feeds = samples(bundle, np.load(data_path), 0, 2)
+    outputs = [s.name for s in bundle.outputs]
+    with TritonServer(repo, workdir=tmp_path / "work") as server:
+        got = infer(server, "vqa-mon", feeds, outputs)
+        text = server.metrics()
+    expected = bundle.run(feeds)
+    assert all(np.array_equal(got[k], expected[k]) for k in outputs)
+    for part, input_name in (("vision", "image"), ("text", "input_ids")):
+        found = re.search(rf'^edgemm_input_values_total{{input="{input_name}",model="vqa-mon.{part}"[^}}]*}} (\S+)$',
+                          text, re.M)
+        assert found and float(found.group(1)) == bundle.stats()["inputs"][input_name]["values"], (part, text)
+    assert 'model="vqa-mon.fusion"' not in "\n".join(l for l in text.splitlines() if l.startswith("edgemm_"))
