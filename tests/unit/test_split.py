@@ -321,6 +321,44 @@ def test_triton_export_counts_every_model_and_monitors_the_parts_reading_inputs(
     assert fusion.drift is None and fusion.runner.name == "fusion"
 
 
+@pytest.mark.parametrize("monitor", [False, True])
+def test_the_python_model_loads_every_part_of_a_split_bundle(dual, tmp_path, cli, monkeypatch, monitor):
+    """Every part's python model loads and runs its part, monitored or not: the fusion part (never
+    monitored: it reads interface tensors only) and any part exported without --monitor read a monitored
+    part's input list they lack (AttributeError: every split bundle failed to load in `edgemm serve`)."""
+    import sys
+    import types
+
+    repo = tmp_path / "repo"
+    flags = ["--monitor"] if monitor else []
+    proc = cli("export", "triton", dual["split"], "-o", repo, *flags)
+    assert proc.returncode == 0, proc.stderr
+    stand_in = types.SimpleNamespace(MetricFamily=type("Family", (), {
+        "COUNTER": "counter", "__init__": lambda self, **kw: None,
+        "Metric": lambda self, labels: types.SimpleNamespace(increment=lambda value: None)}))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stand_in)
+    monkeypatch.delitem(sys.modules, "edgemm.serving.triton_model", raising=False)
+    from edgemm.serving.triton_model import TritonPythonModel
+
+    name, split = dual["split"].name, rt.load(dual["split"])
+    feeds = dict(dual["feeds"])
+    for part in split.parts:   # in run order: each part's outputs feed the parts after it
+        folder = repo / f"{name}.{part}"
+        config = {"max_batch_size": 8, "parameters": {
+            "edgemm.part": {"string_value": part},
+            "edgemm.monitor": {"string_value": _param((folder / "config.pbtxt").read_text(), "edgemm.monitor")}}}
+        model = TritonPythonModel()
+        model.initialize({"model_config": json.dumps(config), "model_repository": str(folder),
+                          "model_version": "1", "model_name": f"{name}.{part}"})
+        part_feeds = {n: feeds[n] for n in model.input_names}
+        out = model.runner.run(part_feeds)
+        expected = split.part(part).run(part_feeds)
+        assert out.keys() == expected.keys()
+        for key in out:
+            np.testing.assert_array_equal(out[key], expected[key])
+        feeds.update(out)
+
+
 def test_branch_cache_bounds():
     cache = BranchCache(max_entries=2, max_bytes=100)
     arr = np.zeros(10, np.float32)   # 40 bytes
