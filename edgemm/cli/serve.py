@@ -41,6 +41,7 @@ def command(bundles, http_port, grpc_port, metrics_port, instances, max_queue_de
 
     install = require_tritonserver()  # before any work: say at once when there is no server here
     work = Path(tempfile.mkdtemp(prefix="edgemm-serve-"))
+    server = None
     try:
         options = TritonOptions(instances=instances, max_queue_delay_us=max_queue_delay_us,
                                 require_signature=require_signature, monitor=monitor)
@@ -61,5 +62,13 @@ def command(bundles, http_port, grpc_port, metrics_port, instances, max_queue_de
                 click.echo("stopping", err=True)
                 return 0
             raise DependencyError(f"tritonserver stopped on its own: {server.last_error()}", file=server.log_path)
+    except DependencyError as exc:
+        # The temporary folder goes below; an error naming the server's log must name a log that stays.
+        if server is None or exc.file != str(server.log_path) or not server.log_path.is_file():
+            raise
+        fd, kept = tempfile.mkstemp(prefix="edgemm-serve-", suffix=".log")
+        os.close(fd)
+        shutil.copyfile(server.log_path, kept)
+        raise DependencyError(exc.detail, file=kept, field=exc.field, fix=exc.fix) from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
