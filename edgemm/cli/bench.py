@@ -170,10 +170,13 @@ def _reused_call(bundle, path, part: str, feeds):
 
     if not isinstance(bundle, runtime.PipelineBundle):
         return None
+    from ..errors import InputError
+
+    if part not in bundle.parts:
+        raise InputError(f"no part {part!r}", file=path, field="--reuse",
+                         fix="name a tower: " + ", ".join(n for n in bundle.parts if not bundle.part(n).after))
     p = bundle.part(part)
     if any(s.name not in feeds for s in p.inputs):
-        from ..errors import InputError
-
         raise InputError(f"part {part} reads what other parts make; only a branch fed by the model's inputs is "
                          f"reused here", file=path, field="--reuse",
                          fix="name a tower: " + ", ".join(n for n in bundle.parts if not bundle.part(n).after))

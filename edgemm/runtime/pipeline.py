@@ -125,8 +125,6 @@ class PipelineSession:
     """Runs the parts of a split bundle in order; independent parts run concurrently when the compile
     measured that faster (``pipeline.concurrent``), or as ``concurrent=True/False`` says."""
 
-    backend = "pipeline"
-
     def __init__(self, bundle_dir: Path, manifest: dict, open_session, *, concurrent: bool | None = None,
                  **session_options):
         self.path = bundle_dir
@@ -145,6 +143,10 @@ class PipelineSession:
             inputs = [TensorSpec.from_dict(d, source=str(bundle_dir / MANIFEST_NAME)) for d in entry["inputs"]]
             outputs = [TensorSpec.from_dict(d, source=str(bundle_dir / MANIFEST_NAME)) for d in entry["outputs"]]
             self.parts[entry["name"]] = PipelinePart(self, entry, session, inputs, outputs)
+        # What runs the parts (reports name it as for an unsplit bundle), "a+b" when parts run on several.
+        names = dict.fromkeys(getattr(p._session, "backend", None) or manifest.backend.name
+                              for p in self.parts.values())
+        self.backend = "+".join(names)
         self.concurrent = bool(section.get("concurrent", False)) if concurrent is None else bool(concurrent)
         self.levels = _levels(self.parts)
         self.cache: BranchCache | None = None

@@ -120,6 +120,14 @@ def test_a_part_run_alone_checks_its_inputs_as_run_does(dual):
     assert split.part("text").run({"input_ids": ids})   # in-range ids still run
 
 
+def test_a_split_bundle_names_the_backend_running_its_parts_and_bench_names_its_flag(dual, cli):
+    """verify's report named the backend "pipeline" where compile's said "onnxruntime"; `bench --reuse` of
+    an unknown part blamed a field "part" instead of the flag."""
+    assert rt.load(dual["split"]).backend == "onnxruntime"
+    proc = cli("bench", dual["split"], "--reuse", "audio", "--iterations", "2", "--warmup", "0")
+    assert proc.returncode == 2 and ": --reuse: no part 'audio' (fix: name a tower: vision, text)" in proc.stderr
+
+
 def test_a_monitored_split_bundle_keeps_parts_reuse_and_cache(dual):
     """load(monitor=True) on a split bundle: monitored, and part()/reuse=/enable_cache still there."""
     split = rt.load(dual["split"], monitor=True)
