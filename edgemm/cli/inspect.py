@@ -91,7 +91,7 @@ def _part_info(path: Path, manifest, part: dict, source: str) -> dict:
     return info
 
 
-def inspect_model(spec: str, data: str | None = None) -> dict:
+def inspect_model(spec: str, data: str | None = None, weights: str | None = None) -> dict:
     from ..frontends import LoadOptions, detect_format, load_model
 
     fmt = detect_format(spec)
@@ -99,7 +99,7 @@ def inspect_model(spec: str, data: str | None = None) -> dict:
         from ..errors import SecurityError
         raise SecurityError("is a pickled Python object; inspecting it would run code from the file", file=spec,
                             fix="inspect a TorchScript/.pt2/.onnx model instead")
-    loaded = load_model(spec, LoadOptions())
+    loaded = load_model(spec, LoadOptions(weights=weights))
     info = {"kind": "model", "path": spec, "format": loaded.format, "sha256": loaded.sha256}
     specs = _input_specs(loaded, data)
     info["inputs"] = ([s.to_dict() for s in specs] if specs is not None else
@@ -182,20 +182,26 @@ def _torch_outputs(loaded, specs, data) -> list[dict]:
 @click.option("--data", type=click.Path(), default=None,
               help="Model files without input shapes (TorchScript, factories): an .npz whose keys are inputs; "
                    "the model then runs on 2-3 samples to show its outputs.")
+@click.option("--weights", type=click.Path(), default=None,
+              help="Weights for a package.module:function factory (as for compile and verify).")
 @signature_options
 @verbose_option
-def command(target, as_json, data, trusted_keys, require_signature):
+def command(target, as_json, data, weights, trusted_keys, require_signature):
     """Show IO, precision, sizes, op counts and signature of a BUNDLE folder, or a MODEL file."""
     path = Path(target)
     trust = trust_options(trusted_keys, require_signature)
     if path.is_dir():
+        if weights:
+            from ..errors import InputError
+            raise InputError("is a bundle; --weights is for a factory model", file=target, field="--weights",
+                             fix="drop --weights, or inspect the model: edgemm inspect pkg.mod:factory --weights W")
         info = inspect_bundle(path, **trust)
     elif trusted_keys or require_signature:
         from ..errors import InputError
         raise InputError("--trusted-key/--require-signature check bundles; this is a model file", file=target,
                          field="--trusted-key", fix="inspect the bundle folder, or drop the flags")
     else:
-        info = inspect_model(target, data)
+        info = inspect_model(target, data, weights)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return 0

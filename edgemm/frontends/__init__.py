@@ -59,6 +59,12 @@ def _sniff_torch_archive(path: Path) -> str:
 def load_model(spec: str, options: LoadOptions | None = None) -> LoadedModel:
     options = options or LoadOptions()
     fmt = detect_format(spec)
+    if options.weights and fmt != "factory":
+        # Only a factory builds a fresh module to load weights into; every file format carries its own,
+        # so the flag would be dropped silently and the user would compile weights they did not mean.
+        raise InputError(f"applies to a package.module:function factory only; this {fmt} model carries its "
+                         f"own weights, so {options.weights} would be ignored", file=spec, field="--weights",
+                         fix="drop --weights, or pass the factory that builds this architecture")
     if fmt in ("torchscript", "exported_program", "pickle"):
         check_zip_crc(Path(spec))
     if fmt == "onnx":

@@ -74,3 +74,29 @@ def test_cli_names_the_data_file_holding_a_negative_token_id(cli, tiny, tiny_bun
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'd.npz'}: input_ids: token id -3 is outside"), last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz"]
+
+
+# -- --weights: a factory's flag, on every command taking a model ---------------------------------------
+
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2"])
+def test_weights_for_a_model_file_are_refused_not_ignored(tiny, fmt):
+    """`compile model.pt2 --weights other.pt` compiled the .pt2's own weights and said nothing."""
+    from edgemm.frontends import LoadOptions
+
+    with pytest.raises(InputError) as info:
+        load_model(str(tiny[fmt]), LoadOptions(weights=str(tiny["state_dict"])))
+    assert "--weights: applies to a package.module:function factory only" in str(info.value)
+
+
+def test_cli_inspect_takes_a_factorys_weights(cli, tiny, tiny_bundle, tmp_path):
+    """inspect had no --weights, so `edgemm inspect pkg.mod:factory --weights W` (as for compile and
+    verify) was a usage error; wrong weights are now refused as they are there."""
+    res = cli("inspect", FACTORY, "--weights", tiny["safetensors"], "--data", tiny["calib"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "forward: forward(image, input_ids)" in res.stdout and "output logits: batchx5" in res.stdout
+    torch = pytest.importorskip("torch")
+    torch.save({"fusion.0.weight": torch.zeros(3, 3)}, tmp_path / "wrong.pt")
+    for args in ((FACTORY, "--weights", tmp_path / "wrong.pt"), (tiny_bundle, "--weights", tiny["safetensors"])):
+        res = cli("inspect", *args, cwd=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert res.stderr.strip().splitlines()[-1].startswith("error: ") and "weights" in res.stderr
