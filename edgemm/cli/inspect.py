@@ -60,7 +60,8 @@ def inspect_bundle(path: Path, trusted_keys=None, require_signature: bool | None
     if pipeline:   # a split bundle: its parts, in run order (edgemm/runtime/pipeline.py)
         info["pipeline"] = {"parts": [_part_info(path, manifest, p, source) for p in pipeline["parts"]],
                             "interface": pipeline.get("interface", []),
-                            "concurrent": pipeline.get("concurrent", False)}
+                            "concurrent": pipeline.get("concurrent", False),
+                            "concurrency_measured": bool(pipeline.get("concurrency_tuning"))}
     field = "backend.model" if manifest.backend.model else "backend.onnx"
     onnx_rel = manifest.backend.model or manifest.backend.onnx
     if onnx_rel:
@@ -227,7 +228,9 @@ def command(target, as_json, data, weights, trusted_keys, require_signature):
     if info.get("pipeline"):
         pipe = info["pipeline"]
         _echo(f"  split: {len(pipe['parts'])} parts, independent ones run "
-              + ("concurrently" if pipe["concurrent"] else "one after another") + " (measured at compile)")
+              + ("concurrently" if pipe["concurrent"] else "one after another")
+              # Only a compile that timed the pipeline measured it (not --no-thread-tuning, not TensorRT here).
+              + (" (measured at compile)" if pipe["concurrency_measured"] else " (the default: not measured)"))
         for p in pipe["parts"]:
             after = f" after {', '.join(p['after'])}" if p["after"] else ""
             ops = f", {sum(p['ops'].values())} ops" if p.get("ops") else ""

@@ -128,6 +128,16 @@ def test_a_split_bundle_names_the_backend_running_its_parts_and_bench_names_its_
     assert proc.returncode == 2 and ": --reuse: no part 'audio' (fix: name a tower: vision, text)" in proc.stderr
 
 
+def test_inspect_says_measured_only_when_compile_timed_the_pipeline(dual, cli):
+    """The fixture compiles without thread tuning: nothing timed the parts, so inspect must not say it did
+    (it printed '(measured at compile)' for every split bundle, TensorRT ones compiled without a GPU too)."""
+    assert "concurrency_tuning" not in dual["manifest"]["pipeline"] or not dual["manifest"]["pipeline"]["concurrency_tuning"]
+    proc = cli("inspect", dual["split"])
+    assert proc.returncode == 0, proc.stderr
+    assert "  split: 3 parts, independent ones run one after another (the default: not measured)" in proc.stdout
+    assert "measured at compile" not in proc.stdout
+
+
 def test_a_monitored_split_bundle_keeps_parts_reuse_and_cache(dual):
     """load(monitor=True) on a split bundle: monitored, and part()/reuse=/enable_cache still there."""
     split = rt.load(dual["split"], monitor=True)
