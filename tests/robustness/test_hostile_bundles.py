@@ -454,11 +454,19 @@ def test_verify_cli_with_a_folder_as_report_fails_in_one_line_and_leaves_no_temp
 # -- 6. ONNX Runtime's own log lines stay off stderr ---------------------------------------------------
 
 def test_run_error_from_onnxruntime_is_a_single_stderr_line(tiny_bundle, tmp_path):
+    # A bundle without a calibration profile (compiled before it existed) does not know its embedding's
+    # rows, so an id past them reaches ONNX Runtime, whose Gather fails (with a profile, edgemm refuses it
+    # first, naming the input: test_user_data_mismatch).
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "no-profile")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest.pop("calibration_profile")
+    manifest["requires"] = [r for r in manifest.get("requires", []) if r != "calibration_profile"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     feeds = make_data(2)
     feeds["input_ids"][0, 0] = VOCAB + 1000   # out of the embedding's range: ORT's Gather fails
     data = _save_npz(tmp_path / "oob.npz", feeds)
     out = tmp_path / "out.npz"
-    res = run_edgemm(["run", tiny_bundle, "--data", data, "-o", out], cwd=tmp_path)
+    res = run_edgemm(["run", bundle, "--data", data, "-o", out], cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     line = _one_error_line(res)
     assert "ONNX Runtime failed on these inputs" in line and "onnxruntime:" not in line
