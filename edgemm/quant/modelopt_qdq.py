@@ -32,7 +32,13 @@ from ..errors import DependencyError, EdgemmError, InputError, first_line, stora
 from ..onnx_io import EXTERNAL_DATA_BYTES, save_onnx  # modelopt must write big models as external data
 from .exclusions import anchored, unquantizable_nodes
 
-__all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES"]
+__all__ = ["quantize_qdq", "inspect_qdq", "QDQ_DTYPES", "NothingToQuantize"]
+
+
+class NothingToQuantize(InputError):
+    """modelopt placed no Q/DQ node: the model has no layer it quantizes (a split part may then be built
+    at a float precision instead of failing the whole compile)."""
+
 
 log = logging.getLogger("edgemm")
 
@@ -227,7 +233,7 @@ def quantize_qdq(fp32_onnx: Path, out_onnx: Path, calib: Mapping[str, np.ndarray
         stats = inspect_qdq(quantized)
         want = QDQ_DTYPES[mode]
         if stats["quantize_linear"] == 0:
-            raise InputError(f"modelopt placed no {mode} Q/DQ nodes: every layer was too small or excluded "
+            raise NothingToQuantize(f"modelopt placed no {mode} Q/DQ nodes: every layer was too small or excluded "
                              f"(it skips MatMul/Gemm with K or N < 16, GEMV with M or N == 1"
                              f"{', Conv with <= 16 channels' if mode == 'fp8' else ''})", file=fp32_onnx,
                              fix="use --fp16 for this model")

@@ -208,6 +208,7 @@ def _exclusions(cfg, exclude: dict[str, list[str]], recipes: dict[str, dict]) ->
 
 def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement, say, *, exclude=()):
     from ..quant import PrecisionRequest, PrecisionResult, apply_precision
+    from ..quant.modelopt_qdq import NothingToQuantize
 
     precision = part_precision(part.name, cfg)
     out = work / f"split-{part.name}.onnx"
@@ -225,15 +226,29 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
                          fix="pass --calib data.npz")
     say(f"  precision of {part.name}: {precision}")
     names = part.inputs
-    req = PrecisionRequest(
-        precision=precision, backend=target.backend, workdir=_fresh(work / f"split-prec-{part.name}"),
-        calib={n: calib[n] for n in names} if calib is not None else None, int8_recipe=cfg.int8_recipe,
-        min_cosine=cfg.min_cosine, dla=placement.get(part.name, "gpu").startswith("dla"), exclude=list(exclude),
-        held_out={n: held[n] for n in names} if held is not None else None, log=lambda m: say("    " + m),
-        # A part is packaged as its ONNX Runtime model only (no per-part engine variants yet): building
-        # and timing OpenVINO candidates for it would be work thrown away.
-        cpu_engines="onnxruntime")
-    result: PrecisionResult = apply_precision(part.path, out, req)
+
+    def request(precision: str) -> PrecisionRequest:
+        return PrecisionRequest(
+            precision=precision, backend=target.backend, workdir=_fresh(work / f"split-prec-{part.name}"),
+            calib={n: calib[n] for n in names} if calib is not None else None, int8_recipe=cfg.int8_recipe,
+            min_cosine=cfg.min_cosine, dla=placement.get(part.name, "gpu").startswith("dla"), exclude=list(exclude),
+            held_out={n: held[n] for n in names} if held is not None else None, log=lambda m: say("    " + m),
+            # A part is packaged as its ONNX Runtime model only (no per-part engine variants yet): building
+            # and timing OpenVINO candidates for it would be work thrown away.
+            cpu_engines="onnxruntime")
+
+    try:
+        result: PrecisionResult = apply_precision(part.path, out, request(precision))
+    except NothingToQuantize as e:
+        # TensorRT's recipe (modelopt) refuses a part with no layer it quantizes (e.g. Gather + GRU) where
+        # ORT's leaves it unchanged: as on the CPU, the part is built at the best float precision its
+        # backend runs fast, rather than failing the whole compile on the one part.
+        fallback = "fp16" if backend.low_float_kernels else "fp32"
+        say(f"  precision of {part.name}: {fallback} (nothing to quantize as {precision})")
+        result = apply_precision(part.path, out, request(fallback))
+        notes.append(f"no operator {precision} quantizes here ({e.detail.split(':')[0]}): the part runs {fallback}")
+        result.notes = notes + list(result.notes)
+        return result
     if result.mode in QUANTIZED and not _has_quantized_ops(result.path):
         # e.g. a text part of only Gather + GRU: the recipe found nothing to quantize, so calling the
         # part int8 would be a false label (inspect, the report, the Triton index all show it).

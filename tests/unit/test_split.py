@@ -930,3 +930,32 @@ def test_a_part_with_nothing_quantized_is_not_labelled_int8(tmp_path):
     dq = [helper.make_node("DynamicQuantizeLinear", ["e"], ["q", "s", "z"], name="dq")]
     onnx.save(_graph(gru[:1] + dq, ["input_ids"], inits), str(tmp_path / "dyn.onnx"))
     assert _has_quantized_ops(tmp_path / "dyn.onnx")
+
+
+def test_a_tensorrt_part_with_nothing_to_quantize_is_built_fp16(tmp_path):
+    """TensorRT target, --int8: modelopt refuses a Gather + GRU part outright ('placed no int8 Q/DQ nodes',
+    naming the model file, not the part); like the CPU target's relabel to fp32, the part is built at
+    the best float TensorRT runs (fp16) with a note saying why, and the other parts stay int8."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    import onnx
+    from onnx import helper
+
+    from edgemm import targets
+    from edgemm.split.build import _part_precision_stage
+    from edgemm.split.graph import Part
+
+    rng = np.random.default_rng(0)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    inits = {"table": f(16, 4), "W": f(1, 12, 4), "R": f(1, 12, 4)}
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+             helper.make_node("GRU", ["e", "W", "R"], ["y", "h"], name="gru", hidden_size=4),
+             helper.make_node("ReduceMean", ["y"], ["logits"], name="pool", keepdims=0)]
+    onnx.save(_graph(nodes, ["input_ids"], inits), str(tmp_path / "text.onnx"))
+    part = Part("text", ["input_ids"], ["logits"], [], path=tmp_path / "text.onnx")
+    calib = {"input_ids": rng.integers(0, 16, (8, 4)).astype(np.int64)}
+    cfg = CompileConfig(model="m.pt2", precision="int8", calib="c.npz", split=True, target="h100")
+    said = []
+    result = _part_precision_stage(part, cfg, targets.load("h100"), calib, calib, tmp_path, {}, said.append)
+    assert result.mode == "fp16"
+    assert any("no operator int8 quantizes here" in n and "runs fp16" in n for n in result.notes), result.notes
+    assert any("text: fp16" in m for m in said), said
