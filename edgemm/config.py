@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import InputError, SecurityError
+from .iospec import MAX_BATCH, parse_dynamic_flag
 from .precision import QUANTIZED, UNIFORM, check_name
 
 PRECISIONS = UNIFORM   # what a whole model can be built in (edgemm/precision.py)
@@ -152,8 +153,9 @@ class CompileConfig:
                              fix="e.g. --recover-lr 1e-4")
         if self.calib_samples < 1:
             raise InputError("must be >= 1", field="--calib-samples", fix="e.g. --calib-samples 256")
-        if self.max_batch is not None and self.max_batch < 1:
-            raise InputError("must be >= 1", field="--max-batch", fix="e.g. --max-batch 64")
+        if self.max_batch is not None and not 1 <= self.max_batch <= MAX_BATCH:
+            raise InputError(f"must be from 1 to {MAX_BATCH}, not {self.max_batch}", field="--max-batch",
+                             fix="e.g. --max-batch 64")
         if self.exporter not in ("dynamo", "torchscript"):
             raise InputError(f"unknown exporter {self.exporter!r}", field="--exporter", fix="dynamo or torchscript")
         if self.max_metric_drop is not None and not (0 <= self.max_metric_drop <= 100):
@@ -224,6 +226,8 @@ class CompileConfig:
         """The spec strings, here rather than at compile so that a --config file's errors name its key
         (from_file relabels what this raises). Input paths are checked at compile (check_request): a dumped
         config may name files of another machine."""
+        for text in self.dynamic:
+            parse_dynamic_flag(text)
         if self.precision_policy:
             from .quant.mixed import parse_precision_policy
 

@@ -115,6 +115,11 @@ def parse_input_flag(text: str) -> TensorSpec:
 
 MAX_RANK = 32
 MAX_SAMPLE_ELEMENTS = 1 << 31
+# Upper bounds of --max-batch / a --dynamic range (and their --config keys). Past them a value is a typo, not
+# an edge workload: TensorRT reserves activation memory for the profile's largest shape, and
+# `edgemm export triton` would promise Triton clients that batch.
+MAX_BATCH = 65536
+MAX_DIM = 1 << 22   # 4,194,304: over four minutes of 16 kHz audio samples, far past any context length
 
 
 _DYNAMIC_RE = re.compile(r"^(?P<name>[^:=]+):(?P<axis>[0-9]{1,18})=(?P<min>[0-9]{1,18}):(?P<opt>[0-9]{1,18}):"
@@ -134,7 +139,14 @@ def parse_dynamic_flag(text: str) -> DynamicAxis:
     if not m:
         raise InputError(f"cannot parse {text!r}", field="--dynamic",
                          fix="write NAME:AXIS=MIN:OPT:MAX, e.g. input_ids:1=1:77:128")
-    return DynamicAxis(m["name"], int(m["axis"]), DimRange(int(m["min"]), int(m["opt"]), int(m["max"])))
+    axis, top = int(m["axis"]), int(m["max"])
+    bound = MAX_BATCH if axis == 0 else MAX_DIM
+    if top > bound:
+        raise InputError(f"{text.strip()!r}: MAX {top} is past {bound:,}, the largest {'batch' if axis == 0 else 'dimension'} "
+                         "edgemm builds for", field="--dynamic",
+                         fix=f"give a MAX up to {bound}, e.g. {m['name']}:{axis}={m['min']}:{m['opt']}:"
+                             f"{max(int(m['opt']), min(bound, 4 * int(m['opt'])))}")
+    return DynamicAxis(m["name"], axis, DimRange(int(m["min"]), int(m["opt"]), top))
 
 
 def dynamic_batch_input(specs: Sequence[TensorSpec]) -> str | None:

@@ -35,7 +35,7 @@ from .options import FINITE_FLOAT, verbose_option
 @click.option("--static-batch", is_flag=True,
               help="Keep the batch dimension fixed (.pt2 and .onnx models keep their own dims).")
 @click.option("--max-batch", type=int, default=None,
-              help="Largest batch (optimization profiles; default 64, or a .pt2/.onnx model's own bound).")
+              help="Largest batch, at most 65536 (optimization profiles; default 64, or a .pt2/.onnx model's own bound).")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
               help="Exporter to try first.")
 @click.option("--int8-recipe", help="Pin a CPU INT8 recipe by name instead of searching.")

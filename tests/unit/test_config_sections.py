@@ -51,6 +51,11 @@ def test_a_flat_config_of_earlier_versions_loads_as_its_nested_dump(tmp_path):
      "does not support fp8"),
     ({"precision_policy": "vision=int9", "calib": "c.npz"}, "precision_policy", "unknown precision 'int9'"),
     ({"precision": {"mode": "int9"}}, "precision.mode", "unknown precision 'int9'"),
+    # no upper bound made `edgemm export triton` promise max_batch_size 100000000
+    ({"io": {"max_batch": 100000000}}, "io.max_batch", "must be from 1 to 65536"),
+    ({"io": {"dynamic": ["audio:2=1:50:10000000"]}}, "io.dynamic", "MAX 10000000 is past 4,194,304"),
+    ({"target": "h100", "tensorrt": {"profile_batches": ["1:8:100000000"]}}, "tensorrt.profile_batches",
+     "is past 65,536"),
 ])
 def test_a_nested_file_is_checked_naming_its_own_keys(tmp_path, doc, field, what):
     path = tmp_path / "cfg.json"
@@ -93,3 +98,17 @@ def test_the_checks_run_once_per_configuration(monkeypatch):
     with pytest.raises(InputError, match="--opt-level"):
         cfg.validate()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("flag, value, what", [
+    ("max_batch", 100000000, "--max-batch: must be from 1 to 65536"),
+    ("dynamic", ["audio:2=1:50:10000000"], "--dynamic: 'audio:2=1:50:10000000': MAX 10000000 is past 4,194,304"),
+    ("dynamic", ["x:0=1:8:100000"], "--dynamic: 'x:0=1:8:100000': MAX 100000 is past 65,536, the largest batch"),
+])
+def test_batch_and_dynamic_bounds_are_refused_naming_the_flag(flag, value, what):
+    cfg = CompileConfig(model="/tmp/nowhere/model.onnx", **{flag: value})
+    with pytest.raises(InputError) as info:
+        cfg.validate()
+    assert str(info.value).startswith(what) and "(fix: " in str(info.value), str(info.value)
+    ok = {"max_batch": 65536, "dynamic": ["audio:2=1:50:4194304", "x:0=1:8:65536"]}[flag]
+    CompileConfig(model="/tmp/nowhere/model.onnx", **{flag: ok}).validate()   # the bounds themselves pass

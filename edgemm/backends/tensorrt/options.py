@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Mapping, Sequence
 
 from ...errors import InputError
+from ...iospec import MAX_BATCH
 
 _LOG = logging.getLogger("edgemm")
 
@@ -189,6 +190,9 @@ def parse_profile_batches(items: Sequence[str]) -> list[tuple[int, int, int]]:
         if len(triple) != 3 or not 1 <= triple[0] <= triple[1] <= triple[2]:
             raise InputError(f"{item!r} is not MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX", field="--profile-batches",
                              fix="e.g. --profile-batches 1:1:1 --profile-batches 8:32:64")
+        if triple[2] > MAX_BATCH:
+            raise InputError(f"{item!r}: MAX {triple[2]} is past {MAX_BATCH:,}, the largest batch edgemm builds for",
+                             field="--profile-batches", fix=f"give a MAX up to {MAX_BATCH}, e.g. 8:32:64")
         out.append(triple)
     if len(set(out)) != len(out):
         raise InputError("the same batch range is given twice", field="--profile-batches",
