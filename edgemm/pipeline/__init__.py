@@ -96,6 +96,10 @@ def load_inputs(c: Compilation) -> None:
     c.say(f"loading {cfg.model}")
     c.loaded = c.unpruned = load_model(cfg.model, LoadOptions(weights=cfg.weights, trust_pickle=cfg.trust_pickle))
     c.specs = resolve_input_specs(c.loaded, cfg, calib)
+    if cfg.precision_policy:   # a branch the inputs rule out: refused now, not after the export
+        from ..quant.mixed import check_policy_branches
+
+        check_policy_branches(cfg.precision_policy, c.specs, overrides=cfg.branch)
     # Re-read against the final specs: validates them, and a model input named `labels` stays an input.
     c.calib, c.evald = (load_dataset(ds.path, specs=c.specs, allow_labels=True, role=role) if ds is not None else None
                         for ds, role in ((calib, "--calib"), (evald, "--eval")))

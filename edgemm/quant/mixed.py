@@ -28,7 +28,7 @@ from .ort_int8 import normalize_for_ort
 from .ort_recipes import DEFAULT_CPU_RECIPE
 from .plan import quantizer_for
 
-__all__ = ["POLICY_PRECISIONS", "parse_precision_policy", "resolve_policy", "apply_mixed", "mixed_mode_name",
+__all__ = ["POLICY_PRECISIONS", "parse_precision_policy", "check_policy_branches", "resolve_policy", "apply_mixed", "mixed_mode_name",
            "normalize_for_ort", "DEFAULT_CPU_RECIPE", "backend_and_target"]
 
 POLICY_PRECISIONS = precision_table.ORDER   # a branch may take any known precision
@@ -66,6 +66,28 @@ def parse_precision_policy(text: str) -> dict[str, str]:
         raise InputError("empty precision policy", field="--precision",
                          fix="e.g. --precision vision=int8,text=fp16,fusion=fp32")
     return policy
+
+
+def check_policy_branches(policy_text: str | None, specs, *, overrides=None) -> None:
+    """Refuse, from the input specs alone (before the export and any quantization work), a policy naming a
+    modality branch none of the model's inputs has: ``--precision audio=int8`` on an image + text model.
+    Conservative: when an input's modality cannot be told from its name, dtype and shape (module names may
+    then label it), or ``--branch`` overrides move nodes, the check waits for the graph (``resolve_policy``)."""
+    if not policy_text or overrides:
+        return
+    from ..modality import FUSION, MODALITIES, is_mask, resolve_inputs
+
+    modality = resolve_inputs({s.name: (s.dtype, list(s.shape)) for s in specs})
+    if any(m is None and not is_mask(name, spec.dtype) for (name, m), spec in zip(modality.items(), specs)):
+        return
+    have = [m for m in MODALITIES if m in modality.values()]
+    absent = [b for b in parse_precision_policy(policy_text) if b in MODALITIES and b not in have]
+    if absent:
+        known = have + ([FUSION] if len(have) > 1 else [])
+        inputs = "; ".join(f"{m}: {', '.join(n for n, mm in modality.items() if mm == m)}" for m in have)
+        raise InputError(f"the model has no {absent[0]} branch (its inputs: {inputs})", field="--precision",
+                         fix=f"name only branches the model has ({', '.join(known)}), or assign nodes with "
+                             f"--branch {absent[0]}=MODULE_PATTERN")
 
 
 def mixed_mode_name(precisions: Sequence[str]) -> str:

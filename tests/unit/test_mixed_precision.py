@@ -261,3 +261,39 @@ def test_a_recurrent_text_tower_is_a_branch(rnn):
     branches = find_branches(h.make_model(graph))
     assert branches.present() == ["vision", "text", "fusion"]
     assert branches.nodes("text", compute_only=True) == ["text_rnn"]
+
+
+def test_a_policy_branch_the_inputs_rule_out_is_refused_before_the_export(tiny, tmp_path, monkeypatch):
+    """--precision audio=int8 on an image + text model was refused only after the export (and, with
+    --split, the graph cut): the input specs already tell there is no audio branch."""
+    import edgemm.export
+    from edgemm.config import CompileConfig
+    from edgemm.pipeline import compile_model
+
+    def no_export(*a, **k):
+        raise AssertionError("the export ran before the policy was checked")
+
+    monkeypatch.setattr(edgemm.export, "export_onnx", no_export)
+    for split in (False, True):
+        cfg = CompileConfig(model=str(tiny["pt2"]), output=str(tmp_path / f"b{split}"), calib=str(tiny["calib"]),
+                            precision_policy="vision=int8,audio=int8", split=split)
+        with pytest.raises(InputError) as err:
+            compile_model(cfg, say=lambda m: None)
+        assert str(err.value) == ("--precision: the model has no audio branch (its inputs: vision: image; text: "
+                                  "input_ids) (fix: name only branches the model has (vision, text, fusion), or "
+                                  "assign nodes with --branch audio=MODULE_PATTERN)")
+        assert not (tmp_path / f"b{split}").exists()
+
+
+def test_the_early_branch_check_waits_for_the_graph_when_the_inputs_do_not_tell():
+    from edgemm.iospec import TensorSpec
+    from edgemm.quant.mixed import check_policy_branches
+
+    known = [TensorSpec("image", "float32", ("batch", 3, 8, 8)), TensorSpec("attention_mask", "int64", ("batch", 4)),
+             TensorSpec("input_ids", "int64", ("batch", 4))]
+    check_policy_branches("vision=int8,text=fp32,fusion=fp32", known)
+    with pytest.raises(InputError, match="no audio branch"):
+        check_policy_branches("audio=int8", known)
+    check_policy_branches("audio=int8", known, overrides=["audio=encoder.*"])   # --branch may make one
+    unknown = known + [TensorSpec("x", "float32", ("batch", 8))]                # modules may label x
+    check_policy_branches("audio=int8", unknown)
