@@ -91,13 +91,16 @@ def build_split(fp32: Path, work: Path, stage: Path, cfg, target, specs, calib: 
     if unknown:
         raise InputError(f"the split has no part {unknown[0]!r} (parts: {', '.join(plan.names)})", field="--place",
                          fix="place only the parts the model has")
+    if plan.folded:
+        say("  folded into the fusion part: " + "; ".join(f"{b} ({why})" for b, why in plan.folded.items()))
     for part in plan.parts:
         say(f"  part {part.name}: {part.compute_nodes} compute nodes, reads {', '.join(part.inputs)}; "
             f"sends {', '.join(part.outputs)}")
     if cfg.precision_policy:
         named = [b for b in _policy_branches(cfg) if b not in plan.names]
         if named:
-            raise InputError(f"the split has no part {named[0]!r} (parts: {', '.join(plan.names)})",
+            why = f"; {named[0]} was folded into fusion: {plan.folded[named[0]]}" if named[0] in plan.folded else ""
+            raise InputError(f"the split has no part {named[0]!r} (parts: {', '.join(plan.names)}{why})",
                              field="--precision", fix="name only the parts the model has")
     exclude = _exclude_per_part(plan, fp32, cfg)
     part_calib = _interface_data(plan, calib) if calib is not None else None

@@ -53,6 +53,7 @@ class SplitPlan:
     interface: dict[str, dict]     # tensor -> {"from": part, "to": [parts], "original": old name}
     shared_initializers: dict[str, list[str]] = field(default_factory=dict)  # initializer -> parts reading it
     branch_summary: dict = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)   # branch -> why it joined the fusion part
 
     def part(self, name: str) -> Part:
         return next(p for p in self.parts if p.name == name)
@@ -117,6 +118,12 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
             continue
         if any(part_of.get(producer[i].name) == FUSION for i in node.input if i in producer):
             part_of[node.name] = FUSION
+    # Branches that hold data nodes but are no part: said at compile (a user naming them in --precision or
+    # --place otherwise learns it only from an error).
+    folded = {b: f"{compute[b]} compute node{'s' if compute[b] != 1 else ''}, a part needs >= {MIN_TOWER_COMPUTE}"
+              for b in MODALITIES if b not in towers
+              and any(bmap.branch_of.get(n) == b for n in data_nodes if n not in input_shapes)}
+    folded.update({t: "it reads what the fusion part computes" for t in towers if t not in part_of.values()})
     towers = [t for t in towers if t in part_of.values()]
     if not towers:
         _refuse_unsplittable(bmap, compute, towers)
@@ -190,7 +197,7 @@ def split_onnx(fp32_path: Path, out_dir: Path, *, branch_overrides=None, samples
         raise InputError(f"output {missing[0]!r} is a constant, computed from no input", field="--split",
                          fix="drop that output from the model, or compile without --split")
     return SplitPlan(parts, interface, {k: sorted(v) for k, v in shared.items() if len(v) > 1},
-                     bmap.summary())
+                     bmap.summary(), {b: folded[b] for b in order_branches(folded)})
 
 
 def _rebuild_input_shapes(model, shape_nodes: set[str], own_inputs: list[str], part: str):

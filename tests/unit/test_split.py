@@ -959,3 +959,48 @@ def test_a_tensorrt_part_with_nothing_to_quantize_is_built_fp16(tmp_path):
     assert result.mode == "fp16"
     assert any("no operator int8 quantizes here" in n and "runs fp16" in n for n in result.notes), result.notes
     assert any("text: fp16" in m for m in said), said
+
+
+def test_a_tiny_branch_folded_into_fusion_is_said(tmp_path):
+    """A one-projection audio branch joins the fusion part (documented): compile says so in one line, and a
+    --precision naming it says why it is no part (it only said 'the split has no part')."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgemm import targets
+    from edgemm.split.build import build_split
+    from edgemm.split.graph import split_onnx
+
+    rng = np.random.default_rng(0)
+    inits = {k: rng.standard_normal((4, 4)).astype(np.float32) for k in ("v1", "v2", "t1", "t2", "a1")}
+    inits["table"] = rng.standard_normal((16, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["image", "v1"], ["v0"], name="v1"),
+             helper.make_node("MatMul", ["v0", "v2"], ["v"], name="v2"),
+             helper.make_node("Gather", ["table", "input_ids"], ["e"], name="embed"),
+             helper.make_node("ReduceMean", ["e"], ["e0"], name="pool", keepdims=0, axes=[1]),
+             helper.make_node("MatMul", ["e0", "t1"], ["t0"], name="t1"),
+             helper.make_node("MatMul", ["t0", "t2"], ["t"], name="t2"),
+             helper.make_node("MatMul", ["audio", "a1"], ["a"], name="a1"),     # a lone projection
+             helper.make_node("Add", ["v", "t"], ["vt"], name="join"),
+             helper.make_node("Add", ["vt", "a"], ["logits"], name="join2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 4]),
+                                           helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 4]),
+                                           helper.make_tensor_value_info("audio", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(v, k) for k, v in inits.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "m.onnx"))
+    feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64),
+              "audio": np.ones((b, 4), np.float32)} for b in (2, 3)]
+    plan = split_onnx(tmp_path / "m.onnx", tmp_path / "parts", samples=feeds)
+    assert plan.names == ["vision", "text", "fusion"]
+    assert plan.folded == {"audio": "1 compute node, a part needs >= 2"}
+
+    said = []
+    cfg = CompileConfig(model="m.onnx", precision_policy="audio=fp32", split=True)
+    (tmp_path / "stage").mkdir()
+    with pytest.raises(InputError) as err:
+        build_split(tmp_path / "m.onnx", tmp_path / "work", tmp_path / "stage", cfg, targets.load("cpu"), [], None,
+                    None, "m", said.append, samples=feeds)
+    assert [m for m in said if "folded" in m] == [
+        "  folded into the fusion part: audio (1 compute node, a part needs >= 2)"]
+    assert "audio was folded into fusion: 1 compute node" in str(err.value)
