@@ -15,7 +15,7 @@ import numpy as np
 
 from ..backends import registry
 from ..backends.base import PackageRequest
-from ..errors import InputError
+from ..errors import EdgemmError, InputError
 from ..modality import BRANCHES, FUSION
 from ..precision import LOW_FLOATS, QUANTIZED
 from ..runtime.pipeline import PIPELINE_FORMAT, PIPELINE_VERSION
@@ -240,15 +240,26 @@ def _part_precision_stage(part, cfg, target, calib, held, work: Path, placement,
             # and timing OpenVINO candidates for it would be work thrown away.
             cpu_engines="onnxruntime")
 
+    def build(precision: str) -> PrecisionResult:
+        try:
+            return apply_precision(part.path, out, request(precision))
+        except NothingToQuantize:
+            raise
+        except EdgemmError as e:
+            if e.detail.startswith(f"part {part.name}"):
+                raise
+            # Raised on the part's own file, which the user never sees (errors name the model): say which part.
+            raise type(e)(f"part {part.name}: {e.detail}", file=e.file, field=e.field, fix=e.fix) from e
+
     try:
-        result: PrecisionResult = apply_precision(part.path, out, request(precision))
+        result = build(precision)
     except NothingToQuantize as e:
         # TensorRT's recipe (modelopt) refuses a part with no layer it quantizes (e.g. Gather + GRU) where
         # ORT's leaves it unchanged: as on the CPU, the part is built at the best float precision its
         # backend runs fast, rather than failing the whole compile on the one part.
         fallback = "fp16" if backend.low_float_kernels else "fp32"
         say(f"  precision of {part.name}: {fallback} (nothing to quantize as {precision})")
-        result = apply_precision(part.path, out, request(fallback))
+        result = build(fallback)
         notes.append(f"no operator {precision} quantizes here ({e.detail.split(':')[0]}): the part runs {fallback}")
         result.notes = notes + list(result.notes)
         return result

@@ -1004,3 +1004,24 @@ def test_a_tiny_branch_folded_into_fusion_is_said(tmp_path):
     assert [m for m in said if "folded" in m] == [
         "  folded into the fusion part: audio (1 compute node, a part needs >= 2)"]
     assert "audio was folded into fusion: 1 compute node" in str(err.value)
+
+
+def test_a_part_precision_error_names_the_part(tmp_path, monkeypatch):
+    """An error raised on a part's own file reached the user naming the model (the part file is staged
+    and gone): it now says which part failed."""
+    import edgemm.quant as quant
+    from edgemm import targets
+    from edgemm.split.build import _part_precision_stage
+    from edgemm.split.graph import Part
+
+    def failing(path, out, req):
+        raise InputError("modelopt int8 quantization failed (boom)", file=path, fix="run with --verbose")
+
+    monkeypatch.setattr(quant, "apply_precision", failing)
+    cfg = CompileConfig(model="m.pt2", precision="int8", calib="c.npz", split=True)
+    calib = {"image": np.zeros((4, 4), np.float32)}
+    with pytest.raises(InputError) as err:
+        _part_precision_stage(Part("vision", ["image"], ["vision.embeds"], [], path=tmp_path / "vision.onnx"), cfg,
+                              targets.load("cpu"), calib, calib, tmp_path, {}, lambda m: None)
+    assert err.value.detail == "part vision: modelopt int8 quantization failed (boom)"
+    assert err.value.file == str(tmp_path / "vision.onnx") and err.value.fix == "run with --verbose"
