@@ -150,12 +150,12 @@ def _print_summary(result) -> None:
             click.echo(f"  {line}")
         click.echo("  bundle vs the pruned model (what precision changed):")
         indent = "    "
-    from ..parity.metrics import top1_text
+    from ..parity.metrics import cosine_text, top1_text
 
     for name, o in r.get("outputs", {}).items():
         extra = (f", top-1 agreement {top1_text(o)}" if "top1_agreement" in o else
                  f", {top1_text(o)}" if "top1_decisive" in o else "")
-        cos = f"mean cosine {o['mean_cosine']:.6f}" if "mean_cosine" in o else f"exact {o.get('exact_match')}"
+        cos = cosine_text(o) if "mean_cosine" in o else f"exact {o.get('exact_match')}"
         click.echo(f"{indent}{name}: {cos}{extra}")
     if "task" in r:
         t = r["task"]

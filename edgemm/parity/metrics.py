@@ -110,6 +110,95 @@ NEAR_TIE_NOTE = (f"top-1 agreement counts decisive samples only: a sample whose 
                  f"changed decision); with fewer than {MIN_DECISIVE} decisive samples top-1 parity is not claimed")
 
 
+# A per-sample cosine is judged only where the reference's direction is determined at this precision. A
+# sample (a row along axis 0) is near-zero when its reference RMS is within the atol of zero, atol =
+# NEAR_ZERO_NOISES x the precision's score noise x the output's scale: the SCALE_PERCENTILE-th percentile
+# of the reference's sample RMS over the data. Its range, not its median, because rounding error follows
+# the range a tensor spans (INT8's step is set from it), and a high percentile rather than the maximum so
+# that a few outlying samples do not widen it for all. There the precision's rounding alone can turn the
+# vector (random-init [B, B] similarity rows close to 0 got cosine -0.8 and -0.5 from INT8 error at 1-4%
+# of the output's range). Such a sample is judged by its absolute
+# error instead, allclose-style: its error RMS must be within the same atol, i.e. no more than a typical
+# sample may be off. Like the near-ties, it is decided from the reference and the precision only, never
+# from this bundle's error (which would let a broken bundle excuse itself). With atol 10x the noise, a
+# typical-scale sample that far off still has cosine 1/sqrt(1 + (10 noise)^2) >= 0.995 at INT8.
+NEAR_ZERO_NOISES = 10.0
+SCALE_PERCENTILE = 90
+
+
+def _row_rms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.mean(np.square(x), axis=1)) if x.shape[1] else np.zeros(len(x))
+
+
+@dataclass
+class CosineCount:
+    """Per-sample cosine of a float output, accumulated over batches, with near-zero samples judged by
+    absolute error (the one implementation: verify, compile's parity gate, the baseline gate and the INT8
+    recipe search all count with it). The atol needs the whole data's scale, so samples are kept (three
+    floats each) and decided in ``fields``."""
+
+    score_noise: float = 0.0  # the precision's (PrecisionSpec.score_noise); 0: no sample is near-zero
+    cosines: list = field(default_factory=list)
+    ref_rms: list = field(default_factory=list)
+    err_rms: list = field(default_factory=list)
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        ref, got = np.asarray(ref), np.asarray(got)
+        a = ref.reshape(ref.shape[0], -1).astype(np.float64) if ref.ndim else ref.reshape(1, 1).astype(np.float64)
+        b = got.reshape(a.shape).astype(np.float64)
+        finite = np.isfinite(b).all(axis=1)
+        self.cosines.append(np.where(finite, per_sample_cosine(ref, got), -1.0))  # NaN/inf: a wrong sample
+        self.ref_rms.append(_row_rms(a))
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.err_rms.append(np.where(finite, _row_rms(a - np.where(np.isfinite(b), b, 0.0)), np.inf))
+
+    def fields(self) -> dict:
+        """``mean_cosine``/``min_cosine`` over the samples whose cosine means something, and, when some are
+        near-zero: ``near_zero_samples``, ``near_zero_atol``, ``near_zero_max_error`` (largest error RMS)
+        and ``near_zero_over`` (how many exceed the atol: a failure wherever cosine is checked)."""
+        if not self.cosines:
+            return {"mean_cosine": 1.0, "min_cosine": 1.0}
+        cos, ref, err = (np.concatenate(v) for v in (self.cosines, self.ref_rms, self.err_rms))
+        atol = NEAR_ZERO_NOISES * self.score_noise * float(np.percentile(ref, SCALE_PERCENTILE))
+        near = (ref <= atol) if atol > 0 else np.zeros(len(ref), bool)
+        judged = cos[~near]
+        out = {"mean_cosine": float(judged.mean()) if judged.size else None,
+               "min_cosine": float(judged.min()) if judged.size else None}
+        if near.any():
+            out.update(cosine_samples=int(judged.size), near_zero_samples=int(near.sum()), near_zero_atol=atol,
+                       near_zero_max_error=float(err[near].max()), near_zero_over=int((err[near] > atol).sum()))
+        return out
+
+
+def cosine_text(o: Mapping) -> str:
+    """One output's cosine figure for logs and reports: "mean cosine 0.999100 over 28 samples; 4 near-zero
+    samples within atol 0.002" (or how many exceed it)."""
+    text = f"mean cosine {o['mean_cosine']:.6f}" if o.get("mean_cosine") is not None else "no cosine"
+    if o.get("near_zero_samples"):
+        over = o.get("near_zero_over") or 0
+        text += (f" over {o.get('cosine_samples')} samples; {o['near_zero_samples']} near-zero samples "
+                 + (f"within atol {o['near_zero_atol']:.3g}" if not over else
+                    f"({over} exceed atol {o['near_zero_atol']:.3g}: error RMS up to {o['near_zero_max_error']:.3g})"))
+    return text
+
+
+def cosine_failures(name: str, o: Mapping, min_cosine: float, what: str = "") -> list[str]:
+    """The cosine checks of one output (verify, compile's gate and the baseline gate alike): the mean over
+    the samples whose cosine means something, and every near-zero sample within the atol."""
+    fails = []
+    if o.get("mean_cosine") is not None and o["mean_cosine"] < min_cosine:
+        fails.append(f"output {name}: mean cosine{what} {o['mean_cosine']:.6f} < {min_cosine}")
+    if o.get("near_zero_over"):
+        fails.append(f"output {name}: {o['near_zero_over']} of {o['near_zero_samples']} near-zero samples{what} off "
+                     f"by more than atol {o['near_zero_atol']:.3g} (error RMS up to {o['near_zero_max_error']:.3g})")
+    return fails
+
+
+NEAR_ZERO_NOTE = (f"mean cosine skips near-zero samples (reference RMS within atol = {NEAR_ZERO_NOISES:g}x the "
+                  f"precision's noise x the output's scale, the {SCALE_PERCENTILE}th percentile of its sample RMS, where rounding alone turns the vector); "
+                  f"those are judged by their error RMS against the same atol")
+
+
 def per_sample_cosine(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
     a = ref.reshape(ref.shape[0], -1).astype(np.float64) if ref.ndim else ref.reshape(1, 1).astype(np.float64)
     b = got.reshape(a.shape).astype(np.float64)
@@ -126,8 +215,13 @@ class OutputParity:
     name: str
     max_abs_error: float = 0.0
     mean_abs_error: float = 0.0
-    mean_cosine: float | None = None
+    mean_cosine: float | None = None      # over the samples whose cosine means something (CosineCount)
     min_cosine: float | None = None
+    cosine_samples: int | None = None     # set when some samples are near-zero
+    near_zero_samples: int | None = None
+    near_zero_atol: float | None = None
+    near_zero_max_error: float | None = None
+    near_zero_over: int | None = None     # near-zero samples whose error RMS exceeds the atol
     top1_agreement: float | None = None   # over decisive samples (Top1Count)
     top1_decisive: int | None = None
     top1_near_ties: int | None = None
@@ -144,7 +238,7 @@ class _Acc:
     abs_max: float = 0.0
     abs_sum: float = 0.0
     count: int = 0
-    cosines: list = field(default_factory=list)
+    cosine: CosineCount | None = None
     top1: Top1Count | None = None
     exact_hits: int = 0
     exact_total: int = 0
@@ -154,7 +248,8 @@ class _Acc:
 class ParityAccumulator:
     """``heads``: output name -> whether the graph makes it with a linear head (output_kinds); each
     output's kind is decided once, on its first batch, and kept. ``score_noise``: the precision's
-    (``PrecisionSpec.score_noise``), which decides the near-ties top-1 agreement skips."""
+    (``PrecisionSpec.score_noise``), which decides the near-ties top-1 agreement skips and the near-zero
+    samples the mean cosine skips."""
 
     def __init__(self, heads: Mapping[str, bool] | None = None, score_noise: float = 0.0):
         self._acc: dict[str, _Acc] = {}
@@ -179,7 +274,8 @@ class ParityAccumulator:
                 acc.abs_max = max(acc.abs_max, float(diff.max()))
                 acc.abs_sum += float(diff.sum())
                 acc.count += diff.size
-            acc.cosines.append(per_sample_cosine(ref, got))
+            acc.cosine = acc.cosine or CosineCount(self._noise)
+            acc.cosine.add(ref, got)
             if name not in self.kinds:
                 self.kinds[name] = is_logits(ref, self._heads.get(name))
             if self.kinds[name]:
@@ -195,9 +291,8 @@ class ParityAccumulator:
             else:
                 p.max_abs_error = acc.abs_max
                 p.mean_abs_error = acc.abs_sum / max(acc.count, 1)
-                cos = np.concatenate(acc.cosines) if acc.cosines else np.ones(1)
-                p.mean_cosine = float(cos.mean())
-                p.min_cosine = float(cos.min())
+                for key, value in (acc.cosine or CosineCount()).fields().items():
+                    setattr(p, key, value)
                 if acc.top1 is not None:
                     for key, value in acc.top1.fields().items():
                         setattr(p, key, value)

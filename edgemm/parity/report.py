@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..display import md_code, md_text
-from .metrics import NEAR_TIE_NOTE, top1_cell
+from .metrics import NEAR_TIE_NOTE, NEAR_ZERO_NOTE, cosine_text, top1_cell
 
 
 def _fmt(value, digits=6):
@@ -38,6 +38,10 @@ def render_markdown(report: dict) -> str:
                      f"{_fmt(o.get('max_abs_error'), 4)} | {_fmt(top1_cell(o))} | {'yes' if o.get('passed') else 'NO'} |")
     if any(o.get("top1_near_ties") for o in report.get("outputs", {}).values()):
         lines += ["", f"> {md_text(NEAR_TIE_NOTE)}"]
+    near_zero = [f"{name}: {cosine_text(o)}" for name, o in report.get("outputs", {}).items()
+                 if o.get("near_zero_samples")]
+    if near_zero:
+        lines += ["", f"> {md_text(NEAR_ZERO_NOTE)}: {md_text('; '.join(near_zero))}"]
     from .split_parts import render_parts
 
     lines += render_parts(report)

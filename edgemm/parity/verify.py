@@ -11,7 +11,7 @@ from ..data import Dataset
 from ..errors import InputError
 from ..task import resolve as task_of
 from .latency import measure_interleaved
-from .metrics import ParityAccumulator, top1_text
+from .metrics import ParityAccumulator, cosine_failures, cosine_text, top1_text
 from .thresholds import Thresholds
 
 if TYPE_CHECKING:
@@ -75,8 +75,7 @@ def evaluate(bundle_run: Runner, reference_run: Runner | None, data: Dataset, th
     for name, p in acc.result().items():
         entry = p.to_dict()
         checks = []
-        if p.mean_cosine is not None and p.mean_cosine < thresholds.min_cosine:
-            checks.append(f"output {name}: mean cosine {p.mean_cosine:.6f} < {thresholds.min_cosine}")
+        checks.extend(cosine_failures(name, entry, thresholds.min_cosine))
         if p.top1_agreement is not None and p.top1_agreement < thresholds.min_top1_agreement:
             checks.append(f"output {name}: top-1 agreement {top1_text(p.to_dict())} < "
                           f"{thresholds.min_top1_agreement}")
@@ -150,7 +149,7 @@ def vs_original_lines(section: dict | None) -> list[str]:
         return []
     lines = [f"pruned bundle vs the unpruned model ({section['samples']} samples; pruning + precision):"]
     for name, o in section["outputs"].items():
-        fig = f"mean cosine {o['mean_cosine']:.6f}" if o.get("mean_cosine") is not None else \
+        fig = cosine_text(o) if o.get("mean_cosine") is not None else \
             f"exact {o.get('exact_match')}"
         if o.get("top1_decisive") is not None or o.get("top1_agreement") is not None:
             fig += f", top-1 agreement {top1_text(o)}" if o.get("top1_agreement") is not None else f", {top1_text(o)}"

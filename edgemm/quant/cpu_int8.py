@@ -46,7 +46,7 @@ from .ort_int8 import OrtInt8Quantizer, quiet_ort_quantizer_logs
 from .ort_recipes import ALL_RECIPES, Int8Recipe, RecipePlanner, candidate_recipes, dominated_by
 
 __all__ = ["Int8Recipe", "ALL_RECIPES", "candidate_recipes", "apply_recipe", "select_recipe", "Selection",
-           "CandidateResult", "output_agreement", "run_all", "split_samples", "SESSION_VARIANTS", "cpu_session", "quiet_ort_quantizer_logs"]
+           "CandidateResult", "output_agreement", "agreement_of", "run_all", "split_samples", "SESSION_VARIANTS", "cpu_session", "quiet_ort_quantizer_logs"]
 
 
 JUDGE_BATCH = 16  # samples per call when judging: the compile gate's and verify's call size (iospec.call_batch)
@@ -90,23 +90,36 @@ def apply_recipe(recipe: Int8Recipe, fp32_onnx: Path, out_onnx: Path, calib: dic
 # --------------------------------------------------------------------------------------------------
 # Accuracy and selection
 
-def output_agreement(ref: np.ndarray, got: np.ndarray) -> tuple[str, float]:
-    """("cosine", mean per-sample cosine) for float outputs, ("equal", fraction equal) for the rest."""
+def output_agreement(ref: np.ndarray, got: np.ndarray, precision: str | None = None) -> tuple[str, float]:
+    """("cosine", mean per-sample cosine) for float outputs, ("equal", fraction equal) for the rest; with a
+    ``precision``, near-zero samples are skipped as the parity gate skips them (agreement_of)."""
+    found = agreement_of(ref, got, precision)
+    return found["metric"], found["value"]
+
+
+def agreement_of(ref: np.ndarray, got: np.ndarray, precision: str | None = None) -> dict:
+    """{"metric": "cosine"|"equal", "value": x} and, for float outputs with near-zero samples, their count and
+    how many exceed the atol (parity/metrics.py:CosineCount, the gate's own count; precision None: no
+    sample is near-zero)."""
     ref, got = np.asarray(ref), np.asarray(got)
+    floating = np.issubdtype(ref.dtype, np.floating)
     if ref.shape != got.shape:
-        return ("cosine" if np.issubdtype(ref.dtype, np.floating) else "equal", 0.0)
-    if not np.issubdtype(ref.dtype, np.floating):
-        return "equal", float(np.mean(ref == got)) if ref.size else 1.0
-    n = ref.shape[0] if ref.ndim else 1
-    a = ref.reshape(n, -1).astype(np.float64)
-    b = got.reshape(n, -1).astype(np.float64)
-    if not np.all(np.isfinite(b)):
-        return "cosine", 0.0
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = (a * b).sum(axis=1)
-    both_zero = (na == 0) & (nb == 0)
-    cos = np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
-    return "cosine", float(np.mean(cos))
+        return {"metric": "cosine" if floating else "equal", "value": 0.0}
+    if not floating:
+        return {"metric": "equal", "value": float(np.mean(ref == got)) if ref.size else 1.0}
+    if not np.all(np.isfinite(got)):
+        return {"metric": "cosine", "value": 0.0}
+    from ..parity.metrics import CosineCount
+    from ..precision import spec
+
+    count = CosineCount(spec(precision).score_noise if precision else 0.0)
+    count.add(ref, got)
+    fields = count.fields()
+    out = {"metric": "cosine", "value": float(fields["mean_cosine"])}
+    if fields.get("near_zero_samples"):
+        out.update(near_zero=fields["near_zero_samples"], near_zero_over=fields["near_zero_over"],
+                   near_zero_atol=fields["near_zero_atol"])
+    return out
 
 
 def top1_agreement(ref: np.ndarray, got: np.ndarray, precision: str = "int8") -> float | None:
@@ -131,6 +144,11 @@ def _scored_outputs(model_path: Path, names: Sequence[str], reference: Sequence[
 
     heads = graph_score_outputs(onnx.load(str(model_path), load_external_data=False))
     return {n for n, ref in zip(names, reference) if value_kind(ref, heads.get(n)) == SCORES}
+
+
+def _near_zero_off(row: "CandidateResult") -> str | None:
+    """The first float output with a near-zero sample beyond its atol (parity/metrics.py:CosineCount)."""
+    return next((n for n, a in row.agreement.items() if a.get("near_zero_over")), None)
 
 
 def _top1_short(row: "CandidateResult", min_top1: float) -> str | None:
@@ -301,15 +319,17 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
             row.build_s = round(time.perf_counter() - t0, 2)
             row.excluded_nodes = facts["excluded_nodes"]
             for name, ref, got in zip(output_names, reference, outputs):
-                metric, value = output_agreement(ref, got)
-                row.agreement[name] = {"metric": metric, "value": round(value, 6)}
+                found = agreement_of(ref, got, "int8")
+                row.agreement[name] = {**found, "value": round(found["value"], 6)}
                 if name in scored and (agree := top1_agreement(ref, got)) is not None:
                     row.agreement[name]["top1"] = round(agree, 6)
             row.min_agreement = min(v["value"] for v in row.agreement.values())
             short = _top1_short(row, min_top1)
-            row.ok = row.min_agreement >= min_cosine and short is None
+            off = _near_zero_off(row)
+            row.ok = row.min_agreement >= min_cosine and short is None and off is None
             row.status = "ok" if row.ok else "inaccurate"
             why = (" - below min_cosine" if row.min_agreement < min_cosine else
+                   f" - near-zero samples of '{off}' off by more than atol" if off else
                    f" - top-1 agreement {row.agreement[short]['top1']:.4f} < {min_top1} on '{short}'" if short else "")
             say(f"  {recipe.name}: min agreement {row.min_agreement:.5f} ({len(row.excluded_nodes)} nodes kept FP32, "
                 f"built in {row.build_s:.1f} s){why}")
@@ -325,6 +345,10 @@ def select_recipe(fp32_onnx: Path, calib: dict[str, np.ndarray], workdir: Path, 
                        f"'{min(best.agreement, key=lambda k: best.agreement[k]['value'])}'") if best else "no candidate ran"
             if best is not None and best.min_agreement >= min_cosine and (short := _top1_short(best, min_top1)):
                 reached = f"best {best.name}: top-1 agreement {best.agreement[short]['top1']:.4f} on '{short}'"
+            elif best is not None and best.min_agreement >= min_cosine and (off := _near_zero_off(best)):
+                a = best.agreement[off]
+                reached = (f"best {best.name}: {a['near_zero_over']} of {a['near_zero']} near-zero samples of '{off}' "
+                           f"off by more than atol {a['near_zero_atol']:.3g}")
             raise ParityError(f"no INT8 recipe reached min cosine {min_cosine} and top-1 agreement {min_top1} on "
                               f"every output ({reached})",
                               file=fp32_onnx, field="int8",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Mapping
 import numpy as np
 
 from ...precision import parse as parse_precision
-from ..metrics import top1_text
+from ..metrics import cosine_failures, top1_text
 from .anchor import ANCHOR_NAME
 from .context import bundle_context, check_context
 from .golden import Baseline, _digest, _stats
@@ -73,8 +73,7 @@ def _check_output(name: str, res: dict, entry: Mapping, tol: GateTolerances, fai
         if res["exact_match"] < tol.min_exact_match:
             fail.append(f"output {name}: exact match vs golden {res['exact_match']:.4f} < {tol.min_exact_match}")
         return
-    if res.get("mean_cosine") is not None and res["mean_cosine"] < tol.min_cosine:
-        fail.append(f"output {name}: mean cosine vs golden {res['mean_cosine']:.6f} < {tol.min_cosine}")
+    fail.extend(cosine_failures(name, res, tol.min_cosine, " vs golden"))
     if res.get("top1_agreement") is not None and res["top1_agreement"] < tol.min_top1_agreement:
         fail.append(f"output {name}: top-1 agreement vs golden {top1_text(res)} < "
                     f"{tol.min_top1_agreement}")
