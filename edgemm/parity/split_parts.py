@@ -12,17 +12,19 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .metrics import per_sample_cosine
+from .metrics import CosineCount, cosine_failures
 
 PIPELINE_TOLERANCE = 1e-6
 
 
-def check_parts(bundle, data, *, reference_run: Callable | None, min_cosine: float, batch_size: int) -> dict:
-    """{"parts": {name: {...}}, "failures": [...]} over ``data`` (an edgemm Dataset), in batches."""
+def check_parts(bundle, data, *, reference_run: Callable | None, min_cosine: float, batch_size: int,
+                score_noise: float = 0.0) -> dict:
+    """{"parts": {name: {...}}, "failures": [...]} over ``data`` (an edgemm Dataset), in batches; cosine as
+    verify counts it (metrics.py:CosineCount, near-zero samples by ``score_noise``, the precision's)."""
     names = [s.name for s in bundle.inputs]
     graph_outputs = {o.name for o in bundle.outputs}
     stats: dict[str, dict] = {p: {"outputs": {}, "max_diff_vs_pipeline": 0.0} for p in bundle.parts}
-    cosines: dict[tuple[str, str], list] = {}
+    cosines: dict[tuple[str, str], CosineCount] = {}
     errors: dict[tuple[str, str], float] = {}
     for start in range(0, data.num_samples, batch_size):
         feeds = {n: data.arrays[n][start:start + batch_size] for n in names}
@@ -49,7 +51,7 @@ def check_parts(bundle, data, *, reference_run: Callable | None, min_cosine: flo
                                                       float(np.abs(value - whole[name]).max(initial=0.0)))
                     if ref is not None and name in ref:
                         got, want = np.asarray(value, np.float64), np.asarray(ref[name], np.float64)
-                        cosines.setdefault((part_name, name), []).append(per_sample_cosine(want, got))
+                        cosines.setdefault((part_name, name), CosineCount(score_noise)).add(want, got)
                         errors[(part_name, name)] = max(errors.get((part_name, name), 0.0),
                                                         float(np.abs(got - want).max(initial=0.0)))
             if again is not None:
@@ -60,12 +62,11 @@ def check_parts(bundle, data, *, reference_run: Callable | None, min_cosine: flo
     for part_name, row in stats.items():
         part = bundle.part(part_name)
         row.update(inputs=[s.name for s in part.inputs], precision=part.precision, placement=part.placement)
-        for (p, name), cos in cosines.items():
+        for (p, name), count in cosines.items():
             if p == part_name:
-                cat = np.concatenate(cos)
-                row["outputs"][name] = {"mean_cosine": float(cat.mean()), "max_abs_error": errors[(p, name)]}
-                if cat.mean() < min_cosine:
-                    failures.append(f"part {part_name}: {name} mean cosine {cat.mean():.6f} < {min_cosine}")
+                row["outputs"][name] = {**count.fields(), "max_abs_error": errors[(p, name)]}
+                failures += [f"part {part_name}: {text.removeprefix('output ')}"
+                             for text in cosine_failures(name, row["outputs"][name], min_cosine)]
         row["passed"] = row["max_diff_vs_pipeline"] <= PIPELINE_TOLERANCE and not any(
             f.startswith(f"part {part_name}:") for f in failures)
         if row["max_diff_vs_pipeline"] > PIPELINE_TOLERANCE:

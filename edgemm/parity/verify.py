@@ -260,7 +260,7 @@ def _check_split_parts(report: dict, bundle, data, reference_run, thresholds, ba
     from .split_parts import check_parts
 
     parts = check_parts(bundle, data, reference_run=reference_run, min_cosine=thresholds.min_cosine,
-                        batch_size=batch_size)
+                        batch_size=batch_size, score_noise=thresholds.score_noise)
     report["split_parts"] = parts["parts"]
     if parts["failures"]:
         report["failures"] = list(report.get("failures", [])) + parts["failures"]

@@ -127,3 +127,31 @@ def test_a_few_outlying_samples_do_not_excuse_the_typical_ones():
     count.add(ref, wrong)
     fields = count.fields()
     assert "near_zero_samples" not in fields and fields["mean_cosine"] < 0.5
+
+
+def test_split_parts_count_cosine_as_verify_does():
+    """A split bundle's parts, each run on its own, are judged with the same CosineCount."""
+    from types import SimpleNamespace
+
+    from edgemm.parity.split_parts import check_parts
+
+    rng = np.random.default_rng(5)
+    ref = _similarity(rng)
+
+    def bundle_of(answer):
+        part = SimpleNamespace(inputs=[SimpleNamespace(name="i")], after=[], precision="int8", placement="cpu",
+                               run=lambda feeds: {"similarity": answer[feeds["i"][:, 0]]})
+        return SimpleNamespace(inputs=[SimpleNamespace(name="i")], outputs=[SimpleNamespace(name="similarity")],
+                               parts=["fusion"], part=lambda name: part, run=lambda feeds, reuse=None: part.run(feeds))
+
+    data = Dataset(Path("synthetic"), {"i": np.arange(N, dtype=np.int64)[:, None]}, None, "")
+    reference = lambda feeds: {"similarity": ref[feeds["i"][:, 0]]}  # noqa: E731
+    got = _int8_noise(rng, ref)
+    ok = check_parts(bundle_of(got), data, reference_run=reference, min_cosine=INT8.min_cosine, batch_size=8,
+                     score_noise=NOISE)
+    assert not ok["failures"] and ok["parts"]["fusion"]["outputs"]["similarity"]["near_zero_samples"] == NEAR
+    broken = got.copy()
+    broken[-NEAR:] += 0.2
+    bad = check_parts(bundle_of(broken), data, reference_run=reference, min_cosine=INT8.min_cosine, batch_size=8,
+                      score_noise=NOISE)
+    assert any(f.startswith("part fusion: similarity: 4 of 4 near-zero samples off") for f in bad["failures"])
