@@ -152,16 +152,20 @@ class CosineCount:
         with np.errstate(invalid="ignore", over="ignore"):
             self.err_rms.append(np.where(finite, _row_rms(a - np.where(np.isfinite(b), b, 0.0)), np.inf))
 
+    def judged(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(cosines of the samples whose cosine means something, near-zero mask, error RMS, atol)."""
+        cos, ref, err = (np.concatenate(v) for v in (self.cosines, self.ref_rms, self.err_rms))
+        atol = NEAR_ZERO_NOISES * self.score_noise * float(np.percentile(ref, SCALE_PERCENTILE))
+        near = (ref <= atol) if atol > 0 else np.zeros(len(ref), bool)
+        return cos[~near], near, err, atol
+
     def fields(self) -> dict:
         """``mean_cosine``/``min_cosine`` over the samples whose cosine means something, and, when some are
         near-zero: ``near_zero_samples``, ``near_zero_atol``, ``near_zero_max_error`` (largest error RMS)
         and ``near_zero_over`` (how many exceed the atol: a failure wherever cosine is checked)."""
         if not self.cosines:
             return {"mean_cosine": 1.0, "min_cosine": 1.0}
-        cos, ref, err = (np.concatenate(v) for v in (self.cosines, self.ref_rms, self.err_rms))
-        atol = NEAR_ZERO_NOISES * self.score_noise * float(np.percentile(ref, SCALE_PERCENTILE))
-        near = (ref <= atol) if atol > 0 else np.zeros(len(ref), bool)
-        judged = cos[~near]
+        judged, near, err, atol = self.judged()
         out = {"mean_cosine": float(judged.mean()) if judged.size else None,
                "min_cosine": float(judged.min()) if judged.size else None}
         if near.any():

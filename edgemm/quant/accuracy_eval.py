@@ -29,9 +29,11 @@ class Evaluator:
     def __init__(self, reference: Runner, feeds: Mapping[str, np.ndarray], target: AccuracyTarget, *,
                  output_names: Sequence[str], labels: np.ndarray | None = None,
                  task: tuple[str, list[str]] | None = None, batch_size: int = 16, check_target: bool = True,
-                 confidence: float | None = 0.95, heads: Mapping[str, bool] | None = None):
+                 confidence: float | None = 0.95, heads: Mapping[str, bool] | None = None,
+                 score_noise: float = 0.0):
         n = next(iter(feeds.values())).shape[0]
         self.heads = dict(heads or {})   # output -> made by a linear head (parity/output_kinds.py)
+        self.score_noise = score_noise   # the searched precision's: near-zero samples (parity/metrics.py)
         self.batches = [{k: np.ascontiguousarray(v[i:i + batch_size]) for k, v in feeds.items()}
                         for i in range(0, n, batch_size)]
         self.target = target
@@ -114,10 +116,10 @@ class Evaluator:
         return self._cos_outputs.get(c) or self._agreement_outputs.get(c) or self._task_for[c][1]
 
     def measure(self, runner: Runner) -> Measurement:
-        from ..parity.metrics import Top1Count, per_sample_cosine
+        from ..parity.metrics import CosineCount, Top1Count, cosine_failures
         from ..task import compute
 
-        cosines: dict[str, list] = {o: [] for o in self.float_outputs}
+        counts = {o: CosineCount(self.score_noise) for o in self.float_outputs}
         # The user's top1-agreement target counts every sample (accuracy_target.py), near-ties included.
         agreement: dict[str, Top1Count] = {}
         agreement_outs = {o for outs in self._agreement_outputs.values() for o in outs}
@@ -129,13 +131,14 @@ class Evaluator:
                 if got[o].shape != ref[o].shape:
                     raise InputError(f"output {o!r} has shape {list(got[o].shape)}, FP32 gives {list(ref[o].shape)}",
                                      field=o, fix="report this model to edgemm")
-                cos = per_sample_cosine(ref[o], got[o])
-                cosines[o].append(np.where(np.isfinite(got[o].reshape(len(cos), -1)).all(1), cos, -1.0))
+                counts[o].add(ref[o], got[o])
             for o in agreement_outs:
                 agreement.setdefault(o, Top1Count()).add(ref[o], got[o])
             for o in task_outs:
                 collected[o].append(got[o])
-        cos = {o: np.concatenate(v) for o, v in cosines.items()}
+        # the gate's count: near-zero samples are judged by their error, not their cosine
+        cos = {o: c.judged()[0] for o, c in counts.items()}
+        near_zero_off = {o: f for o, c in counts.items() for f in cosine_failures(o, c.fields(), -1.0)}
         errors = {o: float(1.0 - c.mean()) for o, c in cos.items()}
         values, bounds, failures = {}, {}, []
         for c in (self.target.conditions if self.checks_target else ()):
@@ -157,6 +160,8 @@ class Evaluator:
             if not c.holds(value if decide is None else decide):
                 extra = "" if decide is None else f" ({self.confidence:.0%} lower bound {decide:.6g})"
                 failures.append(f"{c}: measured {value:.6g}{extra}")
+            elif c.metric in ("cosine", "min-cosine"):
+                failures += [f"{c}: {near_zero_off[o]}" for o in self._cos_outputs[c] if o in near_zero_off]
         return Measurement(TargetCheck(not failures, values, failures, bounds), errors)
 
 

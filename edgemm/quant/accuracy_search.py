@@ -144,6 +144,7 @@ def accuracy_aware(fp32_onnx, out_onnx, calib: Mapping[str, np.ndarray], eval_fe
     import onnx
 
     from ..precision import QUANTIZED
+    from ..precision import spec as precision_spec
     from .branches import find_branches, node_module_paths, parse_branch_overrides
     from .mixed import backend_and_target, parse_precision_policy, resolve_policy
 
@@ -199,11 +200,12 @@ def accuracy_aware(fp32_onnx, out_onnx, calib: Mapping[str, np.ndarray], eval_fe
     fp32_model = onnx.load(str(fp32_onnx), load_external_data=False)
     output_names = [o.name for o in fp32_model.graph.output]
     evaluator = Evaluator(ref_runner, eval_feeds, target, output_names=output_names, labels=labels, task=metric,
-                          batch_size=batch_size, confidence=confidence, heads=graph_score_outputs(fp32_model))
+                          batch_size=batch_size, confidence=confidence, heads=graph_score_outputs(fp32_model),
+                          score_noise=precision_spec(mode).score_noise)
     del fp32_model
     sens_feeds = _sample(calib, sensitivity_samples)
     sensor = Evaluator(ref_runner, sens_feeds, target, output_names=output_names, batch_size=batch_size,
-                       check_target=False)
+                       check_target=False, score_noise=precision_spec(mode).score_noise)
     builds = {"n": 0}
     measured: dict[tuple, Measurement] = {}
 

@@ -155,3 +155,26 @@ def test_split_parts_count_cosine_as_verify_does():
     bad = check_parts(bundle_of(broken), data, reference_run=reference, min_cosine=INT8.min_cosine, batch_size=8,
                       score_noise=NOISE)
     assert any(f.startswith("part fusion: similarity: 4 of 4 near-zero samples off") for f in bad["failures"])
+
+
+def test_the_accuracy_search_counts_cosine_as_the_gate_does():
+    """The per-layer accuracy search (quant/accuracy_eval.py) decides cosine targets with CosineCount too:
+    INT8-sized error passes its cosine target, a bundle wrong on the near-zero rows does not."""
+    from edgemm.quant.accuracy_eval import Evaluator
+    from edgemm.quant.accuracy_target import parse_accuracy_target
+
+    rng = np.random.default_rng(6)
+    ref = _similarity(rng)
+    got = _int8_noise(rng, ref)
+    broken = got.copy()
+    broken[-NEAR:] += 0.2
+    feeds = {"i": np.arange(N, dtype=np.int64)[:, None]}
+    runner = lambda answer: (lambda f: {"similarity": answer[f["i"][:, 0]]})  # noqa: E731
+    target = parse_accuracy_target("cosine>=0.99")
+    ev = Evaluator(runner(ref), feeds, target, output_names=["similarity"], batch_size=8, confidence=None,
+                   score_noise=NOISE)
+    assert ev.measure(runner(got)).check.met
+    bad = ev.measure(runner(broken)).check
+    assert not bad.met and "near-zero samples off by more than atol" in bad.failures[0]
+    raw = Evaluator(runner(ref), feeds, target, output_names=["similarity"], batch_size=8, confidence=None)
+    assert not raw.measure(runner(got)).check.met   # every sample's cosine: INT8 noise alone failed it
