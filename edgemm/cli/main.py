@@ -127,6 +127,22 @@ def _exit_on_sigterm() -> None:
         pass
 
 
+def _ignore_signals_while_exiting() -> None:
+    """main() returned: every `with` block has cleaned up, and Python's exit (atexit, finalizers: torch
+    unregistering its operator libraries, temporary files) takes a moment. A SIGTERM/Ctrl-C landing there
+    raised SystemExit inside an atexit callback: 'Exception ignored ... Traceback' on stderr, and the
+    remaining finalizers skipped. Let the exit finish instead (found by the random-kill trials)."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
+
+
 def entry() -> None:
     _exit_on_sigterm()
-    sys.exit(main())
+    code = main()
+    _ignore_signals_while_exiting()
+    sys.exit(code)

@@ -142,3 +142,17 @@ def test_fifty_random_kills(good, tmp_path):
              ("writing", rng.uniform(0.0, window * 1.05), rng.choice(SIGNALS)) for i in range(50)]
     seen = _kill_trials(model, good, tmp_path, plans, seed_note=f" (EDGEMM_KILL_SEED={seed})")
     assert len(seen) == 50
+
+
+def test_a_signal_during_pythons_exit_prints_no_traceback():
+    """A SIGTERM landing after the command finished, while Python runs its atexit callbacks (torch's
+    library finalizers), raised SystemExit inside the callback: 'Exception ignored in atexit callback ...
+    Traceback' on stderr (a random-kill trial found it). The exit finishes instead."""
+    script = ("import atexit, os, signal, sys\n"
+              "from edgemm.cli.main import entry\n"
+              "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+              "sys.argv = ['edgemm', '--version']\n"
+              "entry()\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=cli_env(None), capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr and proc.returncode == 0, (proc.returncode, proc.stderr)
