@@ -226,11 +226,12 @@ class PipelineSession:
             env.update(outputs)
         for level in self.levels:
             todo = [p for p in level if p.name not in (reuse or {})]
+            run = (lambda p: _run_beside_reused(p, env, reuse)) if reuse else \
+                (lambda p: p.run({s.name: env[s.name] for s in p.inputs}))
             if self.concurrent and self._pool is not None and len(todo) > 1:
-                futures = [self._pool.submit(p.run, {s.name: env[s.name] for s in p.inputs}) for p in todo]
-                results = [f.result() for f in futures]
+                results = [f.result() for f in [self._pool.submit(run, p) for p in todo]]
             else:
-                results = [p.run({s.name: env[s.name] for s in p.inputs}) for p in todo]
+                results = [run(p) for p in todo]
             for result in results:
                 env.update(result)
         return [env[name] for name in self.output_names]
@@ -238,6 +239,31 @@ class PipelineSession:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _run_beside_reused(part: PipelinePart, env: Mapping[str, np.ndarray], reuse: Mapping[str, dict]) -> dict:
+    """Run ``part``; if it fails while reading outputs given in ``reuse``, say so. Reused outputs may
+    legitimately have their own batch (24 cached prompts scored against 1 image), so their shapes are not
+    refused up front: only a part that cannot combine them with the fresh inputs is (it raised the
+    backend's raw error, e.g. ONNX Runtime's Concat shape mismatch)."""
+    feeds = {s.name: env[s.name] for s in part.inputs}
+    try:
+        return part.run(feeds)
+    except Exception as exc:  # the backend's error (already an InputError naming 'feeds', or raw)
+        reused = {name: outputs for name, outputs in reuse.items()
+                  if any(s.name in outputs for s in part.inputs)}
+        if not reused:
+            raise
+        given = "; ".join(f"{name}: " + ", ".join(f"{t} {describe_shape(outputs[t].shape)}" for t in outputs
+                                                     if t in feeds) for name, outputs in reused.items())
+        fresh = ", ".join(f"{t} {describe_shape(v.shape)}" for t, v in feeds.items()
+                          if not any(t in outputs for outputs in reused.values()))
+        text = (exc.detail if isinstance(exc, EdgemmError) else str(exc)).strip()
+        first = text.splitlines()[0][:240] if text else type(exc).__name__
+        raise InputError(f"part {part.name!r} could not combine the reused outputs ({given}) with its other "
+                         f"inputs ({fresh}): {first}", field=f"reuse.{next(iter(reused))}",
+                         fix="reuse outputs computed for a batch this part can combine with the feeds "
+                             "(usually the same samples), or run without reuse") from exc
 
 
 def _levels(parts: Mapping[str, PipelinePart]) -> list[list[PipelinePart]]:

@@ -425,6 +425,12 @@ def test_split_cross_attention_through_the_cli(zoo_examples, tmp_path, cli):
     proc = cli("run", out, "--data", tmp_path / "in.npz", "-o", tmp_path / "out.npz")
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], split.run(feeds)["logits"], atol=1e-6)
+    # Text outputs of 8 samples reused beside 3 images: the fusion part cannot combine them. One InputError
+    # naming the reused part and both batches (it was ONNX Runtime's raw shape error).
+    text = split.part("text").run({"input_ids": feeds["input_ids"]})
+    with pytest.raises(InputError, match=r"part 'fusion' could not combine the reused outputs \(text: .*\[8, ") as exc:
+        split.run({"image": feeds["image"][:3]}, reuse={"text": text})
+    assert exc.value.field == "reuse.text" and "\n" not in str(exc.value)
 
 
 @pytest.mark.slow
