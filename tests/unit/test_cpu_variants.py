@@ -434,8 +434,6 @@ def test_guarded_int8_rungs_keep_more_outlier_matmuls_float_while_the_bar_is_mis
     projections kept float, SmoothQuant at GUARDED_SQ_ALPHA; at most GUARDED_RUNGS builds after the plain one."""
     pytest.importorskip("nncf")
     from edgemm.backends import openvino as ovb
-    from edgemm.parity import latency
-    from edgemm.parity.latency import LatencyStats
     from edgemm.quant import cpu_engines
 
     built = []
@@ -446,11 +444,7 @@ def test_guarded_int8_rungs_keep_more_outlier_matmuls_float_while_the_bar_is_mis
         return real(model, feeds, ignored=ignored, smooth_quant_alpha=smooth_quant_alpha)
 
     monkeypatch.setattr(ovb, "quantize_int8", spy)
-    monkeypatch.setattr(latency, "measure_interleaved_within",
-                        lambda fns, **kw: {n: LatencyStats(10.0, 0, 0, 0, 5) for n in fns})
-    data = make_data(8, seed=4)
-    feeds = [{k: v[i:i + 1] for k, v in data.items()} for i in range(8)]
-    model = tiny_bundle / "model.onnx"
+    model, feeds = _untimed_search_inputs(tiny_bundle, monkeypatch)
     ranked, heads = cpu_engines._outlier_ranking(model, feeds)
     assert len(ranked) == 2 and heads   # the tiny model's qkv and out projections
     # A bar no quantized model meets: every rung is built, and no more.
@@ -471,21 +465,27 @@ def test_guarded_int8_rungs_keep_more_outlier_matmuls_float_while_the_bar_is_mis
 
 def test_a_failing_outlier_probe_costs_the_guarded_rungs_not_the_compile(tiny_bundle, monkeypatch):
     pytest.importorskip("nncf")
-    from edgemm.parity import latency
-    from edgemm.parity.latency import LatencyStats
     from edgemm.quant import cpu_engines
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe cannot augment this graph")
 
     monkeypatch.setattr(cpu_engines, "_outlier_ranking", broken)
-    monkeypatch.setattr(latency, "measure_interleaved_within",
-                        lambda fns, **kw: {n: LatencyStats(10.0, 0, 0, 0, 5) for n in fns})
-    data = make_data(8, seed=4)
-    feeds = [{k: v[i:i + 1] for k, v in data.items()} for i in range(8)]
-    model = tiny_bundle / "model.onnx"
+    model, feeds = _untimed_search_inputs(tiny_bundle, monkeypatch)
     logs = []
     choice = cpu_engines.search_engines(model, model, {}, feeds, feeds, batches=(1,), min_cosine=1.0, isa=HASWELL,
                                         log=logs.append)
     assert [r.name for r in choice.table if r.name.startswith("openvino-int8")] == ["openvino-int8"]
     assert any("guarded INT8 not built: outlier probe failed (RuntimeError" in line for line in logs)
+
+
+def _untimed_search_inputs(tiny_bundle, monkeypatch):
+    """The tiny bundle's ONNX model and 8 single-sample feeds, with every candidate timed equal (the
+    tests judge which candidates are built, not their speed)."""
+    from edgemm.parity import latency
+    from edgemm.parity.latency import LatencyStats
+
+    monkeypatch.setattr(latency, "measure_interleaved_within",
+                        lambda fns, **kw: {n: LatencyStats(10.0, 0, 0, 0, 5) for n in fns})
+    data = make_data(8, seed=4)
+    return tiny_bundle / "model.onnx", [{k: v[i:i + 1] for k, v in data.items()} for i in range(8)]
