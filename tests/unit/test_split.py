@@ -515,14 +515,11 @@ def _graph(nodes, inputs, inits):
     return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def test_a_one_layer_gru_text_tower_is_a_part_of_its_own(tmp_path):
-    """A GRU is a tower by itself (it was counted as one compute node and fell into fusion)."""
-    import onnx
+def _gru_two_towers(rng):
+    """Initializers and nodes of a two-layer MatMul vision tower (-> v) and an embedding + one-layer GRU
+    text tower (-> h, [1, batch, 4]); tests add the fusion. Also returns the float draw on ``rng``."""
     from onnx import helper
 
-    from edgemm.split.graph import split_onnx
-
-    rng = np.random.default_rng(0)
     f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     inits = {"w0": f(4, 4), "w1": f(4, 4), "table": f(16, 4), "W": f(1, 12, 4), "R": f(1, 12, 4),
              "axes": np.array([0], np.int64)}
@@ -530,9 +527,20 @@ def test_a_one_layer_gru_text_tower_is_a_part_of_its_own(tmp_path):
              helper.make_node("MatMul", ["v1", "w1"], ["v"], name="v2"),
              helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
              helper.make_node("Transpose", ["t3"], ["seq"], name="tseq", perm=[1, 0, 2]),
-             helper.make_node("GRU", ["seq", "W", "R"], ["y", "h"], name="gru", hidden_size=4),
-             helper.make_node("Squeeze", ["h", "axes"], ["t"], name="sq"),
-             helper.make_node("Concat", ["v", "t"], ["logits"], name="join", axis=1)]
+             helper.make_node("GRU", ["seq", "W", "R"], ["y", "h"], name="gru", hidden_size=4)]
+    return inits, nodes, f
+
+
+def test_a_one_layer_gru_text_tower_is_a_part_of_its_own(tmp_path):
+    """A GRU is a tower by itself (it was counted as one compute node and fell into fusion)."""
+    import onnx
+    from onnx import helper
+
+    from edgemm.split.graph import split_onnx
+
+    inits, nodes, _ = _gru_two_towers(np.random.default_rng(0))
+    nodes += [helper.make_node("Squeeze", ["h", "axes"], ["t"], name="sq"),
+              helper.make_node("Concat", ["v", "t"], ["logits"], name="join", axis=1)]
     onnx.save(_graph(nodes, ["image", "input_ids"], inits), str(tmp_path / "gru.onnx"))
     feeds = [{"image": np.ones((b, 4), np.float32), "input_ids": np.full((b, 4), 3, np.int64)} for b in (2, 3)]
     plan = split_onnx(tmp_path / "gru.onnx", tmp_path / "parts", samples=feeds)
@@ -579,17 +587,10 @@ def test_interface_tensors_keep_the_batch_on_axis_0(tmp_path):
     assert "Transpose" not in {n.op_type for n in onnx.load(str(plan.part("text").path)).graph.node}
 
     rng = np.random.default_rng(0)
-    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
-    inits = {"w0": f(4, 4), "w1": f(4, 4), "table": f(16, 4), "W": f(1, 12, 4), "R": f(1, 12, 4),
-             "axes": np.array([0], np.int64)}
-    nodes = [helper.make_node("MatMul", ["image", "w0"], ["v1"], name="v1"),
-             helper.make_node("MatMul", ["v1", "w1"], ["v"], name="v2"),
-             helper.make_node("Unsqueeze", ["v", "axes"], ["v3"], name="vu"),       # [1, batch, 4]
-             helper.make_node("Gather", ["table", "input_ids"], ["t3"], name="embed"),
-             helper.make_node("Transpose", ["t3"], ["seq"], name="tseq", perm=[1, 0, 2]),
-             helper.make_node("GRU", ["seq", "W", "R"], ["y", "h"], name="gru", hidden_size=4),  # h: [1, batch, 4]
-             helper.make_node("Add", ["v3", "h"], ["j"], name="join"),
-             helper.make_node("Squeeze", ["j", "axes"], ["logits"], name="out")]
+    inits, nodes, f = _gru_two_towers(rng)      # h: [1, batch, 4]
+    nodes += [helper.make_node("Unsqueeze", ["v", "axes"], ["v3"], name="vu"),       # [1, batch, 4]
+              helper.make_node("Add", ["v3", "h"], ["j"], name="join"),
+              helper.make_node("Squeeze", ["j", "axes"], ["logits"], name="out")]
     onnx.save(_graph(nodes, ["image", "input_ids"], inits), str(tmp_path / "gru.onnx"))
     feeds = [{"image": f(b, 4), "input_ids": rng.integers(0, 16, (b, 4)).astype(np.int64)} for b in (2, 3)]
     plan = split_onnx(tmp_path / "gru.onnx", tmp_path / "gru-parts", samples=feeds)
