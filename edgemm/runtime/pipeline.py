@@ -226,12 +226,11 @@ class PipelineSession:
             env.update(outputs)
         for level in self.levels:
             todo = [p for p in level if p.name not in (reuse or {})]
-            run = (lambda p: _run_beside_reused(p, env, reuse)) if reuse else \
-                (lambda p: p.run({s.name: env[s.name] for s in p.inputs}))
             if self.concurrent and self._pool is not None and len(todo) > 1:
-                results = [f.result() for f in [self._pool.submit(run, p) for p in todo]]
+                futures = [self._pool.submit(_run_beside_reused, p, env, reuse or {}) for p in todo]
+                results = [f.result() for f in futures]
             else:
-                results = [run(p) for p in todo]
+                results = [_run_beside_reused(p, env, reuse or {}) for p in todo]
             for result in results:
                 env.update(result)
         return [env[name] for name in self.output_names]
@@ -242,7 +241,7 @@ class PipelineSession:
 
 
 def _run_beside_reused(part: PipelinePart, env: Mapping[str, np.ndarray], reuse: Mapping[str, dict]) -> dict:
-    """Run ``part``; if it fails while reading outputs given in ``reuse``, say so. Reused outputs may
+    """Run ``part`` on its inputs from ``env``; if it fails while reading outputs given in ``reuse``, say so. Reused outputs may
     legitimately have their own batch (24 cached prompts scored against 1 image), so their shapes are not
     refused up front: only a part that cannot combine them with the fresh inputs is (it raised the
     backend's raw error, e.g. ONNX Runtime's Concat shape mismatch)."""
